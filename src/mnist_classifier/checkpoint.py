@@ -1,0 +1,110 @@
+"""Checkpoints that rebuild their own model and load without running code.
+
+``model.pt`` holds the plain module's state_dict, the ModelConfig, the data set's normalisation and class
+names, and a format version. ``last.pt`` adds what ``--resume`` needs: optimizer and RNG state, the epoch,
+the metrics so far and the training config. Both are written atomically and read with
+``torch.load(weights_only=True)``, which refuses pickled code.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import fileio
+from .data import DatasetInfo
+from .device import preferred_memory_format
+from .errors import UserError
+from .model import MODELS, ModelConfig, build_model
+
+FORMAT = "mnist-classifier"
+FORMAT_VERSION = 1
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The weights of the underlying module, without ``torch.compile`` or DDP wrappers, on the CPU."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    inner = getattr(inner, "module", inner)  # DistributedDataParallel wrapper
+    return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
+
+
+def model_payload(model: nn.Module, model_cfg: ModelConfig, info: DatasetInfo) -> dict[str, Any]:
+    """Everything needed to rebuild the model and prepare its inputs."""
+    dataset = asdict(info)
+    dataset["class_names"] = list(info.class_names)
+    dataset["mean"], dataset["std"] = list(info.mean), list(info.std)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model_cfg.to_dict(),
+        "dataset": dataset,
+        "state_dict": plain_state_dict(model),
+    }
+
+
+def save(path: str | os.PathLike, payload: dict[str, Any]) -> None:
+    fileio.torch_save(path, payload)
+
+
+def load(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a checkpoint safely. Every failure is a UserError that names the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"checkpoint {path} does not exist; train one with `mnist train` or pass --checkpoint")
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder; pass the model.pt inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"checkpoint {path} is empty (0 bytes)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any global that is not a tensor or plain container: a crafted file stops here.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
+        raise UserError(f"checkpoint {path} was refused: it is not a plain weights file ({first[:200]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
+        raise UserError(f"checkpoint {path} is corrupt or truncated ({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is not an mnist-classifier checkpoint (no '{FORMAT}' format marker)")
+    version = payload.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise UserError(f"checkpoint {path} has format version {version!r}; this mnist-classifier reads up to {FORMAT_VERSION}")
+    for key in ("model", "dataset", "state_dict"):
+        if key not in payload:
+            raise UserError(f"checkpoint {path} lacks its {key!r} entry")
+    return payload
+
+
+def dataset_info(payload: dict[str, Any]) -> DatasetInfo:
+    d = payload["dataset"]
+    return DatasetInfo(
+        name=d["name"], class_names=tuple(d["class_names"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
+        channels=int(d["channels"]), image_size=int(d["image_size"]),
+    )
+
+
+def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> nn.Module:
+    """Rebuild the model and load its weights strictly; a state_dict from another architecture is a UserError."""
+    cfg = ModelConfig.from_dict(payload["model"])
+    if cfg.name not in MODELS:
+        raise UserError(f"checkpoint {path} needs model {cfg.name!r}, which this version does not have")
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise UserError(f"checkpoint {path} does not fit model {cfg.name!r}: {str(exc).splitlines()[0][:200]}") from None
+    return model.eval()
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[nn.Module, DatasetInfo, dict[str, Any]]:
+    """Load ``path`` into an eval-mode model on ``device``; return (model, dataset info, raw payload)."""
+    payload = load(path)
+    device = torch.device(device)
+    model = model_from_payload(payload, path).to(device, memory_format=preferred_memory_format(device))
+    return model, dataset_info(payload), payload

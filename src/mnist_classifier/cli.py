@@ -1,0 +1,212 @@
+"""The ``mnist`` command. Only this module prints; everything it calls returns values.
+
+Errors the user can fix are raised as UserError and shown as one line on stderr with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line on stderr (no usage block), still with exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress printing
+
+
+class ConsoleReporter:
+    """A tqdm bar per epoch on a terminal; otherwise the seed's 'Loss:' line every ``log_every`` batches."""
+
+    def __init__(self, batch_size: int, stream=None) -> None:
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.batch_size = batch_size
+        self.bar = None
+        self.n_train = 0
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.n_train = info["n_train"]
+        print(f"Using device: {info['device']} ({info['precision']})", file=self.stream)
+        print(f"Model parameters: {info['params']:,}  Training samples: {info['n_train']}  Test samples: {info['n_test']}",
+              file=self.stream)
+        if info["start_epoch"] > 1:
+            print(f"Resuming at epoch {info['start_epoch']} of {info['epochs']}", file=self.stream)
+
+    def step(self, epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
+        if self.tty:
+            if self.bar is None:
+                from tqdm import tqdm
+
+                self.bar = tqdm(total=n_batches, desc=f"Epoch {epoch}", unit="batch", leave=False, file=self.stream)
+            self.bar.update(1)
+            if loss is not None:
+                self.bar.set_postfix(loss=f"{loss:.4f}")
+        elif loss is not None:
+            seen = min((batch + 1) * self.batch_size, self.n_train)
+            print(f"Epoch {epoch} [{seen:>6}/{self.n_train}] Loss: {loss:.6f}", file=self.stream, flush=True)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        print(
+            f"Epoch {row['epoch']}: train loss {row['train_loss']:.4f}, test loss {row['test_loss']:.4f}, "
+            f"Accuracy: {row['test_accuracy']:.2f}% ({row['seconds']:.1f} s)",
+            file=self.stream, flush=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from .data import ensure_mnist, verify_mnist
+
+    folder = ensure_mnist(args.data_dir)
+    files = verify_mnist(args.data_dir)
+    print(f"MNIST is ready in {folder.resolve()}")
+    for stem, path in files.items():
+        print(f"  {Path(path).name}: md5 ok")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import runs
+    from .config import TrainConfig, config_from_args
+    from .data import load_mnist
+    from .device import select_device
+    from .train import fit, load_resume
+
+    base, resume = None, None
+    if args.resume:
+        base, resume = load_resume(args.resume)
+        base.out = str(args.resume)
+    cfg = config_from_args(args, TrainConfig, base).validate()
+    if resume is not None and str(Path(cfg.out)) != str(Path(args.resume)):
+        raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
+    if resume is not None and cfg.epochs <= resume["epoch"]:
+        raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
+    device = select_device(cfg.device)
+    splits = load_mnist(cfg.data_dir)
+    run_dir = runs.new_run_dir(cfg.out)
+    summary = fit(cfg, splits, device, run_dir, ConsoleReporter(cfg.batch_size), resume=resume)
+    print(f"Test accuracy: {summary['test_accuracy']:.2f}%  (training loop {summary['train_seconds']:.1f} s, "
+          f"total {summary['total_seconds']:.1f} s)")
+    print(f"Run folder: {run_dir}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .data import load_mnist
+    from .device import autocast_dtype, select_device
+    from .evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
+    from .preprocess import model_input
+
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    device = select_device(args.device)
+    amp_dtype = autocast_dtype(args.precision, device)
+    loaded = [checkpoint.load_model(p, device) for p in args.checkpoint]
+    info = loaded[0][1]
+    for path, (_, other, _) in zip(args.checkpoint, loaded):
+        if (other.name, other.class_names) != (info.name, info.class_names):
+            raise UserError(f"{path} was trained on {other.name}, but {args.checkpoint[0]} on {info.name}; an ensemble needs one data set")
+    splits = load_mnist(args.data_dir)
+    labels = splits.test_labels.to(device)
+    member_logits = []
+    members = []
+    for path, (model, minfo, _) in zip(args.checkpoint, loaded):
+        x = model_input(splits.test_images, minfo.mean, minfo.std, device)
+        logits = predict_logits(model, x, args.batch_size, amp_dtype)
+        member_logits.append(logits)
+        members.append({"checkpoint": str(path), **metrics_from_logits(logits, labels)})
+    result = members[0] if len(members) == 1 else {
+        **metrics_from_logits(ensemble_log_probs(member_logits), labels),
+        "ensemble_of": len(members),
+        "members": members,
+    }
+    result["class_names"] = list(info.class_names)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if len(members) > 1:
+        for m in members:
+            print(f"{m['checkpoint']}: accuracy {m['accuracy']:.2f}%  loss {m['loss']:.4f}")
+        print(f"Ensemble of {len(members)} (mean probabilities):")
+    print(f"Test loss: {result['loss']:.4f}  Accuracy: {result['accuracy']:.2f}% ({result['correct']}/{result['n']})")
+    for name, acc in zip(info.class_names, result["per_class_accuracy"]):
+        print(f"  {name:>12}: {acc:6.2f}%")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .model import MODELS, ModelConfig, build_model, count_parameters
+
+    for name in sorted(MODELS):
+        print(f"{name:<16} {count_parameters(build_model(ModelConfig(name=name))):>10,} parameters (MNIST input)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .config import DEVICES, PRECISIONS, TrainConfig, add_config_flags
+
+    parser = _Parser(prog="mnist", description="Train, evaluate and use MNIST digit classifiers.")
+    parser.add_argument("--version", action="version", version=f"mnist-classifier {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model and write a run folder",
+                       description="Train a model on MNIST. Defaults are the seed guide's: Adam, lr 0.001, batch 64, 5 epochs.")
+    add_config_flags(p, TrainConfig)
+    p.add_argument("--resume", metavar="DIR", default="",
+                   help="continue the run in DIR from its last.pt (its saved config, with any flags you give laid over it)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test loss and accuracy of one checkpoint, or an ensemble of several")
+    p.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", help="model.pt file(s); several are averaged")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: data)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
+    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="autocast dtype, as in training: auto = bf16 where the hardware has it natively (default: auto)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("data", help="fetch and verify the MNIST files")
+    p.add_argument("--data-dir", default="data", help="folder to hold MNIST/raw/ (default: data)")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list the models that --model accepts")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"mnist {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mnist {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,114 @@
+"""Typed configuration. Every field of a config dataclass is one CLI flag (``batch_size`` -> ``--batch-size``).
+
+The defaults are the seed guide's: Adam, lr 0.001, batch 64, 5 epochs, normalisation (0.1307, 0.3081).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import UserError
+
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A dataclass field whose metadata carries its CLI help text (and choices)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides what a training run computes, saved as ``config.json`` in the run folder."""
+
+    model: str = _opt("seed-cnn", "model name from the registry (see `mnist models`)")
+    epochs: int = _opt(5, "full passes over the training set")
+    batch_size: int = _opt(64, "images per optimizer step")
+    lr: float = _opt(0.001, "learning rate (step size per optimizer step)")
+    optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
+    momentum: float = _opt(0.9, "momentum for sgd and rmsprop (unused by adam)")
+    dropout: float = _opt(0.0, "dropout probability before the last layer (the guide's 'add dropout' experiment)")
+    seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run")
+    device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES)
+    precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX CPUs, CUDA), else fp32", PRECISIONS)
+    data_dir: str = _opt("data", "folder holding <data-dir>/MNIST/raw/ (fetched there when missing)")
+    out: str = _opt("", "run folder to write (default: runs/<timestamp>)")
+    train_subset: int = _opt(0, "train on only the first N training images (0 = all 60,000); for smoke runs")
+    eval_batch_size: int = _opt(1000, "images per forward pass when evaluating (no gradients, so larger is fine)")
+    log_every: int = _opt(100, "print the training loss every N batches when the output is not a terminal")
+    plots: bool = _opt(False, "write the PNG pictures into the run folder at the end of training")
+
+    def validate(self) -> "TrainConfig":
+        """Raise UserError for values that cannot train; return self so calls can chain."""
+        from .model import MODELS  # the registry lives with the models
+
+        if self.epochs <= 0:
+            raise UserError(f"--epochs must be a positive whole number, got {self.epochs}")
+        if self.batch_size <= 0:
+            raise UserError(f"--batch-size must be a positive whole number, got {self.batch_size}")
+        if not self.lr > 0:  # also rejects NaN
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.model not in MODELS:
+            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
+        if self.device not in DEVICES:
+            raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.train_subset < 0:
+            raise UserError(f"--train-subset must be 0 (all) or positive, got {self.train_subset}")
+        if self.eval_batch_size <= 0:
+            raise UserError(f"--eval-batch-size must be positive, got {self.eval_batch_size}")
+        if self.log_every <= 0:
+            raise UserError(f"--log-every must be positive, got {self.log_every}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        """Rebuild from a saved dict, ignoring keys this version does not know."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """Add one flag per dataclass field. Defaults are SUPPRESSed so that only flags the user typed
+    appear in the namespace; ``config_from_args`` lays them over a base config (defaults or a resumed run)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        kind = hints[f.name]
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if kind is bool:
+            parser.add_argument(
+                _flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
+                default=argparse.SUPPRESS, help=help_text,
+            )
+        else:
+            parser.add_argument(
+                _flag(f.name), dest=f.name, type=kind, default=argparse.SUPPRESS,
+                choices=f.metadata.get("choices"), help=help_text,
+            )
+
+
+def config_from_args(args: argparse.Namespace, cls: type, base: Any | None = None) -> Any:
+    """The config the user asked for: ``base`` (or the defaults) with the flags they typed laid over it."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    given = {k: v for k, v in vars(args).items() if k in names}
+    return dataclasses.replace(base if base is not None else cls(), **given)

@@ -1,0 +1,69 @@
+"""Choosing the compute device: CUDA, then Apple's MPS, then the CPU (the seed guide's order)."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UserError
+
+
+def _mps_available() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def available_devices() -> list[str]:
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.insert(0, "cuda")
+    if _mps_available():
+        found.insert(len(found) - 1, "mps")
+    return found
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    """``auto`` -> the fastest available device; an explicit device that is not available is a UserError."""
+    if requested == "auto":
+        return torch.device(available_devices()[0])
+    base = requested.split(":")[0]
+    if base not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device {requested!r}; choose auto, cpu, cuda or mps")
+    if base not in available_devices():
+        raise UserError(f"device {requested!r} was asked for but is not available here (available: {', '.join(available_devices())})")
+    return torch.device(requested)
+
+
+def _cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast is a real speed-up."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``, or None for plain fp32.
+
+    ``auto`` uses bf16 where the hardware computes it natively (CUDA with bf16 support, AMX/AVX512-BF16 CPUs)
+    and fp32 elsewhere. Weights, optimizer state and checkpoints stay fp32 either way.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        if device.type == "mps":
+            raise UserError("--precision bf16 is not supported on mps; use fp32")
+        return torch.bfloat16
+    if precision != "auto":
+        raise UserError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return torch.bfloat16 if _cpu_has_native_bf16() else None
+    return None
+
+
+def preferred_memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last (NHWC) lets oneDNN and cuDNN run convolutions and pooling without layout shuffles."""
+    return torch.channels_last if device.type in ("cpu", "cuda") else torch.contiguous_format

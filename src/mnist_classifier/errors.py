@@ -1,0 +1,9 @@
+"""The one exception type the CLI turns into a one-line message and exit status 2."""
+
+
+class UserError(Exception):
+    """A problem the user can fix (a bad value, a missing file, an unavailable device).
+
+    The message is shown as-is on one line, without a traceback, so it should say what was wrong
+    and, where possible, what to do instead.
+    """

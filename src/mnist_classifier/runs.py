@@ -1,0 +1,80 @@
+"""Run folders: where a training run writes its config, metrics, summary and checkpoints."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+RUNS_ROOT = Path("runs")
+
+
+def new_run_dir(out: str = "") -> Path:
+    """``out`` if given, else ``runs/<YYYYmmdd-HHMMSS>`` (with a suffix if that already exists)."""
+    if out:
+        path = Path(out).expanduser()
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        path = RUNS_ROOT / stamp
+        suffix = 2
+        while path.exists():
+            path = RUNS_ROOT / f"{stamp}-{suffix}"
+            suffix += 1
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def latest_checkpoint(root: str | os.PathLike = RUNS_ROOT) -> Path:
+    """The ``model.pt`` of the most recently modified run under ``root``."""
+    candidates = sorted(Path(root).glob("*/model.pt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise UserError(f"no trained model found under {root}/; train one with `mnist train`, or pass --checkpoint PATH")
+    return candidates[-1]
+
+
+def git_commit() -> str | None:
+    """The commit of the source tree this package runs from, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+            capture_output=True, text=True, timeout=5,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def _dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    """Library versions and the machine, recorded in config.json so a run can be reproduced.
+
+    Versions come from package metadata: importing torchvision just to read its version costs about a second.
+    """
+    import torch
+
+    from . import __version__
+
+    return {
+        "mnist_classifier": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": _dist_version("torchvision"),
+        "numpy": _dist_version("numpy"),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+    }

@@ -1,0 +1,100 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mnist_classifier.cli import main
+
+
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--epochs", "0"], "--epochs must be a positive"),
+        (["--batch-size", "-3"], "--batch-size must be a positive"),
+        (["--lr", "0"], "--lr must be a positive"),
+        (["--lr", "nan"], "--lr must be a positive"),
+        (["--model", "resnet9000"], "unknown model"),
+        (["--optimizer", "lbfgs"], "invalid choice"),
+        (["--epochs", "two"], "invalid int value"),
+        (["--resume", "/nonexistent/run"], "no such run folder"),
+    ],
+)
+def test_train_rejects_bad_values_with_one_line(flags, fragment, capsys, tmp_path):
+    try:
+        code = main(["train", "--out", str(tmp_path / "r"), *flags])
+    except SystemExit as exc:  # argparse's own checks
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unavailable_device_is_exit_2(capsys, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("cuda is available here")
+    assert main(["train", "--device", "cuda", "--out", str(tmp_path / "r")]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_missing_and_corrupt_checkpoints(capsys, tmp_path):
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope.pt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    assert main(["evaluate", "--checkpoint", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and err.count("\n") == 1
+
+
+def test_checkpoint_that_runs_code_is_refused(capsys, tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "mnist-classifier", "x": Payload()}, evil)
+    assert main(["evaluate", "--checkpoint", str(evil)]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_evaluate_json_in_a_real_process(data_dir, tmp_path, small_cfg, splits):
+    from mnist_classifier.train import fit
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(exist_ok=True)
+    summary = fit(small_cfg, splits, torch.device("cpu"), run_dir)
+    proc = run_cli("evaluate", "--checkpoint", str(run_dir / "model.pt"), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["n"] == 10000 and len(result["per_class_accuracy"]) == 10
+    assert result["accuracy"] == summary["test_accuracy"]
+    assert {"loss", "accuracy"} <= set(result)
+
+
+def test_bad_value_in_a_real_process_has_no_traceback(tmp_path):
+    proc = run_cli("train", "--epochs", "-1", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_data_command(data_dir):
+    proc = run_cli("data", "--data-dir", str(data_dir))
+    assert proc.returncode == 0
+    assert "md5 ok" in proc.stdout and str(data_dir.resolve()) in proc.stdout
+
+
+def test_python_dash_m_and_console_script_agree():
+    import shutil
+
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and "mnist-classifier" in proc.stdout
+    script = shutil.which("mnist")
+    if script:
+        import subprocess
+
+        assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout == proc.stdout

@@ -1,0 +1,51 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mnist_classifier.model import MODELS, ModelConfig, SeedCNN, build_model, count_parameters
+
+
+def test_seed_cnn_has_the_guides_parameter_count_and_output_shape():
+    model = build_model(ModelConfig())
+    assert isinstance(model, SeedCNN)
+    assert count_parameters(model) == 206_922
+    assert model.flat_features == 32 * 7 * 7 == 1568
+    assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
+
+
+def test_registry_knows_seed_cnn():
+    assert "seed-cnn" in MODELS
+
+
+def _guide_forward(m: SeedCNN, x):
+    """The guide's order: ReLU, then pool."""
+    x = m.pool(F.relu(m.conv1(x)))
+    x = m.pool(F.relu(m.conv2(x)))
+    x = x.view(-1, 32 * 7 * 7)
+    return m.fc2(F.relu(m.fc1(x)))
+
+
+def test_pool_then_relu_equals_the_guides_relu_then_pool_including_gradients():
+    torch.manual_seed(0)
+    m = SeedCNN(ModelConfig())
+    x = torch.randn(8, 1, 28, 28)
+    x[:, :, :10] = -0.4242  # a flat background, as in MNIST, makes ties inside pooling windows
+    y = torch.randint(0, 10, (8,))
+    F.cross_entropy(m(x), y).backward()
+    ours = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    F.cross_entropy(_guide_forward(m, x), y).backward()
+    assert torch.equal(m(x), _guide_forward(m, x))
+    for n, p in m.named_parameters():
+        assert torch.equal(ours[n], p.grad), n
+
+
+def test_model_follows_input_shape():
+    m = build_model(ModelConfig(in_channels=3, image_size=32, num_classes=7))
+    assert m(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_forward_returns_logits_not_log_probabilities():
+    torch.manual_seed(1)
+    out = build_model(ModelConfig())(torch.randn(4, 1, 28, 28))
+    assert not torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-3)

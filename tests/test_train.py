@@ -1,0 +1,125 @@
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mnist_classifier import checkpoint
+from mnist_classifier.evaluate import metrics_from_logits, predict_logits
+from mnist_classifier.preprocess import model_input
+from mnist_classifier.train import fit, load_resume
+
+CPU = torch.device("cpu")
+
+
+def _evaluate_checkpoint(path, splits, precision="auto"):
+    from mnist_classifier.device import autocast_dtype
+
+    model, info, _ = checkpoint.load_model(path, CPU)
+    x = model_input(splits.test_images, info.mean, info.std, CPU)
+    return metrics_from_logits(predict_logits(model, x, 1000, autocast_dtype(precision, CPU)), splits.test_labels)
+
+
+def test_short_run_writes_the_run_folder_and_reloads_exactly(small_cfg, splits):
+    run_dir = Path(small_cfg.out)
+    run_dir.mkdir(parents=True)
+    summary = fit(small_cfg, splits, CPU, run_dir)
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.json", "metrics.csv", "summary.json", "model.pt", "last.pt"} <= names
+    assert not [n for n in names if n.endswith(".tmp")]
+
+    saved = json.loads((run_dir / "summary.json").read_text())
+    for key in ("test_accuracy", "test_loss", "train_seconds", "total_seconds", "epochs", "params", "device", "seed"):
+        assert key in saved
+    assert saved["params"] == 206_922 and saved["epochs"] == 1
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert [r["epoch"] for r in rows] == ["1"] and set(rows[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["train"]["batch_size"] == 64 and config["environment"]["torch"] == torch.__version__
+
+    # 2,000 images for one epoch already beat chance by far
+    assert summary["test_accuracy"] > 80
+    reloaded = _evaluate_checkpoint(run_dir / "model.pt", splits)
+    assert reloaded["accuracy"] == summary["test_accuracy"]
+    assert round(reloaded["loss"], 6) == summary["test_loss"]
+
+
+def test_checkpoint_contents(small_cfg, splits, tmp_path):
+    run_dir = Path(small_cfg.out)
+    run_dir.mkdir(parents=True)
+    fit(small_cfg, splits, CPU, run_dir)
+    payload = torch.load(run_dir / "model.pt", weights_only=True)
+    assert payload["format_version"] == checkpoint.FORMAT_VERSION
+    assert payload["model"]["name"] == "seed-cnn"
+    assert payload["dataset"]["mean"] == [0.1307] and payload["dataset"]["class_names"] == [str(d) for d in range(10)]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["state_dict"])
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert {"optimizer", "epoch", "rng", "train_config", "metrics"} <= set(last)
+
+
+def test_same_seed_same_weights_on_cpu(small_cfg, splits, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        fit(dataclasses.replace(small_cfg, out=str(d)), splits, CPU, d)
+    wa = torch.load(a / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(b / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_resume_gives_bit_identical_weights(small_cfg, splits, tmp_path):
+    cfg = dataclasses.replace(small_cfg, epochs=2, train_subset=1000, dropout=0.25)
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for d in (straight, resumed):
+        d.mkdir()
+    fit(cfg, splits, CPU, straight)
+    fit(dataclasses.replace(cfg, epochs=1, out=str(resumed)), splits, CPU, resumed)
+    saved_cfg, payload = load_resume(resumed)
+    assert saved_cfg.epochs == 1 and payload["epoch"] == 1
+    fit(dataclasses.replace(saved_cfg, epochs=2), splits, CPU, resumed, resume=payload)
+    wa = torch.load(straight / "model.pt", weights_only=True)["state_dict"]
+    wb = torch.load(resumed / "model.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows_a = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((straight / "metrics.csv").open())]
+    rows_b = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((resumed / "metrics.csv").open())]
+    assert rows_a == rows_b
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
+def test_other_optimizers_train(small_cfg, splits, optimizer):
+    run_dir = Path(small_cfg.out)
+    run_dir.mkdir(parents=True)
+    lr = 0.01 if optimizer == "sgd" else 0.001
+    summary = fit(dataclasses.replace(small_cfg, optimizer=optimizer, lr=lr), splits, CPU, run_dir)
+    assert summary["test_accuracy"] > 60
+
+
+def test_fp32_precision_path(small_cfg, splits):
+    run_dir = Path(small_cfg.out)
+    run_dir.mkdir(parents=True)
+    summary = fit(dataclasses.replace(small_cfg, precision="fp32", train_subset=500), splits, CPU, run_dir)
+    assert json.loads((run_dir / "config.json").read_text())["autocast"] == "fp32"
+    assert _evaluate_checkpoint(run_dir / "model.pt", splits, "fp32")["accuracy"] == summary["test_accuracy"]
+
+
+@pytest.mark.slow
+def test_full_default_run_reaches_98_5_percent(data_dir, tmp_path):
+    """The seed recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
+    from conftest import run_cli
+
+    out = tmp_path / "full"
+    proc = run_cli("train", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 5 and summary["params"] == 206_922
+    assert summary["test_accuracy"] >= 98.5
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Using device: cpu")
+    assert sum(1 for line in lines if line.startswith("Epoch") and "Accuracy:" in line) == 5
+    assert sum(1 for line in lines if "Loss:" in line) >= 5 * 9  # every 100 of the 938 batches
+    assert lines[-1] == f"Run folder: {out}"
+    proc = run_cli("evaluate", "--checkpoint", str(out / "model.pt"), "--data-dir", str(data_dir), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["accuracy"] == summary["test_accuracy"]
