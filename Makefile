@@ -35,6 +35,9 @@ test: data
 test-fast: data
 	$(BIN)/python -m pytest -m "not slow"
 
+notebook: data
+	$(BIN)/jupyter notebook notebooks/mnist_classifier.ipynb
+
 bench: data
 	$(BIN)/python benchmarks/train_speed.py --data-dir $(DATA)
 

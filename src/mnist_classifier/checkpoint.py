@@ -35,16 +35,18 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
 
 
+def dataset_dict(info: DatasetInfo) -> dict[str, Any]:
+    """DatasetInfo as plain JSON-friendly types (lists, not tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(info).items()}
+
+
 def model_payload(model: nn.Module, model_cfg: ModelConfig, info: DatasetInfo) -> dict[str, Any]:
     """Everything needed to rebuild the model and prepare its inputs."""
-    dataset = asdict(info)
-    dataset["class_names"] = list(info.class_names)
-    dataset["mean"], dataset["std"] = list(info.mean), list(info.std)
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model_cfg.to_dict(),
-        "dataset": dataset,
+        "dataset": dataset_dict(info),
         "state_dict": plain_state_dict(model),
     }
 

@@ -105,7 +105,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = fit(cfg, splits, device, run_dir, ConsoleReporter(cfg.batch_size), resume=resume)
     print(f"Test accuracy: {summary['test_accuracy']:.2f}%  (training loop {summary['train_seconds']:.1f} s, "
           f"total {summary['total_seconds']:.1f} s)")
+    if cfg.plots:
+        for path in _write_plots(run_dir, splits, device, cfg.precision):
+            print(f"Wrote {path}")
     print(f"Run folder: {run_dir}")
+    return 0
+
+
+def _write_plots(run_dir: Path, splits, device, precision: str) -> list[Path]:
+    from . import checkpoint
+    from .device import autocast_dtype
+    from .plots import run_plots
+    from .preprocess import model_input
+
+    model, info, _ = checkpoint.load_model(run_dir / "model.pt", device)
+    test_x = model_input(splits.test_images, info.mean, info.std, device)
+    return run_plots(run_dir, model, test_x, splits, autocast_dtype(precision, device))
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .data import load_mnist
+    from .device import select_device
+
+    run_dir = Path(args.run)
+    if not (run_dir / "model.pt").is_file():
+        raise UserError(f"{run_dir} is not a run folder (no model.pt); pass the folder `mnist train` printed")
+    device = select_device(args.device)
+    splits = load_mnist(args.data_dir)
+    for path in _write_plots(run_dir, splits, device, args.precision):
+        print(f"Wrote {path}")
     return 0
 
 
@@ -189,6 +217,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype, as in training: auto = bf16 where the hardware has it natively (default: auto)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("plot", help="write samples, predictions, curves, confusion and mistakes PNGs into a run folder")
+    p.add_argument("--run", required=True, metavar="DIR", help="run folder written by `mnist train`")
+    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: data)")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast dtype (default: auto)")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("data", help="fetch and verify the MNIST files")
     p.add_argument("--data-dir", default="data", help="folder to hold MNIST/raw/ (default: data)")

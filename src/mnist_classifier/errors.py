@@ -7,3 +7,7 @@ class UserError(Exception):
     The message is shown as-is on one line, without a traceback, so it should say what was wrong
     and, where possible, what to do instead.
     """
+
+
+class DivergedError(UserError):
+    """The training loss became NaN or infinite."""

@@ -52,6 +52,14 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes:
     }
 
 
+def evaluate(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, Any]:
+    """Test loss, accuracy (percent) and per-class accuracy of ``model`` on normalised ``images``."""
+    return metrics_from_logits(predict_logits(model, images, batch_size, amp_dtype), labels)
+
+
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``(num_classes, num_classes)`` int64 counts; rows are true classes, columns predictions."""
     flat = labels.to(torch.int64).cpu() * num_classes + pred.to(torch.int64).cpu()

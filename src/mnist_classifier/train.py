@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +20,8 @@ from . import checkpoint, fileio, runs
 from .config import TrainConfig
 from .data import DatasetInfo, Splits
 from .device import autocast_dtype, preferred_memory_format
-from .errors import UserError
-from .evaluate import metrics_from_logits, predict_logits
+from .errors import DivergedError, UserError
+from .evaluate import evaluate
 from .model import ModelConfig, build_model, count_parameters
 from .preprocess import model_input
 
@@ -93,6 +93,57 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    perm: torch.Tensor,
+    batch_size: int,
+    epoch: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    log_every: int = 100,
+    on_step: Callable[[int, int, int, float | None], None] | None = None,
+) -> float:
+    """One pass over ``train_x`` (N, C, H, W) in the order ``perm`` (N,); returns the mean training loss.
+
+    Each batch is a slice of the permutation: forward, cross-entropy, backward, optimizer step. ``on_step``
+    gets (epoch, batch index, batches, loss) after every step, with the mean loss since the last report every
+    ``log_every`` batches (and on the last) and None otherwise, so the loss is only read back that often.
+    """
+    model.train()
+    n = len(perm)
+    n_batches = (n + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
+    running = torch.zeros((), device=train_x.device)  # summed loss since the last report, kept on device
+    total = torch.zeros((), device=train_x.device)  # summed per-example loss over the epoch
+    since = 0
+    for b in range(n_batches):
+        idx = perm[b * batch_size : (b + 1) * batch_size]
+        x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        detached = loss.detach()
+        running += detached
+        total += detached * len(y)
+        since += 1
+        report = b % log_every == 0 or b == n_batches - 1
+        mean_loss = (running / since).item() if report else None
+        if report:
+            if not math.isfinite(mean_loss):
+                raise DivergedError(
+                    f"loss became {mean_loss} at epoch {epoch}, batch {b}; lower the learning rate "
+                    f"(the guide's advice for a NaN loss, e.g. divide --lr by 10)"
+                )
+            running.zero_()
+            since = 0
+        if on_step is not None:
+            on_step(epoch, b, n_batches, mean_loss)
+    return total.item() / n
+
+
 def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The saved config and payload of ``<run_dir>/last.pt``, for ``--resume``."""
     path = Path(run_dir) / "last.pt"
@@ -141,58 +192,35 @@ def fit(
     train_y = splits.train_labels[:n_train].to(device)
     test_x = model_input(splits.test_images, info.mean, info.std, device)
     test_y = splits.test_labels.to(device)
-    n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size  # the last, smaller batch is kept, as DataLoader does
+    n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
 
-    environment = runs.environment()
+    precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
     fileio.write_json(run_dir / "config.json", {
-        "train": cfg.to_dict(), "model": mcfg.to_dict(), "dataset": checkpoint.model_payload(model, mcfg, info)["dataset"],
-        "device": str(device), "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32",
-        "environment": environment,
+        "train": cfg.to_dict(), "model": mcfg.to_dict(), "dataset": checkpoint.dataset_dict(info),
+        "device": str(device), "autocast": precision, "environment": runs.environment(),
     })
     params = count_parameters(model)
-    reporter.start({"device": str(device), "precision": str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32", "params": params, "n_train": n_train, "n_test": len(test_y),
-                    "n_batches": n_batches, "start_epoch": state.epoch + 1, "epochs": cfg.epochs, "run_dir": str(run_dir)})
+    reporter.start({"device": str(device), "precision": precision, "params": params, "n_train": n_train,
+                    "n_test": len(test_y), "n_batches": n_batches, "start_epoch": state.epoch + 1,
+                    "epochs": cfg.epochs, "run_dir": str(run_dir)})
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        model.train()
         perm = epoch_permutation(n_train, cfg.seed, epoch).to(device)
-        running = torch.zeros((), device=device)  # summed loss since the last report, kept on device (no sync)
-        epoch_loss = torch.zeros((), device=device)
-        since = 0
         _sync(device)
         t0 = time.perf_counter()
-        for b in range(n_batches):
-            idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-            x, y = train_x[idx], train_y[idx]  # (B, C, H, W), (B,)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            detached = loss.detach()
-            running += detached
-            epoch_loss += detached * len(y)
-            since += 1
-            if b % cfg.log_every == 0 or b == n_batches - 1:
-                mean_loss = (running / since).item()
-                if not math.isfinite(mean_loss):
-                    raise UserError(
-                        f"loss became {mean_loss} at epoch {epoch}, batch {b}; lower the learning rate "
-                        f"(e.g. --lr {cfg.lr / 10:g}). The last good checkpoint is kept in {run_dir}"
-                    )
-                reporter.step(epoch, b, n_batches, mean_loss)
-                running.zero_()
-                since = 0
-            else:
-                reporter.step(epoch, b, n_batches, None)
+        try:
+            train_loss = train_epoch(model, optimizer, train_x, train_y, perm, cfg.batch_size, epoch=epoch,
+                                     amp_dtype=amp_dtype, log_every=cfg.log_every, on_step=reporter.step)
+        except DivergedError as exc:
+            raise DivergedError(f"{exc}. The last good checkpoint is kept in {run_dir}") from None
         _sync(device)
         seconds = time.perf_counter() - t0
         state.train_seconds += seconds
 
-        test = metrics_from_logits(predict_logits(model, test_x, cfg.eval_batch_size, amp_dtype), test_y)
+        test = evaluate(model, test_x, test_y, cfg.eval_batch_size, amp_dtype)
         row = {
             "epoch": epoch,
-            "train_loss": round(epoch_loss.item() / n_train, 6),
+            "train_loss": round(train_loss, 6),
             "test_loss": round(test["loss"], 6),
             "test_accuracy": round(test["accuracy"], 4),
             "seconds": round(seconds, 3),

@@ -1,0 +1,64 @@
+"""Execute notebooks/mnist_classifier.ipynb top to bottom in a real Jupyter kernel, with 1 epoch injected."""
+
+import re
+from pathlib import Path
+
+import nbformat
+from nbclient import NotebookClient
+from nbformat.v4 import new_code_cell
+
+from conftest import REPO
+
+NOTEBOOK = REPO / "notebooks" / "mnist_classifier.ipynb"
+
+
+def test_notebook_is_committed_without_outputs():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None
+
+
+def test_notebook_runs_end_to_end(data_dir, tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    where = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+    nb.cells.insert(where + 1, new_code_cell(
+        f"EPOCHS = 1\nDATA_DIR = {str(data_dir)!r}\nOUT_DIR = {str(tmp_path / 'out')!r}"
+    ))
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
+
+    text, images = [], 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", out
+            if out.output_type == "stream":
+                text.append(out.text)
+            elif "data" in out:
+                images += "image/png" in out.data
+                text.append(out.data.get("text/plain", ""))
+    printed = "".join(text)
+    assert re.search(r"^Using device: (cpu|cuda|mps)", printed, re.M)
+    assert "Training samples: 60000" in printed and "Test samples: 10000" in printed
+    assert "Trainable parameters: 206,922" in printed
+    assert len(re.findall(r"Loss: \d", printed)) >= 9  # every 100 of 938 batches
+    accuracy_lines = re.findall(r"^Epoch 1: test loss [\d.]+, Accuracy: ([\d.]+)%", printed, re.M)
+    assert len(accuracy_lines) == 1 and float(accuracy_lines[0]) > 95
+    # samples, curves, predictions, confusion, mistakes
+    assert images >= 5
+    assert (tmp_path / "out" / "model.pth").is_file()
+    assert "reloaded accuracy" in printed and "With dropout 0.25: Accuracy:" in printed
+    assert (tmp_path / "out" / "dropout" / "model.pt").is_file()
+
+
+def test_conda_environment_matches_the_guide():
+    import yaml
+
+    env = yaml.safe_load((REPO / "environment.yaml").read_text())
+    assert env["name"] == "pytorch_env"
+    deps = [d for d in env["dependencies"] if isinstance(d, str)]
+    assert "python=3.11" in deps
+    for name in ("pytorch", "torchvision", "matplotlib", "numpy", "jupyter", "ipykernel"):
+        assert any(d.split(">")[0].split("=")[0] == name for d in deps), name
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    assert "-e ." in pip
