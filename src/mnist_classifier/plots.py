@@ -37,19 +37,32 @@ def _grid(n: int, max_cols: int = 5) -> tuple[int, int]:
     return math.ceil(n / cols), cols
 
 
-def plot_samples(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], title: str = "Training samples") -> Figure:
-    """A grid of images ``(N, C, H, W)`` uint8 with their labels."""
-    rows, cols = _grid(len(images))
-    fig = Figure(figsize=(1.9 * cols, 2.1 * rows + 0.4), layout="constrained")
+def image_grid(
+    images: torch.Tensor, titles: Sequence[str], colors: Sequence[str] | None = None, title: str = "",
+    max_cols: int = 5, framed: Sequence[bool] | None = None,
+) -> Figure:
+    """Images ``(N, C, H, W)`` uint8 in a grid, each with its title (and colour, and a red frame if ``framed``)."""
+    rows, cols = _grid(len(images), max_cols)
+    lines = max((t.count("\n") + 1 for t in titles), default=1)
+    fig = Figure(figsize=(1.9 * cols, (1.85 + 0.2 * lines) * rows + 0.4), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False)
     for i, ax in enumerate(axes.flat):
         if i >= len(images):
             ax.set_axis_off()
             continue
         _show(ax, images[i])
-        ax.set_title(f"label: {class_names[int(labels[i])]}", fontsize=10)
+        ax.set_title(titles[i], fontsize=9 if lines > 1 else 10, color=colors[i] if colors else "black")
+        if framed is not None and framed[i]:
+            for spine in ax.spines.values():
+                spine.set_edgecolor(WRONG)
+                spine.set_linewidth(3)
     fig.suptitle(title, fontsize=12)
     return fig
+
+
+def plot_samples(images: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str], title: str = "Training samples") -> Figure:
+    """A grid of images ``(N, C, H, W)`` uint8 with their labels."""
+    return image_grid(images, [f"label: {class_names[int(y)]}" for y in labels], title=title)
 
 
 def plot_predictions(
@@ -57,23 +70,9 @@ def plot_predictions(
     title: str = "Test predictions (mistakes in red)",
 ) -> Figure:
     """Images with 'pred X / true Y'; wrong predictions in red with a red frame."""
-    rows, cols = _grid(len(images))
-    fig = Figure(figsize=(1.9 * cols, 2.2 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= len(images):
-            ax.set_axis_off()
-            continue
-        _show(ax, images[i])
-        ok = int(preds[i]) == int(labels[i])
-        color = RIGHT if ok else WRONG
-        ax.set_title(f"pred {class_names[int(preds[i])]}\ntrue {class_names[int(labels[i])]}", fontsize=9, color=color)
-        if not ok:
-            for spine in ax.spines.values():
-                spine.set_edgecolor(WRONG)
-                spine.set_linewidth(3)
-    fig.suptitle(title, fontsize=12)
-    return fig
+    wrong = [int(p) != int(y) for p, y in zip(preds, labels)]
+    titles = [f"pred {class_names[int(p)]}\ntrue {class_names[int(y)]}" for p, y in zip(preds, labels)]
+    return image_grid(images, titles, [WRONG if w else RIGHT for w in wrong], title, framed=wrong)
 
 
 def plot_curves(rows: Sequence[dict[str, Any]], title: str = "Training curves") -> Figure:
@@ -138,21 +137,10 @@ def plot_mistakes(
     class_names: Sequence[str], title: str = "Highest-loss test images",
 ) -> Figure:
     """The given images (already chosen, e.g. by highest loss) with true label, prediction and confidence."""
-    rows, cols = _grid(len(images), max_cols=6)
-    fig = Figure(figsize=(1.9 * cols, 2.35 * rows + 0.4), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for i, ax in enumerate(axes.flat):
-        if i >= len(images):
-            ax.set_axis_off()
-            continue
-        _show(ax, images[i])
-        ok = int(preds[i]) == int(labels[i])
-        ax.set_title(
-            f"true {class_names[int(labels[i])]}\npred {class_names[int(preds[i])]} ({100 * float(confidences[i]):.0f}%)",
-            fontsize=9, color=RIGHT if ok else WRONG,
-        )
-    fig.suptitle(title, fontsize=12)
-    return fig
+    titles = [f"true {class_names[int(y)]}\npred {class_names[int(p)]} ({100 * float(c):.0f}%)"
+              for y, p, c in zip(labels, preds, confidences)]
+    colors = [RIGHT if int(p) == int(y) else WRONG for p, y in zip(preds, labels)]
+    return image_grid(images, titles, colors, title, max_cols=6)
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
