@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DATA   ?= data
 
-.PHONY: help setup data run test test-fast notebook bench clean
+.PHONY: help setup system-deps data run test test-fast notebook bench clean
 
 help:
 	@echo "make run       set up, fetch MNIST, train and evaluate the seed CNN"
@@ -23,13 +23,23 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Debian packages the tests use: chromium for the browser test (driven by Playwright, never downloaded).
+APT_PACKAGES := chromium
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: install$$missing with apt-get for the full test suite (tests that need them are skipped)"; fi; \
+	fi
+
 data: setup
 	$(BIN)/mnist data --data-dir $(DATA)
 
 run: data
 	$(BIN)/mnist train --data-dir $(DATA)
 
-test: data
+test: data system-deps
 	$(BIN)/python -m pytest
 
 test-fast: data

@@ -46,3 +46,52 @@ def _restore_rng():
     state = torch.get_rng_state()
     yield
     torch.set_rng_state(state)
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, data_dir, splits) -> Path:
+    """A seed CNN trained for 2 epochs on all 60,000 images (about 10 s): real enough to judge predictions."""
+    from mnist_classifier.train import fit
+
+    run_dir = tmp_path_factory.mktemp("trained")
+    cfg = TrainConfig(epochs=2, device="cpu", data_dir=str(data_dir), out=str(run_dir))
+    fit(cfg, splits, torch.device("cpu"), run_dir)
+    return run_dir / "model.pt"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained_checkpoint):
+    """`mnist serve` as a real process on a free loopback port; yields its base URL."""
+    import time
+
+    import httpx
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(trained_checkpoint),
+         "--port", str(port), "--device", "cpu"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"server did not start: {proc.stdout.read()}")
+        time.sleep(0.2)
+    yield base
+    proc.terminate()
+    proc.wait(timeout=10)

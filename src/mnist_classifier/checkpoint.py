@@ -64,6 +64,10 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is a folder; pass the model.pt inside it")
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes)")
+    if path.suffix == ".safetensors":
+        from .export import load_safetensors
+
+        return load_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

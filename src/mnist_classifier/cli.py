@@ -181,6 +181,59 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoint_or_latest(path: str | None) -> Path:
+    from . import runs
+
+    return Path(path) if path else runs.latest_checkpoint()
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from . import checkpoint
+    from .device import select_device
+    from .predict import expand_paths, predict_files
+
+    if args.top_k <= 0:
+        raise UserError(f"--top-k must be positive, got {args.top_k}")
+    device = select_device(args.device)
+    ckpt = _checkpoint_or_latest(args.checkpoint)
+    model, info, _ = checkpoint.load_model(ckpt, device)
+    paths = expand_paths(args.paths)
+    if not paths:
+        raise UserError(f"no image files found in {', '.join(args.paths)}")
+    predictions, errors = predict_files(paths, model, info, device, args.top_k, args.save_preprocessed)
+    for pred in predictions:
+        if args.json:
+            print(json.dumps(pred.to_json()), flush=True)
+        else:
+            top = ", ".join(f"{t['label']} {100 * t['probability']:.1f}%" for t in pred.top_k)
+            print(f"{pred.path}: {pred.label} ({100 * pred.confidence:.1f}%)  top-{len(pred.top_k)}: {top}", flush=True)
+        if pred.low_confidence:
+            print(f"mnist predict: warning: {pred.path}: low confidence ({100 * pred.confidence:.0f}%); "
+                  "the image may not look like the digits the model was trained on", file=sys.stderr)
+    for path, message in errors:
+        print(f"mnist predict: error: {path}: {message}", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+
+    path = export(args.checkpoint, args.format, args.out)
+    print(f"Wrote {path}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .config import config_from_args
+    from .serve import ServeConfig, serve
+
+    cfg = config_from_args(args, ServeConfig).validate()
+    if cfg.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"mnist serve: warning: listening on {cfg.host}, reachable from other machines", file=sys.stderr)
+    serve(cfg)
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from .model import MODELS, ModelConfig, build_model, count_parameters
 
@@ -217,6 +270,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype, as in training: auto = bf16 where the hardware has it natively (default: auto)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify your own images (files or folders)",
+                       description="Classify image files (PNG, JPEG, BMP, GIF, WebP, TIFF; any size, grey, RGB or RGBA). "
+                                   "Each image is prepared the way MNIST digits were: cropped, scaled into 20x20, "
+                                   "centred by centre of mass in 28x28, white on black.")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
+    p.add_argument("--checkpoint", default=None, metavar="PATH", help="model.pt (default: the newest run's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default: 3)")
+    p.add_argument("--save-preprocessed", metavar="DIR", default=None,
+                   help="also write each 28x28 image the model saw, as PNG, into DIR")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="write the model as ONNX or safetensors for deployment")
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="model.pt to export")
+    p.add_argument("--format", default="onnx", choices=("onnx", "safetensors"), help="output format (default: onnx)")
+    p.add_argument("--out", default=None, metavar="FILE", help="output file (default: beside the checkpoint)")
+    p.set_defaults(func=cmd_export)
+
+    from .serve import ServeConfig
+
+    p = sub.add_parser("serve", help="serve a drawing page and a prediction API over HTTP (FastAPI + uvicorn)")
+    add_config_flags(p, ServeConfig)
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("plot", help="write samples, predictions, curves, confusion and mistakes PNGs into a run folder")
     p.add_argument("--run", required=True, metavar="DIR", help="run folder written by `mnist train`")

@@ -1,0 +1,103 @@
+"""Exports for deployment: ONNX (any runtime) and safetensors (weights without pickle).
+
+Both carry what a consumer needs to prepare inputs: the normalisation constants, the input shape and the
+class names (ONNX: in the model's ``metadata_props``; safetensors: in its string metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import checkpoint, fileio
+from .errors import UserError
+
+FORMATS = ("onnx", "safetensors")
+
+
+def metadata(payload: dict[str, Any]) -> dict[str, str]:
+    """String key -> string value metadata describing the model's inputs and outputs."""
+    ds = payload["dataset"]
+    return {
+        "format": checkpoint.FORMAT,
+        "format_version": str(checkpoint.FORMAT_VERSION),
+        "model": json.dumps(payload["model"]),
+        "dataset": json.dumps(ds),
+        "class_names": json.dumps(ds["class_names"]),
+        "mean": json.dumps(ds["mean"]),
+        "std": json.dumps(ds["std"]),
+        "input": f"float32 (N, {ds['channels']}, {ds['image_size']}, {ds['image_size']}): pixels/255, minus mean, over std, per channel",
+        "output": f"float32 (N, {len(ds['class_names'])}) logits; softmax gives probabilities",
+    }
+
+
+def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 18) -> Path:
+    """Write the checkpoint's model as ONNX with a dynamic batch dimension and metadata; return the path."""
+    import onnx
+
+    model = checkpoint.model_from_payload(payload).to("cpu", memory_format=torch.contiguous_format).eval()
+    ds = payload["dataset"]
+    example = torch.zeros(2, ds["channels"], ds["image_size"], ds["image_size"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporter's progress chatter is not for our users
+        program = torch.onnx.export(
+            model, (example,), dynamo=True, input_names=["images"], output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False,
+        )
+    proto = program.model_proto
+    for key, value in metadata(payload).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    proto.producer_name = "mnist-classifier"
+    onnx.checker.check_model(proto)
+    fileio.write_bytes(path, proto.SerializeToString())
+    return Path(path)
+
+
+def export_safetensors(payload: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write the weights as safetensors, with the model and data-set description as metadata."""
+    from safetensors.torch import save
+
+    tensors = {k: v.contiguous() for k, v in payload["state_dict"].items()}
+    fileio.write_bytes(path, save(tensors, metadata=metadata(payload)))
+    return Path(path)
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors export as a checkpoint payload (no pickle involved at any point)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        raw = Path(path).read_bytes()
+        state = load(raw)
+        from safetensors import safe_open  # metadata lives in the header
+
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is not a readable safetensors file ({str(exc)[:200]})") from None
+    if meta.get("format") != checkpoint.FORMAT:
+        raise UserError(f"checkpoint {path} is a safetensors file without mnist-classifier metadata")
+    return {
+        "format": checkpoint.FORMAT,
+        "format_version": int(meta["format_version"]),
+        "model": json.loads(meta["model"]),
+        "dataset": json.loads(meta["dataset"]),
+        "state_dict": state,
+    }
+
+
+def export(checkpoint_path: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:
+    """Export ``checkpoint_path`` as ``fmt``; the default output sits beside it (model.onnx, model.safetensors)."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    payload = checkpoint.load(checkpoint_path)
+    checkpoint.model_from_payload(payload, checkpoint_path)  # a clear error now if the weights do not fit
+    target = Path(out) if out else Path(checkpoint_path).with_suffix("." + fmt)
+    return export_onnx(payload, target) if fmt == "onnx" else export_safetensors(payload, target)

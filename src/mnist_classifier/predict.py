@@ -1,0 +1,94 @@
+"""Predicting people's own images: files and folders in, one result (or one error) per image out."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from . import fileio
+from .data import DatasetInfo
+from .preprocess import ImageError, normalize, open_image, prepare_digit
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+LOW_CONFIDENCE = 0.5  # below this the top class is more likely wrong than right; say so
+
+
+@dataclass
+class Prediction:
+    path: str
+    digit: int  # class index
+    label: str  # class name (the digit itself for MNIST)
+    confidence: float  # probability of the top class, 0-1
+    top_k: list[dict[str, Any]] = field(default_factory=list)  # [{"label", "index", "probability"}], best first
+    probabilities: list[float] = field(default_factory=list)
+
+    @property
+    def low_confidence(self) -> bool:
+        return self.confidence < LOW_CONFIDENCE
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "digit": self.digit, "label": self.label, "confidence": round(self.confidence, 6),
+                "top_k": self.top_k, "low_confidence": self.low_confidence}
+
+
+def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
+    """Files as given; folders replaced by the image files inside them (recursively, sorted).
+
+    A missing path is kept, so that it gets its own error line.
+    """
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out.extend(sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            out.append(p)
+    return out
+
+
+@torch.inference_mode()
+def classify(model: nn.Module, digits: torch.Tensor, info: DatasetInfo, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, 1, 28, 28)`` MNIST-style digits -> probabilities ``(N, num_classes)`` on the CPU."""
+    model.eval()
+    x = normalize(digits.to(device), info.mean, info.std)
+    return F.softmax(model(x).float(), dim=1).cpu()
+
+
+def to_prediction(path: str, probs: torch.Tensor, class_names: Sequence[str], top_k: int) -> Prediction:
+    k = min(top_k, len(class_names))
+    top_p, top_i = probs.topk(k)
+    return Prediction(
+        path=path, digit=int(top_i[0]), label=class_names[int(top_i[0])], confidence=float(top_p[0]),
+        top_k=[{"label": class_names[int(i)], "index": int(i), "probability": round(float(p), 6)} for p, i in zip(top_p, top_i)],
+        probabilities=[round(float(p), 6) for p in probs],
+    )
+
+
+def predict_files(
+    paths: Sequence[Path], model: nn.Module, info: DatasetInfo, device: torch.device, top_k: int = 3,
+    save_preprocessed: str | os.PathLike | None = None,
+) -> tuple[list[Prediction], list[tuple[str, str]]]:
+    """Predict every file; return (predictions, errors as (path, message)), both in input order."""
+    digits, kept, errors = [], [], []
+    for path in paths:
+        try:
+            digits.append(prepare_digit(open_image(path)))
+            kept.append(path)
+        except ImageError as exc:
+            errors.append((str(path), str(exc)))
+    if save_preprocessed:
+        out_dir = Path(save_preprocessed)
+        for path, digit in zip(kept, digits):
+            # Always PNG: what the model saw, 28x28, white on black.
+            target = out_dir / f"{path.stem}.png"
+            fileio.write_with(target, lambda tmp, d=digit: Image.fromarray(d[0].numpy(), mode="L").save(tmp, format="PNG"))
+    if not digits:
+        return [], errors
+    probs = classify(model, torch.stack(digits), info, device)
+    return [to_prediction(str(p), pr, info.class_names, top_k) for p, pr in zip(kept, probs)], errors

@@ -1,0 +1,55 @@
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from conftest import run_cli
+from mnist_classifier import checkpoint
+from mnist_classifier.evaluate import predict_logits
+from mnist_classifier.preprocess import model_input
+
+
+def test_onnx_matches_pytorch_on_1000_test_images(trained_checkpoint, splits, tmp_path):
+    out = tmp_path / "model.onnx"
+    proc = run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    model, info, _ = checkpoint.load_model(trained_checkpoint, "cpu")
+    x = model_input(splits.test_images[:1000], info.mean, info.std, torch.device("cpu"))
+    ours = predict_logits(model, x, 1000).numpy()  # fp32
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    theirs = np.concatenate([session.run(None, {"images": x[i:i + 250].contiguous().numpy()})[0] for i in range(0, 1000, 250)])
+    assert (theirs.argmax(1) == ours.argmax(1)).all()
+    assert np.abs(theirs - ours).max() < 1e-4
+
+
+def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
+    out = tmp_path / "m.onnx"
+    assert run_cli("export", "--checkpoint", str(trained_checkpoint), "--out", str(out)).returncode == 0
+    proto = onnx.load(str(out))
+    batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert json.loads(meta["mean"]) == [0.1307] and json.loads(meta["std"]) == [0.3081]
+    assert json.loads(meta["class_names"]) == [str(d) for d in range(10)]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    for n in (1, 7, 64):
+        assert session.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
+
+
+def test_safetensors_round_trip_without_pickle(trained_checkpoint, tmp_path, data_dir):
+    out = tmp_path / "model.safetensors"
+    assert run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "safetensors", "--out", str(out)).returncode == 0
+    assert out.read_bytes()[8:9] == b"{"  # a JSON header, not a pickle
+    a = checkpoint.load(trained_checkpoint)["state_dict"]
+    b = checkpoint.load(out)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    proc = run_cli("evaluate", "--checkpoint", str(out), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    ref = run_cli("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    assert json.loads(proc.stdout)["accuracy"] == json.loads(ref.stdout)["accuracy"]
+
+
+def test_export_errors_are_one_line(tmp_path):
+    proc = run_cli("export", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

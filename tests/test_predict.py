@@ -1,0 +1,145 @@
+import io
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_cli
+from mnist_classifier.preprocess import ImageError, open_image, prepare_digit
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from printed_digits import render_set  # noqa: E402
+
+
+def _jpeg_of(digit_28: np.ndarray, size: int = 280) -> Image.Image:
+    """An MNIST digit rendered large, dark on light, through JPEG."""
+    buf = io.BytesIO()
+    Image.fromarray(255 - digit_28).resize((size, size), Image.BICUBIC).save(buf, format="JPEG", quality=90)
+    return Image.open(io.BytesIO(buf.getvalue()))
+
+
+def test_large_dark_on_light_jpeg_comes_back_close_to_the_original(splits):
+    errors = []
+    for i in range(100):
+        original = splits.test_images[i, 0].numpy()
+        back = prepare_digit(_jpeg_of(original))[0].numpy()
+        errors.append(np.abs(back.astype(float) - original.astype(float)).mean() / 255)
+    # mean absolute difference on the 0-1 scale: resampling twice and JPEG blur cost a little, no more
+    assert np.mean(errors) < 0.04 and max(errors) < 0.12
+
+
+def test_preprocessing_steps_on_tricky_inputs():
+    # RGBA: a dark digit on a transparent background is flattened onto white, then inverted
+    rgba = Image.new("RGBA", (100, 100), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (40, 10, 60, 90))
+    out = prepare_digit(rgba)[0]
+    assert out.shape == (28, 28) and out[14, 14] > 200 and out[0, 0] == 0
+    # a tall thin stroke keeps its proportions: 20 pixels high, narrow
+    rows, cols = (out > 50).any(1).nonzero().flatten(), (out > 50).any(0).nonzero().flatten()
+    assert 19 <= len(rows) <= 21 and len(cols) <= 8
+    # light ink on grey paper: the background level is removed
+    grey = Image.new("L", (60, 60), 90)
+    grey.paste(230, (25, 5, 35, 55))
+    out = prepare_digit(grey)[0]
+    assert out[0, 0] == 0 and out.max() == 255
+    # EXIF orientation is applied: a wide bar stored with "rotate 90" becomes tall
+    wide = Image.new("L", (120, 40), 255)
+    wide.paste(0, (10, 15, 110, 25))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    wide.save(buf, format="JPEG", exif=exif)
+    out = prepare_digit(Image.open(io.BytesIO(buf.getvalue())))[0]
+    assert (out > 50).any(1).sum() > (out > 50).any(0).sum()
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    arr = np.zeros((50, 50), dtype=np.uint16)
+    arr[10:40, 22:28] = 60000
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    out = prepare_digit(open_image(buf.getvalue()))[0]
+    assert out.max() == 255 and (out > 128).sum() > 20
+
+
+def _truncated_png() -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()[: len(buf.getvalue()) // 2]
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "empty"),
+    (_truncated_png(), "broken image"),
+    (b"just text", "not an image"),
+])
+def test_bad_files(data, message):
+    with pytest.raises(ImageError, match=message):
+        open_image(data)
+
+
+def test_image_bomb_is_refused_before_decoding():
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 400 megapixels in a small file
+    with pytest.raises(ImageError, match="too large"):
+        open_image(buf.getvalue())
+
+
+def test_blank_image_has_no_digit():
+    with pytest.raises(ImageError, match="no digit"):
+        prepare_digit(Image.new("RGB", (64, 64), "white"))
+
+
+def test_printed_digits_in_many_fonts_formats_and_polarities(trained_checkpoint, tmp_path):
+    items = render_set(tmp_path / "digits", per_digit=12)
+    proc = run_cli("predict", str(tmp_path / "digits"), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(results) == len(items) == 120
+    truth = {str(p): d for p, d in items}
+    accuracy = sum(r["digit"] == truth[r["path"]] for r in results) / len(results)
+    assert accuracy >= 0.9, accuracy
+    for r in results:
+        assert {"path", "digit", "confidence", "top_k"} <= set(r) and len(r["top_k"]) == 3
+
+
+def test_cli_keeps_going_after_bad_files_and_exits_nonzero(trained_checkpoint, tmp_path, splits):
+    good = tmp_path / "good.png"
+    Image.fromarray(255 - splits.test_images[0, 0].numpy()).resize((112, 112)).save(good)
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not an image")
+    saved = tmp_path / "seen"
+    proc = run_cli("predict", str(tmp_path / "empty.png"), str(good), str(tmp_path / "notes.txt"),
+                   str(tmp_path / "missing.png"), "--checkpoint", str(trained_checkpoint), "--top-k", "2",
+                   "--save-preprocessed", str(saved), "--device", "cpu")
+    assert proc.returncode == 1
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{good}: {int(splits.test_labels[0])} (") and "top-2:" in lines[0]
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 3
+    assert any("empty.png: is empty" in e for e in errors) and any("notes.txt: is not an image" in e for e in errors)
+    assert any("missing.png" in e for e in errors) and "Traceback" not in proc.stderr
+    with Image.open(saved / "good.png") as img:
+        assert img.size == (28, 28)
+
+
+def test_low_confidence_is_flagged(trained_checkpoint, tmp_path):
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
+    rows = []
+    for i in range(6):
+        path = tmp_path / f"noise{i}.png"
+        Image.fromarray(np.roll(noise, i * 7, axis=i % 2)).save(path)
+        rows.append(path)
+    proc = run_cli("predict", *map(str, rows), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
+    results = [json.loads(line) for line in proc.stdout.splitlines()]
+    flagged = [r for r in results if r["low_confidence"]]
+    assert all(r["confidence"] < 0.5 for r in flagged)
+    assert proc.stderr.count("low confidence") == len(flagged)
+
+
+def test_predict_without_any_run_says_how_to_get_one(tmp_path):
+    proc = run_cli("predict", "x.png", cwd=tmp_path)
+    assert proc.returncode == 2 and "mnist train" in proc.stderr
