@@ -35,7 +35,7 @@ def test_short_run_writes_the_run_folder_and_reloads_exactly(small_cfg, splits):
         assert key in saved
     assert saved["params"] == 206_922 and saved["epochs"] == 1
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    assert [r["epoch"] for r in rows] == ["1"] and set(rows[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"}
+    assert [r["epoch"] for r in rows] == ["1"] and set(rows[0]) == {"epoch", "train_loss", "test_loss", "test_accuracy", "lr", "seconds"}
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["batch_size"] == 64 and config["environment"]["torch"] == torch.__version__
 
@@ -91,7 +91,7 @@ def test_resume_gives_bit_identical_weights(small_cfg, splits, tmp_path):
 def test_other_optimizers_train(small_cfg, splits, optimizer):
     run_dir = Path(small_cfg.out)
     run_dir.mkdir(parents=True)
-    lr = 0.01 if optimizer == "sgd" else 0.001
+    lr = 0.05 if optimizer == "sgd" else 0.001
     summary = fit(dataclasses.replace(small_cfg, optimizer=optimizer, lr=lr), splits, CPU, run_dir)
     assert summary["test_accuracy"] > 60
 

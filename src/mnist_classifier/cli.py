@@ -61,9 +61,11 @@ class ConsoleReporter:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+        split = "val" if "val_loss" in row else "test"
+        label = "Validation accuracy" if split == "val" else "Accuracy"
         print(
-            f"Epoch {row['epoch']}: train loss {row['train_loss']:.4f}, test loss {row['test_loss']:.4f}, "
-            f"Accuracy: {row['test_accuracy']:.2f}% ({row['seconds']:.1f} s)",
+            f"Epoch {row['epoch']}: train loss {row['train_loss']:.4f}, {split} loss {row[f'{split}_loss']:.4f}, "
+            f"{label}: {row[f'{split}_accuracy']:.2f}% ({row['seconds']:.1f} s)",
             file=self.stream, flush=True,
         )
 
@@ -94,6 +96,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         base, resume = load_resume(args.resume)
         base.out = str(args.resume)
+    elif getattr(args, "recipe", ""):
+        base = TrainConfig.from_recipe(args.recipe)
     cfg = config_from_args(args, TrainConfig, base).validate()
     if resume is not None and str(Path(cfg.out)) != str(Path(args.resume)):
         raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
@@ -103,7 +107,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = load_mnist(cfg.data_dir)
     run_dir = runs.new_run_dir(cfg.out)
     summary = fit(cfg, splits, device, run_dir, ConsoleReporter(cfg.batch_size), resume=resume)
-    print(f"Test accuracy: {summary['test_accuracy']:.2f}%  (training loop {summary['train_seconds']:.1f} s, "
+    chosen = f" (epoch {summary['best_epoch']}, chosen on validation)" if "best_epoch" in summary else ""
+    print(f"Test accuracy: {summary['test_accuracy']:.2f}%{chosen}  (training loop {summary['train_seconds']:.1f} s, "
           f"total {summary['total_seconds']:.1f} s)")
     if cfg.plots:
         for path in _write_plots(run_dir, splits, device, cfg.precision):

@@ -13,7 +13,8 @@ from typing import Any
 
 from .errors import UserError
 
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -33,7 +34,20 @@ class TrainConfig:
     lr: float = _opt(0.001, "learning rate (step size per optimizer step)")
     optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
     momentum: float = _opt(0.9, "momentum for sgd and rmsprop (unused by adam)")
+    weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw), per optimizer step")
+    schedule: str = _opt("constant", "learning-rate schedule over all steps: constant (the guide's), onecycle "
+                         "(warm up from lr/10, then linear to 0) or cosine (warm up from 0, then cosine to 0)", SCHEDULES)
+    warmup: float = _opt(0.1, "fraction of all steps spent warming up (onecycle and cosine)")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing, 0-1")
+    ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved instead "
+                      "of the raw weights (0 = off; e.g. 0.999)")
     dropout: float = _opt(0.0, "dropout probability before the last layer (the guide's 'add dropout' experiment)")
+    augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
+    aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees")
+    aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side")
+    aug_scale: float = _opt(0.1, "augmentation: largest zoom in or out, fraction")
+    val_size: int = _opt(0, "hold out the last N training images; keep the checkpoint with the best validation "
+                         "accuracy and report test accuracy only at the end (0 = test every epoch, as the guide)")
     seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run")
     device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES)
     precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX CPUs, CUDA), else fp32", PRECISIONS)
@@ -43,6 +57,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, "images per forward pass when evaluating (no gradients, so larger is fine)")
     log_every: int = _opt(100, "print the training loss every N batches when the output is not a terminal")
     plots: bool = _opt(False, "write the PNG pictures into the run folder at the end of training")
+    compile: bool = _opt(False, "torch.compile the model for training (checkpoints keep the plain module's weights)")
+    recipe: str = _opt("", "named preset from recipes/ (seed, fast, best) or a JSON file; flags you give override it")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError for values that cannot train; return self so calls can chain."""
@@ -64,6 +80,19 @@ class TrainConfig:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in PRECISIONS:
             raise UserError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        for name in ("warmup", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"--ema must be 0 (off) or a decay in (0, 1), got {self.ema}")
+        if self.weight_decay < 0 or self.momentum < 0:
+            raise UserError("--weight-decay and --momentum must not be negative")
+        if min(self.aug_rotate, self.aug_translate, self.aug_scale) < 0 or self.aug_scale >= 1:
+            raise UserError("--aug-rotate and --aug-translate must be >= 0 and --aug-scale in [0, 1)")
+        if self.val_size < 0:
+            raise UserError(f"--val-size must be 0 or positive, got {self.val_size}")
         if self.train_subset < 0:
             raise UserError(f"--train-subset must be 0 (all) or positive, got {self.train_subset}")
         if self.eval_batch_size <= 0:
@@ -74,6 +103,29 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_recipe(cls, name: str) -> "TrainConfig":
+        """The config a recipe file describes (``recipes/<name>.json`` in the package, or a path)."""
+        import json
+        from importlib import resources
+        from pathlib import Path
+
+        names = {f.name for f in dataclasses.fields(cls)}
+        packaged = resources.files("mnist_classifier").joinpath(f"recipes/{name}.json")
+        path = Path(name)
+        try:
+            text = packaged.read_text() if packaged.is_file() else path.read_text()
+            values = json.loads(text)
+        except (OSError, ValueError) as exc:
+            known = sorted(p.name.removesuffix(".json") for p in resources.files("mnist_classifier").joinpath("recipes").iterdir()
+                           if p.name.endswith(".json"))
+            raise UserError(f"unknown recipe {name!r} ({exc.__class__.__name__}); choose one of {', '.join(known)} or a JSON file") from None
+        unknown = sorted(set(values) - names - {"description"})
+        if unknown:
+            raise UserError(f"recipe {name!r} sets unknown fields: {', '.join(unknown)}")
+        values.pop("description", None)
+        return cls(**{**values, "recipe": name})
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":

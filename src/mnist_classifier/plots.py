@@ -78,15 +78,16 @@ def plot_predictions(
 def plot_curves(rows: Sequence[dict[str, Any]], title: str = "Training curves") -> Figure:
     """Train and test loss, and test accuracy, per epoch (rows as in metrics.csv)."""
     epochs = [int(r["epoch"]) for r in rows]
+    split = "val" if rows and "val_loss" in rows[0] else "test"  # runs with --val-size never test per epoch
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
-    ax_loss.plot(epochs, [float(r["test_loss"]) for r in rows], "s-", label="test loss")
+    ax_loss.plot(epochs, [float(r[f"{split}_loss"]) for r in rows], "s-", label=f"{split} loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    ax_acc.plot(epochs, [float(r["test_accuracy"]) for r in rows], "o-", color="tab:green", label="test accuracy")
+    ax_acc.plot(epochs, [float(r[f"{split}_accuracy"]) for r in rows], "o-", color="tab:green", label=f"{split} accuracy")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("accuracy (%)")
     ax_acc.legend(loc="lower right")

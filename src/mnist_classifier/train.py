@@ -1,11 +1,13 @@
 """Training: the whole data set on the device, batches sliced from one permutation per epoch.
 
 ``fit`` runs the seed guide's loop (forward, cross-entropy, backward, step; test after each epoch) and writes
-the run folder. It never prints: progress goes to a ``Reporter`` the caller supplies.
+the run folder; with ``val_size`` it selects on a held-out validation split instead and tests once at the
+end. It never prints: progress goes to a ``Reporter`` the caller supplies.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, fileio, runs
+from .augment import AffineAugment
 from .config import TrainConfig
 from .data import DatasetInfo, Splits
 from .device import autocast_dtype, preferred_memory_format
@@ -44,19 +47,134 @@ class TrainState:
     epoch: int = 0  # epochs completed
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
     train_seconds: float = 0.0  # time in the training loop only, summed over epochs
+    best_val: float = -1.0  # best validation accuracy so far (with val_size)
+    best_epoch: int = 0
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
     # The fused kernels update every parameter in one call instead of a dozen small ops per tensor;
     # same arithmetic as the default path (CPU and CUDA have them, MPS partly).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    wd = cfg.weight_decay
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd, **fused)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, **fused)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, **fused)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.momentum > 0, **fused)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True)
     raise UserError(f"unknown optimizer {cfg.optimizer!r}")
+
+
+def learning_rate(step: int, total_steps: int, base: float, schedule: str, warmup: float) -> float:
+    """The learning rate for optimizer step ``step`` (0-based) of ``total_steps``. A pure function of its inputs."""
+    if schedule == "constant":
+        return base
+    warm = int(warmup * total_steps)
+    if step < warm:
+        start = base / 10 if schedule == "onecycle" else 0.0
+        return start + (base - start) * (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)  # 0 -> 1 over the rest of training
+    if schedule == "onecycle":
+        return base * max(0.0, 1.0 - progress)
+    return base * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+class EMA:
+    """An exponential moving average of a model's weights (and a copy of its buffers, e.g. batch-norm stats).
+
+    Averaging the last few hundred steps' weights smooths out the noise of the final steps; the average is
+    what gets evaluated and saved. The decay ramps up from 0 so early, random weights are forgotten fast.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        self.updates = 0
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1.0 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+@dataclass
+class StepExtras:
+    """Optional parts of a training step beyond the guide's: schedule, smoothing, augmentation, EMA."""
+
+    label_smoothing: float = 0.0
+    lr_at: Callable[[int], float] | None = None  # global step -> learning rate
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, C, H, W) -> (B, C, H, W)
+    ema: EMA | None = None
+    first_step: int = 0  # global step number of this epoch's first batch
+
+
+def train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    perm: torch.Tensor,
+    batch_size: int,
+    epoch: int = 1,
+    amp_dtype: torch.dtype | None = None,
+    log_every: int = 100,
+    on_step: Callable[[int, int, int, float | None], None] | None = None,
+    extras: StepExtras | None = None,
+) -> float:
+    """One pass over ``train_x`` (N, C, H, W) in the order ``perm`` (N,); returns the mean training loss.
+
+    Each batch is a slice of the permutation: forward, cross-entropy, backward, optimizer step. ``on_step``
+    gets (epoch, batch index, batches, loss) after every step, with the mean loss since the last report every
+    ``log_every`` batches (and on the last) and None otherwise, so the loss is only read back that often.
+    """
+    extras = extras or StepExtras()
+    model.train()
+    n = len(perm)
+    n_batches = (n + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
+    running = torch.zeros((), device=train_x.device)  # summed loss since the last report, kept on device
+    total = torch.zeros((), device=train_x.device)  # summed per-example loss over the epoch
+    since = 0
+    for b in range(n_batches):
+        idx = perm[b * batch_size : (b + 1) * batch_size]
+        x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
+        if extras.augment is not None:
+            x = extras.augment(x)
+        if extras.lr_at is not None:
+            lr = extras.lr_at(extras.first_step + b)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), y, label_smoothing=extras.label_smoothing)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if extras.ema is not None:
+            extras.ema.update(model)
+        detached = loss.detach()
+        running += detached
+        total += detached * len(y)
+        since += 1
+        report = b % log_every == 0 or b == n_batches - 1
+        mean_loss = (running / since).item() if report else None
+        if report:
+            if not math.isfinite(mean_loss):
+                raise DivergedError(
+                    f"loss became {mean_loss} at epoch {epoch}, batch {b}; lower the learning rate "
+                    f"(the guide's advice for a NaN loss, e.g. divide --lr by 10)"
+                )
+            running.zero_()
+            since = 0
+        if on_step is not None:
+            on_step(epoch, b, n_batches, mean_loss)
+    return total.item() / n
 
 
 def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
@@ -93,57 +211,6 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def train_epoch(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    train_x: torch.Tensor,
-    train_y: torch.Tensor,
-    perm: torch.Tensor,
-    batch_size: int,
-    epoch: int = 1,
-    amp_dtype: torch.dtype | None = None,
-    log_every: int = 100,
-    on_step: Callable[[int, int, int, float | None], None] | None = None,
-) -> float:
-    """One pass over ``train_x`` (N, C, H, W) in the order ``perm`` (N,); returns the mean training loss.
-
-    Each batch is a slice of the permutation: forward, cross-entropy, backward, optimizer step. ``on_step``
-    gets (epoch, batch index, batches, loss) after every step, with the mean loss since the last report every
-    ``log_every`` batches (and on the last) and None otherwise, so the loss is only read back that often.
-    """
-    model.train()
-    n = len(perm)
-    n_batches = (n + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
-    running = torch.zeros((), device=train_x.device)  # summed loss since the last report, kept on device
-    total = torch.zeros((), device=train_x.device)  # summed per-example loss over the epoch
-    since = 0
-    for b in range(n_batches):
-        idx = perm[b * batch_size : (b + 1) * batch_size]
-        x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        detached = loss.detach()
-        running += detached
-        total += detached * len(y)
-        since += 1
-        report = b % log_every == 0 or b == n_batches - 1
-        mean_loss = (running / since).item() if report else None
-        if report:
-            if not math.isfinite(mean_loss):
-                raise DivergedError(
-                    f"loss became {mean_loss} at epoch {epoch}, batch {b}; lower the learning rate "
-                    f"(the guide's advice for a NaN loss, e.g. divide --lr by 10)"
-                )
-            running.zero_()
-            since = 0
-        if on_step is not None:
-            on_step(epoch, b, n_batches, mean_loss)
-    return total.item() / n
-
-
 def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     """The saved config and payload of ``<run_dir>/last.pt``, for ``--resume``."""
     path = Path(run_dir) / "last.pt"
@@ -154,6 +221,37 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
         if key not in payload:
             raise UserError(f"{path} is not a resumable checkpoint (no {key!r}); it may be a model.pt")
     return TrainConfig.from_dict(payload["train_config"]), payload
+
+
+@dataclass
+class Data:
+    """The tensors one run trains and evaluates on, normalised, on the device."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor  # validation split with val_size, else the test set
+    eval_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def prepare_data(cfg: TrainConfig, splits: Splits, device: torch.device) -> Data:
+    info = splits.info
+    n_total = len(splits.train_labels)
+    if cfg.val_size >= n_total:
+        raise UserError(f"--val-size {cfg.val_size} leaves no training images (there are {n_total})")
+    # The validation split is the *last* val_size training images: fixed, whatever the seed, so runs with
+    # different seeds are selected on the same images (10,000 gives the classic 50,000/10,000 split).
+    n_fit = n_total - cfg.val_size
+    n_train = min(cfg.train_subset, n_fit) if cfg.train_subset else n_fit
+    to_dev = lambda imgs: model_input(imgs, info.mean, info.std, device)  # noqa: E731
+    test_x, test_y = to_dev(splits.test_images), splits.test_labels.to(device)
+    train_x, train_y = to_dev(splits.train_images[:n_train]), splits.train_labels[:n_train].to(device)
+    if cfg.val_size:
+        eval_x, eval_y = to_dev(splits.train_images[n_fit:]), splits.train_labels[n_fit:].to(device)
+    else:
+        eval_x, eval_y = test_x, test_y
+    return Data(train_x, train_y, eval_x, eval_y, test_x, test_y)
 
 
 def fit(
@@ -172,27 +270,36 @@ def fit(
     t_start = time.perf_counter()
     info = splits.info
     mcfg = model_config(cfg, info)
+    data = prepare_data(cfg, splits, device)
+    n_train = len(data.train_y)
+    n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    total_steps = n_batches * cfg.epochs
+    split = "val" if cfg.val_size else "test"
 
     amp_dtype = autocast_dtype(cfg.precision, device)
-    fmt = preferred_memory_format(device)
     torch.manual_seed(cfg.seed)  # weight init and dropout
-    model = build_model(mcfg).to(device, memory_format=fmt)
+    model = build_model(mcfg).to(device, memory_format=preferred_memory_format(device))
     optimizer = make_optimizer(cfg, model.parameters(), device)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
     state = TrainState()
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(resume["ema_state_dict"])
+            ema.updates = int(resume["ema_updates"])
         state = TrainState(epoch=int(resume["epoch"]), rows=list(resume["metrics"]),
-                           train_seconds=float(resume.get("train_seconds", 0.0)))
+                           train_seconds=float(resume.get("train_seconds", 0.0)),
+                           best_val=float(resume.get("best_val", -1.0)), best_epoch=int(resume.get("best_epoch", 0)))
         _set_rng_state(resume["rng"], device)
-
-    # The whole set on the device, normalised once: (N, C, H, W) float32 and (N,) int64.
-    n_train = cfg.train_subset or len(splits.train_labels)
-    train_x = model_input(splits.train_images[:n_train], info.mean, info.std, device)
-    train_y = splits.train_labels[:n_train].to(device)
-    test_x = model_input(splits.test_images, info.mean, info.std, device)
-    test_y = splits.test_labels.to(device)
-    n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    # The module that trains; checkpoints always take the plain `model`'s weights, which it shares.
+    train_model = torch.compile(model) if cfg.compile else model
+    augment = None
+    if cfg.augment:
+        aug = AffineAugment(cfg.aug_rotate, cfg.aug_translate, cfg.aug_scale)
+        background = model_input(torch.zeros(1, info.channels, 1, 1, dtype=torch.uint8), info.mean, info.std, device)
+        aug_gen = torch.Generator(device=device)
+        augment = lambda x: aug(x, background, aug_gen)  # noqa: E731
 
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
     fileio.write_json(run_dir / "config.json", {
@@ -201,67 +308,96 @@ def fit(
     })
     params = count_parameters(model)
     reporter.start({"device": str(device), "precision": precision, "params": params, "n_train": n_train,
-                    "n_test": len(test_y), "n_batches": n_batches, "start_epoch": state.epoch + 1,
-                    "epochs": cfg.epochs, "run_dir": str(run_dir)})
+                    "n_test": len(data.eval_y), "split": split, "n_batches": n_batches,
+                    "start_epoch": state.epoch + 1, "epochs": cfg.epochs, "run_dir": str(run_dir)})
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         perm = epoch_permutation(n_train, cfg.seed, epoch).to(device)
+        if augment is not None:
+            aug_gen.manual_seed(cfg.seed * 1_000_003 + epoch)  # like the shuffle: replayable on resume
+        extras = StepExtras(
+            label_smoothing=cfg.label_smoothing, augment=augment, ema=ema, first_step=(epoch - 1) * n_batches,
+            lr_at=None if cfg.schedule == "constant" else
+            (lambda step: learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)),
+        )
         _sync(device)
         t0 = time.perf_counter()
         try:
-            train_loss = train_epoch(model, optimizer, train_x, train_y, perm, cfg.batch_size, epoch=epoch,
-                                     amp_dtype=amp_dtype, log_every=cfg.log_every, on_step=reporter.step)
+            train_loss = train_epoch(train_model, optimizer, data.train_x, data.train_y, perm, cfg.batch_size,
+                                     epoch=epoch, amp_dtype=amp_dtype, log_every=cfg.log_every,
+                                     on_step=reporter.step, extras=extras)
         except DivergedError as exc:
             raise DivergedError(f"{exc}. The last good checkpoint is kept in {run_dir}") from None
         _sync(device)
         seconds = time.perf_counter() - t0
         state.train_seconds += seconds
 
-        test = evaluate(model, test_x, test_y, cfg.eval_batch_size, amp_dtype)
+        scored = ema.model if ema is not None else model
+        result = evaluate(scored, data.eval_x, data.eval_y, cfg.eval_batch_size, amp_dtype)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
-            "test_loss": round(test["loss"], 6),
-            "test_accuracy": round(test["accuracy"], 4),
+            f"{split}_loss": round(result["loss"], 6),
+            f"{split}_accuracy": round(result["accuracy"], 4),
+            "lr": optimizer.param_groups[0]["lr"],
             "seconds": round(seconds, 3),
         }
         state.rows.append(row)
         state.epoch = epoch
-        _save_epoch(run_dir, model, mcfg, info, optimizer, cfg, state, device)
+        improved = result["accuracy"] > state.best_val
+        if improved:
+            state.best_val, state.best_epoch = result["accuracy"], epoch
+        # Without a validation split the model kept is the last one (the guide's behaviour); with one, the best.
+        _save_epoch(run_dir, model, scored, mcfg, info, optimizer, cfg, state, device, ema,
+                    save_model=improved or not cfg.val_size)
         reporter.epoch(row)
 
-    final = state.rows[-1]
     summary = {
-        "test_accuracy": final["test_accuracy"],
-        "test_loss": final["test_loss"],
-        "train_seconds": round(state.train_seconds, 3),
-        "total_seconds": round(time.perf_counter() - t_start, 3),
         "epochs": cfg.epochs,
         "params": params,
         "device": str(device),
+        "precision": precision,
         "seed": cfg.seed,
         "model": cfg.model,
+        "recipe": cfg.recipe,
         "dataset": info.name,
         "run_dir": str(run_dir),
     }
+    if cfg.val_size:
+        # The test set is looked at once, for the model the validation split chose.
+        best = checkpoint.model_from_payload(checkpoint.load(run_dir / "model.pt")).to(
+            device, memory_format=preferred_memory_format(device))
+        test = evaluate(best, data.test_x, data.test_y, cfg.eval_batch_size, amp_dtype)
+        summary.update({"best_epoch": state.best_epoch, "val_accuracy": state.best_val,
+                        "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 6)})
+    else:
+        summary.update({"test_accuracy": state.rows[-1]["test_accuracy"], "test_loss": state.rows[-1]["test_loss"]})
+    summary.update({"train_seconds": round(state.train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3)})
     fileio.write_json(run_dir / "summary.json", summary)
     return summary
 
 
 def _save_epoch(
-    run_dir: Path, model: nn.Module, mcfg: ModelConfig, info: DatasetInfo, optimizer: torch.optim.Optimizer,
-    cfg: TrainConfig, state: TrainState, device: torch.device,
+    run_dir: Path, model: nn.Module, scored: nn.Module, mcfg: ModelConfig, info: DatasetInfo,
+    optimizer: torch.optim.Optimizer, cfg: TrainConfig, state: TrainState, device: torch.device,
+    ema: EMA | None, save_model: bool,
 ) -> None:
-    """After each epoch: metrics.csv, model.pt and last.pt, each replaced atomically (last.pt last)."""
+    """After each epoch: metrics.csv, model.pt (the evaluated weights) and last.pt, each replaced atomically."""
     fileio.write_csv(run_dir / "metrics.csv", state.rows)
-    payload = checkpoint.model_payload(model, mcfg, info)
-    checkpoint.save(run_dir / "model.pt", payload)
+    if save_model:
+        checkpoint.save(run_dir / "model.pt", checkpoint.model_payload(scored, mcfg, info))
+    payload = checkpoint.model_payload(model, mcfg, info)  # the raw training weights, to continue from
     payload.update({
         "optimizer": optimizer.state_dict(),
         "epoch": state.epoch,
         "metrics": state.rows,
         "train_seconds": state.train_seconds,
+        "best_val": state.best_val,
+        "best_epoch": state.best_epoch,
         "train_config": cfg.to_dict(),
         "rng": _rng_state(device),
     })
+    if ema is not None:
+        payload["ema_state_dict"] = checkpoint.plain_state_dict(ema.model)
+        payload["ema_updates"] = ema.updates
     checkpoint.save(run_dir / "last.pt", payload)

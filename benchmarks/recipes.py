@@ -1,0 +1,73 @@
+"""Train a recipe with several seeds and print its accuracy (mean, min, max) and training-loop time.
+
+One JSON line per seed, then a summary line. With ``--ensemble`` the seeds' models are also evaluated as
+one ensemble (mean of probabilities), through `mnist evaluate`'s own code.
+
+    .venv/bin/python benchmarks/recipes.py --recipe fast --seeds 0 1 2 3 4
+    .venv/bin/python benchmarks/recipes.py --recipe best --seeds 0 1 2 --ensemble --out runs/best
+"""
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from mnist_classifier import checkpoint
+from mnist_classifier.config import TrainConfig
+from mnist_classifier.data import load_mnist
+from mnist_classifier.device import autocast_dtype, select_device
+from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
+from mnist_classifier.preprocess import model_input
+from mnist_classifier.train import fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipe", required=True)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--out", default=None, help="folder for the runs (default: runs/recipe-<name>)")
+    parser.add_argument("--ensemble", action="store_true")
+    parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (for a quick look)")
+    args = parser.parse_args()
+
+    device = select_device(args.device)
+    splits = load_mnist(args.data_dir)
+    out = Path(args.out or f"runs/recipe-{args.recipe}")
+    results = []
+    for seed in args.seeds:
+        cfg = TrainConfig.from_recipe(args.recipe)
+        cfg.seed, cfg.device, cfg.data_dir, cfg.log_every = seed, str(device), args.data_dir, 10**9
+        if args.epochs:
+            cfg.epochs = args.epochs
+        run_dir = out / f"seed{seed}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        cfg.out = str(run_dir)
+        summary = fit(cfg.validate(), splits, device, run_dir)
+        results.append(summary)
+        print(json.dumps({"recipe": args.recipe, "seed": seed, "test_accuracy": summary["test_accuracy"],
+                          "train_seconds": summary["train_seconds"], "epochs": cfg.epochs,
+                          "best_epoch": summary.get("best_epoch"), "device": str(device),
+                          "precision": summary["precision"]}), flush=True)
+    accs = [r["test_accuracy"] for r in results]
+    secs = [r["train_seconds"] for r in results]
+    line = {"benchmark": "recipe", "recipe": args.recipe, "seeds": args.seeds, "device": str(device),
+            "accuracy_mean": round(statistics.mean(accs), 3), "accuracy_min": min(accs), "accuracy_max": max(accs),
+            "train_seconds_mean": round(statistics.mean(secs), 2), "train_seconds_max": round(max(secs), 2)}
+    if args.ensemble and len(results) > 1:
+        labels = splits.test_labels.to(device)
+        logits = []
+        for r in results:
+            model, info, _ = checkpoint.load_model(Path(r["run_dir"]) / "model.pt", device)
+            x = model_input(splits.test_images, info.mean, info.std, device)
+            logits.append(predict_logits(model, x, 1000, autocast_dtype("auto", device)))
+        line["ensemble_accuracy"] = round(metrics_from_logits(ensemble_log_probs(logits), labels)["accuracy"], 3)
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

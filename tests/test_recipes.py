@@ -1,0 +1,170 @@
+"""Issue-5 options: schedules, augmentation, EMA, validation selection, recipes, ensembles, compile, models."""
+
+import csv
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from mnist_classifier.augment import AffineAugment
+from mnist_classifier.config import TrainConfig
+from mnist_classifier.errors import UserError
+from mnist_classifier.model import MODELS, ModelConfig, build_model
+from mnist_classifier.train import EMA, fit, learning_rate
+
+CPU = torch.device("cpu")
+
+
+def test_learning_rate_schedules():
+    assert learning_rate(500, 1000, 0.1, "constant", 0.1) == 0.1
+    # onecycle: warm up from lr/10 to lr over the first 10%, then linearly to 0
+    assert learning_rate(0, 1000, 0.1, "onecycle", 0.1) == pytest.approx(0.01 + 0.09 / 100)
+    assert learning_rate(99, 1000, 0.1, "onecycle", 0.1) == pytest.approx(0.1)
+    assert learning_rate(550, 1000, 0.1, "onecycle", 0.1) == pytest.approx(0.05)
+    assert learning_rate(999, 1000, 0.1, "onecycle", 0.1) < 0.001
+    # cosine: from 0, half way through the decay it is at lr/2
+    assert learning_rate(0, 1000, 0.1, "cosine", 0.1) == pytest.approx(0.001)
+    assert learning_rate(550, 1000, 0.1, "cosine", 0.1) == pytest.approx(0.05)
+    values = [learning_rate(s, 1000, 0.1, "cosine", 0.1) for s in range(100, 1000)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_augmentation_is_identity_when_switched_off_and_keeps_the_background():
+    background = torch.full((1, 1, 1, 1), -0.4242)
+    x = torch.full((8, 1, 28, 28), -0.4242)
+    x[:, :, 10:18, 12:16] = 2.8
+    same = AffineAugment(0, 0, 0)(x, background)
+    assert torch.allclose(same, x, atol=1e-5)
+    moved = AffineAugment(15, 0.15, 0.15)(x, background, torch.Generator().manual_seed(0))
+    assert moved.shape == x.shape and not torch.allclose(moved, x)
+    assert torch.allclose(moved[:, :, 0, 0], torch.full((8, 1), -0.4242), atol=1e-5)  # corners stay background
+    again = AffineAugment(15, 0.15, 0.15)(x, background, torch.Generator().manual_seed(0))
+    assert torch.equal(moved, again)
+
+
+def test_ema_tracks_the_weights():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(200):
+        ema.update(model)
+    assert torch.allclose(ema.model.weight, model.weight, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_model_trains_a_step_and_follows_the_input_shape(name):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, dropout=0.1))
+    x, y = torch.randn(4, 1, 28, 28), torch.tensor([0, 1, 2, 3])
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    if name != "seed-cnn-deep":  # (it shares the seed's 1568-feature head sizing)
+        wide = build_model(ModelConfig(name=name, in_channels=3, image_size=32, num_classes=7)).eval()
+        assert wide(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_validation_selection_never_tests_per_epoch(small_cfg, splits):
+    cfg = dataclasses.replace(small_cfg, epochs=3, val_size=1000, schedule="cosine", augment=True, ema=0.99,
+                              label_smoothing=0.1, weight_decay=0.01, optimizer="adamw", lr=0.003)
+    run_dir = Path(cfg.out)
+    summary = fit(cfg, splits, CPU, run_dir)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    assert len(rows) == 3 and "val_accuracy" in rows[0] and "test_accuracy" not in rows[0]
+    best = max(rows, key=lambda r: float(r["val_accuracy"]))
+    assert summary["best_epoch"] == int(best["epoch"]) and summary["val_accuracy"] == pytest.approx(float(best["val_accuracy"]))
+    assert 50 < summary["test_accuracy"] <= 100
+    # the lr column follows the cosine schedule down to ~0
+    assert float(rows[-1]["lr"]) < 1e-4 < float(rows[0]["lr"])
+
+
+def test_validation_split_is_the_end_of_the_training_set(small_cfg, splits):
+    from mnist_classifier.train import prepare_data
+
+    data = prepare_data(dataclasses.replace(small_cfg, train_subset=0, val_size=10000), splits, CPU)
+    assert len(data.train_y) == 50000 and len(data.eval_y) == 10000
+    assert torch.equal(data.eval_y, splits.train_labels[50000:])
+    with pytest.raises(UserError, match="leaves no training images"):
+        prepare_data(dataclasses.replace(small_cfg, val_size=60000), splits, CPU)
+
+
+def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
+    cfg = dataclasses.replace(small_cfg, epochs=2, train_subset=800, val_size=500, schedule="onecycle", augment=True,
+                              ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100)
+    a, b = tmp_path / "a", tmp_path / "b"
+    fit(dataclasses.replace(cfg, out=str(a)), splits, CPU, a)
+    from mnist_classifier.train import Reporter, load_resume
+
+    class StopAfterFirstEpoch(Reporter):  # an interrupted 2-epoch run: the schedule knows the full length
+        def epoch(self, row):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(dataclasses.replace(cfg, out=str(b)), splits, CPU, b, StopAfterFirstEpoch())
+
+    saved, payload = load_resume(b)
+    fit(dataclasses.replace(saved, epochs=2), splits, CPU, b, resume=payload)
+    for name in ("model.pt", "last.pt"):
+        wa = torch.load(a / name, weights_only=True)["state_dict"]
+        wb = torch.load(b / name, weights_only=True)["state_dict"]
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), name
+
+
+def test_recipes_are_files_that_load_and_validate():
+    root = Path(__file__).resolve().parents[1] / "src" / "mnist_classifier" / "recipes"
+    names = sorted(p.stem for p in root.glob("*.json"))
+    assert {"seed", "fast", "best"} <= set(names)
+    for name in names:
+        cfg = TrainConfig.from_recipe(name).validate()
+        assert cfg.recipe == name
+    assert TrainConfig.from_recipe("seed").to_dict() == dataclasses.replace(TrainConfig(), recipe="seed").to_dict()
+    with pytest.raises(UserError, match="unknown recipe"):
+        TrainConfig.from_recipe("no-such-recipe")
+
+
+def test_recipe_flag_with_overrides(data_dir, tmp_path):
+    out = tmp_path / "fast"
+    proc = run_cli("train", "--recipe", "fast", "--epochs", "1", "--train-subset", "3000", "--device", "cpu",
+                   "--data-dir", str(data_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    config = json.loads((out / "config.json").read_text())["train"]
+    assert config["model"] == "fast-cnn" and config["recipe"] == "fast" and config["epochs"] == 1
+    assert config["batch_size"] == 256 and config["schedule"] == "onecycle"
+
+
+def test_ensemble_evaluation_reports_members_and_the_average(data_dir, small_cfg, splits, tmp_path):
+    paths = []
+    for seed in (0, 1):
+        run = tmp_path / f"s{seed}"
+        fit(dataclasses.replace(small_cfg, seed=seed, out=str(run)), splits, CPU, run)
+        paths.append(str(run / "model.pt"))
+    proc = run_cli("evaluate", "--checkpoint", *paths, "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["ensemble_of"] == 2 and [m["checkpoint"] for m in result["members"]] == paths
+    assert result["n"] == 10000 and len(result["per_class_accuracy"]) == 10
+    # averaging two similar models lands near them (and usually above the weaker one)
+    assert result["accuracy"] >= min(m["accuracy"] for m in result["members"]) - 1.0
+
+
+def test_compiled_training_saves_the_plain_module(small_cfg, splits):
+    run_dir = Path(small_cfg.out)
+    fit(dataclasses.replace(small_cfg, compile=True, train_subset=256, batch_size=128), splits, CPU, run_dir)
+    state = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("_orig_mod") for k in state)
+    from mnist_classifier import checkpoint
+
+    checkpoint.load_model(run_dir / "model.pt")  # strict load into the plain model
+
+
+@pytest.mark.parametrize("flags", [["--schedule", "linear"], ["--ema", "1.5"], ["--val-size", "-1"],
+                                    ["--label-smoothing", "1.2"], ["--aug-scale", "1"]])
+def test_bad_option_values(flags, tmp_path):
+    proc = run_cli("train", *flags, "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
