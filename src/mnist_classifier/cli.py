@@ -39,8 +39,12 @@ class ConsoleReporter:
     def start(self, info: dict[str, Any]) -> None:
         self.n_train = info["n_train"]
         print(f"Using device: {info['device']} ({info['precision']})", file=self.stream)
-        print(f"Model parameters: {info['params']:,}  Training samples: {info['n_train']}  Test samples: {info['n_test']}",
+        evaluated = "Validation samples" if info.get("split") == "val" else "Test samples"
+        print(f"Model parameters: {info['params']:,}  Training samples: {info['n_train']}  {evaluated}: {info['n_test']}",
               file=self.stream)
+        if info.get("world_size", 1) > 1:
+            print(f"Processes: {info['world_size']} (global batch {self.batch_size}, "
+                  f"{self.batch_size // info['world_size']} images per process per step)", file=self.stream)
         if info["start_epoch"] > 1:
             print(f"Resuming at epoch {info['start_epoch']} of {info['epochs']}", file=self.stream)
 
@@ -86,11 +90,11 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from . import runs
+    from . import distributed, runs
     from .config import TrainConfig, config_from_args
     from .data import load_mnist
     from .device import select_device
-    from .train import fit, load_resume
+    from .train import Reporter, fit, load_resume
 
     base, resume = None, None
     if args.resume:
@@ -103,10 +107,30 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
     if resume is not None and cfg.epochs <= resume["epoch"]:
         raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
-    device = select_device(cfg.device)
-    splits = load_mnist(cfg.data_dir)
-    run_dir = runs.new_run_dir(cfg.out)
-    summary = fit(cfg, splits, device, run_dir, ConsoleReporter(cfg.batch_size), resume=resume)
+
+    ctx = distributed.SINGLE
+    if distributed.launched_by_torchrun():
+        ctx, device = distributed.setup(cfg.device, cfg.dist_timeout)
+    else:
+        device = select_device(cfg.device)
+    try:
+        distributed.check_batch(cfg.batch_size, ctx)
+        splits = load_mnist(cfg.data_dir)  # an flock lets one process fetch while the others wait
+        # Only rank 0 creates the run folder; the others learn its name.
+        run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out)) if ctx.is_main else None))
+        reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
+        try:
+            summary = fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx)
+        except RuntimeError as exc:
+            if not ctx.enabled:
+                raise
+            # a peer died or hung: collectives raise after --dist-timeout (or at once when the link breaks)
+            raise UserError(f"rank {ctx.rank}: lost the other processes ({str(exc).strip().splitlines()[0][:160]}); "
+                            f"resume with --resume {run_dir}") from None
+    finally:
+        distributed.teardown(ctx)
+    if not ctx.is_main:
+        return 0
     chosen = f" (epoch {summary['best_epoch']}, chosen on validation)" if "best_epoch" in summary else ""
     print(f"Test accuracy: {summary['test_accuracy']:.2f}%{chosen}  (training loop {summary['train_seconds']:.1f} s, "
           f"total {summary['total_seconds']:.1f} s)")

@@ -57,6 +57,7 @@ class TrainConfig:
     eval_batch_size: int = _opt(1000, "images per forward pass when evaluating (no gradients, so larger is fine)")
     log_every: int = _opt(100, "print the training loss every N batches when the output is not a terminal")
     plots: bool = _opt(False, "write the PNG pictures into the run folder at the end of training")
+    dist_timeout: float = _opt(300.0, "under torchrun: seconds a process waits for the others before giving up")
     compile: bool = _opt(False, "torch.compile the model for training (checkpoints keep the plain module's weights)")
     recipe: str = _opt("", "named preset from recipes/ (seed, fast, best) or a JSON file; flags you give override it")
 
@@ -91,6 +92,8 @@ class TrainConfig:
             raise UserError("--weight-decay and --momentum must not be negative")
         if min(self.aug_rotate, self.aug_translate, self.aug_scale) < 0 or self.aug_scale >= 1:
             raise UserError("--aug-rotate and --aug-translate must be >= 0 and --aug-scale in [0, 1)")
+        if not self.dist_timeout > 0:
+            raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout}")
         if self.val_size < 0:
             raise UserError(f"--val-size must be 0 or positive, got {self.val_size}")
         if self.train_subset < 0:

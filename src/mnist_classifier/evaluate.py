@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -28,36 +28,50 @@ def predict_logits(
     return torch.cat(chunks) if chunks else images.new_zeros((0, 0))
 
 
-def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; NaN for an absent class).
-
-    ``logits`` may also be log-probabilities (an ensemble's log of mean probabilities): the loss is the same.
-    """
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Additive statistics of a batch of scores, float64 ``(1 + 2C,)``: summed loss, hits per class, count
+    per class. Sums from shards (processes, chunks) add up to the sums of the whole set."""
     num_classes = num_classes or logits.shape[1]
     labels = labels.to(logits.device)
-    loss = F.cross_entropy(logits, labels, reduction="mean").item()
-    pred = logits.argmax(dim=1)
-    hit = pred.eq(labels)
-    per_class_total = torch.bincount(labels, minlength=num_classes)
-    per_class_hit = torch.bincount(labels[hit], minlength=num_classes)
-    per_class = (per_class_hit.double() * 100.0 / per_class_total.double()).tolist()
-    n = int(labels.numel())
-    correct = int(hit.sum().item())
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum").double().reshape(1)
+    hit = logits.argmax(dim=1).eq(labels)
+    hits = torch.bincount(labels[hit], minlength=num_classes).double()
+    totals = torch.bincount(labels, minlength=num_classes).double()
+    return torch.cat([loss_sum, hits, totals])
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; NaN for an absent class)."""
+    sums = sums.cpu()
+    c = (len(sums) - 1) // 2
+    hits, totals = sums[1 : 1 + c], sums[1 + c :]
+    n, correct = int(totals.sum()), int(hits.sum())
     return {
         "accuracy": 100.0 * correct / n if n else float("nan"),
-        "loss": loss,
+        "loss": float(sums[0]) / n if n else float("nan"),
         "correct": correct,
         "n": n,
-        "per_class_accuracy": per_class,
+        "per_class_accuracy": (hits * 100.0 / totals).tolist(),
     }
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, Any]:
+    """Metrics of a whole set's scores. ``logits`` may also be log-probabilities (an ensemble's log of mean
+    probabilities): the cross-entropy is then the ensemble's loss."""
+    return metrics_from_sums(metric_sums(logits, labels, num_classes))
 
 
 def evaluate(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
-    amp_dtype: torch.dtype | None = None,
+    amp_dtype: torch.dtype | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Test loss, accuracy (percent) and per-class accuracy of ``model`` on normalised ``images``."""
-    return metrics_from_logits(predict_logits(model, images, batch_size, amp_dtype), labels)
+    """Test loss, accuracy (percent) and per-class accuracy of ``model`` on normalised ``images``.
+
+    ``reduce`` combines the statistics of this shard with the other processes' (a sum all-reduce), so each
+    process can evaluate only its share of the images.
+    """
+    sums = metric_sums(predict_logits(model, images, batch_size, amp_dtype), labels)
+    return metrics_from_sums(reduce(sums) if reduce is not None else sums)
 
 
 def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ from .augment import AffineAugment
 from .config import TrainConfig
 from .data import DatasetInfo, Splits
 from .device import autocast_dtype, preferred_memory_format
+from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
 from .errors import DivergedError, UserError
 from .evaluate import evaluate
 from .model import ModelConfig, build_model, count_parameters
@@ -128,23 +129,29 @@ def train_epoch(
     log_every: int = 100,
     on_step: Callable[[int, int, int, float | None], None] | None = None,
     extras: StepExtras | None = None,
+    n_batches: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> float:
     """One pass over ``train_x`` (N, C, H, W) in the order ``perm`` (N,); returns the mean training loss.
 
     Each batch is a slice of the permutation: forward, cross-entropy, backward, optimizer step. ``on_step``
     gets (epoch, batch index, batches, loss) after every step, with the mean loss since the last report every
     ``log_every`` batches (and on the last) and None otherwise, so the loss is only read back that often.
+    ``shard`` = (rank, world size): this process trains on every world-size-th image of each batch.
     """
     extras = extras or StepExtras()
     model.train()
-    n = len(perm)
-    n_batches = (n + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
+    rank, world = shard
+    if n_batches is None:
+        n_batches = (len(perm) + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
+    seen = 0
     running = torch.zeros((), device=train_x.device)  # summed loss since the last report, kept on device
     total = torch.zeros((), device=train_x.device)  # summed per-example loss over the epoch
     since = 0
     for b in range(n_batches):
-        idx = perm[b * batch_size : (b + 1) * batch_size]
+        idx = perm[b * batch_size : (b + 1) * batch_size][rank::world]
         x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
+        seen += len(y)
         if extras.augment is not None:
             x = extras.augment(x)
         if extras.lr_at is not None:
@@ -174,7 +181,7 @@ def train_epoch(
             since = 0
         if on_step is not None:
             on_step(epoch, b, n_batches, mean_loss)
-    return total.item() / n
+    return total.item() / seen
 
 
 def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
@@ -261,10 +268,12 @@ def fit(
     run_dir: Path,
     reporter: Reporter | None = None,
     resume: dict[str, Any] | None = None,
+    ctx: DistContext = SINGLE,
 ) -> dict[str, Any]:
     """Train ``cfg.model`` on ``splits`` and write the run folder; return the summary dict.
 
-    ``resume`` is a ``last.pt`` payload; training continues after its last completed epoch.
+    ``resume`` is a ``last.pt`` payload; training continues after its last completed epoch. Under
+    torchrun (``ctx``), every process trains its shard of each batch and only rank 0 writes files.
     """
     reporter = reporter or Reporter()
     t_start = time.perf_counter()
@@ -272,7 +281,14 @@ def fit(
     mcfg = model_config(cfg, info)
     data = prepare_data(cfg, splits, device)
     n_train = len(data.train_y)
+    check_batch(cfg.batch_size, ctx)
     n_batches = (n_train + cfg.batch_size - 1) // cfg.batch_size
+    if ctx.enabled and 0 < n_train % cfg.batch_size < ctx.world_size:
+        n_batches -= 1  # a last batch smaller than the process count would leave a process without images
+    # this process's share of the training set each epoch, and its evaluation shard
+    local_count = sum(len(range(ctx.rank, min(cfg.batch_size, n_train - b * cfg.batch_size), ctx.world_size))
+                      for b in range(n_batches))
+    eval_x, eval_y = data.eval_x[ctx.rank :: ctx.world_size], data.eval_y[ctx.rank :: ctx.world_size]
     total_steps = n_batches * cfg.epochs
     split = "val" if cfg.val_size else "test"
 
@@ -293,7 +309,13 @@ def fit(
                            best_val=float(resume.get("best_val", -1.0)), best_epoch=int(resume.get("best_epoch", 0)))
         _set_rng_state(resume["rng"], device)
     # The module that trains; checkpoints always take the plain `model`'s weights, which it shares.
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = model
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        train_model = torch.compile(train_model)
     augment = None
     if cfg.augment:
         aug = AffineAugment(cfg.aug_rotate, cfg.aug_translate, cfg.aug_scale)
@@ -302,14 +324,18 @@ def fit(
         augment = lambda x: aug(x, background, aug_gen)  # noqa: E731
 
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
-    fileio.write_json(run_dir / "config.json", {
-        "train": cfg.to_dict(), "model": mcfg.to_dict(), "dataset": checkpoint.dataset_dict(info),
-        "device": str(device), "autocast": precision, "environment": runs.environment(),
-    })
+    if ctx.is_main:
+        fileio.write_json(run_dir / "config.json", {
+            "train": cfg.to_dict(), "model": mcfg.to_dict(), "dataset": checkpoint.dataset_dict(info),
+            "device": str(device), "autocast": precision, "world_size": ctx.world_size,
+            "environment": runs.environment(),
+        })
     params = count_parameters(model)
     reporter.start({"device": str(device), "precision": precision, "params": params, "n_train": n_train,
                     "n_test": len(data.eval_y), "split": split, "n_batches": n_batches,
-                    "start_epoch": state.epoch + 1, "epochs": cfg.epochs, "run_dir": str(run_dir)})
+                    "start_epoch": state.epoch + 1, "epochs": cfg.epochs, "run_dir": str(run_dir),
+                    "world_size": ctx.world_size})
+    best_state = None  # the selected weights, in memory, with val_size
 
     for epoch in range(state.epoch + 1, cfg.epochs + 1):
         perm = epoch_permutation(n_train, cfg.seed, epoch).to(device)
@@ -325,15 +351,19 @@ def fit(
         try:
             train_loss = train_epoch(train_model, optimizer, data.train_x, data.train_y, perm, cfg.batch_size,
                                      epoch=epoch, amp_dtype=amp_dtype, log_every=cfg.log_every,
-                                     on_step=reporter.step, extras=extras)
+                                     on_step=reporter.step, extras=extras, n_batches=n_batches,
+                                     shard=(ctx.rank, ctx.world_size))
         except DivergedError as exc:
             raise DivergedError(f"{exc}. The last good checkpoint is kept in {run_dir}") from None
         _sync(device)
         seconds = time.perf_counter() - t0
         state.train_seconds += seconds
 
+        if ctx.enabled:  # the mean over all processes' images
+            pair = ctx.all_reduce_sum(torch.tensor([train_loss * local_count, local_count], dtype=torch.float64, device=device))
+            train_loss = (pair[0] / pair[1]).item()
         scored = ema.model if ema is not None else model
-        result = evaluate(scored, data.eval_x, data.eval_y, cfg.eval_batch_size, amp_dtype)
+        result = evaluate(scored, eval_x, eval_y, cfg.eval_batch_size, amp_dtype, reduce=ctx.all_reduce_sum)
         row = {
             "epoch": epoch,
             "train_loss": round(train_loss, 6),
@@ -347,9 +377,12 @@ def fit(
         improved = result["accuracy"] > state.best_val
         if improved:
             state.best_val, state.best_epoch = result["accuracy"], epoch
+            if cfg.val_size:
+                best_state = checkpoint.plain_state_dict(scored)
         # Without a validation split the model kept is the last one (the guide's behaviour); with one, the best.
-        _save_epoch(run_dir, model, scored, mcfg, info, optimizer, cfg, state, device, ema,
-                    save_model=improved or not cfg.val_size)
+        if ctx.is_main:
+            _save_epoch(run_dir, model, scored, mcfg, info, optimizer, cfg, state, device, ema,
+                        save_model=improved or not cfg.val_size)
         reporter.epoch(row)
 
     summary = {
@@ -365,15 +398,21 @@ def fit(
     }
     if cfg.val_size:
         # The test set is looked at once, for the model the validation split chose.
-        best = checkpoint.model_from_payload(checkpoint.load(run_dir / "model.pt")).to(
-            device, memory_format=preferred_memory_format(device))
-        test = evaluate(best, data.test_x, data.test_y, cfg.eval_batch_size, amp_dtype)
+        best = build_model(mcfg).to(device, memory_format=preferred_memory_format(device))
+        best.load_state_dict(best_state if best_state is not None else checkpoint.load(run_dir / "model.pt")["state_dict"])
+        test = evaluate(best, data.test_x[ctx.rank :: ctx.world_size], data.test_y[ctx.rank :: ctx.world_size],
+                        cfg.eval_batch_size, amp_dtype, reduce=ctx.all_reduce_sum)
         summary.update({"best_epoch": state.best_epoch, "val_accuracy": state.best_val,
                         "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 6)})
     else:
         summary.update({"test_accuracy": state.rows[-1]["test_accuracy"], "test_loss": state.rows[-1]["test_loss"]})
-    summary.update({"train_seconds": round(state.train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3)})
-    fileio.write_json(run_dir / "summary.json", summary)
+    summary.update({"train_seconds": round(state.train_seconds, 3), "total_seconds": round(time.perf_counter() - t_start, 3),
+                    "world_size": ctx.world_size})
+    if ctx.enabled:
+        summary["weights_identical_across_ranks"] = same_on_all_ranks(list(model.state_dict().values()), ctx)
+    if ctx.is_main:
+        fileio.write_json(run_dir / "summary.json", summary)
+    ctx.barrier()  # nobody leaves (and tears the group down) while rank 0 is still writing
     return summary
 
 
