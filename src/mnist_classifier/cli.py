@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import UserError
+from .errors import Interrupted, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -90,6 +91,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from . import distributed, runs
     from .config import TrainConfig, config_from_args
     from .data import load_mnist
@@ -100,6 +103,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         base, resume = load_resume(args.resume)
         base.out = str(args.resume)
+        if not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0":
+            runs.remove_stale_temps(args.resume)
     elif getattr(args, "recipe", ""):
         base = TrainConfig.from_recipe(args.recipe)
     cfg = config_from_args(args, TrainConfig, base).validate()
@@ -119,8 +124,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Only rank 0 creates the run folder; the others learn its name.
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out)) if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
+        oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
         try:
             summary = fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx)
+        except oom:
+            raise UserError(
+                f"out of memory on {device} with --batch-size {cfg.batch_size}: reduce --batch-size (e.g. to "
+                f"{max(1, cfg.batch_size // 2)}, or 32 or 16, as the guide advises); the last checkpoint is in {run_dir}"
+            ) from None
         except RuntimeError as exc:
             if not ctx.enabled:
                 raise
@@ -346,6 +357,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except Interrupted as exc:
+        print(f"mnist {args.command}: {exc}", file=sys.stderr)
+        return 130
     except UserError as exc:
         print(f"mnist {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -11,3 +11,7 @@ class UserError(Exception):
 
 class DivergedError(UserError):
     """The training loss became NaN or infinite."""
+
+
+class Interrupted(UserError):
+    """Training was stopped with Ctrl-C after saving a resumable last.pt (exit status 130)."""

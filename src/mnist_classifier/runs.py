@@ -33,6 +33,14 @@ def new_run_dir(out: str = "") -> Path:
     return path
 
 
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete temporary files a killed process left mid-write (``.NAME.XXXX.tmp``); the real files are whole."""
+    stale = list(Path(run_dir).glob(".*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def latest_checkpoint(root: str | os.PathLike = RUNS_ROOT) -> Path:
     """The ``model.pt`` of the most recently modified run under ``root``."""
     candidates = sorted(Path(root).glob("*/model.pt"), key=lambda p: p.stat().st_mtime)

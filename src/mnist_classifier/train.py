@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import copy
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +26,7 @@ from .config import TrainConfig
 from .data import DatasetInfo, Splits
 from .device import autocast_dtype, preferred_memory_format
 from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
-from .errors import DivergedError, UserError
+from .errors import DivergedError, Interrupted, UserError
 from .evaluate import evaluate
 from .model import ModelConfig, build_model, count_parameters
 from .preprocess import model_input
@@ -115,6 +117,17 @@ class StepExtras:
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None  # (B, C, H, W) -> (B, C, H, W)
     ema: EMA | None = None
     first_step: int = 0  # global step number of this epoch's first batch
+    start_batch: int = 0  # resume inside an epoch: skip the batches already trained
+    carried: tuple[float, int] = (0.0, 0)  # (summed loss, images) of those skipped batches
+    stop_requested: Callable[[], bool] | None = None  # checked after every complete step (Ctrl-C)
+
+
+class StopRequested(Exception):
+    """Training stopped cleanly after a complete step, at the user's request (Ctrl-C)."""
+
+    def __init__(self, batches_done: int, loss_sum: float, seen: int) -> None:
+        super().__init__(f"stopped after {batches_done} batches")
+        self.batches_done, self.loss_sum, self.seen = batches_done, loss_sum, seen
 
 
 def train_epoch(
@@ -144,11 +157,11 @@ def train_epoch(
     rank, world = shard
     if n_batches is None:
         n_batches = (len(perm) + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
-    seen = 0
+    seen = extras.carried[1]
     running = torch.zeros((), device=train_x.device)  # summed loss since the last report, kept on device
-    total = torch.zeros((), device=train_x.device)  # summed per-example loss over the epoch
+    total = torch.full((), extras.carried[0], device=train_x.device)  # summed per-example loss over the epoch
     since = 0
-    for b in range(n_batches):
+    for b in range(extras.start_batch, n_batches):
         idx = perm[b * batch_size : (b + 1) * batch_size][rank::world]
         x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
         seen += len(y)
@@ -181,7 +194,32 @@ def train_epoch(
             since = 0
         if on_step is not None:
             on_step(epoch, b, n_batches, mean_loss)
+        if extras.stop_requested is not None and extras.stop_requested() and b < n_batches - 1:
+            raise StopRequested(b + 1, total.item(), seen)
     return total.item() / seen
+
+
+class _StopFlag:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, so the saved state is
+    consistent; a second Ctrl-C interrupts at once. Only in the main thread of a single-process run."""
+
+    def __init__(self, install: bool = True) -> None:
+        self._set = False
+        self._previous = None
+        if install and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        self._set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
@@ -301,6 +339,10 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["state_dict"])
         optimizer.load_state_dict(resume["optimizer"])
+        for group in optimizer.param_groups:  # flags given with --resume win over the saved hyperparameters
+            group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+            if "momentum" in group:
+                group["momentum"] = cfg.momentum
         if ema is not None:
             ema.model.load_state_dict(resume["ema_state_dict"])
             ema.updates = int(resume["ema_updates"])
@@ -337,53 +379,76 @@ def fit(
                     "world_size": ctx.world_size})
     best_state = None  # the selected weights, in memory, with val_size
 
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
-        perm = epoch_permutation(n_train, cfg.seed, epoch).to(device)
-        if augment is not None:
-            aug_gen.manual_seed(cfg.seed * 1_000_003 + epoch)  # like the shuffle: replayable on resume
-        extras = StepExtras(
-            label_smoothing=cfg.label_smoothing, augment=augment, ema=ema, first_step=(epoch - 1) * n_batches,
-            lr_at=None if cfg.schedule == "constant" else
-            (lambda step: learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)),
-        )
-        _sync(device)
-        t0 = time.perf_counter()
-        try:
-            train_loss = train_epoch(train_model, optimizer, data.train_x, data.train_y, perm, cfg.batch_size,
-                                     epoch=epoch, amp_dtype=amp_dtype, log_every=cfg.log_every,
-                                     on_step=reporter.step, extras=extras, n_batches=n_batches,
-                                     shard=(ctx.rank, ctx.world_size))
-        except DivergedError as exc:
-            raise DivergedError(f"{exc}. The last good checkpoint is kept in {run_dir}") from None
-        _sync(device)
-        seconds = time.perf_counter() - t0
-        state.train_seconds += seconds
+    # Inside an epoch (a run stopped with Ctrl-C): where to pick up.
+    partial = resume.get("partial") if resume is not None else None
+    stop = _StopFlag(install=not ctx.enabled)
+    try:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            perm = epoch_permutation(n_train, cfg.seed, epoch).to(device)
+            if augment is not None:
+                if partial:
+                    aug_gen.set_state(partial["aug_rng"].to(aug_gen.get_state().device))
+                else:
+                    aug_gen.manual_seed(cfg.seed * 1_000_003 + epoch)  # like the shuffle: replayable on resume
+            extras = StepExtras(
+                label_smoothing=cfg.label_smoothing, augment=augment, ema=ema, first_step=(epoch - 1) * n_batches,
+                lr_at=None if cfg.schedule == "constant" else
+                (lambda step: learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)),
+                start_batch=partial["batches_done"] if partial else 0,
+                carried=(partial["loss_sum"], partial["seen"]) if partial else (0.0, 0),
+                stop_requested=stop.is_set,
+            )
+            partial = None
+            _sync(device)
+            t0 = time.perf_counter()
+            try:
+                train_loss = train_epoch(train_model, optimizer, data.train_x, data.train_y, perm, cfg.batch_size,
+                                         epoch=epoch, amp_dtype=amp_dtype, log_every=cfg.log_every,
+                                         on_step=reporter.step, extras=extras, n_batches=n_batches,
+                                         shard=(ctx.rank, ctx.world_size))
+            except DivergedError as exc:
+                raise DivergedError(f"{exc}. The last good checkpoint is kept in {run_dir}") from None
+            except StopRequested as halt:
+                state.train_seconds += time.perf_counter() - t0
+                if ctx.is_main:
+                    _save_epoch(run_dir, model, None, mcfg, info, optimizer, cfg, state, device, ema, save_model=False,
+                                partial={"batches_done": halt.batches_done, "loss_sum": halt.loss_sum, "seen": halt.seen,
+                                         "aug_rng": aug_gen.get_state() if augment is not None else torch.zeros(0)})
+                raise Interrupted(
+                    f"interrupted at epoch {epoch}, batch {halt.batches_done} of {n_batches}; saved {run_dir / 'last.pt'}. "
+                    f"Continue with: mnist train --resume {run_dir}"
+                ) from None
+            _sync(device)
+            seconds = time.perf_counter() - t0
+            state.train_seconds += seconds
 
-        if ctx.enabled:  # the mean over all processes' images
-            pair = ctx.all_reduce_sum(torch.tensor([train_loss * local_count, local_count], dtype=torch.float64, device=device))
-            train_loss = (pair[0] / pair[1]).item()
-        scored = ema.model if ema is not None else model
-        result = evaluate(scored, eval_x, eval_y, cfg.eval_batch_size, amp_dtype, reduce=ctx.all_reduce_sum)
-        row = {
-            "epoch": epoch,
-            "train_loss": round(train_loss, 6),
-            f"{split}_loss": round(result["loss"], 6),
-            f"{split}_accuracy": round(result["accuracy"], 4),
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(seconds, 3),
-        }
-        state.rows.append(row)
-        state.epoch = epoch
-        improved = result["accuracy"] > state.best_val
-        if improved:
-            state.best_val, state.best_epoch = result["accuracy"], epoch
-            if cfg.val_size:
-                best_state = checkpoint.plain_state_dict(scored)
-        # Without a validation split the model kept is the last one (the guide's behaviour); with one, the best.
-        if ctx.is_main:
-            _save_epoch(run_dir, model, scored, mcfg, info, optimizer, cfg, state, device, ema,
-                        save_model=improved or not cfg.val_size)
-        reporter.epoch(row)
+            if ctx.enabled:  # the mean over all processes' images
+                pair = ctx.all_reduce_sum(torch.tensor([train_loss * local_count, local_count], dtype=torch.float64, device=device))
+                train_loss = (pair[0] / pair[1]).item()
+            scored = ema.model if ema is not None else model
+            result = evaluate(scored, eval_x, eval_y, cfg.eval_batch_size, amp_dtype, reduce=ctx.all_reduce_sum)
+            row = {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 6),
+                f"{split}_loss": round(result["loss"], 6),
+                f"{split}_accuracy": round(result["accuracy"], 4),
+                "lr": optimizer.param_groups[0]["lr"],
+                "seconds": round(seconds, 3),
+            }
+            state.rows.append(row)
+            state.epoch = epoch
+            improved = result["accuracy"] > state.best_val
+            if improved:
+                state.best_val, state.best_epoch = result["accuracy"], epoch
+                if cfg.val_size:
+                    best_state = checkpoint.plain_state_dict(scored)
+            # Without a validation split the model kept is the last one (the guide's behaviour); with one, the best.
+            if ctx.is_main:
+                _save_epoch(run_dir, model, scored, mcfg, info, optimizer, cfg, state, device, ema,
+                            save_model=improved or not cfg.val_size)
+            reporter.epoch(row)
+    finally:
+        stop.uninstall()
 
     summary = {
         "epochs": cfg.epochs,
@@ -419,9 +484,12 @@ def fit(
 def _save_epoch(
     run_dir: Path, model: nn.Module, scored: nn.Module, mcfg: ModelConfig, info: DatasetInfo,
     optimizer: torch.optim.Optimizer, cfg: TrainConfig, state: TrainState, device: torch.device,
-    ema: EMA | None, save_model: bool,
+    ema: EMA | None, save_model: bool, partial: dict[str, Any] | None = None,
 ) -> None:
-    """After each epoch: metrics.csv, model.pt (the evaluated weights) and last.pt, each replaced atomically."""
+    """After each epoch: metrics.csv, model.pt (the evaluated weights) and last.pt, each replaced atomically.
+
+    ``partial`` marks a last.pt written inside an epoch (after Ctrl-C): how far that epoch got.
+    """
     fileio.write_csv(run_dir / "metrics.csv", state.rows)
     if save_model:
         checkpoint.save(run_dir / "model.pt", checkpoint.model_payload(scored, mcfg, info))
@@ -439,4 +507,6 @@ def _save_epoch(
     if ema is not None:
         payload["ema_state_dict"] = checkpoint.plain_state_dict(ema.model)
         payload["ema_updates"] = ema.updates
+    if partial is not None:
+        payload["partial"] = partial
     checkpoint.save(run_dir / "last.pt", payload)

@@ -1,0 +1,251 @@
+"""Faults, bad input and hostile files: nothing lost, nothing executed, clear errors."""
+
+import csv
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_cli
+from mnist_classifier.data import MNIST_FILES, encode_idx, load_mnist, raw_dir
+from mnist_classifier.errors import UserError
+
+# ------------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> Path:
+    """A file that would create ``marker`` when unpickled by a plain torch.load."""
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"format": "mnist-classifier", "format_version": 1, "state_dict": Payload()}, path)
+    return path
+
+
+@pytest.mark.parametrize("command", ["evaluate", "predict", "serve", "export", "resume"])
+def test_code_carrying_checkpoint_is_refused_everywhere(command, tmp_path, data_dir):
+    marker = tmp_path / "pwned"
+    evil = _evil_checkpoint(tmp_path / "model.pt", marker)
+    args = {
+        "evaluate": ["evaluate", "--checkpoint", str(evil), "--data-dir", str(data_dir)],
+        "predict": ["predict", str(REPO / "docs" / "samples.png"), "--checkpoint", str(evil)],
+        "serve": ["serve", "--checkpoint", str(evil), "--port", "0"],
+        "export": ["export", "--checkpoint", str(evil)],
+        "resume": ["train", "--resume", str(tmp_path)],
+    }[command]
+    if command == "resume":
+        _evil_checkpoint(tmp_path / "last.pt", marker)
+    proc = run_cli(*args, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "refused" in proc.stderr and ("model.pt" in proc.stderr or "last.pt" in proc.stderr)
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_broken_checkpoints_get_clear_errors(tmp_path, trained_checkpoint):
+    from mnist_classifier import checkpoint
+
+    good = trained_checkpoint.read_bytes()
+    cases = {
+        "empty.pt": b"",
+        "truncated.pt": good[: len(good) // 3],
+        "text.pt": b"hello, not a checkpoint",
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "plain_state_dict.pth")  # the guide's model.pth
+    payload = checkpoint.load(trained_checkpoint)
+    payload["model"] = {**payload["model"], "name": "bn-cnn"}  # weights of one model, labelled as another
+    torch.save(payload, tmp_path / "other_model.pt")
+    expected = {"empty.pt": "empty", "truncated.pt": "corrupt or truncated", "text.pt": "corrupt or truncated",
+                "plain_state_dict.pth": "not an mnist-classifier checkpoint", "other_model.pt": "does not fit"}
+    for name, fragment in expected.items():
+        with pytest.raises(UserError) as info:
+            checkpoint.load_model(tmp_path / name)
+        assert name in str(info.value) and fragment in str(info.value), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Crashes and interrupts
+
+
+def _check_run_folder(run: Path) -> None:
+    """Every file with a real name is whole; last.pt loads."""
+    for path in run.iterdir():
+        if path.name.startswith("."):
+            continue  # temporaries of a write the kill cut short; --resume removes them
+        if path.suffix == ".pt":
+            torch.load(path, weights_only=True)
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".csv":
+            rows = list(csv.DictReader(path.open()))
+            assert all(len(r) == len(rows[0]) and None not in r.values() for r in rows)
+    torch.load(run / "last.pt", weights_only=True)
+
+
+def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
+    """10 kills: 5 at random moments, 5 while a checkpoint is being written. Each run then resumes to the end."""
+    rng = random.Random(7)
+    args = ["train", "--model", "bn-cnn", "--epochs", "6", "--train-subset", "640", "--batch-size", "64",
+            "--device", "cpu", "--data-dir", str(data_dir), "--log-every", "1000"]
+    during_save = 0
+    for trial in range(10):
+        run = tmp_path / f"run{trial}"
+        proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args, "--out", str(run)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+        deadline = time.monotonic() + 120
+        while not (run / "last.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if trial < 5:
+            time.sleep(rng.uniform(0.0, 1.5))
+        else:  # wait for the next save to start, then kill inside it
+            while not list(run.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.0005)
+            during_save += bool(list(run.glob(".*.tmp")))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _check_run_folder(run)
+        done = list(csv.DictReader((run / "metrics.csv").open()))
+        if len(done) < 6:
+            resumed = run_cli("train", "--resume", str(run), "--epochs", "6")
+            assert resumed.returncode == 0, resumed.stderr
+        assert not list(run.glob(".*.tmp"))
+        assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 6
+        json.loads((run / "summary.json").read_text())
+    assert during_save >= 3  # most of the save-time kills really landed inside a write
+
+
+def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
+    common = ["--train-subset", "3000", "--device", "cpu", "--data-dir", str(data_dir), "--dropout", "0.2"]
+    assert run_cli("train", "--epochs", "4", "--out", str(tmp_path / "a"), *common).returncode == 0
+    assert run_cli("train", "--epochs", "2", "--out", str(tmp_path / "b"), *common).returncode == 0
+    assert run_cli("train", "--resume", str(tmp_path / "b"), "--epochs", "4").returncode == 0
+    wa = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
+    wb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    assert all(torch.equal(wa["state_dict"][k], wb["state_dict"][k]) for k in wa["state_dict"])
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(wa["metrics"]) == strip(wb["metrics"])
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_dir, tmp_path):
+    common = ["--epochs", "2", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir),
+              "--augment", "--schedule", "onecycle", "--ema", "0.99", "--dropout", "0.1", "--log-every", "20"]
+    assert run_cli("train", *common, "--out", str(tmp_path / "straight")).returncode == 0
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *common, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("Epoch 1 [") and "2624/" in line:  # batch 40 of epoch 1
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted at epoch 1, batch" in err and f"mnist train --resume {run}" in err and "Traceback" not in err
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["partial"]["batches_done"] > 40
+    resumed = run_cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    a = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)
+    b = torch.load(run / "last.pt", weights_only=True)
+    for key in ("state_dict", "ema_state_dict"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["metrics"]) == strip(b["metrics"])
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training faults
+
+
+def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "r"
+    first = run_cli("train", "--epochs", "1", "--train-subset", "1000", "--device", "cpu", "--data-dir", str(data_dir),
+                    "--optimizer", "sgd", "--lr", "0.01", "--out", str(out))
+    assert first.returncode == 0
+    good = (out / "last.pt").read_bytes()
+    blown = run_cli("train", "--resume", str(out), "--epochs", "3", "--lr", "1e6", "--log-every", "1")
+    assert blown.returncode == 2
+    assert "loss became" in blown.stderr and "at epoch 2, batch" in blown.stderr and "lower the learning rate" in blown.stderr
+    assert (out / "last.pt").read_bytes() == good
+
+
+def test_out_of_memory_gets_the_guides_advice(monkeypatch, capsys, tmp_path, data_dir):
+    from mnist_classifier import cli, train
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "fit", oom)
+    code = cli.main(["train", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "out of memory" in err and "--batch-size" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def _copy_data(data_dir: Path, tmp_path: Path) -> Path:
+    folder = raw_dir(tmp_path)
+    folder.mkdir(parents=True)
+    for stem in MNIST_FILES:
+        (folder / stem).write_bytes((raw_dir(data_dir) / stem).read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("fault, fragment", [
+    ("truncate", "truncated"),
+    ("magic", "wrong magic number"),
+    ("label_range", "out of range"),
+    ("count", "labels"),
+])
+def test_damaged_idx_files_name_the_file_and_are_left_alone(fault, fragment, data_dir, tmp_path):
+    folder = _copy_data(data_dir, tmp_path)
+    target = folder / ("t10k-labels-idx1-ubyte" if fault in ("label_range", "count") else "t10k-images-idx3-ubyte")
+    data = bytearray(target.read_bytes())
+    if fault == "truncate":
+        data = data[:-100]
+    elif fault == "magic":
+        data[2] = 0x07
+    elif fault == "label_range":
+        data[-1] = 42
+    elif fault == "count":
+        data = bytearray(encode_idx(np.frombuffer(bytes(data[8:-5]), dtype=np.uint8)))
+    target.write_bytes(bytes(data))
+    with pytest.raises(UserError) as info:
+        load_mnist(tmp_path)
+    assert str(target) in str(info.value) or target.name in str(info.value)
+    assert fragment in str(info.value)
+    assert target.read_bytes() == bytes(data)  # nothing was overwritten or "repaired"
+
+
+def test_unwritable_data_folder(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    proc = run_cli("data", "--data-dir", str(blocker / "data"))
+    assert proc.returncode == 2 and "cannot write to the data folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_processes_fetching_at_once_both_end_verified(tmp_path):
+    target = tmp_path / "shared-data"
+    procs = [subprocess.Popen([sys.executable, "-m", "mnist_classifier", "data", "--data-dir", str(target)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, results):
+        assert p.returncode == 0, err
+        assert out.count("md5 ok") == 4
+    assert sorted(f.name for f in raw_dir(target).iterdir() if not f.name.startswith(".")) == sorted(MNIST_FILES)
