@@ -13,11 +13,24 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 from PIL import Image
+
+
+# (label, httpx.post keyword arguments): each must get a 4xx
+MALFORMED = [
+    ("not an image", {"files": {"file": ("x.png", b"hello", "image/png")}}),
+    ("empty upload", {"files": {"file": ("x.png", b"", "image/png")}}),
+    ("bad json", {"content": b"{oops", "headers": {"content-type": "application/json"}}),
+    ("wrong shape", {"json": {"pixels": [[1, 2], [3, 4]]}}),
+    ("wrong type", {"content": b"abc", "headers": {"content-type": "text/csv"}}),
+    ("too big", {"content": b"\0" * 6_000_000, "headers": {"content-type": "image/png"}}),
+    ("no file field", {"files": {"other": ("x.png", b"abc", "image/png")}}),
+]
 
 
 def free_port() -> int:
@@ -32,6 +45,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--malformed-concurrency", type=int, default=0,
+                        help="also run a second client sending malformed requests at this concurrency meanwhile")
     args = parser.parse_args()
 
     from mnist_classifier.data import load_mnist
@@ -66,10 +81,30 @@ def main() -> None:
                 one(i)
             latencies.clear()
             codes.clear()
+            bad_codes: list[int] = []
+            done = threading.Event()
+
+            def malformed_client() -> None:
+                with httpx.Client(timeout=30) as bad:
+                    i = 0
+                    while not done.is_set():
+                        kind, kwargs = MALFORMED[i % len(MALFORMED)]
+                        try:
+                            bad_codes.append(bad.post(f"{base}/predict", **kwargs).status_code)
+                        except httpx.HTTPError:
+                            bad_codes.append(-1)
+                        i += 1
+
+            bad_threads = [threading.Thread(target=malformed_client) for _ in range(args.malformed_concurrency)]
+            for t in bad_threads:
+                t.start()
             t0 = time.perf_counter()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 list(pool.map(one, range(args.requests)))
             wall = time.perf_counter() - t0
+            done.set()
+            for t in bad_threads:
+                t.join()
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -78,6 +113,7 @@ def main() -> None:
         "benchmark": "serve_load", "requests": args.requests, "concurrency": args.concurrency,
         "errors": sum(c != 200 for c in codes), "throughput_rps": round(args.requests / wall, 1),
         "p50_ms": round(1000 * q[49], 2), "p99_ms": round(1000 * q[98], 2),
+        "malformed_sent": len(bad_codes), "malformed_not_4xx": sum(not 400 <= c < 500 for c in bad_codes),
     }))
 
 

@@ -249,3 +249,99 @@ def test_two_processes_fetching_at_once_both_end_verified(tmp_path):
         assert p.returncode == 0, err
         assert out.count("md5 ok") == 4
     assert sorted(f.name for f in raw_dir(target).iterdir() if not f.name.startswith(".")) == sorted(MNIST_FILES)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hostile images, to `mnist predict` and to the server
+
+
+def _png(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def hostile_images(digit: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    """name -> (file bytes, expected outcome: 'ok', 'bad', 'too-large', 'no-digit')."""
+    big = Image.fromarray(255 - digit).resize((112, 112))
+    sixteen = np.asarray(big, dtype=np.uint16) * 257
+    frames = [big.convert("P"), Image.new("L", (112, 112), 255).convert("P")]
+    gif = io.BytesIO()
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    cmyk = io.BytesIO()
+    big.convert("CMYK").save(cmyk, format="JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (30000, 30000)).save(bomb, format="PNG")
+    return {
+        "empty.png": (b"", "bad"),
+        "truncated.png": (_png(big)[:200], "bad"),
+        "not-an-image.png": (b"%PDF-1.4 this is not a picture", "bad"),
+        "bomb.png": (bomb.getvalue(), "too-large"),
+        "sixteen-bit.png": (_png(Image.fromarray(sixteen)), "ok"),
+        "animated.gif": (gif.getvalue(), "ok"),
+        "cmyk.jpg": (cmyk.getvalue(), "ok"),
+        "transparent.png": (_png(Image.new("RGBA", (64, 64), (0, 0, 0, 0))), "no-digit"),
+        "all-white.png": (_png(Image.new("RGB", (64, 64), "white")), "no-digit"),
+    }
+
+
+def test_hostile_images_to_predict(trained_checkpoint, splits, tmp_path):
+    label = int(splits.test_labels[0])
+    files = hostile_images(splits.test_images[0, 0].numpy())
+    for name, (data, _) in files.items():
+        (tmp_path / name).write_bytes(data)
+    proc = run_cli("predict", str(tmp_path), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    predicted = {Path(json.loads(line)["path"]).name: json.loads(line)["digit"] for line in proc.stdout.splitlines()}
+    errors = {line.split(": ")[2].split("/")[-1]: line for line in proc.stderr.splitlines() if ": error: " in line}
+    for name, (_, outcome) in files.items():
+        if outcome == "ok":
+            assert predicted.get(name) == label, (name, proc.stderr)
+        else:
+            assert name in errors and name not in predicted, name
+    assert "no digit" in errors["all-white.png"] and "no digit" in errors["transparent.png"]
+    assert "too large" in errors["bomb.png"] and "empty" in errors["empty.png"]
+
+
+def test_hostile_images_to_the_server(server, splits):
+    import httpx
+
+    label = int(splits.test_labels[0])
+    expected_status = {"ok": 200, "bad": 400, "too-large": 413, "no-digit": 422}
+    for name, (data, outcome) in hostile_images(splits.test_images[0, 0].numpy()).items():
+        r = httpx.post(f"{server}/predict", files={"file": (name, data, "application/octet-stream")}, timeout=60)
+        assert r.status_code == expected_status[outcome], (name, r.text)
+        body = r.json()
+        assert (body["digit"] == label) if outcome == "ok" else ("detail" in body), name
+
+
+def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json",
+                           "--checks", "not_a_server_error", "--max-examples", "40", "--seed", "1", "--no-color"],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "No issues found" in proc.stdout
+
+
+def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(trained_checkpoint),
+                           "--requests", "5000", "--concurrency", "32", "--malformed-concurrency", "2",
+                           "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["errors"] == 0 and result["requests"] == 5000
+    assert result["malformed_sent"] > 100 and result["malformed_not_4xx"] == 0
+
+
+def test_server_listens_on_loopback_only_by_default(server):
+    port = int(server.rsplit(":", 1)[1])
+    listening = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not Path(table).exists():
+            continue
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, hex_port = local.split(":")
+            if int(hex_port, 16) == port and state == "0A":  # LISTEN
+                listening.append(address)
+    assert listening == ["0100007F"]  # 127.0.0.1, and nothing else
