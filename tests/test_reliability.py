@@ -100,8 +100,8 @@ def _check_run_folder(run: Path) -> None:
 def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
     """10 kills: 5 at random moments, 5 while a checkpoint is being written. Each run then resumes to the end."""
     rng = random.Random(7)
-    args = ["train", "--model", "bn-cnn", "--epochs", "6", "--train-subset", "640", "--batch-size", "64",
-            "--device", "cpu", "--data-dir", str(data_dir), "--log-every", "1000"]
+    args = ["train", "--epochs", "5", "--train-subset", "1280", "--device", "cpu", "--data-dir", str(data_dir),
+            "--log-every", "1000"]
     during_save = 0
     for trial in range(10):
         run = tmp_path / f"run{trial}"
@@ -111,7 +111,7 @@ def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
         while not (run / "last.pt").exists() and time.monotonic() < deadline:
             time.sleep(0.01)
         if trial < 5:
-            time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(rng.uniform(0.0, 1.2))
         else:  # wait for the next save to start, then kill inside it
             while not list(run.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.0005)
@@ -120,11 +120,11 @@ def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
         proc.wait()
         _check_run_folder(run)
         done = list(csv.DictReader((run / "metrics.csv").open()))
-        if len(done) < 6:
-            resumed = run_cli("train", "--resume", str(run), "--epochs", "6")
+        if len(done) < 5 or not (run / "summary.json").exists():
+            resumed = run_cli("train", "--resume", str(run))
             assert resumed.returncode == 0, resumed.stderr
         assert not list(run.glob(".*.tmp"))
-        assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 6
+        assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 5
         json.loads((run / "summary.json").read_text())
     assert during_save >= 3  # most of the save-time kills really landed inside a write
 

@@ -110,7 +110,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, TrainConfig, base).validate()
     if resume is not None and str(Path(cfg.out)) != str(Path(args.resume)):
         raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
-    if resume is not None and cfg.epochs <= resume["epoch"]:
+    # A run killed after its last epoch but before summary.json is finished by resuming it with no epochs left.
+    finished = (Path(args.resume) / "summary.json").exists() if resume is not None else False
+    if resume is not None and (cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished)):
         raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
 
     ctx = distributed.SINGLE

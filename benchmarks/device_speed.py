@@ -1,0 +1,64 @@
+"""Training speed on one device (made for the H200 the `device` tool lends; runs anywhere).
+
+1. time to 99 % test accuracy: the fast recipe, epoch by epoch, summing training-loop seconds (evaluation
+   excluded, device synchronised) until the test accuracy first reaches 99 %;
+2. the seed recipe's 5 epochs (the guide says 30-60 s on a GPU): training-loop seconds and accuracy.
+
+Prints one JSON line per result. Data must already be in --data-dir (run `mnist data` first; the device
+machine has no internet).
+
+    .venv/bin/python benchmarks/device_speed.py --device cuda [--data-dir data] [--repeats 3]
+"""
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mnist_classifier.config import TrainConfig
+from mnist_classifier.data import load_mnist
+from mnist_classifier.device import select_device
+from mnist_classifier.train import fit
+
+
+def run(recipe: str, device: torch.device, splits, data_dir: str, **overrides) -> dict:
+    cfg = TrainConfig.from_recipe(recipe)
+    cfg.device, cfg.data_dir, cfg.log_every = device.type, data_dir, 10**9
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = fit(cfg.validate(), splits, device, Path(tmp))
+        rows = json.loads(json.dumps(torch.load(Path(tmp) / "last.pt", weights_only=True)["metrics"]))
+    return {"summary": summary, "rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = select_device(args.device)
+    splits = load_mnist(args.data_dir, download=False)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    run("fast", device, splits, args.data_dir, epochs=1)  # warm-up: kernels, allocator, autotuning
+    for r in range(args.repeats):
+        result = run("fast", device, splits, args.data_dir, seed=r)
+        elapsed, reached = 0.0, None
+        for row in result["rows"]:
+            elapsed += row["seconds"]
+            if row["test_accuracy"] >= 99.0:
+                reached = round(elapsed, 3)
+                break
+        print(json.dumps({"benchmark": "time_to_99", "device": name, "seed": r, "seconds": reached,
+                          "final_accuracy": result["summary"]["test_accuracy"]}), flush=True)
+    result = run("seed", device, splits, args.data_dir)
+    print(json.dumps({"benchmark": "seed_recipe_5_epochs", "device": name,
+                      "train_seconds": result["summary"]["train_seconds"],
+                      "test_accuracy": result["summary"]["test_accuracy"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
