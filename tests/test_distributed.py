@@ -92,3 +92,21 @@ def test_a_rank_dying_mid_run_ends_the_job(data_dir, tmp_path):
     t0 = time.monotonic()
     job.wait(timeout=180)
     assert job.returncode != 0 and time.monotonic() - t0 < 170
+
+
+def test_two_nodes_rendezvous_over_c10d(data_dir, tmp_path):
+    """`--nnodes 2 --rdzv-endpoint`: two torchrun agents (standing in for two machines) on loopback."""
+    port = free_port()
+    out = tmp_path / "run"
+    agents = [
+        subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                          "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mnist-test", "--node-rank", str(node),
+                          "-m", "mnist_classifier", "train", "--epochs", "1", "--train-subset", "4000", "--device", "cpu",
+                          "--data-dir", str(data_dir), "--out", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        for node in (0, 1)
+    ]
+    logs = [a.communicate(timeout=300)[0] for a in agents]
+    assert all(a.returncode == 0 for a in agents), logs
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["weights_identical_across_ranks"] is True

@@ -48,6 +48,7 @@ def test_notebook_runs_end_to_end(data_dir, tmp_path):
     assert images >= 5
     assert (tmp_path / "out" / "model.pth").is_file()
     assert "reloaded accuracy" in printed and "With dropout 0.25: Accuracy:" in printed
+    assert "Your digit: 7 (" in printed
     assert (tmp_path / "out" / "dropout" / "model.pt").is_file()
 
 
