@@ -9,17 +9,13 @@ JSON line per configuration.
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from common import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:

@@ -9,7 +9,6 @@ full preprocessing), and prints one JSON line.
 import argparse
 import io
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from common import free_port
 from PIL import Image
 
 
@@ -32,11 +32,6 @@ MALFORMED = [
     ("no file field", {"files": {"other": ("x.png", b"abc", "image/png")}}),
 ]
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main() -> None:
