@@ -266,8 +266,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import config_from_args
-    from .serve import ServeConfig, serve
+    from .config import ServeConfig, config_from_args
+    from .serve import serve
 
     cfg = config_from_args(args, ServeConfig).validate()
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
@@ -289,7 +289,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .config import DEVICES, PRECISIONS, TrainConfig, add_config_flags
+    from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags
 
     parser = _Parser(prog="mnist", description="Train, evaluate and use MNIST digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnist-classifier {__version__}")
@@ -331,8 +331,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="onnx", choices=("onnx", "safetensors"), help="output format (default: onnx)")
     p.add_argument("--out", default=None, metavar="FILE", help="output file (default: beside the checkpoint)")
     p.set_defaults(func=cmd_export)
-
-    from .serve import ServeConfig
 
     p = sub.add_parser("serve", help="serve a drawing page and a prediction API over HTTP (FastAPI + uvicorn)")
     add_config_flags(p, ServeConfig)

@@ -13,6 +13,7 @@ from typing import Any
 
 from .errors import UserError
 
+MAX_PIXELS = 40_000_000  # largest image accepted anywhere (an image bomb can declare 10^10 pixels in a few bytes)
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -167,3 +168,22 @@ def config_from_args(args: argparse.Namespace, cls: type, base: Any | None = Non
     names = {f.name for f in dataclasses.fields(cls)}
     given = {k: v for k, v in vars(args).items() if k in names}
     return dataclasses.replace(base if base is not None else cls(), **given)
+
+
+@dataclass
+class ServeConfig:
+    """``mnist serve`` settings; one flag per field."""
+
+    checkpoint: str = _opt("", "model.pt to serve (default: the newest run's)")
+    host: str = _opt("127.0.0.1", "address to listen on; loopback unless you mean to expose it")
+    port: int = _opt(8000, "TCP port")
+    device: str = _opt("auto", "where to compute", DEVICES)
+    max_body_bytes: int = _opt(5_000_000, "largest request body accepted, in bytes (larger: 413)")
+    max_pixels: int = _opt(MAX_PIXELS, "largest image accepted, in pixels (width x height)")
+
+    def validate(self) -> "ServeConfig":
+        if not 0 <= self.port <= 65535:
+            raise UserError(f"--port must be 0-65535, got {self.port}")
+        if self.max_body_bytes <= 0 or self.max_pixels <= 0:
+            raise UserError("--max-body-bytes and --max-pixels must be positive")
+        return self

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .config import MAX_PIXELS
+
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` on any device -> float32 ``(N, C, H, W)`` with ``(x/255 - mean) / std`` per channel.
@@ -42,7 +44,6 @@ def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 # 20x20 box with anti-aliasing, then placed in a 28x28 frame with its centre of mass in the middle. A photo
 # or a drawing that skips these steps is "confidently wrong" more often than not, so we redo them.
 
-MAX_PIXELS = 40_000_000  # refuse larger images (an image bomb can declare 10^10 pixels in a few bytes)
 MIN_CONTRAST = 40  # on 0-255: an image whose ink differs from its background by less than this has no digit
 INK_THRESHOLD = 0.2  # fraction of the ink's full strength that counts as part of the digit when cropping
 

@@ -7,7 +7,6 @@ large upload being decoded never stalls the event loop. Every bad request gets a
 
 
 import json
-from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
@@ -15,32 +14,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import DEVICES
+from .config import ServeConfig
 from .errors import UserError
-from .preprocess import MAX_PIXELS, ImageError, open_image, prepare_digit
-
-
-def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class ServeConfig:
-    """``mnist serve`` settings; one flag per field."""
-
-    checkpoint: str = _opt("", "model.pt to serve (default: the newest run's)")
-    host: str = _opt("127.0.0.1", "address to listen on; loopback unless you mean to expose it")
-    port: int = _opt(8000, "TCP port")
-    device: str = _opt("auto", "where to compute", DEVICES)
-    max_body_bytes: int = _opt(5_000_000, "largest request body accepted, in bytes (larger: 413)")
-    max_pixels: int = _opt(MAX_PIXELS, "largest image accepted, in pixels (width x height)")
-
-    def validate(self) -> "ServeConfig":
-        if not 0 <= self.port <= 65535:
-            raise UserError(f"--port must be 0-65535, got {self.port}")
-        if self.max_body_bytes <= 0 or self.max_pixels <= 0:
-            raise UserError("--max-body-bytes and --max-pixels must be positive")
-        return self
+from .preprocess import ImageError, open_image, prepare_digit
 
 
 class HTTPProblem(Exception):
