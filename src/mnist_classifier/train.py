@@ -102,10 +102,12 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1.0 - d)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        # One multi-tensor kernel per list instead of one small kernel per tensor (launch-bound on a GPU).
+        mine, theirs = list(self.model.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(mine, theirs, 1.0 - d)
+        buffers = list(self.model.buffers())  # batch-norm statistics; a model may have none
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 @dataclass

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Everything measured on a GPU, as one prepared run (the `device` tool lends an H200 for 15 minutes in all).
+#
+#   1. benchmarks/device_speed.py: time to 99 % test accuracy (fast recipe) and the seed recipe's 5 epochs,
+#      with bf16 autocast and in fp32, alone on the GPU;
+#   2. the CLI on cuda: `mnist train --device cuda`, then that checkpoint evaluated on cuda and on the CPU;
+#   3. ensemble members: the best recipe with $ENSEMBLE_EPOCHS epochs, one process per seed, in parallel,
+#      stopped at the deadline; their model.pt files come back in ensemble.tar.gz for `mnist evaluate`.
+#
+# Usage (repo root; MNIST .gz files in $1, since the machine has no internet):
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh .gpudata
+# Knobs: DEVICE (cuda), PYTHON (python3), REPEATS (3), ENSEMBLE_EPOCHS (50), ENSEMBLE_SEEDS ("0 1 2 3 4"),
+# BUDGET (seconds for the whole script, 520).
+set -u
+SRC=${1:-.gpudata}
+OUT=${OUT:-/tmp/gpu-out}
+DEVICE=${DEVICE:-cuda}
+PY=${PYTHON:-python3}
+REPEATS=${REPEATS:-3}
+EPOCHS=${ENSEMBLE_EPOCHS:-50}
+SEEDS=${ENSEMBLE_SEEDS:-"0 1 2 3 4"}
+BUDGET=${BUDGET:-520}
+WORK=$(mktemp -d)
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT" data/MNIST/raw
+exec > >(tee -a "$OUT/log.txt") 2>&1
+
+echo "== environment"
+cp -n "$SRC"/*.gz data/MNIST/raw/ 2>/dev/null || true
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>/dev/null || echo "no nvidia-smi"
+"$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
+nproc
+
+echo "== 1. speed (t=${SECONDS}s)"
+"$PY" benchmarks/device_speed.py --device "$DEVICE" --repeats "$REPEATS" \
+    --fast-variant batch_size=512,lr=0.04 | tee "$OUT/speed.jsonl"
+
+echo "== 2. CLI on $DEVICE (t=${SECONDS}s)"
+"$PY" -m mnist_classifier train --device "$DEVICE" --epochs 1 --out "$WORK/cli" --log-every 300
+"$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device "$DEVICE" --json
+"$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device cpu --json
+
+left=$((BUDGET - SECONDS))
+echo "== 3. ensemble members: best recipe, $EPOCHS epochs, seeds $SEEDS, ${left}s left (t=${SECONDS}s)"
+pids=()
+for seed in $SEEDS; do
+    timeout "$left" "$PY" benchmarks/recipes.py --recipe best --epochs "$EPOCHS" --seeds "$seed" \
+        --device "$DEVICE" --out "$WORK/ensemble" > "$WORK/member_$seed.log" 2>&1 &
+    pids+=($!)
+done
+wait "${pids[@]}"  # not a bare `wait`: that would also wait for the tee above, forever
+cat "$WORK"/member_*.log
+mkdir -p "$WORK/ensemble" && cp "$WORK"/member_*.log "$WORK/ensemble/"
+tar czf "$OUT/ensemble.tar.gz" -C "$WORK" --exclude last.pt ensemble
+echo "== done (t=${SECONDS}s)"
