@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# Debian packages the tests use: chromium for the browser test (driven by Playwright, never downloaded).
-APT_PACKAGES := chromium
+# Debian packages the tests use: chromium for the browser test (driven by Playwright, never downloaded),
+# dataset-fashion-mnist for the Fashion-MNIST tests (its IDX files in /usr/share/datasets/fashion-mnist).
+APT_PACKAGES := chromium dataset-fashion-mnist
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -5,6 +5,7 @@ one ensemble (mean of probabilities), through `mnist evaluate`'s own code.
 
     .venv/bin/python benchmarks/recipes.py --recipe fast --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/recipes.py --recipe best --seeds 0 1 2 --ensemble --out runs/best
+    .venv/bin/python benchmarks/recipes.py --recipe seed --dataset fashion-mnist --seeds 0 1 2
 """
 
 import argparse
@@ -17,7 +18,7 @@ import torch
 
 from mnist_classifier import checkpoint
 from mnist_classifier.config import TrainConfig
-from mnist_classifier.data import load_mnist
+from mnist_classifier.datasets import load_dataset
 from mnist_classifier.device import autocast_dtype, select_device
 from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
 from mnist_classifier.preprocess import model_input
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--dataset", default="mnist", help="any --dataset of `mnist train` (default: mnist)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default=None, help="folder for the runs (default: runs/recipe-<name>)")
     parser.add_argument("--ensemble", action="store_true")
@@ -36,12 +38,14 @@ def main() -> None:
     args = parser.parse_args()
 
     device = select_device(args.device)
-    splits = load_mnist(args.data_dir)
-    out = Path(args.out or f"runs/recipe-{args.recipe}")
+    splits = load_dataset(args.dataset, args.data_dir)
+    suffix = "" if args.dataset == "mnist" else f"-{args.dataset}"
+    out = Path(args.out or f"runs/recipe-{args.recipe}{suffix}")
     results = []
     for seed in args.seeds:
         cfg = TrainConfig.from_recipe(args.recipe)
         cfg.seed, cfg.device, cfg.data_dir, cfg.log_every = seed, str(device), args.data_dir, 10**9
+        cfg.dataset = args.dataset
         if args.epochs:
             cfg.epochs = args.epochs
         run_dir = out / f"seed{seed}"
@@ -49,13 +53,13 @@ def main() -> None:
         cfg.out = str(run_dir)
         summary = fit(cfg.validate(), splits, device, run_dir)
         results.append(summary)
-        print(json.dumps({"recipe": args.recipe, "seed": seed, "test_accuracy": summary["test_accuracy"],
+        print(json.dumps({"recipe": args.recipe, "dataset": args.dataset, "seed": seed, "test_accuracy": summary["test_accuracy"],
                           "train_seconds": summary["train_seconds"], "epochs": cfg.epochs,
                           "best_epoch": summary.get("best_epoch"), "device": str(device),
                           "precision": summary["precision"]}), flush=True)
     accs = [r["test_accuracy"] for r in results]
     secs = [r["train_seconds"] for r in results]
-    line = {"benchmark": "recipe", "recipe": args.recipe, "seeds": args.seeds, "device": str(device),
+    line = {"benchmark": "recipe", "recipe": args.recipe, "dataset": args.dataset, "seeds": args.seeds, "device": str(device),
             "accuracy_mean": round(statistics.mean(accs), 3), "accuracy_min": min(accs), "accuracy_max": max(accs),
             "train_seconds_mean": round(statistics.mean(secs), 2), "train_seconds_max": round(max(secs), 2)}
     if args.ensemble and len(results) > 1:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -67,8 +68,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(trained_checkpoint):
+@contextlib.contextmanager
+def serving(checkpoint_path: Path):
     """`mnist serve` as a real process on a free loopback port; yields its base URL."""
     import time
 
@@ -76,7 +77,7 @@ def server(trained_checkpoint):
 
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(trained_checkpoint),
+        [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(checkpoint_path),
          "--port", str(port), "--device", "cpu"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -92,6 +93,14 @@ def server(trained_checkpoint):
             proc.kill()
             raise RuntimeError(f"server did not start: {proc.stdout.read()}")
         time.sleep(0.2)
-    yield base
-    proc.terminate()
-    proc.wait(timeout=10)
+    try:
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(trained_checkpoint):
+    with serving(trained_checkpoint) as base:
+        yield base

@@ -17,6 +17,7 @@ class AffineAugment:
     rotate: float = 10.0  # degrees, uniform in [-rotate, rotate]
     translate: float = 0.1  # fraction of width/height, uniform in [-translate, translate]
     scale: float = 0.1  # uniform zoom in [1 - scale, 1 + scale]
+    flip: bool = False  # mirror half the images left-right (photos; never digits, where it changes the class)
 
     def __call__(self, x: torch.Tensor, background: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Transform ``x`` (B, C, H, W) float; ``background`` (1, C, 1, 1) fills the area shifted in.
@@ -24,14 +25,16 @@ class AffineAugment:
         ``generator`` (on ``x``'s device) makes the draws reproducible.
         """
         b = x.shape[0]
-        u = torch.rand(b, 4, device=x.device, generator=generator) * 2 - 1  # (B, 4) uniform in [-1, 1]
+        # (B, 4) uniform in [-1, 1]; a fifth column only with flip, so runs without it draw what they always did
+        u = torch.rand(b, 5 if self.flip else 4, device=x.device, generator=generator) * 2 - 1
         angle = u[:, 0] * math.radians(self.rotate)
         zoom = 1 + u[:, 1] * self.scale
         # affine_grid maps output coordinates to input coordinates in [-1, 1]; dividing by zoom enlarges.
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+        mirror = torch.where(u[:, 4] < 0, -1.0, 1.0) if self.flip else torch.ones_like(cos)  # (B,) -1 flips x
         theta = torch.stack([
-            torch.stack([cos, -sin, u[:, 2] * self.translate * 2], dim=1),
-            torch.stack([sin, cos, u[:, 3] * self.translate * 2], dim=1),
+            torch.stack([cos * mirror, -sin, u[:, 2] * self.translate * 2], dim=1),
+            torch.stack([sin * mirror, cos, u[:, 3] * self.translate * 2], dim=1),
         ], dim=1)  # (B, 2, 3)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         # grid_sample pads with zeros; shift so that zero is the background level, then shift back.

@@ -91,6 +91,8 @@ def dataset_info(payload: dict[str, Any]) -> DatasetInfo:
     return DatasetInfo(
         name=d["name"], class_names=tuple(d["class_names"]), mean=tuple(d["mean"]), std=tuple(d["std"]),
         channels=int(d["channels"]), image_size=int(d["image_size"]),
+        # checkpoints from before --dataset: MNIST digits, no folder split
+        preprocess=str(d.get("preprocess", "digit")), test_fraction=float(d.get("test_fraction", 0.0)),
     )
 
 

@@ -82,6 +82,15 @@ class ConsoleReporter:
 def cmd_data(args: argparse.Namespace) -> int:
     from .data import ensure_mnist, verify_mnist
 
+    if args.dataset != "mnist":
+        from .datasets import load_dataset
+
+        splits = load_dataset(args.dataset, args.data_dir)
+        info = splits.info
+        print(f"{info.name} is ready: {len(splits.train_labels):,} training and {len(splits.test_labels):,} test images, "
+              f"{info.channels}x{info.image_size}x{info.image_size}, {len(info.class_names)} classes "
+              f"({', '.join(info.class_names)}); mean {list(info.mean)}, std {list(info.std)}")
+        return 0
     folder = ensure_mnist(args.data_dir)
     files = verify_mnist(args.data_dir)
     print(f"MNIST is ready in {folder.resolve()}")
@@ -95,7 +104,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from . import distributed, runs
     from .config import TrainConfig, config_from_args
-    from .data import load_mnist
+    from .datasets import load_dataset
     from .device import select_device
     from .train import Reporter, fit, load_resume
 
@@ -122,7 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = select_device(cfg.device)
     try:
         distributed.check_batch(cfg.batch_size, ctx)
-        splits = load_mnist(cfg.data_dir)  # an flock lets one process fetch while the others wait
+        # an flock lets one process fetch while the others wait
+        splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
+                              test_fraction=cfg.test_fraction)
         # Only rank 0 creates the run folder; the others learn its name.
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out)) if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
@@ -166,14 +177,15 @@ def _write_plots(run_dir: Path, splits, device, precision: str) -> list[Path]:
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from .data import load_mnist
+    from . import checkpoint
+    from .datasets import load_for
     from .device import select_device
 
     run_dir = Path(args.run)
     if not (run_dir / "model.pt").is_file():
         raise UserError(f"{run_dir} is not a run folder (no model.pt); pass the folder `mnist train` printed")
     device = select_device(args.device)
-    splits = load_mnist(args.data_dir)
+    splits = load_for(checkpoint.dataset_info(checkpoint.load(run_dir / "model.pt")), args.data_dir)
     for path in _write_plots(run_dir, splits, device, args.precision):
         print(f"Wrote {path}")
     return 0
@@ -181,7 +193,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint
-    from .data import load_mnist
+    from .datasets import load_for
     from .device import autocast_dtype, select_device
     from .evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
     from .preprocess import model_input
@@ -195,7 +207,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for path, (_, other, _) in zip(args.checkpoint, loaded):
         if (other.name, other.class_names) != (info.name, info.class_names):
             raise UserError(f"{path} was trained on {other.name}, but {args.checkpoint[0]} on {info.name}; an ensemble needs one data set")
-    splits = load_mnist(args.data_dir)
+    splits = load_for(info, args.data_dir)  # the test set of the data set the checkpoint was trained on
     labels = splits.test_labels.to(device)
     member_logits = []
     members = []
@@ -297,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", help="train a model and write a run folder",
-                       description="Train a model on MNIST. Defaults are the seed guide's: Adam, lr 0.001, batch 64, 5 epochs.")
+                       description="Train a model on MNIST (or --dataset ...). Defaults are the seed guide's: Adam, "
+                                   "lr 0.001, batch 64, 5 epochs.")
     add_config_flags(p, TrainConfig)
     p.add_argument("--resume", metavar="DIR", default="",
                    help="continue the run in DIR from its last.pt (its saved config, with any flags you give laid over it)")
@@ -306,7 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="test loss and accuracy of one checkpoint, or an ensemble of several")
     p.add_argument("--checkpoint", nargs="+", required=True, metavar="PATH", help="model.pt file(s); several are averaged")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: data)")
+    p.add_argument("--data-dir", default="data", help="folder holding the data sets, e.g. MNIST/raw/ (default: data); "
+                   "the data set itself is the one the checkpoint was trained on")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
@@ -338,13 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plot", help="write samples, predictions, curves, confusion and mistakes PNGs into a run folder")
     p.add_argument("--run", required=True, metavar="DIR", help="run folder written by `mnist train`")
-    p.add_argument("--data-dir", default="data", help="folder holding MNIST/raw/ (default: data)")
+    p.add_argument("--data-dir", default="data", help="folder holding the data sets (default: data); the run's own "
+                   "data set is used")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast dtype (default: auto)")
     p.set_defaults(func=cmd_plot)
 
-    p = sub.add_parser("data", help="fetch and verify the MNIST files")
+    p = sub.add_parser("data", help="fetch and verify the MNIST files (or check another --dataset)")
     p.add_argument("--data-dir", default="data", help="folder to hold MNIST/raw/ (default: data)")
+    p.add_argument("--dataset", default="mnist", help="mnist (fetched and MD5-checked), or another data set to load "
+                   "and describe: fashion-mnist, kmnist, emnist-digits, emnist-letters, qmnist, cifar10, folder:PATH")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("models", help="list the models that --model accepts")

@@ -18,6 +18,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
+PREPROCESSES = ("digit", "resize")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -29,6 +30,13 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any
 class TrainConfig:
     """Everything that decides what a training run computes, saved as ``config.json`` in the run folder."""
 
+    dataset: str = _opt("mnist", "data set: mnist, fashion-mnist, kmnist, emnist-digits, emnist-letters, qmnist, "
+                        "cifar10, or folder:PATH (your own images, one sub-folder per class)")
+    preprocess: str = _opt("digit", "folder:PATH only: 'digit' prepares each image like an MNIST digit (28x28 grey), "
+                           "'resize' squashes it to --image-size (grey or RGB)", PREPROCESSES)
+    image_size: int = _opt(28, "folder:PATH with --preprocess resize: pixels per side")
+    test_fraction: float = _opt(0.2, "folder:PATH without train/ and test/ sub-folders: share of each class held out "
+                                "for testing (a fixed split, the same for every --seed)")
     model: str = _opt("seed-cnn", "model name from the registry (see `mnist models`)")
     epochs: int = _opt(5, "full passes over the training set")
     batch_size: int = _opt(64, "images per optimizer step")
@@ -47,12 +55,14 @@ class TrainConfig:
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees")
     aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side")
     aug_scale: float = _opt(0.1, "augmentation: largest zoom in or out, fraction")
+    aug_flip: bool = _opt(False, "augmentation: also mirror half the images left-right (photos, not digits)")
     val_size: int = _opt(0, "hold out the last N training images; keep the checkpoint with the best validation "
                          "accuracy and report test accuracy only at the end (0 = test every epoch, as the guide)")
     seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run")
     device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES)
     precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX CPUs, CUDA), else fp32", PRECISIONS)
-    data_dir: str = _opt("data", "folder holding <data-dir>/MNIST/raw/ (fetched there when missing)")
+    data_dir: str = _opt("data", "folder holding the data sets in torchvision's layout, e.g. <data-dir>/MNIST/raw/ "
+                         "(MNIST is fetched there when missing)")
     out: str = _opt("", "run folder to write (default: runs/<timestamp>)")
     train_subset: int = _opt(0, "train on only the first N training images (0 = all 60,000); for smoke runs")
     eval_batch_size: int = _opt(1000, "images per forward pass when evaluating (no gradients, so larger is fine)")
@@ -64,7 +74,16 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise UserError for values that cannot train; return self so calls can chain."""
+        from .datasets import check_name
         from .model import MODELS  # the registry lives with the models
+
+        check_name(self.dataset)
+        if self.preprocess not in PREPROCESSES:
+            raise UserError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESSES)}")
+        if not 8 <= self.image_size <= 512:
+            raise UserError(f"--image-size must be 8-512 pixels, got {self.image_size}")
+        if not 0.0 < self.test_fraction < 1.0:
+            raise UserError(f"--test-fraction must be between 0 and 1, got {self.test_fraction}")
 
         if self.epochs <= 0:
             raise UserError(f"--epochs must be a positive whole number, got {self.epochs}")

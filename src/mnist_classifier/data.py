@@ -67,6 +67,10 @@ class DatasetInfo:
     std: tuple[float, ...]
     channels: int
     image_size: int  # square images, pixels per side
+    # How people's own images become inputs (preprocess.prepare_image): "digit" (MNIST's own preparation),
+    # "object" (light-on-dark grey objects: resize, inverting light backgrounds) or "resize" (as they are).
+    preprocess: str = "digit"
+    test_fraction: float = 0.0  # folder:PATH data sets: the share of each class held out as the test set
 
 
 MNIST_INFO = DatasetInfo("mnist", MNIST_CLASSES, MNIST_MEAN, MNIST_STD, channels=1, image_size=28)
@@ -224,12 +228,13 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 store an array's raw bytes
     }
 
     def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle's signature
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from the MNIST pickle")
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: only numpy arrays are allowed")
 
 
 def hub_pickle_to_idx(pickle_gz: bytes) -> dict[str, bytes]:

@@ -125,6 +125,39 @@ class FastCNN(nn.Module):
         return self.head(self.features(x))  # (B, num_classes) logits
 
 
+class Residual(nn.Module):
+    """x + two 3x3 conv-bn-relu layers: the skip lets a deeper stack train as easily as a shallow one."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(conv_bn(channels, channels), conv_bn(channels, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class ResCNN(nn.Module):
+    """The deeper network the guide's CIFAR-10 step asks for: 9 conv layers with residual blocks, widths
+    64-128-256, global average pooling, so any image size and channel count fits (a ResNet-9 layout).
+
+    (B, C, S, S) -> [64] -> [128] pool + res -> [256] pool -> [256] pool + res -> global pool -> classes.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn(cfg.in_channels, 64),
+            conv_bn(64, 128, pool=True), Residual(128),  # (B, 128, S/2, S/2)
+            conv_bn(128, 256, pool=True),  # (B, 256, S/4, S/4)
+            conv_bn(256, 256, pool=True), Residual(256),  # (B, 256, S/8, S/8)
+        )
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout),
+                                  nn.Linear(256, cfg.num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # (B, num_classes) logits
+
+
 class SeedCNNDeep(SeedCNN):
     """The guide's "add more conv layers" experiment: the seed CNN with a third 3x3 conv (32 -> 32) before
     the second pool. Same head, so the parameter count rises only by 9,248."""
@@ -147,6 +180,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "seed-cnn-deep": SeedCNNDeep,
     "fast-cnn": FastCNN,
     "bn-cnn": BNCNN,
+    "res-cnn": ResCNN,
 }
 
 

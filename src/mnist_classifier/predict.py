@@ -14,7 +14,7 @@ from torch import nn
 
 from . import fileio
 from .data import DatasetInfo
-from .preprocess import ImageError, normalize, open_image, prepare_digit
+from .preprocess import ImageError, normalize, open_image, prepare_image
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 LOW_CONFIDENCE = 0.5  # below this the top class is more likely wrong than right; say so
@@ -54,7 +54,7 @@ def expand_paths(paths: Iterable[str | os.PathLike]) -> list[Path]:
 
 @torch.inference_mode()
 def classify(model: nn.Module, digits: torch.Tensor, info: DatasetInfo, device: torch.device) -> torch.Tensor:
-    """uint8 ``(N, 1, 28, 28)`` MNIST-style digits -> probabilities ``(N, num_classes)`` on the CPU."""
+    """uint8 ``(N, C, H, W)`` prepared images -> probabilities ``(N, num_classes)`` on the CPU."""
     model.eval()
     x = normalize(digits.to(device), info.mean, info.std)
     return F.softmax(model(x).float(), dim=1).cpu()
@@ -70,6 +70,11 @@ def to_prediction(path: str, probs: torch.Tensor, class_names: Sequence[str], to
     )
 
 
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 (C, H, W) -> a grey or RGB PIL image."""
+    return Image.fromarray(image[0].numpy(), mode="L") if image.shape[0] == 1 else Image.fromarray(image.permute(1, 2, 0).numpy())
+
+
 def predict_files(
     paths: Sequence[Path], model: nn.Module, info: DatasetInfo, device: torch.device, top_k: int = 3,
     save_preprocessed: str | os.PathLike | None = None,
@@ -78,16 +83,17 @@ def predict_files(
     digits, kept, errors = [], [], []
     for path in paths:
         try:
-            digits.append(prepare_digit(open_image(path)))
+            # prepared the way the checkpoint's data set was (MNIST digits, Fashion objects, colour photos)
+            digits.append(prepare_image(open_image(path), info.preprocess, info.channels, info.image_size))
             kept.append(path)
         except ImageError as exc:
             errors.append((str(path), str(exc)))
     if save_preprocessed:
         out_dir = Path(save_preprocessed)
         for path, digit in zip(kept, digits):
-            # Always PNG: what the model saw, 28x28, white on black.
+            # Always PNG: what the model saw (28x28 white on black for MNIST).
             target = out_dir / f"{path.stem}.png"
-            fileio.write_with(target, lambda tmp, d=digit: Image.fromarray(d[0].numpy(), mode="L").save(tmp, format="PNG"))
+            fileio.write_with(target, lambda tmp, d=digit: _to_pil(d).save(tmp, format="PNG"))
     if not digits:
         return [], errors
     probs = classify(model, torch.stack(digits), info, device)

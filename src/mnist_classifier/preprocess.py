@@ -137,3 +137,51 @@ def prepare_digit(img: Image.Image) -> torch.Tensor:
 def preprocess(img: Image.Image, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """An image of a digit -> the normalised ``(1, 1, 28, 28)`` model input (all nine steps)."""
     return normalize(prepare_digit(img).unsqueeze(0), mean, std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Other data sets: objects and colour images
+
+
+def _rgb(img: Image.Image) -> np.ndarray:
+    """EXIF orientation, transparency onto white, RGB. Returns (H, W, 3) uint8."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        grey = np.clip(np.rint(_to_grey(img)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def prepare_resized(img: Image.Image, channels: int, size: int, light_on_dark: bool = False) -> torch.Tensor:
+    """Any image -> uint8 ``(channels, size, size)``: squashed to the square with area averaging.
+
+    ``light_on_dark`` (Fashion-MNIST, KMNIST: light objects on black) inverts a grey image whose border is
+    light, as ``prepare_digit`` does, so a photo on white paper looks like the training images.
+    """
+    rgb = _rgb(img)
+    if rgb.shape[0] * rgb.shape[1] == 0:
+        raise ImageError("has no pixels")
+    if channels == 1:
+        grey = np.asarray(Image.fromarray(rgb).convert("L"))
+        if light_on_dark:
+            border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
+            if np.median(border) > 127:
+                grey = 255 - grey
+        small = np.asarray(Image.fromarray(grey).resize((size, size), Image.BOX))
+        return torch.from_numpy(small.copy()).unsqueeze(0)
+    small = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BOX))
+    return torch.from_numpy(small.copy()).permute(2, 0, 1).contiguous()  # (3, size, size)
+
+
+def prepare_image(img: Image.Image, preprocess_mode: str, channels: int, size: int) -> torch.Tensor:
+    """An image -> uint8 ``(channels, size, size)`` prepared the way the model's data set was.
+
+    ``digit``: MNIST's own nine steps (28x28 grey only); ``object``: resize with light backgrounds inverted;
+    ``resize``: resize as it is. Raises ImageError when no input can be made.
+    """
+    if preprocess_mode == "digit" and channels == 1 and size == 28:
+        return prepare_digit(img)
+    return prepare_resized(img, channels, size, light_on_dark=preprocess_mode in ("object", "digit"))

@@ -15,8 +15,7 @@ import torch
 from PIL import Image
 
 from .config import ServeConfig
-from .errors import UserError
-from .preprocess import ImageError, open_image, prepare_digit
+from .preprocess import ImageError, open_image, prepare_image
 
 
 class HTTPProblem(Exception):
@@ -103,8 +102,7 @@ def create_app(cfg: ServeConfig):
     device = select_device(cfg.device)
     ckpt = cfg.checkpoint or str(runs.latest_checkpoint())
     model, info, payload = checkpoint.load_model(ckpt, device)
-    if info.channels != 1:
-        raise UserError(f"{ckpt}: the drawing service needs a one-channel (grey) model; this one has {info.channels} channels")
+    side = info.image_size
     page = resources.files("mnist_classifier").joinpath("static/index.html").read_text(encoding="utf-8")
 
     app = FastAPI(
@@ -137,17 +135,19 @@ def create_app(cfg: ServeConfig):
         except ImageError as exc:
             status = 413 if "too large" in str(exc) else 400
             raise HTTPProblem(status, f"the upload {exc}") from None
-        return run_model(_digit_or_422(img))
+        return run_model(_prepared_or_422(img, info))
 
     def from_pixels(body: Any) -> dict[str, Any]:
+        if info.channels != 1:
+            raise HTTPProblem(422, f"this {info.name} model takes colour images: upload an image file instead of 'pixels'")
         if not isinstance(body, dict) or "pixels" not in body:
-            raise HTTPProblem(422, "expected a JSON object with 'pixels': 28 rows of 28 numbers 0-255")
+            raise HTTPProblem(422, f"expected a JSON object with 'pixels': {side} rows of {side} numbers 0-255")
         try:
             arr = np.asarray(body["pixels"], dtype=np.float64)
         except (TypeError, ValueError):
-            raise HTTPProblem(422, "'pixels' must be 28 rows of 28 numbers") from None
-        if arr.shape != (28, 28):
-            raise HTTPProblem(422, f"'pixels' must be 28x28, got shape {list(arr.shape)}")
+            raise HTTPProblem(422, f"'pixels' must be {side} rows of {side} numbers") from None
+        if arr.shape != (side, side):
+            raise HTTPProblem(422, f"'pixels' must be {side}x{side}, got shape {list(arr.shape)}")
         if not np.isfinite(arr).all() or arr.min() < 0 or arr.max() > 255:
             raise HTTPProblem(422, "'pixels' values must be numbers from 0 to 255")
         preprocess = body.get("preprocess", True)
@@ -156,7 +156,7 @@ def create_app(cfg: ServeConfig):
         grey = np.rint(arr).astype(np.uint8)
         if not preprocess:
             return run_model(torch.from_numpy(grey).unsqueeze(0))
-        return run_model(_digit_or_422(Image.fromarray(grey, mode="L")))
+        return run_model(_prepared_or_422(Image.fromarray(grey, mode="L"), info))
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -208,9 +208,9 @@ def create_app(cfg: ServeConfig):
     return app
 
 
-def _digit_or_422(img: Image.Image) -> torch.Tensor:
+def _prepared_or_422(img: Image.Image, info) -> torch.Tensor:  # noqa: ANN001 - a DatasetInfo
     try:
-        return prepare_digit(img)
+        return prepare_image(img, info.preprocess, info.channels, info.image_size)
     except ImageError as exc:
         raise HTTPProblem(422, f"the image {exc}") from None
 

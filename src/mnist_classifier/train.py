@@ -362,7 +362,7 @@ def fit(
         train_model = torch.compile(train_model)
     augment = None
     if cfg.augment:
-        aug = AffineAugment(cfg.aug_rotate, cfg.aug_translate, cfg.aug_scale)
+        aug = AffineAugment(cfg.aug_rotate, cfg.aug_translate, cfg.aug_scale, cfg.aug_flip)
         background = model_input(torch.zeros(1, info.channels, 1, 1, dtype=torch.uint8), info.mean, info.std, device)
         aug_gen = torch.Generator(device=device)
         augment = lambda x: aug(x, background, aug_gen)  # noqa: E731

@@ -1,0 +1,106 @@
+"""Your own images as a data set: ``--dataset folder:PATH`` in ImageFolder layout.
+
+    PATH/cat/001.jpg, PATH/cat/002.png, PATH/dog/...        one sub-folder per class (split by a fixed seed)
+    PATH/train/cat/..., PATH/test/cat/...                    or the split made for you
+
+Every image goes through ``preprocess.prepare_image``: ``digit`` gives MNIST's own preparation (28x28 grey,
+for digit-like images), ``resize`` squashes it to ``image_size`` (grey when every image is grey, else RGB).
+The images are decoded once, here, into the same uint8 tensors as MNIST; training never touches files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data import DatasetInfo, Splits
+from .datasets import FOLDER_PREFIX, FOLDER_SPLIT_SEED, IMAGE_SUFFIXES, PREPROCESS_MODES, channel_stats
+from .errors import UserError
+from .preprocess import ImageError, open_image, prepare_image
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    """class name -> its image files (sorted), via torchvision's ImageFolder rules (hidden folders skipped)."""
+    from torchvision.datasets.folder import find_classes, make_dataset
+
+    try:
+        classes, class_to_idx = find_classes(str(root))
+    except FileNotFoundError as exc:
+        raise UserError(f"{root}: {exc}; make one sub-folder per class") from None
+    try:
+        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_SUFFIXES, allow_empty=True)
+    except FileNotFoundError as exc:
+        raise UserError(f"{root}: {exc}") from None
+    files: dict[str, list[Path]] = {c: [] for c in classes}
+    for path, index in samples:
+        files[classes[index]].append(Path(path))
+    return files
+
+
+def _decode(paths: list[Path], mode: str, size: int) -> np.ndarray:
+    """Decode every file as RGB-or-grey at ``size``; a bad file is a UserError naming it."""
+    out = []
+    for path in paths:
+        try:
+            out.append(prepare_image(open_image(path), mode, 3 if mode == "resize" else 1, size).numpy())
+        except ImageError as exc:
+            raise UserError(f"{path}: {exc}; remove it or fix it") from None
+    return np.stack(out) if out else np.zeros((0, 1, size, size), dtype=np.uint8)
+
+
+def load_folder(root: Path, preprocess: str, image_size: int, test_fraction: float) -> Splits:
+    if preprocess not in PREPROCESS_MODES:
+        raise UserError(f"unknown --preprocess {preprocess!r}; choose {' or '.join(PREPROCESS_MODES)}")
+    if not root.is_dir():
+        raise UserError(f"--dataset {FOLDER_PREFIX}{root}: no such folder")
+    size = 28 if preprocess == "digit" else image_size
+    if (root / "train").is_dir() and (root / "test").is_dir():
+        train_files, test_files = _class_files(root / "train"), _class_files(root / "test")
+        extra = sorted(set(test_files) - set(train_files))
+        if extra:
+            raise UserError(f"{root / 'test'} has classes that {root / 'train'} lacks: {', '.join(extra)}")
+        fraction = 0.0
+    else:
+        if not 0.0 < test_fraction < 1.0:
+            raise UserError(f"--test-fraction must be between 0 and 1, got {test_fraction}")
+        train_files, test_files = _split(_class_files(root), test_fraction)
+        fraction = test_fraction
+    classes = tuple(sorted(train_files))
+    if len(classes) < 2:
+        raise UserError(f"{root}: found {len(classes)} class folder(s); a classifier needs at least 2")
+    empty = [c for c in classes if not train_files[c]]
+    if empty:
+        raise UserError(f"{root}: no training images for class(es) {', '.join(empty)} ({', '.join(IMAGE_SUFFIXES)})")
+
+    def tensors(files: dict[str, list[Path]]) -> tuple[np.ndarray, np.ndarray]:
+        paths = [p for c in classes for p in files.get(c, [])]
+        labels = np.array([i for i, c in enumerate(classes) for _ in files.get(c, [])], dtype=np.int64)
+        return _decode(paths, preprocess, size), labels
+
+    (train_x, train_y), (test_x, test_y) = tensors(train_files), tensors(test_files)
+    if len(test_y) == 0:
+        raise UserError(f"{root}: no test images; add some to test/ or use more images per class")
+    channels = 1
+    if preprocess == "resize" and all((x[0] == x[1]).all() and (x[1] == x[2]).all() for x in (train_x, test_x)):
+        train_x, test_x = train_x[:, :1], test_x[:, :1]  # every image is grey: one channel is enough
+    else:
+        channels = train_x.shape[1]
+    train_t, test_t = torch.from_numpy(train_x), torch.from_numpy(test_x)
+    mean, std = channel_stats(train_t)
+    info = DatasetInfo(f"{FOLDER_PREFIX}{root.resolve()}", classes, mean, std, channels=channels, image_size=size,
+                       preprocess=preprocess, test_fraction=fraction)
+    return Splits(train_t, torch.from_numpy(train_y), test_t, torch.from_numpy(test_y), info)
+
+
+def _split(files: dict[str, list[Path]], fraction: float) -> tuple[dict[str, list[Path]], dict[str, list[Path]]]:
+    """Per class, a fixed random ``fraction`` (at least one image where a class has two or more) to test."""
+    gen = torch.Generator().manual_seed(FOLDER_SPLIT_SEED)
+    train, test = {}, {}
+    for name, paths in files.items():
+        order = torch.randperm(len(paths), generator=gen).tolist()
+        n_test = min(len(paths) - 1, max(1, round(fraction * len(paths)))) if len(paths) > 1 else 0
+        test[name] = sorted(paths[i] for i in order[:n_test])
+        train[name] = sorted(paths[i] for i in order[n_test:])
+    return train, test
