@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from common import parse_overrides
+
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.data import load_mnist
 from mnist_classifier.device import select_device
@@ -43,30 +45,26 @@ def main() -> None:
                         help="autocast settings to time (auto = bf16 where native)")
     parser.add_argument("--fast-variant", action="append", default=[], metavar="KEY=VALUE,...",
                         help="also time the fast recipe with these overrides, e.g. batch_size=512,lr=0.04")
+    parser.add_argument("--set", default="", metavar="KEY=VALUE,...",
+                        help="overrides for every run, e.g. cuda_graphs=true")
     args = parser.parse_args()
     device = select_device(args.device)
     splits = load_mnist(args.data_dir, download=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    run("fast", device, splits, args.data_dir, epochs=1)  # warm-up: kernels, allocator, autotuning
-    variants = [{}] + [parse_overrides(spec) for spec in args.fast_variant]
+    common = parse_overrides(args.set)
+    run("fast", device, splits, args.data_dir, **{**common, "epochs": 1})  # warm-up: kernels, allocator, autotuning
+    variants = [common] + [{**common, **parse_overrides(spec)} for spec in args.fast_variant]
     for precision in args.precisions:
         for variant in variants:
             for r in range(args.repeats):
                 time_to_99(device, splits, args.data_dir, name, r, precision, variant)
         for r in range(args.repeats):
-            result = run("seed", device, splits, args.data_dir, seed=r, precision=precision)
-            print(json.dumps({"benchmark": "seed_recipe_5_epochs", "device": name, "seed": r,
+            result = run("seed", device, splits, args.data_dir, seed=r, precision=precision, **common)
+            print(json.dumps({"benchmark": "seed_recipe_5_epochs", "device": name, "seed": r, "overrides": common,
                               "precision": result["summary"]["precision"],
                               "train_seconds": result["summary"]["train_seconds"],
                               "total_seconds": result["summary"]["total_seconds"],
                               "test_accuracy": result["summary"]["test_accuracy"]}), flush=True)
-
-
-def parse_overrides(spec: str) -> dict:
-    """"batch_size=512,lr=0.04" -> {"batch_size": 512, "lr": 0.04}, typed like TrainConfig's fields."""
-    defaults = TrainConfig()
-    pairs = (item.split("=", 1) for item in spec.split(","))
-    return {key: type(getattr(defaults, key))(value) for key, value in pairs}
 
 
 def time_to_99(device, splits, data_dir: str, name: str, seed: int, precision: str, overrides: dict) -> None:

@@ -9,8 +9,9 @@
 #
 # Usage (repo root; MNIST .gz files in $1, since the machine has no internet):
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh .gpudata
-# Knobs: DEVICE (cuda), PYTHON (python3), REPEATS (3), ENSEMBLE_EPOCHS (50), ENSEMBLE_SEEDS ("0 1 2 3 4"),
-# BUDGET (seconds for the whole script, 520).
+# Knobs: DEVICE (cuda), PYTHON (python3), REPEATS (3), SPEED_SET (overrides for every speed run, e.g.
+# cuda_graphs=true), CLI_FLAGS (extra `mnist train` flags), ENSEMBLE_EPOCHS (50), ENSEMBLE_SEEDS ("0 1 2 3 4"),
+# ENSEMBLE_SET (overrides for the members, e.g. model=res-cnn), BUDGET (seconds for the whole script, 520).
 set -u
 SRC=${1:-.gpudata}
 OUT=${OUT:-/tmp/gpu-out}
@@ -20,6 +21,9 @@ REPEATS=${REPEATS:-3}
 EPOCHS=${ENSEMBLE_EPOCHS:-50}
 SEEDS=${ENSEMBLE_SEEDS:-"0 1 2 3 4"}
 BUDGET=${BUDGET:-520}
+SPEED_SET=${SPEED_SET:-}
+CLI_FLAGS=${CLI_FLAGS:-}
+ENSEMBLE_SET=${ENSEMBLE_SET:-}
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" data/MNIST/raw
@@ -32,19 +36,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 nproc
 
 echo "== 1. speed (t=${SECONDS}s)"
-"$PY" benchmarks/device_speed.py --device "$DEVICE" --repeats "$REPEATS" \
+"$PY" benchmarks/device_speed.py --device "$DEVICE" --repeats "$REPEATS" --set "$SPEED_SET" \
     --fast-variant batch_size=512,lr=0.04 | tee "$OUT/speed.jsonl"
 
 echo "== 2. CLI on $DEVICE (t=${SECONDS}s)"
-"$PY" -m mnist_classifier train --device "$DEVICE" --epochs 1 --out "$WORK/cli" --log-every 300
+# shellcheck disable=SC2086 # CLI_FLAGS is a list of flags
+"$PY" -m mnist_classifier train --device "$DEVICE" --epochs 1 --out "$WORK/cli" --log-every 300 $CLI_FLAGS
 "$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device "$DEVICE" --json
 "$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device cpu --json
 
 left=$((BUDGET - SECONDS))
-echo "== 3. ensemble members: best recipe, $EPOCHS epochs, seeds $SEEDS, ${left}s left (t=${SECONDS}s)"
+echo "== 3. ensemble members: best recipe, $EPOCHS epochs, seeds $SEEDS, set '$ENSEMBLE_SET', ${left}s left (t=${SECONDS}s)"
 pids=()
 for seed in $SEEDS; do
-    timeout "$left" "$PY" benchmarks/recipes.py --recipe best --epochs "$EPOCHS" --seeds "$seed" \
+    timeout "$left" "$PY" benchmarks/recipes.py --recipe best --epochs "$EPOCHS" --seeds "$seed" --set "$ENSEMBLE_SET" \
         --device "$DEVICE" --out "$WORK/ensemble" > "$WORK/member_$seed.log" 2>&1 &
     pids+=($!)
 done

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from common import parse_overrides
+
 from mnist_classifier import checkpoint
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.datasets import load_dataset
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for the runs (default: runs/recipe-<name>)")
     parser.add_argument("--ensemble", action="store_true")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (for a quick look)")
+    parser.add_argument("--set", default="", metavar="KEY=VALUE,...", help="other overrides, e.g. model=res-cnn")
     args = parser.parse_args()
 
     device = select_device(args.device)
@@ -46,6 +49,8 @@ def main() -> None:
         cfg = TrainConfig.from_recipe(args.recipe)
         cfg.seed, cfg.device, cfg.data_dir, cfg.log_every = seed, str(device), args.data_dir, 10**9
         cfg.dataset = args.dataset
+        for key, value in parse_overrides(args.set).items():
+            setattr(cfg, key, value)
         if args.epochs:
             cfg.epochs = args.epochs
         run_dir = out / f"seed{seed}"

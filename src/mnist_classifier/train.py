@@ -28,6 +28,7 @@ from .device import autocast_dtype, preferred_memory_format
 from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
 from .errors import DivergedError, Interrupted, UserError
 from .evaluate import evaluate
+from .graphs import StaticStep, lr_value
 from .model import ModelConfig, build_model, count_parameters
 from .preprocess import model_input
 
@@ -58,6 +59,8 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
     # The fused kernels update every parameter in one call instead of a dozen small ops per tensor;
     # same arithmetic as the default path (CPU and CUDA have them, MPS partly).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
+    if cfg.cuda_graphs and device.type == "cuda":
+        fused["capturable"] = True  # step counts on the device, so a captured step can advance them
     wd = cfg.weight_decay
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd, **fused)
@@ -66,7 +69,8 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.momentum > 0, **fused)
     if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True)
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True,
+                                   capturable=bool(fused.get("capturable")))
     raise UserError(f"unknown optimizer {cfg.optimizer!r}")
 
 
@@ -122,6 +126,7 @@ class StepExtras:
     start_batch: int = 0  # resume inside an epoch: skip the batches already trained
     carried: tuple[float, int] = (0.0, 0)  # (summed loss, images) of those skipped batches
     stop_requested: Callable[[], bool] | None = None  # checked after every complete step (Ctrl-C)
+    static: StaticStep | None = None  # --cuda-graphs: the step on fixed buffers (replaces the plain step below)
 
 
 class StopRequested(Exception):
@@ -165,24 +170,28 @@ def train_epoch(
     since = 0
     for b in range(extras.start_batch, n_batches):
         idx = perm[b * batch_size : (b + 1) * batch_size][rank::world]
-        x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
-        seen += len(y)
-        if extras.augment is not None:
-            x = extras.augment(x)
-        if extras.lr_at is not None:
-            lr = extras.lr_at(extras.first_step + b)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-        with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            loss = F.cross_entropy(model(x), y, label_smoothing=extras.label_smoothing)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        n = len(idx)
+        seen += n
+        lr = extras.lr_at(extras.first_step + b) if extras.lr_at is not None else None
+        if extras.static is not None:
+            detached = extras.static.step(idx, lr)
+        else:
+            x, y = train_x[idx], train_y[idx]  # (B, C, H, W) float, (B,) int64
+            if extras.augment is not None:
+                x = extras.augment(x)
+            if lr is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+            with torch.autocast(x.device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss = F.cross_entropy(model(x), y, label_smoothing=extras.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            detached = loss.detach()
         if extras.ema is not None:
             extras.ema.update(model)
-        detached = loss.detach()
         running += detached
-        total += detached * len(y)
+        total += detached * n
         since += 1
         report = b % log_every == 0 or b == n_batches - 1
         mean_loss = (running / since).item() if report else None
@@ -367,6 +376,13 @@ def fit(
         aug_gen = torch.Generator(device=device)
         augment = lambda x: aug(x, background, aug_gen)  # noqa: E731
 
+    static = None
+    if cfg.cuda_graphs:
+        if ctx.enabled:
+            raise UserError("--cuda-graphs works in a single process; drop it under torchrun")
+        static = StaticStep(model, optimizer, data.train_x, data.train_y, cfg.batch_size, amp_dtype,
+                            cfg.label_smoothing, capture=device.type == "cuda")
+
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
     if ctx.is_main:
         fileio.write_json(run_dir / "config.json", {
@@ -398,7 +414,7 @@ def fit(
                 (lambda step: learning_rate(step, total_steps, cfg.lr, cfg.schedule, cfg.warmup)),
                 start_batch=partial["batches_done"] if partial else 0,
                 carried=(partial["loss_sum"], partial["seen"]) if partial else (0.0, 0),
-                stop_requested=stop.is_set,
+                stop_requested=stop.is_set, static=static,
             )
             partial = None
             _sync(device)
@@ -434,7 +450,7 @@ def fit(
                 "train_loss": round(train_loss, 6),
                 f"{split}_loss": round(result["loss"], 6),
                 f"{split}_accuracy": round(result["accuracy"], 4),
-                "lr": optimizer.param_groups[0]["lr"],
+                "lr": lr_value(optimizer.param_groups[0]["lr"]),
                 "seconds": round(seconds, 3),
             }
             state.rows.append(row)
