@@ -329,14 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="classify your own images (files or folders)",
                        description="Classify image files (PNG, JPEG, BMP, GIF, WebP, TIFF; any size, grey, RGB or RGBA). "
-                                   "Each image is prepared the way MNIST digits were: cropped, scaled into 20x20, "
-                                   "centred by centre of mass in 28x28, white on black.")
+                                   "Each image is prepared the way the checkpoint's data set was: for MNIST digits, "
+                                   "cropped, scaled into 20x20, centred by centre of mass in 28x28, white on black; "
+                                   "for other data sets, resized (Fashion-MNIST and KMNIST: light backgrounds inverted).")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders of images")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="model.pt (default: the newest run's)")
     p.add_argument("--json", action="store_true", help="one JSON object per line")
     p.add_argument("--top-k", type=int, default=3, help="how many classes to list per image (default: 3)")
     p.add_argument("--save-preprocessed", metavar="DIR", default=None,
-                   help="also write each 28x28 image the model saw, as PNG, into DIR")
+                   help="also write each image the model saw (28x28 for MNIST), as PNG, into DIR")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
     p.set_defaults(func=cmd_predict)
 
