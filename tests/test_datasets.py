@@ -360,3 +360,30 @@ def test_flip_augmentation_mirrors_about_half_the_images_exactly():
     same = [torch.allclose(o, i, atol=1e-5) for o, i in zip(out, x)]
     mirrored = [torch.allclose(o, i.flip(-1), atol=1e-5) for o, i in zip(out, x)]
     assert all(s or m for s, m in zip(same, mirrored)) and 20 <= sum(mirrored) <= 44
+
+
+def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch):
+    """torchvision's download runs in a scratch folder; finished files are renamed into place."""
+    import dataclasses
+
+    from mnist_classifier import datasets
+
+    images, labels = np.zeros((2, 28, 28), dtype=np.uint8), np.array([3, 4], dtype=np.uint8)
+
+    def fake_download(root):  # what torchvision.datasets.KMNIST(download=True) leaves behind
+        raw = root / "KMNIST" / "raw"
+        for stem, arr in (("train-images-idx3-ubyte", images), ("train-labels-idx1-ubyte", labels),
+                          ("t10k-images-idx3-ubyte", images), ("t10k-labels-idx1-ubyte", labels)):
+            _write(raw / stem, encode_idx(arr))
+
+    def broken_download(root):
+        _write(root / "KMNIST" / "raw" / "train-images-idx3-ubyte", b"\x00\x00\x08")  # cut off mid-file
+        raise OSError("connection reset")
+
+    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], download=broken_download))
+    with pytest.raises(UserError, match="kmnist files missing"):
+        load_dataset("kmnist", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "KMNIST" / "raw").iterdir()) == [".fetch.lock"]
+    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], download=fake_download))
+    assert load_dataset("kmnist", tmp_path).train_labels.tolist() == [3, 4]
+    assert (tmp_path / "KMNIST" / "raw" / "train-images-idx3-ubyte").is_file()

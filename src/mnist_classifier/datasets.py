@@ -18,6 +18,7 @@ import io
 import os
 import pickle
 import tarfile
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -189,11 +190,17 @@ def _labels(arr: np.ndarray, path: Path, spec: IdxSet) -> torch.Tensor:
 
 
 def _download(spec: IdxSet, data_dir: Path) -> dict[str, Path] | None:
-    """torchvision's own download into ``data_dir`` (its layout is ours); None when it cannot."""
+    """torchvision's own download (its layout is ours) into a scratch folder, then the finished files renamed
+    into place, so a killed download leaves nothing half-written; None when it cannot download."""
+    raw = data_dir / spec.folder / "raw"
     try:
-        (data_dir / spec.folder / "raw").mkdir(parents=True, exist_ok=True)
-        with _fetch_lock(data_dir / spec.folder / "raw"):
-            spec.download(data_dir)
+        raw.mkdir(parents=True, exist_ok=True)
+        with _fetch_lock(raw), tempfile.TemporaryDirectory(dir=raw, prefix=".torchvision-") as tmp:
+            spec.download(Path(tmp))
+            for stem in spec.files:
+                fetched = find_file(Path(tmp) / spec.folder / "raw", stem)
+                if fetched is not None and find_file(raw, stem) is None:
+                    os.replace(fetched, raw / fetched.name)
     except Exception:  # noqa: BLE001 - no internet, a mirror down: the caller explains where files go
         return None
     return _locate(spec, data_dir)
