@@ -89,11 +89,15 @@ def _to_grey(img: Image.Image) -> np.ndarray:
         # 16-bit and 32-bit greyscale: scale the full range of the type down to 0-255
         top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         return np.clip(arr * (255.0 / top), 0, 255)
+    return np.asarray(_on_white(img).convert("L"), dtype=np.float32)
+
+
+def _on_white(img: Image.Image) -> Image.Image:
+    """Transparent pixels flattened onto white (a drawing on a transparent canvas is ink on paper)."""
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(white, rgba)
-    return np.asarray(img.convert("L"), dtype=np.float32)
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return img
 
 
 def prepare_digit(img: Image.Image) -> torch.Tensor:
@@ -149,10 +153,7 @@ def _rgb(img: Image.Image) -> np.ndarray:
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         grey = np.clip(np.rint(_to_grey(img)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    return np.asarray(_on_white(img).convert("RGB"), dtype=np.uint8)
 
 
 def prepare_resized(img: Image.Image, channels: int, size: int, light_on_dark: bool = False) -> torch.Tensor:
