@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .data import (
-    MNIST_INFO, DatasetInfo, Splits, _ArrayOnlyUnpickler, _fetch_lock, find_file, load_mnist, parse_idx,
+    DatasetInfo, Splits, _ArrayOnlyUnpickler, _fetch_lock, find_file, load_mnist, parse_idx,
     read_file_bytes,
 )
 from .errors import UserError
@@ -267,5 +267,3 @@ def _load_cifar10(data_dir: Path) -> Splits:
     info = DatasetInfo("cifar10", CIFAR10_CLASSES, mean, std, channels=3, image_size=32, preprocess="resize")
     return Splits(train_x, train_y, test_x, test_y, info)
 
-
-__all__ = ["DATASETS", "IDX_SETS", "MNIST_INFO", "check_name", "load_dataset", "load_for", "channel_stats"]
