@@ -56,5 +56,7 @@ done
 wait "${pids[@]}"  # not a bare `wait`: that would also wait for the tee above, forever
 cat "$WORK"/member_*.log
 mkdir -p "$WORK/ensemble" && cp "$WORK"/member_*.log "$WORK/ensemble/"
-tar czf "$OUT/ensemble.tar.gz" -C "$WORK" --exclude last.pt ensemble
+# The tool returns files of at most 16 MB (5 res-cnn checkpoints are 49 MB): send the tarball in 15 MB
+# pieces; join them with `cat ensemble.tar.gz.* > ensemble.tar.gz`.
+tar czf - -C "$WORK" --exclude last.pt ensemble | split -b 15M - "$OUT/ensemble.tar.gz."
 echo "== done (t=${SECONDS}s)"
