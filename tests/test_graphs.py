@@ -27,7 +27,7 @@ def test_static_steps_match_the_plain_steps(splits):
     opt_a, opt_b = make_optimizer(cfg, plain.parameters(), x.device), make_optimizer(cfg, static_model.parameters(), x.device)
     perm = torch.randperm(640)
     train_epoch(plain, opt_a, x, y, perm, 64, amp_dtype=None)
-    step = StaticStep(static_model, opt_b, x, y, 64, None, 0.0, capture=True)  # no CUDA here: runs uncaptured
+    step = StaticStep(static_model, opt_b, x, y, 64, None, 0.0)  # no CUDA here: runs uncaptured
     train_epoch(static_model, opt_b, x, y, perm, 64, amp_dtype=None, extras=StepExtras(static=step))
     assert step.eager_steps == 10 and step.graph is None
     for a, b in zip(plain.parameters(), static_model.parameters()):

@@ -126,9 +126,16 @@ def load_for(info: DatasetInfo, data_dir: str | os.PathLike = "data") -> Splits:
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 ``(N, C, H, W)`` on the [0, 1] scale, 4 decimals."""
-    x = images.to(torch.float64).div_(255.0).transpose(0, 1).reshape(images.shape[1], -1)  # (C, N*H*W)
-    mean, std = x.mean(dim=1), x.std(dim=1, unbiased=False)
-    return tuple(round(float(m), 4) for m in mean), tuple(round(max(float(s), 1e-3), 4) for s in std)
+    # From a 256-bin histogram per channel: exact, and no float copy of the images (CIFAR's would be 1.2 GB).
+    levels = torch.arange(256, dtype=torch.float64) / 255.0
+    means, stds = [], []
+    for c in range(images.shape[1]):
+        counts = torch.bincount(images[:, c].reshape(-1), minlength=256).to(torch.float64)  # (256,)
+        mean = float((counts * levels).sum() / counts.sum())
+        var = float((counts * (levels - mean) ** 2).sum() / counts.sum())
+        means.append(round(mean, 4))
+        stds.append(round(max(var**0.5, 1e-3), 4))
+    return tuple(means), tuple(stds)
 
 
 # ---------------------------------------------------------------------------------------------------------------

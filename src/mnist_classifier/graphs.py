@@ -24,13 +24,13 @@ class StaticStep:
 
     def __init__(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, train_x: torch.Tensor, train_y: torch.Tensor,
-        batch_size: int, amp_dtype: torch.dtype | None, label_smoothing: float, capture: bool,
+        batch_size: int, amp_dtype: torch.dtype | None, label_smoothing: float,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         self.train_x, self.train_y = train_x, train_y
         self.batch_size = batch_size
         self.amp_dtype, self.label_smoothing = amp_dtype, label_smoothing
-        self.capture = capture and train_x.device.type == "cuda"
+        self.capture = train_x.device.type == "cuda"  # CUDA graphs exist on CUDA only
         device = train_x.device
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,) the batch, filled each step
         # The learning rate lives in a device tensor the captured optimizer reads, so a schedule can change it.

@@ -381,7 +381,7 @@ def fit(
         if ctx.enabled:
             raise UserError("--cuda-graphs works in a single process; drop it under torchrun")
         static = StaticStep(model, optimizer, data.train_x, data.train_y, cfg.batch_size, amp_dtype,
-                            cfg.label_smoothing, capture=device.type == "cuda")
+                            cfg.label_smoothing)
 
     precision = str(amp_dtype).removeprefix("torch.") if amp_dtype else "fp32"
     if ctx.is_main:
