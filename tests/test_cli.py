@@ -1,11 +1,13 @@
+import gc
 import json
 import pickle
+import sys
 
 import pytest
 import torch
 
 from conftest import run_cli
-from mnist_classifier.cli import main
+from mnist_classifier.cli import entry, main
 
 
 @pytest.mark.parametrize(
@@ -98,3 +100,23 @@ def test_python_dash_m_and_console_script_agree():
         import subprocess
 
         assert subprocess.run([script, "--version"], capture_output=True, text=True).stdout == proc.stdout
+
+
+def test_console_entry_runs_the_command_then_freezes_the_collector(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mnist", "models"])
+    gc.unfreeze()
+    try:
+        assert entry() == 0
+        assert gc.get_freeze_count() > 0  # the objects alive now are left out of the exit-time collections
+    finally:
+        gc.unfreeze()
+    assert "seed-cnn" in capsys.readouterr().out
+
+
+def test_console_entry_keeps_the_exit_status(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["mnist", "evaluate", "--checkpoint", "/nonexistent/model.pt"])
+    try:
+        assert entry() == 2
+    finally:
+        gc.unfreeze()
+    assert "error" in capsys.readouterr().err

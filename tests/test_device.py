@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -29,3 +32,20 @@ def test_precision_choices():
     assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)
     with pytest.raises(UserError):
         autocast_dtype("fp8", cpu)
+
+
+def test_flushed_denormals_become_zero_on_every_thread():
+    # A fresh interpreter: the mode is per-thread state that torch's worker threads copy when they start.
+    script = (
+        "import torch; from mnist_classifier.device import flush_denormals\n"
+        "ok = flush_denormals()\n"
+        "a, b = torch.full((1 << 22,), 1e-30), torch.full((1 << 22,), 1e-10)  # product 1e-40: subnormal in fp32\n"
+        "print(ok, torch.get_num_threads(), int((a * b != 0).sum()))\n"
+        "torch.set_flush_denormal(False); print(int((a * b != 0).sum()))"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=120)
+    supported, threads, nonzero_flushed, nonzero_plain = out.stdout.split()
+    if supported == "False":
+        pytest.skip("this CPU cannot flush denormals")
+    assert int(nonzero_flushed) == 0, f"{nonzero_flushed} subnormal results with {threads} threads"
+    assert int(nonzero_plain) > 0  # the main thread's share at least: the mode was what made them zero

@@ -6,6 +6,7 @@ Errors the user can fix are raised as UserError and shown as one line on stderr 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -368,6 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the models that --model accepts")
     p.set_defaults(func=cmd_models)
     return parser
+
+
+def entry() -> int:
+    """The ``mnist`` console script and ``python -m mnist_classifier``: :func:`main`, then a quicker exit.
+
+    At exit the interpreter runs its cyclic garbage collector several times over every object alive,
+    about a million once torch (and torch._dynamo, which torch.optim imports) are loaded: 0.6-0.9 s per
+    command here. ``gc.freeze()`` moves them out of the collector's view first; objects are still freed
+    as usual, so files, pipes and exit handlers behave the same. Only for a whole process: in-process
+    callers of :func:`main` (tests) keep their garbage collection.
+    """
+    code = main()
+    gc.freeze()
+    return code
 
 
 def main(argv: Sequence[str] | None = None) -> int:
