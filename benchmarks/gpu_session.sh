@@ -11,7 +11,8 @@
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh .gpudata
 # Knobs: DEVICE (cuda), PYTHON (python3), REPEATS (3), SPEED_SET (overrides for every speed run, e.g.
 # cuda_graphs=true), CLI_FLAGS (extra `mnist train` flags), ENSEMBLE_EPOCHS (50), ENSEMBLE_SEEDS ("0 1 2 3 4"),
-# ENSEMBLE_SET (overrides for the members, e.g. model=res-cnn), BUDGET (seconds for the whole script, 520).
+# ENSEMBLE_SET (overrides for the members, e.g. model=res-cnn), BUDGET (seconds for the whole script, 520),
+# PARTS (which of the three parts to run, "1 2 3"; e.g. PARTS=3 spends the whole budget on members).
 set -u
 SRC=${1:-.gpudata}
 OUT=${OUT:-/tmp/gpu-out}
@@ -24,6 +25,7 @@ BUDGET=${BUDGET:-520}
 SPEED_SET=${SPEED_SET:-}
 CLI_FLAGS=${CLI_FLAGS:-}
 ENSEMBLE_SET=${ENSEMBLE_SET:-}
+PARTS=${PARTS:-"1 2 3"}
 WORK=$(mktemp -d)
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" data/MNIST/raw
@@ -35,15 +37,20 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=c
 "$PY" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available())"
 nproc
 
-echo "== 1. speed (t=${SECONDS}s)"
-"$PY" benchmarks/device_speed.py --device "$DEVICE" --repeats "$REPEATS" --set "$SPEED_SET" \
-    --fast-variant batch_size=512,lr=0.04 | tee "$OUT/speed.jsonl"
+if [[ " $PARTS " == *" 1 "* ]]; then
+    echo "== 1. speed (t=${SECONDS}s)"
+    "$PY" benchmarks/device_speed.py --device "$DEVICE" --repeats "$REPEATS" --set "$SPEED_SET" \
+        --fast-variant batch_size=512,lr=0.04 | tee "$OUT/speed.jsonl"
+fi
 
-echo "== 2. CLI on $DEVICE (t=${SECONDS}s)"
-# shellcheck disable=SC2086 # CLI_FLAGS is a list of flags
-"$PY" -m mnist_classifier train --device "$DEVICE" --epochs 1 --out "$WORK/cli" --log-every 300 $CLI_FLAGS
-"$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device "$DEVICE" --json
-"$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device cpu --json
+if [[ " $PARTS " == *" 2 "* ]]; then
+    echo "== 2. CLI on $DEVICE (t=${SECONDS}s)"
+    # shellcheck disable=SC2086 # CLI_FLAGS is a list of flags
+    "$PY" -m mnist_classifier train --device "$DEVICE" --epochs 1 --out "$WORK/cli" --log-every 300 $CLI_FLAGS
+    "$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device "$DEVICE" --json
+    "$PY" -m mnist_classifier evaluate --checkpoint "$WORK/cli/model.pt" --device cpu --json
+fi
+[[ " $PARTS " == *" 3 "* ]] || { echo "== done (t=${SECONDS}s)"; exit 0; }
 
 left=$((BUDGET - SECONDS))
 echo "== 3. ensemble members: best recipe, $EPOCHS epochs, seeds $SEEDS, set '$ENSEMBLE_SET', ${left}s left (t=${SECONDS}s)"
