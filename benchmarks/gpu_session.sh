@@ -10,7 +10,8 @@
 # Usage (repo root; MNIST .gz files in $1, since the machine has no internet):
 #   OUT=/tmp/gpu bash benchmarks/gpu_session.sh .gpudata
 # Knobs: DEVICE (cuda), PYTHON (python3), REPEATS (3), SPEED_SET (overrides for every speed run, e.g.
-# cuda_graphs=true), CLI_FLAGS (extra `mnist train` flags), ENSEMBLE_EPOCHS (50), ENSEMBLE_SEEDS ("0 1 2 3 4"),
+# cuda_graphs=true), CLI_FLAGS (extra `mnist train` flags), ENSEMBLE_EPOCHS (50, or "auto": as many as the
+# budget allows, from a one-epoch probe), ENSEMBLE_SEEDS ("0 1 2 3 4"),
 # ENSEMBLE_SET (overrides for the members, e.g. model=res-cnn), BUDGET (seconds for the whole script, 520),
 # PARTS (which of the three parts to run, "1 2 3"; e.g. PARTS=3 spends the whole budget on members).
 set -u
@@ -27,6 +28,7 @@ CLI_FLAGS=${CLI_FLAGS:-}
 ENSEMBLE_SET=${ENSEMBLE_SET:-}
 PARTS=${PARTS:-"1 2 3"}
 WORK=$(mktemp -d)
+pids=()
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" data/MNIST/raw
 exec > >(tee -a "$OUT/log.txt") 2>&1
@@ -52,9 +54,25 @@ if [[ " $PARTS " == *" 2 "* ]]; then
 fi
 [[ " $PARTS " == *" 3 "* ]] || { echo "== done (t=${SECONDS}s)"; exit 0; }
 
+if [[ "$EPOCHS" == auto ]]; then
+    # As many epochs as the time left allows: one epoch of every member at once (the same contention as the
+    # real run) measures the seconds per epoch; 60 s stay for start-up, evaluation and packing.
+    echo "== 3a. probe: 1 epoch per member (t=${SECONDS}s)"
+    for seed in $SEEDS; do
+        timeout 180 "$PY" benchmarks/recipes.py --recipe best --epochs 1 --seeds "$seed" --set "$ENSEMBLE_SET" \
+            --device "$DEVICE" --out "$WORK/probe" > "$WORK/probe_$seed.log" 2>&1 &
+        pids+=($!)
+    done
+    wait "${pids[@]}"
+    pids=()
+    cat "$WORK"/probe_*.log
+    per_epoch=$("$PY" -c 'import json, sys; print(max(json.loads(line)["train_seconds"] for f in sys.argv[1:]
+        for line in open(f) if line.startswith("{\"recipe\"")))' "$WORK"/probe_*.log) || { echo "probe failed"; exit 1; }
+    EPOCHS=$("$PY" -c "print(max(1, int(0.85 * ($BUDGET - $SECONDS - 60) / $per_epoch)))")  # 15 % spare
+    echo "probe: ${per_epoch}s per epoch -> $EPOCHS epochs"
+fi
 left=$((BUDGET - SECONDS))
 echo "== 3. ensemble members: best recipe, $EPOCHS epochs, seeds $SEEDS, set '$ENSEMBLE_SET', ${left}s left (t=${SECONDS}s)"
-pids=()
 for seed in $SEEDS; do
     timeout "$left" "$PY" benchmarks/recipes.py --recipe best --epochs "$EPOCHS" --seeds "$seed" --set "$ENSEMBLE_SET" \
         --device "$DEVICE" --out "$WORK/ensemble" > "$WORK/member_$seed.log" 2>&1 &

@@ -49,3 +49,20 @@ def test_forward_returns_logits_not_log_probabilities():
     torch.manual_seed(1)
     out = build_model(ModelConfig())(torch.randn(4, 1, 28, 28))
     assert not torch.allclose(out.exp().sum(1), torch.ones(4), atol=1e-3)
+
+
+def test_m5_cnn_layout_parameters_and_sizes():
+    m = build_model(ModelConfig(name="m5-cnn"))
+    # convolutions 25 * (1*32 + 32*64 + 64*96 + 96*128 + 128*160), batch norms 2 * (32+64+96+128+160),
+    # linear 160*8*8*10 (no bias: the batch norm after it has one), its batch norm 2 * 10
+    assert count_parameters(m) == 25 * 40_992 + 2 * 480 + 102_400 + 20 == 1_128_180
+    assert m(torch.zeros(3, 1, 28, 28)).shape == (3, 10)
+    colour = build_model(ModelConfig(name="m5-cnn", in_channels=3, image_size=32, num_classes=7))
+    assert colour(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
+
+
+def test_m5_cnn_refuses_images_too_small_for_five_unpadded_convolutions():
+    from mnist_classifier.errors import UserError
+
+    with pytest.raises(UserError, match="at least 21 pixels"):
+        build_model(ModelConfig(name="m5-cnn", image_size=16))
