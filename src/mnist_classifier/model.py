@@ -129,11 +129,12 @@ class FastCNN(nn.Module):
 
 class M5CNN(nn.Module):
     """Five 5x5 convolutions without padding or pooling, each with batch norm and ReLU, then one linear
-    layer: the "M5" of An et al. (2020), "An ensemble of simple convolutional neural network models for
-    MNIST digit recognition" (arXiv:2008.10400), whose three-model vote is the published 99.87 %.
+    layer and batch norm: the "M5" of An et al. (2020), "An ensemble of simple convolutional neural network
+    models for MNIST digit recognition" (arXiv:2008.10400), one of the three designs (3x3, 5x5, 7x7
+    kernels) whose vote is the published 99.87 %. Unlike ``res-cnn`` it never pools and sees 5x5
+    neighbourhoods, which is why it was added as an ensemble member (measured in BENCHMARKS.md).
 
     (B, C, 28, 28) -> [32] 24 -> [64] 20 -> [96] 16 -> [128] 12 -> [160] 8x8 -> 10,240 -> classes.
-    A different design from ``res-cnn`` (no pooling, large kernels), so the two err on different images.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
