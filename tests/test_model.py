@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mnist_classifier.errors import UserError
 from mnist_classifier.model import MODELS, ModelConfig, SeedCNN, build_model, count_parameters
 
 
@@ -62,7 +63,5 @@ def test_m5_cnn_layout_parameters_and_sizes():
 
 
 def test_m5_cnn_refuses_images_too_small_for_five_unpadded_convolutions():
-    from mnist_classifier.errors import UserError
-
     with pytest.raises(UserError, match="at least 21 pixels"):
         build_model(ModelConfig(name="m5-cnn", image_size=16))
