@@ -13,6 +13,7 @@ from conftest import run_cli
 from mnist_classifier.augment import AffineAugment
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import UserError
+from mnist_classifier.evaluate import metrics_from_logits, predict_log_probs, predict_logits, shifted_views
 from mnist_classifier.model import MODELS, ModelConfig, build_model
 from mnist_classifier.train import EMA, fit, learning_rate
 
@@ -168,3 +169,60 @@ def test_compiled_training_saves_the_plain_module(small_cfg, splits):
 def test_bad_option_values(flags, tmp_path):
     proc = run_cli("train", *flags, "--out", str(tmp_path / "r"))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_shifted_views_move_the_image_and_fill_with_background():
+    x = torch.arange(1, 10, dtype=torch.uint8).view(1, 1, 3, 3)
+    views = shifted_views(x, 1)
+    assert len(views) == 9 and len(shifted_views(x, 2)) == 25 and torch.equal(views[0], x)
+    assert len(shifted_views(x, 0)) == 1 and torch.equal(shifted_views(x, 0)[0], x)
+    # one view per offset, none repeated, each one pixel away in at most both directions
+    seen = set()
+    for v in views:
+        assert v.shape == x.shape and v.dtype == torch.uint8
+        nonzero = v[0, 0] != 0
+        rows, cols = nonzero.nonzero().T
+        # pixel value k sits at (k-1)//3, (k-1)%3 in x; every surviving value moved by the same (dy, dx)
+        moved = {(int(r) - (int(v[0, 0, r, c]) - 1) // 3, int(c) - (int(v[0, 0, r, c]) - 1) % 3) for r, c in zip(rows, cols)}
+        assert len(moved) == 1
+        (dy, dx), = moved
+        assert max(abs(dy), abs(dx)) <= 1 and (dy, dx) not in seen
+        seen.add((dy, dx))
+        # the border the shift uncovered is background (0)
+        assert int(nonzero.sum()) == (3 - abs(dy)) * (3 - abs(dx))
+    with pytest.raises(ValueError):
+        shifted_views(x, -1)
+
+
+def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, splits):
+    from mnist_classifier import checkpoint
+    from mnist_classifier.preprocess import model_input
+
+    model, info, _ = checkpoint.load_model(trained_checkpoint, CPU)
+    images, labels = splits.test_images[:500], splits.test_labels[:500]
+    to_input = lambda v: model_input(v, info.mean, info.std, CPU)  # noqa: E731
+    plain = predict_log_probs(model, images, to_input, 0)
+    # in probability space: log-probabilities below the 1e-12 floor are clamped on purpose
+    assert torch.allclose(plain.exp(), torch.softmax(predict_logits(model, to_input(images)), 1), atol=1e-6)
+    tta = predict_log_probs(model, images, to_input, 1)
+    # the same average built independently: pad the float pixels, crop each window, mean of softmaxes
+    padded = torch.nn.functional.pad(images.float(), (1, 1, 1, 1))
+    probs = [torch.softmax(predict_logits(model, to_input(padded[..., 1 - dy : 29 - dy, 1 - dx : 29 - dx].to(torch.uint8))), 1)
+             for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    assert torch.allclose(tta.exp(), torch.stack(probs).mean(0), atol=1e-5)
+    assert tta.exp().sum(1).sub(1).abs().max() < 1e-4
+    assert metrics_from_logits(tta, labels)["accuracy"] >= 95.0
+
+
+def test_evaluate_with_tta_from_the_command_line(trained_checkpoint, data_dir):
+    args = ("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--device", "cpu")
+    plain = json.loads(run_cli(*args, "--json").stdout)
+    proc = run_cli(*args, "--json", "--tta-shift", "1")
+    assert proc.returncode == 0, proc.stderr
+    tta = json.loads(proc.stdout)
+    assert plain["tta_views"] == 1 and tta["tta_views"] == 9 and tta["n"] == 10000
+    assert abs(tta["accuracy"] - plain["accuracy"]) < 1.0  # small shifts keep a 2-epoch model near its own accuracy
+    text = run_cli(*args, "--tta-shift", "1")
+    assert text.returncode == 0 and "averages 9 views" in text.stdout
+    bad = run_cli(*args, "--tta-shift", "9")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tta-shift" in bad.stderr

@@ -196,11 +196,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from . import checkpoint
     from .datasets import load_for
     from .device import autocast_dtype, select_device
-    from .evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
+    from .evaluate import ensemble_log_probs, metrics_from_logits, predict_log_probs, predict_logits
     from .preprocess import model_input
 
     if args.batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+    if not 0 <= args.tta_shift <= 3:
+        raise UserError(f"--tta-shift must be 0 (off) to 3 pixels, got {args.tta_shift}")
     device = select_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
     loaded = [checkpoint.load_model(p, device) for p in args.checkpoint]
@@ -213,8 +215,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     member_logits = []
     members = []
     for path, (model, minfo, _) in zip(args.checkpoint, loaded):
-        x = model_input(splits.test_images, minfo.mean, minfo.std, device)
-        logits = predict_logits(model, x, args.batch_size, amp_dtype)
+        if args.tta_shift:
+            to_input = lambda v, m=minfo: model_input(v, m.mean, m.std, device)  # noqa: E731
+            logits = predict_log_probs(model, splits.test_images, to_input, args.tta_shift, args.batch_size, amp_dtype)
+        else:
+            x = model_input(splits.test_images, minfo.mean, minfo.std, device)
+            logits = predict_logits(model, x, args.batch_size, amp_dtype)
         member_logits.append(logits)
         members.append({"checkpoint": str(path), **metrics_from_logits(logits, labels)})
     result = members[0] if len(members) == 1 else {
@@ -223,6 +229,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         "members": members,
     }
     result["class_names"] = list(info.class_names)
+    result["tta_views"] = (2 * args.tta_shift + 1) ** 2
     if args.json:
         print(json.dumps(result))
         return 0
@@ -230,6 +237,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         for m in members:
             print(f"{m['checkpoint']}: accuracy {m['accuracy']:.2f}%  loss {m['loss']:.4f}")
         print(f"Ensemble of {len(members)} (mean probabilities):")
+    if args.tta_shift:
+        print(f"Test-time augmentation: each prediction averages {result['tta_views']} views shifted by up to {args.tta_shift} px")
     print(f"Test loss: {result['loss']:.4f}  Accuracy: {result['accuracy']:.2f}% ({result['correct']}/{result['n']})")
     for name, acc in zip(info.class_names, result["per_class_accuracy"]):
         print(f"  {name:>12}: {acc:6.2f}%")
@@ -326,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="autocast dtype, as in training: auto = bf16 where the hardware has it natively (default: auto)")
+    p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
+                   help="test-time augmentation: average each model's probabilities over the (2*PX+1)^2 copies of "
+                        "every image shifted by whole pixels up to PX in each direction (default: 0, off)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify your own images (files or folders)",

@@ -28,6 +28,31 @@ def predict_logits(
     return torch.cat(chunks) if chunks else images.new_zeros((0, 0))
 
 
+def shifted_views(images: torch.Tensor, radius: int) -> list[torch.Tensor]:
+    """Every copy of ``images`` (N, C, H, W) moved by whole pixels (dy, dx) with ``|dy|, |dx| <= radius``,
+    the uncovered border filled with 0 (the background before normalisation); ``(2 * radius + 1) ** 2``
+    views, the unshifted one first. Shifting before normalising keeps the fill exact for any mean/std."""
+    if radius < 0:
+        raise ValueError(f"shift radius must be >= 0, got {radius}")
+    h, w = images.shape[-2:]
+    padded = F.pad(images, (radius, radius, radius, radius))  # constant 0 works for uint8 and float alike
+    offsets = sorted(((dy, dx) for dy in range(-radius, radius + 1) for dx in range(-radius, radius + 1)),
+                     key=lambda d: (d != (0, 0), d))
+    # a view shifted down by dy shows, at row r, the input row r - dy: the window starts at radius - dy
+    return [padded[..., radius - dy : radius - dy + h, radius - dx : radius - dx + w] for dy, dx in offsets]
+
+
+def predict_log_probs(
+    model: nn.Module, images: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor], shift: int = 0,
+    batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Log-probabilities ``(N, num_classes)`` of raw ``images`` (N, C, H, W), averaged in probability over
+    the ``(2 * shift + 1) ** 2`` one-pixel-step shifts of test-time augmentation (``shift=0``: the plain
+    prediction). ``to_input`` normalises a view for the model (``preprocess.model_input``)."""
+    views = shifted_views(images, shift)
+    return ensemble_log_probs([predict_logits(model, to_input(v), batch_size, amp_dtype) for v in views])
+
+
 def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
     """Additive statistics of a batch of scores, float64 ``(1 + 2C,)``: summed loss, hits per class, count
     per class. Sums from shards (processes, chunks) add up to the sums of the whole set."""
