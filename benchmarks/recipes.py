@@ -1,10 +1,11 @@
 """Train a recipe with several seeds and print its accuracy (mean, min, max) and training-loop time.
 
 One JSON line per seed, then a summary line. With ``--ensemble`` the seeds' models are also evaluated as
-one ensemble (mean of probabilities), through `mnist evaluate`'s own code.
+one ensemble (mean of probabilities), through `mnist evaluate`'s own code; ``--tta-shift 1`` adds the same
+ensemble with shift test-time augmentation (`mnist evaluate --tta-shift 1`).
 
     .venv/bin/python benchmarks/recipes.py --recipe fast --seeds 0 1 2 3 4
-    .venv/bin/python benchmarks/recipes.py --recipe best --seeds 0 1 2 --ensemble --out runs/best
+    .venv/bin/python benchmarks/recipes.py --recipe best --seeds 0 1 2 --ensemble --tta-shift 1 --out runs/best
     .venv/bin/python benchmarks/recipes.py --recipe seed --dataset fashion-mnist --seeds 0 1 2
 """
 
@@ -22,7 +23,7 @@ from mnist_classifier import checkpoint
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.datasets import load_dataset
 from mnist_classifier.device import autocast_dtype, select_device
-from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_logits
+from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_log_probs, predict_logits
 from mnist_classifier.preprocess import model_input
 from mnist_classifier.train import fit
 
@@ -36,6 +37,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--out", default=None, help="folder for the runs (default: runs/recipe-<name>)")
     parser.add_argument("--ensemble", action="store_true")
+    parser.add_argument("--tta-shift", type=int, default=0, help="with --ensemble: also report it with shift TTA of this radius")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (for a quick look)")
     parser.add_argument("--set", default="", metavar="KEY=VALUE,...", help="other overrides, e.g. model=res-cnn")
     args = parser.parse_args()
@@ -69,12 +71,18 @@ def main() -> None:
             "train_seconds_mean": round(statistics.mean(secs), 2), "train_seconds_max": round(max(secs), 2)}
     if args.ensemble and len(results) > 1:
         labels = splits.test_labels.to(device)
-        logits = []
+        amp_dtype = autocast_dtype("auto", device)
+        logits, tta = [], []
         for r in results:
             model, info, _ = checkpoint.load_model(Path(r["run_dir"]) / "model.pt", device)
-            x = model_input(splits.test_images, info.mean, info.std, device)
-            logits.append(predict_logits(model, x, 1000, autocast_dtype("auto", device)))
+            to_input = lambda v, m=info: model_input(v, m.mean, m.std, device)  # noqa: E731
+            logits.append(predict_logits(model, to_input(splits.test_images), 1000, amp_dtype))
+            if args.tta_shift:
+                tta.append(predict_log_probs(model, splits.test_images, to_input, args.tta_shift, 1000, amp_dtype))
         line["ensemble_accuracy"] = round(metrics_from_logits(ensemble_log_probs(logits), labels)["accuracy"], 3)
+        if tta:
+            line["tta_views"] = (2 * args.tta_shift + 1) ** 2
+            line["ensemble_tta_accuracy"] = round(metrics_from_logits(ensemble_log_probs(tta), labels)["accuracy"], 3)
     print(json.dumps(line))
 
 
