@@ -215,12 +215,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     member_logits = []
     members = []
     for path, (model, minfo, _) in zip(args.checkpoint, loaded):
-        if args.tta_shift:
-            to_input = lambda v, m=minfo: model_input(v, m.mean, m.std, device)  # noqa: E731
-            logits = predict_log_probs(model, splits.test_images, to_input, args.tta_shift, args.batch_size, amp_dtype)
-        else:
-            x = model_input(splits.test_images, minfo.mean, minfo.std, device)
-            logits = predict_logits(model, x, args.batch_size, amp_dtype)
+        to_input = lambda v, m=minfo: model_input(v, m.mean, m.std, device)  # noqa: E731
+        # without TTA the raw logits, so the loss is exactly the one training reported (no 1e-12 floor)
+        logits = (predict_log_probs(model, splits.test_images, to_input, args.tta_shift, args.batch_size, amp_dtype)
+                  if args.tta_shift else predict_logits(model, to_input(splits.test_images), args.batch_size, amp_dtype))
         member_logits.append(logits)
         members.append({"checkpoint": str(path), **metrics_from_logits(logits, labels)})
     result = members[0] if len(members) == 1 else {
