@@ -1,4 +1,4 @@
-"""Training speed on one device (made for the H200 the `device` tool lends; runs anywhere).
+"""Training speed on one device (any CUDA GPU, or the CPU).
 
 1. time to 99 % test accuracy: the fast recipe, epoch by epoch, summing training-loop seconds (evaluation
    excluded, device synchronised) until the test accuracy first reaches 99 %;
@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from common import parse_overrides
-
-from mnist_classifier.config import TrainConfig
+from mnist_classifier.config import TrainConfig, parse_overrides
 from mnist_classifier.data import load_mnist
 from mnist_classifier.device import select_device
-from mnist_classifier.train import fit
+from mnist_classifier.training import fit
 
 
 def run(recipe: str, device: torch.device, splits, data_dir: str, **overrides) -> dict:
@@ -51,9 +49,9 @@ def main() -> None:
     device = select_device(args.device)
     splits = load_mnist(args.data_dir, download=False)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    common = parse_overrides(args.set)
+    common = parse_overrides(TrainConfig, args.set)
     run("fast", device, splits, args.data_dir, **{**common, "epochs": 1})  # warm-up: kernels, allocator, autotuning
-    variants = [common] + [{**common, **parse_overrides(spec)} for spec in args.fast_variant]
+    variants = [common] + [{**common, **parse_overrides(TrainConfig, spec)} for spec in args.fast_variant]
     for precision in args.precisions:
         for variant in variants:
             for r in range(args.repeats):

@@ -14,11 +14,10 @@ import json
 
 import torch
 
-from mnist_classifier import checkpoint
-from mnist_classifier.datasets import load_for
+from mnist_classifier.data import load_for
 from mnist_classifier.device import autocast_dtype, select_device
-from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_log_probs
-from mnist_classifier.preprocess import model_input
+from mnist_classifier.evaluation import checkpoint_scores, combine
+from mnist_classifier.models import load_model
 
 
 def main() -> None:
@@ -28,39 +27,33 @@ def main() -> None:
     parser.add_argument("--tta-shift", type=int, default=1, help="pixel radius of the shifted views (default: 1, 9 views)")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--precision", default="fp32")
     args = parser.parse_args()
 
     device = select_device(args.device)
     amp_dtype = autocast_dtype(args.precision, device)
-    splits, labels = None, None
-    cache: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"plain": log-probs, "tta": log-probs}
+    splits = None
+    cache: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"plain": scores, "tta": log-probs}
     for name, *paths in args.group:
         if not paths:
             parser.error(f"group {name} names no checkpoint")
         for path in paths:
             if path in cache:
                 continue
-            model, info, _ = checkpoint.load_model(path, device)
-            if splits is None:
-                splits = load_for(info, args.data_dir)
-                labels = splits.test_labels.to(device)
-            to_input = lambda v, m=info: model_input(v, m.mean, m.std, device)  # noqa: E731
-            cache[path] = {
-                "plain": predict_log_probs(model, splits.test_images, to_input, 0, amp_dtype=amp_dtype),
-                "tta": predict_log_probs(model, splits.test_images, to_input, args.tta_shift, amp_dtype=amp_dtype),
-            }
+            model, info, _ = load_model(path, device)
+            splits = splits or load_for(info, args.data_dir)
+            cache[path] = {kind: checkpoint_scores(model, info, splits.test_images, device, shift, amp_dtype=amp_dtype)
+                           for kind, shift in (("plain", 0), ("tta", args.tta_shift))}
         row = {"group": name, "members": len(paths), "tta_views": (2 * args.tta_shift + 1) ** 2}
         for kind in ("plain", "tta"):
-            member_acc = [metrics_from_logits(cache[p][kind], labels)["accuracy"] for p in paths]
-            ens = ensemble_log_probs([cache[p][kind] for p in paths])
-            m = metrics_from_logits(ens, labels)
+            result = combine([cache[p][kind] for p in paths], splits.test_labels, splits.info.class_names, paths)
+            member_acc = [m.accuracy for m in result.members]
             row[kind] = {
-                "ensemble_accuracy": m["accuracy"],
-                "ensemble_errors": m["n"] - m["correct"],
+                "ensemble_accuracy": result.accuracy,
+                "ensemble_errors": result.n - result.correct,
                 "member_accuracy": member_acc,
                 "member_mean": sum(member_acc) / len(member_acc),
-                "wrong_indices": ens.argmax(1).ne(labels).nonzero().flatten().tolist(),
+                "wrong_indices": result.wrong_indices(splits.test_labels),
             }
         print(json.dumps(row), flush=True)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mnist_classifier import checkpoint
+from mnist_classifier.models import checkpoint
 from mnist_classifier.data import load_mnist
-from mnist_classifier.evaluate import predict_logits
-from mnist_classifier.export import export_onnx
-from mnist_classifier.preprocess import normalize
+from mnist_classifier.evaluation import predict_logits
+from mnist_classifier.inference.export import export_onnx
+from mnist_classifier.data.images import normalize
 
 
 def best_of(fn, repeats: int) -> tuple[float, np.ndarray]:

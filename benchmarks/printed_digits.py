@@ -75,8 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from mnist_classifier import checkpoint
-    from mnist_classifier.predict import predict_files
+    from mnist_classifier.models import checkpoint
+    from mnist_classifier.inference import predict_files
 
     items = render_set(args.out, args.per_digit)
     model, info, _ = checkpoint.load_model(args.checkpoint, "cpu")

@@ -15,17 +15,11 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
-from common import parse_overrides
-
-from mnist_classifier import checkpoint
-from mnist_classifier.config import TrainConfig
-from mnist_classifier.datasets import load_dataset
-from mnist_classifier.device import autocast_dtype, select_device
-from mnist_classifier.evaluate import ensemble_log_probs, metrics_from_logits, predict_log_probs, predict_logits
-from mnist_classifier.preprocess import model_input
-from mnist_classifier.train import fit
+from mnist_classifier.config import TrainConfig, parse_overrides
+from mnist_classifier.data import load_dataset
+from mnist_classifier.device import select_device
+from mnist_classifier.evaluation import evaluate_checkpoints
+from mnist_classifier.training import fit
 
 
 def main() -> None:
@@ -51,7 +45,7 @@ def main() -> None:
         cfg = TrainConfig.from_recipe(args.recipe)
         cfg.seed, cfg.device, cfg.data_dir, cfg.log_every = seed, str(device), args.data_dir, 10**9
         cfg.dataset = args.dataset
-        for key, value in parse_overrides(args.set).items():
+        for key, value in parse_overrides(TrainConfig, args.set).items():
             setattr(cfg, key, value)
         if args.epochs:
             cfg.epochs = args.epochs
@@ -70,19 +64,13 @@ def main() -> None:
             "accuracy_mean": round(statistics.mean(accs), 3), "accuracy_min": min(accs), "accuracy_max": max(accs),
             "train_seconds_mean": round(statistics.mean(secs), 2), "train_seconds_max": round(max(secs), 2)}
     if args.ensemble and len(results) > 1:
-        labels = splits.test_labels.to(device)
-        amp_dtype = autocast_dtype("auto", device)
-        logits, tta = [], []
-        for r in results:
-            model, info, _ = checkpoint.load_model(Path(r["run_dir"]) / "model.pt", device)
-            to_input = lambda v, m=info: model_input(v, m.mean, m.std, device)  # noqa: E731
-            logits.append(predict_logits(model, to_input(splits.test_images), 1000, amp_dtype))
-            if args.tta_shift:
-                tta.append(predict_log_probs(model, splits.test_images, to_input, args.tta_shift, 1000, amp_dtype))
-        line["ensemble_accuracy"] = round(metrics_from_logits(ensemble_log_probs(logits), labels)["accuracy"], 3)
-        if tta:
-            line["tta_views"] = (2 * args.tta_shift + 1) ** 2
-            line["ensemble_tta_accuracy"] = round(metrics_from_logits(ensemble_log_probs(tta), labels)["accuracy"], 3)
+        paths = [Path(r["run_dir"]) / "model.pt" for r in results]
+        plain = evaluate_checkpoints(paths, device=device, splits=splits)
+        line["ensemble_accuracy"] = round(plain.accuracy, 3)
+        if args.tta_shift:
+            tta = evaluate_checkpoints(paths, device=device, tta_shift=args.tta_shift, splits=splits)
+            line["tta_views"] = tta.tta_views
+            line["ensemble_tta_accuracy"] = round(tta.accuracy, 3)
     print(json.dumps(line))
 
 

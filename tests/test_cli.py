@@ -65,7 +65,7 @@ def test_checkpoint_that_runs_code_is_refused(capsys, tmp_path):
 
 
 def test_evaluate_json_in_a_real_process(data_dir, tmp_path, small_cfg, splits):
-    from mnist_classifier.train import fit
+    from mnist_classifier.training import fit
 
     run_dir = tmp_path / "run"
     run_dir.mkdir(exist_ok=True)

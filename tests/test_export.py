@@ -6,9 +6,9 @@ import onnxruntime as ort
 import torch
 
 from conftest import run_cli
-from mnist_classifier import checkpoint
-from mnist_classifier.evaluate import predict_logits
-from mnist_classifier.preprocess import model_input
+from mnist_classifier.models import checkpoint
+from mnist_classifier.evaluation import predict_logits
+from mnist_classifier.data.images import model_input
 
 
 def test_onnx_matches_pytorch_on_1000_test_images(trained_checkpoint, splits, tmp_path):

@@ -1,5 +1,5 @@
 """--cuda-graphs: the fixed-buffer training step. CI has no GPU, so the step runs here uncaptured, which is the
-same code the graph records; the capture itself is exercised by benchmarks/gpu_session.sh on the H200."""
+same code the graph records; the capture itself is exercised by benchmarks/gpu_check.sh on a CUDA machine."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import pytest
 import torch
 
 from mnist_classifier.config import TrainConfig
-from mnist_classifier.graphs import StaticStep, lr_value
-from mnist_classifier.model import ModelConfig, build_model
-from mnist_classifier.preprocess import model_input
-from mnist_classifier.train import StepExtras, fit, learning_rate, make_optimizer, train_epoch
+from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.data.images import model_input
+from mnist_classifier.training import fit, train_epoch
+from mnist_classifier.training.epoch import EpochLoop
+from mnist_classifier.training.optim import learning_rate, lr_value, make_optimizer
+from mnist_classifier.training.step import CudaGraphStep
 
 from conftest import run_cli
 
@@ -26,9 +28,9 @@ def test_static_steps_match_the_plain_steps(splits):
     cfg = TrainConfig(cuda_graphs=True)
     opt_a, opt_b = make_optimizer(cfg, plain.parameters(), x.device), make_optimizer(cfg, static_model.parameters(), x.device)
     perm = torch.randperm(640)
-    train_epoch(plain, opt_a, x, y, perm, 64, amp_dtype=None)
-    step = StaticStep(static_model, opt_b, x, y, 64, None, 0.0)  # no CUDA here: runs uncaptured
-    train_epoch(static_model, opt_b, x, y, perm, 64, amp_dtype=None, extras=StepExtras(static=step))
+    train_epoch(plain, opt_a, x, y, perm, 64)
+    step = CudaGraphStep(static_model, opt_b, x, y, 64)  # no CUDA here: runs uncaptured
+    EpochLoop(step, 64, 10).run(1, perm)
     assert step.eager_steps == 10 and step.graph is None
     for a, b in zip(plain.parameters(), static_model.parameters()):
         assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()

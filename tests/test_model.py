@@ -3,7 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from mnist_classifier.errors import UserError
-from mnist_classifier.model import MODELS, ModelConfig, SeedCNN, build_model, count_parameters
+from mnist_classifier.models import MODELS, ModelConfig, build_model, count_parameters
+from mnist_classifier.models.cnn import SeedCNN
 
 
 def test_seed_cnn_has_the_guides_parameter_count_and_output_shape():

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from conftest import run_cli
-from mnist_classifier.plots import most_confused, plot_confusion, plot_samples, save_figure
+from mnist_classifier.evaluation.plots import most_confused, plot_confusion, plot_samples, save_figure
 
 PNGS = ["samples.png", "predictions.png", "curves.png", "confusion.png", "mistakes.png"]
 
@@ -29,7 +29,7 @@ def test_train_with_plots_writes_every_picture(data_dir, tmp_path):
 
 
 def test_plot_command_on_an_existing_run(data_dir, tmp_path, small_cfg, splits):
-    from mnist_classifier.train import fit
+    from mnist_classifier.training import fit
 
     run = Path(small_cfg.out)
     fit(small_cfg, splits, torch.device("cpu"), run)

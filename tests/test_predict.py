@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_cli
-from mnist_classifier.preprocess import ImageError, open_image, prepare_digit
+from mnist_classifier.data.images import ImageError, open_image, prepare_digit
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from printed_digits import render_set  # noqa: E402

@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from conftest import run_cli
-from mnist_classifier.augment import AffineAugment
+from mnist_classifier.data.augment import AffineAugment
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import UserError
-from mnist_classifier.evaluate import metrics_from_logits, predict_log_probs, predict_logits, shifted_views
-from mnist_classifier.model import MODELS, ModelConfig, build_model
-from mnist_classifier.train import EMA, fit, learning_rate
+from mnist_classifier.evaluation import metrics_from_logits, predict_log_probs, predict_logits, shifted_views
+from mnist_classifier.models import MODELS, ModelConfig, build_model
+from mnist_classifier.training import fit
+from mnist_classifier.training.optim import EMA, learning_rate
 
 CPU = torch.device("cpu")
 
@@ -86,7 +87,7 @@ def test_validation_selection_never_tests_per_epoch(small_cfg, splits):
 
 
 def test_validation_split_is_the_end_of_the_training_set(small_cfg, splits):
-    from mnist_classifier.train import prepare_data
+    from mnist_classifier.training.session import prepare_data
 
     data = prepare_data(dataclasses.replace(small_cfg, train_subset=0, val_size=10000), splits, CPU)
     assert len(data.train_y) == 50000 and len(data.eval_y) == 10000
@@ -100,7 +101,7 @@ def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
                               ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100)
     a, b = tmp_path / "a", tmp_path / "b"
     fit(dataclasses.replace(cfg, out=str(a)), splits, CPU, a)
-    from mnist_classifier.train import Reporter, load_resume
+    from mnist_classifier.training import Reporter, load_resume
 
     class StopAfterFirstEpoch(Reporter):  # an interrupted 2-epoch run: the schedule knows the full length
         def epoch(self, row):
@@ -159,7 +160,7 @@ def test_compiled_training_saves_the_plain_module(small_cfg, splits):
     fit(dataclasses.replace(small_cfg, compile=True, train_subset=256, batch_size=128), splits, CPU, run_dir)
     state = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
     assert state and not any(k.startswith("_orig_mod") for k in state)
-    from mnist_classifier import checkpoint
+    from mnist_classifier.models import checkpoint
 
     checkpoint.load_model(run_dir / "model.pt")  # strict load into the plain model
 
@@ -195,8 +196,8 @@ def test_shifted_views_move_the_image_and_fill_with_background():
 
 
 def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, splits):
-    from mnist_classifier import checkpoint
-    from mnist_classifier.preprocess import model_input
+    from mnist_classifier.models import checkpoint
+    from mnist_classifier.data.images import model_input
 
     model, info, _ = checkpoint.load_model(trained_checkpoint, CPU)
     images, labels = splits.test_images[:500], splits.test_labels[:500]

@@ -17,7 +17,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_cli
-from mnist_classifier.data import MNIST_FILES, encode_idx, load_mnist, raw_dir
+from mnist_classifier.data import load_mnist, raw_dir
+from mnist_classifier.data.idx import encode_idx
+from mnist_classifier.data.mnist import MNIST_FILES
 from mnist_classifier.errors import UserError
 
 # ------------------------------------------------------------------------------------------------------------
@@ -56,7 +58,7 @@ def test_code_carrying_checkpoint_is_refused_everywhere(command, tmp_path, data_
 
 
 def test_broken_checkpoints_get_clear_errors(tmp_path, trained_checkpoint):
-    from mnist_classifier import checkpoint
+    from mnist_classifier.models import checkpoint
 
     good = trained_checkpoint.read_bytes()
     cases = {
@@ -184,12 +186,12 @@ def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(data_dir,
 
 
 def test_out_of_memory_gets_the_guides_advice(monkeypatch, capsys, tmp_path, data_dir):
-    from mnist_classifier import cli, train
+    from mnist_classifier import cli
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "fit", oom)
+    monkeypatch.setattr(cli, "fit", oom)
     code = cli.main(["train", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "out of memory" in err and "--batch-size" in err and "Traceback" not in err
@@ -210,7 +212,7 @@ def _copy_data(data_dir: Path, tmp_path: Path) -> Path:
 @pytest.mark.parametrize("fault, fragment", [
     ("truncate", "truncated"),
     ("magic", "wrong magic number"),
-    ("label_range", "out of range"),
+    ("label_range", "labels must be 0-9"),
     ("count", "labels"),
 ])
 def test_damaged_idx_files_name_the_file_and_are_left_alone(fault, fragment, data_dir, tmp_path):

@@ -6,20 +6,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnist_classifier import checkpoint
-from mnist_classifier.evaluate import metrics_from_logits, predict_logits
-from mnist_classifier.preprocess import model_input
-from mnist_classifier.train import fit, load_resume
+from mnist_classifier.evaluation import evaluate_checkpoints
+from mnist_classifier.models import checkpoint
+from mnist_classifier.training import fit, load_resume
 
 CPU = torch.device("cpu")
 
 
-def _evaluate_checkpoint(path, splits, precision="auto"):
-    from mnist_classifier.device import autocast_dtype
-
-    model, info, _ = checkpoint.load_model(path, CPU)
-    x = model_input(splits.test_images, info.mean, info.std, CPU)
-    return metrics_from_logits(predict_logits(model, x, 1000, autocast_dtype(precision, CPU)), splits.test_labels)
+def _evaluate_checkpoint(path, splits):
+    """What `mnist evaluate` reports for the checkpoint, as a dict."""
+    return evaluate_checkpoints([path], device=CPU, splits=splits).to_dict()
 
 
 def test_short_run_writes_the_run_folder_and_reloads_exactly(small_cfg, splits):
@@ -101,7 +97,7 @@ def test_fp32_precision_path(small_cfg, splits):
     run_dir.mkdir(parents=True)
     summary = fit(dataclasses.replace(small_cfg, precision="fp32", train_subset=500), splits, CPU, run_dir)
     assert json.loads((run_dir / "config.json").read_text())["autocast"] == "fp32"
-    assert _evaluate_checkpoint(run_dir / "model.pt", splits, "fp32")["accuracy"] == summary["test_accuracy"]
+    assert _evaluate_checkpoint(run_dir / "model.pt", splits)["accuracy"] == summary["test_accuracy"]
 
 
 @pytest.mark.slow

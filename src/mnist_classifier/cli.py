@@ -13,7 +13,21 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from tqdm import tqdm
+
+from . import __version__
+from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
+from .data import ensure_mnist, load_dataset, load_for, model_input, raw_dir, verify_mnist
+from .device import autocast_dtype, select_device
 from .errors import Interrupted, UserError
+from .evaluation import EvalResult, evaluate_checkpoints
+from .inference import expand_paths, predict_files
+from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
+from .models import checkpoint
+from .training import Reporter, check_config, fit, load_resume
+from . import runs
+from .training import distributed
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,8 +67,6 @@ class ConsoleReporter:
     def step(self, epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
         if self.tty:
             if self.bar is None:
-                from tqdm import tqdm
-
                 self.bar = tqdm(total=n_batches, desc=f"Epoch {epoch}", unit="batch", leave=False, file=self.stream)
             self.bar.update(1)
             if loss is not None:
@@ -81,34 +93,23 @@ class ConsoleReporter:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from .data import ensure_mnist, verify_mnist
-
-    if args.dataset != "mnist":
-        from .datasets import load_dataset
-
-        splits = load_dataset(args.dataset, args.data_dir)
-        info = splits.info
-        print(f"{info.name} is ready: {len(splits.train_labels):,} training and {len(splits.test_labels):,} test images, "
-              f"{info.channels}x{info.image_size}x{info.image_size}, {len(info.class_names)} classes "
-              f"({', '.join(info.class_names)}); mean {list(info.mean)}, std {list(info.std)}")
+    if args.dataset == "mnist":
+        ensure_mnist(args.data_dir)
+        files = verify_mnist(args.data_dir)
+        print(f"MNIST is ready in {raw_dir(args.data_dir).resolve()}")
+        for path in files.values():
+            print(f"  {Path(path).name}: md5 ok")
         return 0
-    folder = ensure_mnist(args.data_dir)
-    files = verify_mnist(args.data_dir)
-    print(f"MNIST is ready in {folder.resolve()}")
-    for stem, path in files.items():
-        print(f"  {Path(path).name}: md5 ok")
+    splits = load_dataset(args.dataset, args.data_dir)
+    info = splits.info
+    print(f"{info.name} is ready: {len(splits.train_labels):,} training and {len(splits.test_labels):,} test images, "
+          f"{info.channels}x{info.image_size}x{info.image_size}, {len(info.class_names)} classes "
+          f"({', '.join(info.class_names)}); mean {list(info.mean)}, std {list(info.std)}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    import torch
-
-    from . import distributed, runs
-    from .config import TrainConfig, config_from_args
-    from .datasets import load_dataset
-    from .device import select_device
-    from .train import Reporter, fit, load_resume
-
+def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The config to train with (recipe or resumed run, with the typed flags laid over it) and the resume payload."""
     base, resume = None, None
     if args.resume:
         base, resume = load_resume(args.resume)
@@ -117,14 +118,38 @@ def cmd_train(args: argparse.Namespace) -> int:
             runs.remove_stale_temps(args.resume)
     elif getattr(args, "recipe", ""):
         base = TrainConfig.from_recipe(args.recipe)
-    cfg = config_from_args(args, TrainConfig, base).validate()
-    if resume is not None and str(Path(cfg.out)) != str(Path(args.resume)):
+    cfg = check_config(config_from_args(args, TrainConfig, base))
+    if resume is None:
+        return cfg, None
+    if str(Path(cfg.out)) != str(Path(args.resume)):
         raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
     # A run killed after its last epoch but before summary.json is finished by resuming it with no epochs left.
-    finished = (Path(args.resume) / "summary.json").exists() if resume is not None else False
-    if resume is not None and (cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished)):
+    finished = (Path(args.resume) / "summary.json").exists()
+    if cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished):
         raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
+    return cfg, resume
 
+
+def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Path, reporter: Reporter,
+                    resume: dict[str, Any] | None, ctx: distributed.DistContext) -> dict[str, Any]:
+    """``fit``, with out-of-memory and a lost peer turned into one-line advice."""
+    try:
+        return fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx)
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of memory on {device} with --batch-size {cfg.batch_size}: reduce --batch-size (e.g. to "
+            f"{max(1, cfg.batch_size // 2)}, or 32 or 16, as the guide advises); the last checkpoint is in {run_dir}"
+        ) from None
+    except RuntimeError as exc:
+        if not ctx.enabled:
+            raise
+        # a peer died or hung: collectives raise after --dist-timeout (or at once when the link breaks)
+        raise UserError(f"rank {ctx.rank}: lost the other processes ({str(exc).strip().splitlines()[0][:160]}); "
+                        f"resume with --resume {run_dir}") from None
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    cfg, resume = _train_config(args)
     ctx = distributed.SINGLE
     if distributed.launched_by_torchrun():
         ctx, device = distributed.setup(cfg.device, cfg.dist_timeout)
@@ -138,20 +163,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # Only rank 0 creates the run folder; the others learn its name.
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out)) if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
-        oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-        try:
-            summary = fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx)
-        except oom:
-            raise UserError(
-                f"out of memory on {device} with --batch-size {cfg.batch_size}: reduce --batch-size (e.g. to "
-                f"{max(1, cfg.batch_size // 2)}, or 32 or 16, as the guide advises); the last checkpoint is in {run_dir}"
-            ) from None
-        except RuntimeError as exc:
-            if not ctx.enabled:
-                raise
-            # a peer died or hung: collectives raise after --dist-timeout (or at once when the link breaks)
-            raise UserError(f"rank {ctx.rank}: lost the other processes ({str(exc).strip().splitlines()[0][:160]}); "
-                            f"resume with --resume {run_dir}") from None
+        summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
     finally:
         distributed.teardown(ctx)
     if not ctx.is_main:
@@ -160,28 +172,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"Test accuracy: {summary['test_accuracy']:.2f}%{chosen}  (training loop {summary['train_seconds']:.1f} s, "
           f"total {summary['total_seconds']:.1f} s)")
     if cfg.plots:
-        for path in _write_plots(run_dir, splits, device, cfg.precision):
+        for path in _write_plots(run_dir, splits, device, "fp32"):
             print(f"Wrote {path}")
     print(f"Run folder: {run_dir}")
     return 0
 
 
-def _write_plots(run_dir: Path, splits, device, precision: str) -> list[Path]:
-    from . import checkpoint
-    from .device import autocast_dtype
-    from .plots import run_plots
-    from .preprocess import model_input
+def _write_plots(run_dir: Path, splits, device: torch.device, precision: str) -> list[Path]:
+    from .evaluation.plots import run_plots  # matplotlib costs about a second to import; only plots need it
 
-    model, info, _ = checkpoint.load_model(run_dir / "model.pt", device)
+    model, info, _ = load_model(run_dir / "model.pt", device)
     test_x = model_input(splits.test_images, info.mean, info.std, device)
     return run_plots(run_dir, model, test_x, splits, autocast_dtype(precision, device))
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .datasets import load_for
-    from .device import select_device
-
     run_dir = Path(args.run)
     if not (run_dir / "model.pt").is_file():
         raise UserError(f"{run_dir} is not a run folder (no model.pt); pass the folder `mnist train` printed")
@@ -192,73 +197,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .datasets import load_for
-    from .device import autocast_dtype, select_device
-    from .evaluate import ensemble_log_probs, metrics_from_logits, predict_log_probs, predict_logits
-    from .preprocess import model_input
-
-    if args.batch_size <= 0:
-        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
-    if not 0 <= args.tta_shift <= 3:
-        raise UserError(f"--tta-shift must be 0 (off) to 3 pixels, got {args.tta_shift}")
-    device = select_device(args.device)
-    amp_dtype = autocast_dtype(args.precision, device)
-    loaded = [checkpoint.load_model(p, device) for p in args.checkpoint]
-    info = loaded[0][1]
-    for path, (_, other, _) in zip(args.checkpoint, loaded):
-        if (other.name, other.class_names) != (info.name, info.class_names):
-            raise UserError(f"{path} was trained on {other.name}, but {args.checkpoint[0]} on {info.name}; an ensemble needs one data set")
-    splits = load_for(info, args.data_dir)  # the test set of the data set the checkpoint was trained on
-    labels = splits.test_labels.to(device)
-    member_logits = []
-    members = []
-    for path, (model, minfo, _) in zip(args.checkpoint, loaded):
-        to_input = lambda v, m=minfo: model_input(v, m.mean, m.std, device)  # noqa: E731
-        # without TTA the raw logits, so the loss is exactly the one training reported (no 1e-12 floor)
-        logits = (predict_log_probs(model, splits.test_images, to_input, args.tta_shift, args.batch_size, amp_dtype)
-                  if args.tta_shift else predict_logits(model, to_input(splits.test_images), args.batch_size, amp_dtype))
-        member_logits.append(logits)
-        members.append({"checkpoint": str(path), **metrics_from_logits(logits, labels)})
-    result = members[0] if len(members) == 1 else {
-        **metrics_from_logits(ensemble_log_probs(member_logits), labels),
-        "ensemble_of": len(members),
-        "members": members,
-    }
-    result["class_names"] = list(info.class_names)
-    result["tta_views"] = (2 * args.tta_shift + 1) ** 2
-    if args.json:
-        print(json.dumps(result))
-        return 0
-    if len(members) > 1:
-        for m in members:
-            print(f"{m['checkpoint']}: accuracy {m['accuracy']:.2f}%  loss {m['loss']:.4f}")
-        print(f"Ensemble of {len(members)} (mean probabilities):")
-    if args.tta_shift:
-        print(f"Test-time augmentation: each prediction averages {result['tta_views']} views shifted by up to {args.tta_shift} px")
-    print(f"Test loss: {result['loss']:.4f}  Accuracy: {result['accuracy']:.2f}% ({result['correct']}/{result['n']})")
-    for name, acc in zip(info.class_names, result["per_class_accuracy"]):
+def _print_evaluation(result: EvalResult, tta_shift: int) -> None:
+    if len(result.members) > 1:
+        for m in result.members:
+            print(f"{m.checkpoint}: accuracy {m.accuracy:.2f}%  loss {m.loss:.4f}")
+        print(f"Ensemble of {len(result.members)} (mean probabilities):")
+    if tta_shift:
+        print(f"Test-time augmentation: each prediction averages {result.tta_views} views shifted by up to {tta_shift} px")
+    print(f"Test loss: {result.loss:.4f}  Accuracy: {result.accuracy:.2f}% ({result.correct}/{result.n})")
+    for name, acc in zip(result.class_names, result.per_class_accuracy):
         print(f"  {name:>12}: {acc:6.2f}%")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    device = select_device(args.device)
+    result = evaluate_checkpoints(args.checkpoint, args.data_dir, device, args.tta_shift, args.batch_size,
+                                  autocast_dtype(args.precision, device))
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        _print_evaluation(result, args.tta_shift)
     return 0
 
 
-def _checkpoint_or_latest(path: str | None) -> Path:
-    from . import runs
-
-    return Path(path) if path else runs.latest_checkpoint()
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
-    from . import checkpoint
-    from .device import select_device
-    from .predict import expand_paths, predict_files
-
     if args.top_k <= 0:
         raise UserError(f"--top-k must be positive, got {args.top_k}")
     device = select_device(args.device)
-    ckpt = _checkpoint_or_latest(args.checkpoint)
-    model, info, _ = checkpoint.load_model(ckpt, device)
+    model, info, _ = load_model(args.checkpoint or runs.latest_checkpoint(), device)
     paths = expand_paths(args.paths)
     if not paths:
         raise UserError(f"no image files found in {', '.join(args.paths)}")
@@ -271,23 +237,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
             print(f"{pred.path}: {pred.label} ({100 * pred.confidence:.1f}%)  top-{len(pred.top_k)}: {top}", flush=True)
         if pred.low_confidence:
             print(f"mnist predict: warning: {pred.path}: low confidence ({100 * pred.confidence:.0f}%); "
-                  "the image may not look like the digits the model was trained on", file=sys.stderr)
+                  "the image may not look like the images the model was trained on", file=sys.stderr)
     for path, message in errors:
         print(f"mnist predict: error: {path}: {message}", file=sys.stderr)
     return 1 if errors else 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import export
+    from .inference.export import export  # onnx and safetensors are the export extra; only export needs them
 
-    path = export(args.checkpoint, args.format, args.out)
-    print(f"Wrote {path}")
+    print(f"Wrote {export(args.checkpoint, args.format, args.out)}")
     return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ServeConfig, config_from_args
-    from .serve import serve
+    from .serving.app import serve  # FastAPI and uvicorn are the serve extra; only serve needs them
 
     cfg = config_from_args(args, ServeConfig).validate()
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
@@ -297,8 +261,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .model import MODELS, ModelConfig, build_model, count_parameters
-
     for name in sorted(MODELS):
         print(f"{name:<16} {count_parameters(build_model(ModelConfig(name=name))):>10,} parameters (MNIST input)")
     return 0
@@ -308,9 +270,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags
-
     parser = _Parser(prog="mnist", description="Train, evaluate and use MNIST digit classifiers.")
     parser.add_argument("--version", action="version", version=f"mnist-classifier {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -331,8 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "the data set itself is the one the checkpoint was trained on")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
     p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="autocast dtype, as in training: auto = bf16 where the hardware has it natively (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="autocast dtype of the forward passes (default: fp32, the arithmetic predict, serve and the "
+                        "ONNX export use, so all report the same accuracy; auto = bf16 where the hardware has it)")
     p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
                    help="test-time augmentation: average each model's probabilities over the (2*PX+1)^2 copies of "
                         "every image shifted by whole pixels up to PX in each direction (default: 0, off)")
@@ -367,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="folder holding the data sets (default: data); the run's own "
                    "data set is used")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast dtype (default: auto)")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS, help="autocast dtype (default: fp32)")
     p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("data", help="fetch and verify the MNIST files (or check another --dataset)")

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .errors import UserError
@@ -75,11 +78,10 @@ class TrainConfig:
     recipe: str = _opt("", "named preset from recipes/ (seed, fast, best) or a JSON file; flags you give override it")
 
     def validate(self) -> "TrainConfig":
-        """Raise UserError for values that cannot train; return self so calls can chain."""
-        from .datasets import check_name
-        from .model import MODELS  # the registry lives with the models
+        """Raise UserError for values that cannot train; return self so calls can chain.
 
-        check_name(self.dataset)
+        The data set and model names are checked against their registries by ``training.check_config``.
+        """
         if self.preprocess not in PREPROCESSES:
             raise UserError(f"unknown --preprocess {self.preprocess!r}; choose {' or '.join(PREPROCESSES)}")
         if not 8 <= self.image_size <= 512:
@@ -95,8 +97,6 @@ class TrainConfig:
             raise UserError(f"--lr must be a positive number, got {self.lr}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.model not in MODELS:
-            raise UserError(f"unknown model {self.model!r}; choose one of {', '.join(sorted(MODELS))}")
         if self.device not in DEVICES:
             raise UserError(f"unknown device {self.device!r}; choose one of {', '.join(DEVICES)}")
         if not 0.0 <= self.dropout < 1.0:
@@ -134,10 +134,6 @@ class TrainConfig:
     @classmethod
     def from_recipe(cls, name: str) -> "TrainConfig":
         """The config a recipe file describes (``recipes/<name>.json`` in the package, or a path)."""
-        import json
-        from importlib import resources
-        from pathlib import Path
-
         names = {f.name for f in dataclasses.fields(cls)}
         packaged = resources.files("mnist_classifier").joinpath(f"recipes/{name}.json")
         path = Path(name)
@@ -159,6 +155,22 @@ class TrainConfig:
         """Rebuild from a saved dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def parse_overrides(cls: type, spec: str) -> dict[str, Any]:
+    """``"batch_size=512,lr=0.04"`` -> ``{"batch_size": 512, "lr": 0.04}``, typed by ``cls``'s fields as the flags are."""
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in hints:
+            raise UserError(f"{item!r}: expected KEY=VALUE with KEY one of {', '.join(hints)}")
+        kind = hints[key]
+        try:
+            out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise UserError(f"{key}={value!r}: not a valid {kind.__name__}") from None
+    return out
 
 
 def _flag(name: str) -> str:

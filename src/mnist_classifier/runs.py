@@ -10,6 +10,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import __version__
 from .errors import UserError
 
 RUNS_ROOT = Path("runs")
@@ -73,10 +76,6 @@ def environment() -> dict[str, Any]:
 
     Versions come from package metadata: importing torchvision just to read its version costs about a second.
     """
-    import torch
-
-    from . import __version__
-
     return {
         "mnist_classifier": __version__,
         "python": platform.python_version(),

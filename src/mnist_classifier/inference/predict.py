@@ -12,18 +12,17 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import fileio
-from .data import DatasetInfo
-from .preprocess import ImageError, normalize, open_image, prepare_image
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+from .. import fileio
+from ..data import IMAGE_SUFFIXES, DatasetInfo, ImageError, normalize, open_image, prepare_image
 LOW_CONFIDENCE = 0.5  # below this the top class is more likely wrong than right; say so
 
 
 @dataclass
 class Prediction:
+    """One image's answer. ``index`` is the class number (the digit itself for MNIST, not for other sets)."""
+
     path: str
-    digit: int  # class index
+    index: int  # class index into the checkpoint's class names
     label: str  # class name (the digit itself for MNIST)
     confidence: float  # probability of the top class, 0-1
     top_k: list[dict[str, Any]] = field(default_factory=list)  # [{"label", "index", "probability"}], best first
@@ -34,7 +33,8 @@ class Prediction:
         return self.confidence < LOW_CONFIDENCE
 
     def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "digit": self.digit, "label": self.label, "confidence": round(self.confidence, 6),
+        # "digit" repeats "index" for clients written before other data sets existed
+        return {"path": self.path, "index": self.index, "digit": self.index, "label": self.label, "confidence": round(self.confidence, 6),
                 "top_k": self.top_k, "low_confidence": self.low_confidence}
 
 
@@ -64,7 +64,7 @@ def to_prediction(path: str, probs: torch.Tensor, class_names: Sequence[str], to
     k = min(top_k, len(class_names))
     top_p, top_i = probs.topk(k)
     return Prediction(
-        path=path, digit=int(top_i[0]), label=class_names[int(top_i[0])], confidence=float(top_p[0]),
+        path=path, index=int(top_i[0]), label=class_names[int(top_i[0])], confidence=float(top_p[0]),
         top_k=[{"label": class_names[int(i)], "index": int(i), "probability": round(float(p), 6)} for p, i in zip(top_p, top_i)],
         probabilities=[round(float(p), 6) for p in probs],
     )

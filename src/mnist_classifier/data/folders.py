@@ -3,7 +3,7 @@
     PATH/cat/001.jpg, PATH/cat/002.png, PATH/dog/...        one sub-folder per class (split by a fixed seed)
     PATH/train/cat/..., PATH/test/cat/...                    or the split made for you
 
-Every image goes through ``preprocess.prepare_image``: ``digit`` gives MNIST's own preparation (28x28 grey,
+Every image goes through ``images.prepare_image``: ``digit`` gives MNIST's own preparation (28x28 grey,
 for digit-like images), ``resize`` squashes it to ``image_size`` (grey when every image is grey, else RGB).
 The images are decoded once, here, into the same uint8 tensors as MNIST; training never touches files.
 """
@@ -15,14 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DatasetInfo, Splits
-from .datasets import FOLDER_PREFIX, FOLDER_SPLIT_SEED, IMAGE_SUFFIXES, PREPROCESS_MODES, channel_stats
-from .errors import UserError
-from .preprocess import ImageError, open_image, prepare_image
+from ..config import PREPROCESSES
+from ..errors import UserError
+from .images import IMAGE_SUFFIXES, ImageError, open_image, prepare_image
+from .info import DatasetInfo, Splits, channel_stats
+
+FOLDER_PREFIX = "folder:"
+FOLDER_SPLIT_SEED = 0  # the train/test split of a folder never depends on --seed: every run tests on the same images
 
 
 def _class_files(root: Path) -> dict[str, list[Path]]:
     """class name -> its image files (sorted), via torchvision's ImageFolder rules (hidden folders skipped)."""
+    # torchvision's datasets package costs about a second to import; only folder data sets need it
     from torchvision.datasets.folder import find_classes, make_dataset
 
     try:
@@ -51,8 +55,9 @@ def _decode(paths: list[Path], mode: str, size: int) -> np.ndarray:
 
 
 def load_folder(root: Path, preprocess: str, image_size: int, test_fraction: float) -> Splits:
-    if preprocess not in PREPROCESS_MODES:
-        raise UserError(f"unknown --preprocess {preprocess!r}; choose {' or '.join(PREPROCESS_MODES)}")
+    """The images under ``root`` (one sub-folder per class, or train/ and test/ of them), decoded once."""
+    if preprocess not in PREPROCESSES:
+        raise UserError(f"unknown --preprocess {preprocess!r}; choose {' or '.join(PREPROCESSES)}")
     if not root.is_dir():
         raise UserError(f"--dataset {FOLDER_PREFIX}{root}: no such folder")
     size = 28 if preprocess == "digit" else image_size

@@ -1,5 +1,9 @@
-"""Turning pixels into model inputs. Training, evaluation, prediction and serving all go through ``normalize``;
-images from people go through ``preprocess`` first, which makes them look like MNIST digits."""
+"""Turning pixels into model inputs.
+
+Training, evaluation, prediction and serving all go through ``normalize`` (and ``model_input``, which also
+moves a batch to its device); images from people are decoded by ``open_image`` and prepared by
+``prepare_image`` first, which makes them look like the training images (for MNIST: its own nine steps).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import MAX_PIXELS
+from ..config import MAX_PIXELS
+from ..device import preferred_memory_format
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # what folders and predict pick up
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -31,8 +38,6 @@ def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
     Training, evaluation and prediction all use this, so a reloaded model sees exactly what training saw.
     """
-    from .device import preferred_memory_format
-
     x = normalize(images.to(device), mean, std)
     return x.contiguous(memory_format=preferred_memory_format(device))
 
@@ -49,7 +54,19 @@ INK_THRESHOLD = 0.2  # fraction of the ink's full strength that counts as part o
 
 
 class ImageError(ValueError):
-    """An input that cannot be turned into a digit; the message says why (without the file name)."""
+    """An input that cannot be turned into a model input; the message says why (without the file name)."""
+
+
+class NotAnImage(ImageError):
+    """Unreadable, empty, not an image at all, or a broken one."""
+
+
+class ImageTooLarge(ImageError):
+    """Declares more pixels than the limit (checked before the pixels are decoded)."""
+
+
+class NothingToSee(ImageError):
+    """Decoded fine, but shows nothing to classify (blank, one shade, or no pixels)."""
 
 
 def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -59,25 +76,25 @@ def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) ->
         try:
             data = path.read_bytes()
         except IsADirectoryError:
-            raise ImageError("is a folder") from None
+            raise NotAnImage("is a folder") from None
         except OSError as exc:
-            raise ImageError(f"cannot read ({exc.strerror or exc})") from None
+            raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
     if len(data) == 0:
-        raise ImageError("is empty (0 bytes)")
+        raise NotAnImage("is empty (0 bytes)")
     try:
         img = Image.open(io.BytesIO(data))
         width, height = img.size  # read from the header, before any pixel is decoded
         if width * height > max_pixels:
-            raise ImageError(f"is too large: {width}x{height} pixels (the limit is {max_pixels:,})")
+            raise ImageTooLarge(f"is too large: {width}x{height} pixels (the limit is {max_pixels:,})")
         img.seek(0)  # the first frame of an animation
         img.load()
     except ImageError:
         raise
     except Image.DecompressionBombError:
-        raise ImageError(f"is too large: it declares more pixels than the limit of {max_pixels:,}") from None
+        raise ImageTooLarge(f"is too large: it declares more pixels than the limit of {max_pixels:,}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         kind = "not an image" if isinstance(exc, UnidentifiedImageError) else f"a broken image ({str(exc)[:120]})"
-        raise ImageError(f"is {kind}") from None
+        raise NotAnImage(f"is {kind}") from None
     return img
 
 
@@ -116,7 +133,7 @@ def prepare_digit(img: Image.Image) -> torch.Tensor:
     ink = np.clip(grey - background, 0, None)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
-        raise ImageError("shows no digit (it is blank or all one shade)")
+        raise NothingToSee("shows no digit (it is blank or all one shade)")
     ink *= 255.0 / peak
     # 6. Crop to the digit's bounding box.
     rows = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=1))
@@ -164,7 +181,7 @@ def prepare_resized(img: Image.Image, channels: int, size: int, light_on_dark: b
     """
     rgb = _rgb(img)
     if rgb.shape[0] * rgb.shape[1] == 0:
-        raise ImageError("has no pixels")
+        raise NothingToSee("has no pixels")
     if channels == 1:
         grey = np.asarray(Image.fromarray(rgb).convert("L"))
         if light_on_dark:

@@ -1,4 +1,5 @@
-"""Evaluation: batched forward passes without autograd, and metrics computed from the scores."""
+"""Scoring a model on a whole set of images: batched forward passes without autograd, shift test-time
+augmentation, and the soft-vote of an ensemble. Training scores each epoch with ``evaluate_model``."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .metrics import metric_sums, metrics_from_sums
 
 
 @torch.inference_mode()
@@ -53,40 +56,7 @@ def predict_log_probs(
     return ensemble_log_probs([predict_logits(model, to_input(v), batch_size, amp_dtype) for v in views])
 
 
-def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
-    """Additive statistics of a batch of scores, float64 ``(1 + 2C,)``: summed loss, hits per class, count
-    per class. Sums from shards (processes, chunks) add up to the sums of the whole set."""
-    num_classes = num_classes or logits.shape[1]
-    labels = labels.to(logits.device)
-    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum").double().reshape(1)
-    hit = logits.argmax(dim=1).eq(labels)
-    hits = torch.bincount(labels[hit], minlength=num_classes).double()
-    totals = torch.bincount(labels, minlength=num_classes).double()
-    return torch.cat([loss_sum, hits, totals])
-
-
-def metrics_from_sums(sums: torch.Tensor) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; NaN for an absent class)."""
-    sums = sums.cpu()
-    c = (len(sums) - 1) // 2
-    hits, totals = sums[1 : 1 + c], sums[1 + c :]
-    n, correct = int(totals.sum()), int(hits.sum())
-    return {
-        "accuracy": 100.0 * correct / n if n else float("nan"),
-        "loss": float(sums[0]) / n if n else float("nan"),
-        "correct": correct,
-        "n": n,
-        "per_class_accuracy": (hits * 100.0 / totals).tolist(),
-    }
-
-
-def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, Any]:
-    """Metrics of a whole set's scores. ``logits`` may also be log-probabilities (an ensemble's log of mean
-    probabilities): the cross-entropy is then the ensemble's loss."""
-    return metrics_from_sums(metric_sums(logits, labels, num_classes))
-
-
-def evaluate(
+def evaluate_model(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
     amp_dtype: torch.dtype | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
@@ -97,12 +67,6 @@ def evaluate(
     """
     sums = metric_sums(predict_logits(model, images, batch_size, amp_dtype), labels)
     return metrics_from_sums(reduce(sums) if reduce is not None else sums)
-
-
-def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(num_classes, num_classes)`` int64 counts; rows are true classes, columns predictions."""
-    flat = labels.to(torch.int64).cpu() * num_classes + pred.to(torch.int64).cpu()
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
 def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:

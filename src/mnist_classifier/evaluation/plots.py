@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from . import fileio
+from .. import fileio
+from .metrics import confusion_matrix
+from .scoring import predict_logits
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green and red that stay readable on white
 
@@ -164,8 +166,6 @@ def run_plots(
 
     ``test_x`` is the normalised test set on the model's device; ``splits`` supplies the raw images for display.
     """
-    from .evaluate import confusion_matrix, predict_logits
-
     run_dir = Path(run_dir)
     names = splits.info.class_names
     gen = torch.Generator().manual_seed(seed)

@@ -6,7 +6,6 @@ class names (ONNX: in the model's ``metadata_props``; safetensors: in its string
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -14,31 +13,16 @@ from typing import Any
 
 import torch
 
-from . import checkpoint, fileio
-from .errors import UserError
+from .. import fileio
+from ..errors import UserError
+from ..models import checkpoint
 
 FORMATS = ("onnx", "safetensors")
 
 
-def metadata(payload: dict[str, Any]) -> dict[str, str]:
-    """String key -> string value metadata describing the model's inputs and outputs."""
-    ds = payload["dataset"]
-    return {
-        "format": checkpoint.FORMAT,
-        "format_version": str(checkpoint.FORMAT_VERSION),
-        "model": json.dumps(payload["model"]),
-        "dataset": json.dumps(ds),
-        "class_names": json.dumps(ds["class_names"]),
-        "mean": json.dumps(ds["mean"]),
-        "std": json.dumps(ds["std"]),
-        "input": f"float32 (N, {ds['channels']}, {ds['image_size']}, {ds['image_size']}): pixels/255, minus mean, over std, per channel",
-        "output": f"float32 (N, {len(ds['class_names'])}) logits; softmax gives probabilities",
-    }
-
-
 def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 18) -> Path:
     """Write the checkpoint's model as ONNX with a dynamic batch dimension and metadata; return the path."""
-    import onnx
+    import onnx  # optional dependency (the export extra)
 
     model = checkpoint.model_from_payload(payload).to("cpu", memory_format=torch.contiguous_format).eval()
     ds = payload["dataset"]
@@ -50,7 +34,7 @@ def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 1
             dynamic_shapes=({0: torch.export.Dim("batch")},), opset_version=opset, verbose=False,
         )
     proto = program.model_proto
-    for key, value in metadata(payload).items():
+    for key, value in checkpoint.metadata(payload).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "mnist-classifier"
@@ -61,36 +45,11 @@ def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 1
 
 def export_safetensors(payload: dict[str, Any], path: str | os.PathLike) -> Path:
     """Write the weights as safetensors, with the model and data-set description as metadata."""
-    from safetensors.torch import save
+    from safetensors.torch import save  # optional dependency (the export extra)
 
     tensors = {k: v.contiguous() for k, v in payload["state_dict"].items()}
-    fileio.write_bytes(path, save(tensors, metadata=metadata(payload)))
+    fileio.write_bytes(path, save(tensors, metadata=checkpoint.metadata(payload)))
     return Path(path)
-
-
-def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
-    """A safetensors export as a checkpoint payload (no pickle involved at any point)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    try:
-        raw = Path(path).read_bytes()
-        state = load(raw)
-        from safetensors import safe_open  # metadata lives in the header
-
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"checkpoint {path} is not a readable safetensors file ({str(exc)[:200]})") from None
-    if meta.get("format") != checkpoint.FORMAT:
-        raise UserError(f"checkpoint {path} is a safetensors file without mnist-classifier metadata")
-    return {
-        "format": checkpoint.FORMAT,
-        "format_version": int(meta["format_version"]),
-        "model": json.loads(meta["model"]),
-        "dataset": json.loads(meta["dataset"]),
-        "state_dict": state,
-    }
 
 
 def export(checkpoint_path: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None) -> Path:

@@ -8,20 +8,21 @@ the metrics so far and the training config. Both are written atomically and read
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import fileio
-from .data import DatasetInfo
-from .device import preferred_memory_format
-from .errors import UserError
-from .model import MODELS, ModelConfig, build_model
+from .. import fileio
+from ..data import DatasetInfo
+from ..device import preferred_memory_format
+from ..errors import UserError
+from .config import ModelConfig
+from .registry import MODELS, build_model
 
 FORMAT = "mnist-classifier"
 FORMAT_VERSION = 1
@@ -34,18 +35,13 @@ def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in inner.state_dict().items()}
 
 
-def dataset_dict(info: DatasetInfo) -> dict[str, Any]:
-    """DatasetInfo as plain JSON-friendly types (lists, not tuples)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(info).items()}
-
-
 def model_payload(model: nn.Module, model_cfg: ModelConfig, info: DatasetInfo) -> dict[str, Any]:
     """Everything needed to rebuild the model and prepare its inputs."""
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "model": model_cfg.to_dict(),
-        "dataset": dataset_dict(info),
+        "dataset": info.to_dict(),
         "state_dict": plain_state_dict(model),
     }
 
@@ -64,8 +60,6 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
     if path.stat().st_size == 0:
         raise UserError(f"checkpoint {path} is empty (0 bytes)")
     if path.suffix == ".safetensors":
-        from .export import load_safetensors
-
         return load_safetensors(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
@@ -84,6 +78,45 @@ def load(path: str | os.PathLike) -> dict[str, Any]:
         if key not in payload:
             raise UserError(f"checkpoint {path} lacks its {key!r} entry")
     return payload
+
+
+def metadata(payload: dict[str, Any]) -> dict[str, str]:
+    """String key -> string value metadata describing the model's inputs and outputs (ONNX and safetensors)."""
+    ds = payload["dataset"]
+    return {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "model": json.dumps(payload["model"]),
+        "dataset": json.dumps(ds),
+        "class_names": json.dumps(ds["class_names"]),
+        "mean": json.dumps(ds["mean"]),
+        "std": json.dumps(ds["std"]),
+        "input": f"float32 (N, {ds['channels']}, {ds['image_size']}, {ds['image_size']}): pixels/255, minus mean, over std, per channel",
+        "output": f"float32 (N, {len(ds['class_names'])}) logits; softmax gives probabilities",
+    }
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors export as a checkpoint payload (no pickle involved at any point)."""
+    # optional dependency (the export extra): only safetensors files need it
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
+
+    try:
+        state = load(Path(path).read_bytes())
+        with safe_open(str(path), framework="pt") as fh:  # the metadata lives in the header
+            meta = fh.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"checkpoint {path} is not a readable safetensors file ({str(exc)[:200]})") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path} is a safetensors file without mnist-classifier metadata")
+    return {
+        "format": FORMAT,
+        "format_version": int(meta["format_version"]),
+        "model": json.loads(meta["model"]),
+        "dataset": json.loads(meta["dataset"]),
+        "state_dict": state,
+    }
 
 
 def dataset_info(payload: dict[str, Any]) -> DatasetInfo:

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+from ..errors import UserError
 
 
 @dataclass(frozen=True)

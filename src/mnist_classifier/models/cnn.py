@@ -1,4 +1,4 @@
-"""Models, by name. This module imports nothing from training, so a checkpoint can rebuild its model anywhere.
+"""The convolutional networks, each built from a ``ModelConfig``.
 
 Every model maps a normalised batch ``(B, C, H, W)`` float to logits ``(B, num_classes)``; no softmax inside,
 so the loss, the exporters and the server decide what to do with the scores.
@@ -6,33 +6,11 @@ so the loss, the exporters and the server decide what to do with the scores.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 from torch import nn
 
-from .errors import UserError
-
-
-@dataclass
-class ModelConfig:
-    """How to build a model; saved in every checkpoint so it rebuilds its own architecture."""
-
-    name: str = "seed-cnn"
-    in_channels: int = 1  # 1 for MNIST-family grey images
-    image_size: int = 28  # square input, pixels per side
-    num_classes: int = 10
-    dropout: float = 0.0  # probability, before the last layer; the seed guide's "add dropout" experiment
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+from ..errors import UserError
+from .config import ModelConfig
 
 
 class SeedCNN(nn.Module):
@@ -202,23 +180,3 @@ class SeedCNNDeep(SeedCNN):
         x = self.relu(self.pool(self.conv3(x)))  # (B, 32, 7, 7)
         x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))
         return self.fc2(x)
-
-
-# name -> constructor taking a ModelConfig. `--model NAME` looks models up here.
-MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "seed-cnn": SeedCNN,
-    "seed-cnn-deep": SeedCNNDeep,
-    "fast-cnn": FastCNN,
-    "bn-cnn": BNCNN,
-    "res-cnn": ResCNN,
-    "m5-cnn": M5CNN,
-}
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """Construct the model named in ``cfg`` (raises KeyError for an unknown name; the CLI validates first)."""
-    return MODELS[cfg.name](cfg)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,47 @@
+"""Metrics from scores: additive sums that shards can add up, then loss, accuracy and accuracy per class."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Additive statistics of a batch of scores, float64 ``(1 + 2C,)``: summed loss, hits per class, count
+    per class. Sums from shards (processes, chunks) add up to the sums of the whole set."""
+    num_classes = num_classes or logits.shape[1]
+    labels = labels.to(logits.device)
+    loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum").double().reshape(1)
+    hit = logits.argmax(dim=1).eq(labels)
+    hits = torch.bincount(labels[hit], minlength=num_classes).double()
+    totals = torch.bincount(labels, minlength=num_classes).double()
+    return torch.cat([loss_sum, hits, totals])
+
+
+def metrics_from_sums(sums: torch.Tensor) -> dict[str, Any]:
+    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; NaN for an absent class)."""
+    sums = sums.cpu()
+    c = (len(sums) - 1) // 2
+    hits, totals = sums[1 : 1 + c], sums[1 + c :]
+    n, correct = int(totals.sum()), int(hits.sum())
+    return {
+        "accuracy": 100.0 * correct / n if n else float("nan"),
+        "loss": float(sums[0]) / n if n else float("nan"),
+        "correct": correct,
+        "n": n,
+        "per_class_accuracy": (hits * 100.0 / totals).tolist(),
+    }
+
+
+def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, Any]:
+    """Metrics of a whole set's scores. ``logits`` may also be log-probabilities (an ensemble's log of mean
+    probabilities): the cross-entropy is then the ensemble's loss."""
+    return metrics_from_sums(metric_sums(logits, labels, num_classes))
+
+
+def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``(num_classes, num_classes)`` int64 counts; rows are true classes, columns predictions."""
+    flat = labels.to(torch.int64).cpu() * num_classes + pred.to(torch.int64).cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)

@@ -1,0 +1,38 @@
+"""Models by name: ``--model NAME`` looks them up here. A new model is a class in ``cnn.py`` (or a module of
+its own) taking a ``ModelConfig``, plus one line in ``MODELS``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from ..errors import UserError
+from .cnn import BNCNN, M5CNN, FastCNN, ResCNN, SeedCNN, SeedCNNDeep
+from .config import ModelConfig
+
+# name -> constructor taking a ModelConfig. `--model NAME` looks models up here.
+MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
+    "seed-cnn": SeedCNN,
+    "seed-cnn-deep": SeedCNNDeep,
+    "fast-cnn": FastCNN,
+    "bn-cnn": BNCNN,
+    "res-cnn": ResCNN,
+    "m5-cnn": M5CNN,
+}
+
+
+def check_model(name: str) -> None:
+    """UserError unless ``name`` is in the registry."""
+    if name not in MODELS:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """Construct the model named in ``cfg``; an unknown name is a UserError."""
+    check_model(cfg.name)
+    return MODELS[cfg.name](cfg)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

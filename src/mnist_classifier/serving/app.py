@@ -1,0 +1,110 @@
+"""The HTTP service: a drawing page, ``POST /predict`` and ``GET /health``, with FastAPI and uvicorn.
+
+The routes are plain module-level functions; ``create_app`` loads the model once, registers them and adds
+the body limit. Inference runs in a worker thread, so decoding a large upload never stalls the event loop.
+Every bad request gets a 4xx with a JSON body ``{"detail": "..."}``.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..config import ServeConfig
+from ..device import select_device
+from ..models import load_model
+from ..runs import latest_checkpoint
+from .handlers import (BadRequest, ClientError, PayloadTooLarge, Served, UnsupportedMediaType, Unprocessable,
+                       parse_pixels, predict_image_bytes, predict_pixels)
+from .limits import BodyLimit
+from .schemas import HealthResponse, PixelsRequest, PredictionResponse, Problem, pixels_request
+
+PAGE = resources.files("mnist_classifier").joinpath("static/index.html")
+
+
+async def index() -> HTMLResponse:
+    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+
+
+async def health(request: Request) -> dict[str, Any]:
+    """Liveness, and which model is loaded."""
+    return request.app.state.served.health()
+
+
+async def _upload(request: Request) -> bytes:
+    """The bytes of the multipart field ``file``."""
+    try:
+        form = await request.form(max_files=1, max_fields=4)
+    except ClientError:
+        raise  # the body limit, raised while the parser read the stream
+    except Exception as exc:  # noqa: BLE001 - malformed multipart from the parser, whatever its type
+        raise BadRequest(f"malformed multipart body ({str(exc)[:120] or type(exc).__name__})") from None
+    upload = form.get("file")
+    if upload is None or isinstance(upload, str):
+        raise Unprocessable("multipart body needs a file field named 'file'")
+    return await upload.read()
+
+
+async def predict(request: Request) -> dict[str, Any]:
+    """Classify an uploaded image (multipart field ``file``, or a raw image body) or a JSON grid of pixels."""
+    served: Served = request.app.state.served
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await run_in_threadpool(predict_image_bytes, served, await _upload(request))
+    if ctype == "application/json":
+        return await run_in_threadpool(predict_pixels, served, parse_pixels(served, await request.body()))
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return await run_in_threadpool(predict_image_bytes, served, await request.body())
+    raise UnsupportedMediaType("send multipart/form-data with a 'file', an image body, or JSON {'pixels': [[...]]}")
+
+
+def _predict_openapi(pixels_model: type[PixelsRequest]) -> dict[str, Any]:
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {"requestBody": {"required": True, "content": {
+        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
+                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
+        "application/json": {"schema": pixels_model.model_json_schema()},
+        "image/png": binary, "image/jpeg": binary,
+    }}}
+
+
+async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status)
+
+
+async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+def create_app(cfg: ServeConfig) -> FastAPI:
+    """The app, with the model of ``cfg.checkpoint`` (default: the newest run's) loaded once."""
+    cfg.validate()
+    device = select_device(cfg.device)
+    model, info, payload = load_model(cfg.checkpoint or latest_checkpoint(), device)
+    name = payload["model"]["name"]
+    app = FastAPI(title="mnist-classifier", version=__version__,
+                  description=f"Classification with {name} trained on {info.name}.")
+    app.state.served = served = Served(model, info, device, name, cfg.max_pixels, pixels_request(info.image_size))
+    app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
+    app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
+    problems = {c.status: {"model": Problem, "description": d} for c, d in (
+        (BadRequest, "not a decodable image, or not JSON"), (PayloadTooLarge, "body or image too large"),
+        (UnsupportedMediaType, "unsupported content type"), (Unprocessable, "no digit, or malformed pixels"))}
+    app.add_api_route("/predict", predict, methods=["POST"], response_model=PredictionResponse,
+                      openapi_extra=_predict_openapi(served.pixels_model), responses=problems)
+    app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    return app
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run the app with uvicorn until interrupted."""
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")

@@ -1,0 +1,134 @@
+"""One pass over the training set: batches are slices of one permutation, each trained by a ``TrainStep``."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import DivergedError
+from .optim import EMA
+from .step import TrainStep
+
+OnStep = Callable[[int, int, int, "float | None"], None]  # (epoch, batch, batches, mean loss or None)
+
+
+@dataclass
+class Progress:
+    """How far an epoch got: what a Ctrl-C saves and a resume picks up from."""
+
+    batches_done: int = 0
+    loss_sum: float = 0.0  # summed per-image loss of those batches
+    seen: int = 0  # images in those batches (this process's share)
+
+
+class StopRequested(Exception):
+    """Training stopped cleanly after a complete step, at the user's request (Ctrl-C)."""
+
+    def __init__(self, progress: Progress) -> None:
+        super().__init__(f"stopped after {progress.batches_done} batches")
+        self.progress = progress
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The shuffle for ``epoch`` (1-based) depends only on (seed, epoch), so a resumed run replays it exactly."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=gen)
+
+
+def count_batches(n: int, batch_size: int) -> int:
+    return (n + batch_size - 1) // batch_size  # the last, smaller batch is kept, as DataLoader does
+
+
+@dataclass
+class EpochLoop:
+    """The parts of an epoch that stay the same all run long; ``run`` trains one epoch."""
+
+    step: TrainStep
+    batch_size: int
+    n_batches: int
+    lr_at: Callable[[int], float] | None = None  # global step -> learning rate (None: leave it)
+    ema: EMA | None = None
+    log_every: int = 100  # batches between loss read-backs (each one syncs with the device)
+    on_step: OnStep | None = None
+    stop_requested: Callable[[], bool] | None = None  # checked after every complete step (Ctrl-C)
+    shard: tuple[int, int] = (0, 1)  # (rank, world size): this process trains on every world-th image of a batch
+
+    def run(self, epoch: int, perm: torch.Tensor, start: Progress | None = None) -> float:
+        """Train on the batches of ``perm`` (N,) from ``start``; return the epoch's mean training loss.
+
+        ``on_step`` gets the mean loss since the last report every ``log_every`` batches (and on the last),
+        None otherwise, so the loss is only read back from the device that often.
+        """
+        start = start or Progress()
+        rank, world = self.shard
+        device = self.step.train_x.device
+        running = torch.zeros((), device=device)  # summed batch losses since the last report
+        total = torch.full((), start.loss_sum, device=device)  # summed per-image loss over the epoch
+        seen, since = start.seen, 0
+        for b in range(start.batches_done, self.n_batches):
+            idx = perm[b * self.batch_size : (b + 1) * self.batch_size][rank::world]
+            loss = self.step(idx, self.lr_at((epoch - 1) * self.n_batches + b) if self.lr_at else None)
+            if self.ema is not None:
+                self.ema.update(self.step.model)
+            running += loss
+            total += loss * len(idx)
+            seen, since = seen + len(idx), since + 1
+            mean_loss = None
+            if b % self.log_every == 0 or b == self.n_batches - 1:
+                mean_loss = self._report(running, since, epoch, b)
+                since = 0
+            if self.on_step is not None:
+                self.on_step(epoch, b, self.n_batches, mean_loss)
+            if self.stop_requested is not None and self.stop_requested() and b < self.n_batches - 1:
+                raise StopRequested(Progress(b + 1, total.item(), seen))
+        return total.item() / seen
+
+    @staticmethod
+    def _report(running: torch.Tensor, since: int, epoch: int, batch: int) -> float:
+        mean_loss = (running / since).item()
+        if not math.isfinite(mean_loss):
+            raise DivergedError(f"loss became {mean_loss} at epoch {epoch}, batch {batch}; lower the learning rate "
+                                f"(the guide's advice for a NaN loss, e.g. divide --lr by 10)")
+        running.zero_()
+        return mean_loss
+
+
+def train_epoch(
+    model: nn.Module, optimizer: torch.optim.Optimizer, train_x: torch.Tensor, train_y: torch.Tensor,
+    perm: torch.Tensor, batch_size: int, epoch: int = 1, on_step: OnStep | None = None,
+) -> float:
+    """The guide's ``train(epoch)``: one pass over ``train_x`` (N, C, H, W) in the order ``perm``, plain steps
+    in fp32; returns the mean training loss. ``fit`` uses the same ``EpochLoop`` with its options on."""
+    model.train()
+    loop = EpochLoop(TrainStep(model, optimizer, train_x, train_y), batch_size, count_batches(len(perm), batch_size),
+                     on_step=on_step)
+    return loop.run(epoch, perm)
+
+
+class StopFlag:
+    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, so the saved state is
+    consistent; a second Ctrl-C interrupts at once. Only in the main thread of a single-process run."""
+
+    def __init__(self, install: bool = True) -> None:
+        self._set = False
+        self._previous = None
+        if install and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
+        self._set = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None

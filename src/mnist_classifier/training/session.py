@@ -1,0 +1,162 @@
+"""Setting a run up: the data on the device, the model, optimizer and EMA (restored on ``--resume``), and the
+epoch loop with its step. ``fit`` builds one ``Session`` and then only runs epochs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import TrainConfig
+from ..data import DatasetInfo, Splits, model_input
+from ..data.augment import AffineAugment
+from ..device import autocast_dtype, preferred_memory_format
+from ..errors import UserError
+from ..models import ModelConfig, build_model
+from .distributed import DistContext
+from .epoch import EpochLoop, count_batches
+from .optim import EMA, learning_rate, make_optimizer
+from .state import TrainState, set_rng_state
+from .step import CudaGraphStep, TrainStep
+
+
+@dataclass
+class Data:
+    """The tensors one run trains and evaluates on, normalised, on the device."""
+
+    train_x: torch.Tensor  # (N, C, H, W) float
+    train_y: torch.Tensor  # (N,) int64
+    eval_x: torch.Tensor  # validation split with val_size, else the test set
+    eval_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def prepare_data(cfg: TrainConfig, splits: Splits, device: torch.device) -> Data:
+    info = splits.info
+    n_total = len(splits.train_labels)
+    if cfg.val_size >= n_total:
+        raise UserError(f"--val-size {cfg.val_size} leaves no training images (there are {n_total})")
+    # The validation split is the *last* val_size training images: fixed, whatever the seed, so runs with
+    # different seeds are selected on the same images (10,000 gives the classic 50,000/10,000 split).
+    n_fit = n_total - cfg.val_size
+    n_train = min(cfg.train_subset, n_fit) if cfg.train_subset else n_fit
+    to_dev = lambda imgs: model_input(imgs, info.mean, info.std, device)  # noqa: E731
+    test_x, test_y = to_dev(splits.test_images), splits.test_labels.to(device)
+    train_x, train_y = to_dev(splits.train_images[:n_train]), splits.train_labels[:n_train].to(device)
+    if cfg.val_size:
+        eval_x, eval_y = to_dev(splits.train_images[n_fit:]), splits.train_labels[n_fit:].to(device)
+    else:
+        eval_x, eval_y = test_x, test_y
+    return Data(train_x, train_y, eval_x, eval_y, test_x, test_y)
+
+
+def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
+    """The architecture follows the data: channels, image size and class count come from the data set."""
+    return ModelConfig(name=cfg.model, in_channels=info.channels, image_size=info.image_size,
+                       num_classes=len(info.class_names), dropout=cfg.dropout)
+
+
+@dataclass
+class Session:
+    """Everything a run trains with. ``model`` is the plain module whose weights are saved; ``train_model``
+    is what runs the steps (the same module, or a DDP / torch.compile wrapper sharing its weights)."""
+
+    cfg: TrainConfig
+    info: DatasetInfo
+    mcfg: ModelConfig
+    device: torch.device
+    ctx: DistContext
+    data: Data
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: EMA | None
+    loop: EpochLoop
+    aug_gen: torch.Generator | None  # the augmentation's random stream, reseeded every epoch
+    amp_dtype: torch.dtype | None  # training autocast; evaluation is always fp32
+    state: TrainState
+    local_count: int  # this process's images per epoch (for the mean loss over processes)
+
+    @property
+    def scored(self) -> nn.Module:
+        """The weights that are evaluated and saved as model.pt: the EMA's when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def plan_batches(n_train: int, batch_size: int, ctx: DistContext) -> tuple[int, int]:
+    """(batches per epoch, this process's images per epoch); every process must get images in every batch."""
+    n_batches = count_batches(n_train, batch_size)
+    if ctx.enabled and 0 < n_train % batch_size < ctx.world_size:
+        n_batches -= 1  # a last batch smaller than the process count would leave a process without images
+    local = sum(len(range(ctx.rank, min(batch_size, n_train - b * batch_size), ctx.world_size)) for b in range(n_batches))
+    return n_batches, local
+
+
+def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
+            ema: EMA | None, device: torch.device) -> TrainState:
+    """Load a last.pt payload into the freshly built pieces; flags given with --resume win over saved values."""
+    model.load_state_dict(payload["state_dict"])
+    optimizer.load_state_dict(payload["optimizer"])
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        if "momentum" in group:
+            group["momentum"] = cfg.momentum
+    if ema is not None:
+        ema.model.load_state_dict(payload["ema_state_dict"])
+        ema.updates = int(payload["ema_updates"])
+    set_rng_state(payload["rng"], device)
+    return TrainState.from_payload(payload)
+
+
+def make_step(cfg: TrainConfig, s_model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+              data: Data, info: DatasetInfo, amp_dtype: torch.dtype | None,
+              ctx: DistContext) -> tuple[TrainStep, torch.Generator | None]:
+    """The step this config asks for, and the augmentation's generator (None without --augment)."""
+    if cfg.cuda_graphs:
+        if ctx.enabled:
+            raise UserError("--cuda-graphs works in a single process; drop it under torchrun")
+        return CudaGraphStep(s_model, optimizer, data.train_x, data.train_y, cfg.batch_size, amp_dtype,
+                             cfg.label_smoothing), None
+    augment, aug_gen = None, None
+    if cfg.augment:
+        aug = AffineAugment(cfg.aug_rotate, cfg.aug_translate, cfg.aug_scale, cfg.aug_flip)
+        device = data.train_x.device
+        # the background level after normalisation, (1, C, 1, 1): what the area shifted in is filled with
+        background = model_input(torch.zeros(1, info.channels, 1, 1, dtype=torch.uint8), info.mean, info.std, device)
+        aug_gen = torch.Generator(device=device)
+        augment = lambda x: aug(x, background, aug_gen)  # noqa: E731
+    return TrainStep(train_model, optimizer, data.train_x, data.train_y, amp_dtype, cfg.label_smoothing, augment), aug_gen
+
+
+def wrap(model: nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.device) -> nn.Module:
+    """DDP under torchrun, then torch.compile with --compile; both share the plain module's weights."""
+    if ctx.enabled:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if cfg.compile else model
+
+
+def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: DistContext,
+                  resume: dict[str, Any] | None = None) -> Session:
+    """Data, model, optimizer, EMA, resumed state and the epoch loop, in the order that keeps runs replayable."""
+    info, data = splits.info, prepare_data(cfg, splits, device)
+    mcfg = model_config(cfg, info)
+    n_batches, local_count = plan_batches(len(data.train_y), cfg.batch_size, ctx)
+    amp_dtype = autocast_dtype(cfg.precision, device)
+    torch.manual_seed(cfg.seed)  # weight init and dropout
+    model = build_model(mcfg).to(device, memory_format=preferred_memory_format(device))
+    optimizer = make_optimizer(cfg, model.parameters(), device)
+    ema = EMA(model, cfg.ema) if cfg.ema else None
+    state = restore(resume, cfg, model, optimizer, ema, device) if resume is not None else TrainState()
+    train_model = wrap(model, cfg, ctx, device)
+    step, aug_gen = make_step(cfg, model, train_model, optimizer, data, info, amp_dtype, ctx)
+    total_steps = n_batches * cfg.epochs
+    lr_at = None if cfg.schedule == "constant" else (
+        lambda step_no: learning_rate(step_no, total_steps, cfg.lr, cfg.schedule, cfg.warmup))
+    loop = EpochLoop(step, cfg.batch_size, n_batches, lr_at=lr_at, ema=ema, log_every=cfg.log_every,
+                     shard=(ctx.rank, ctx.world_size))
+    return Session(cfg, info, mcfg, device, ctx, data, model, train_model, optimizer, ema, loop, aug_gen,
+                   amp_dtype, state, local_count)

@@ -1,0 +1,101 @@
+"""What a run keeps between epochs and across a restart: ``TrainState``, and the run folder's checkpoints.
+
+After each epoch ``save_epoch`` writes metrics.csv, model.pt (the evaluated weights) and last.pt (model.pt plus
+the optimizer, RNG state, epoch and metrics), each replaced atomically; ``--resume`` reads last.pt back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import fileio
+from ..config import TrainConfig
+from ..data import DatasetInfo
+from ..errors import UserError
+from ..models import ModelConfig
+from ..models import checkpoint
+from .epoch import Progress
+from .optim import EMA
+
+RESUME_KEYS = ("optimizer", "epoch", "train_config", "rng", "metrics")
+
+
+@dataclass
+class TrainState:
+    """Where a run is and its history so far."""
+
+    epoch: int = 0  # epochs completed
+    rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
+    train_seconds: float = 0.0  # time in the training loop only, summed over epochs
+    best_val: float = -1.0  # best validation accuracy so far (with val_size)
+    best_epoch: int = 0
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> "TrainState":
+        return cls(epoch=int(payload["epoch"]), rows=list(payload["metrics"]),
+                   train_seconds=float(payload.get("train_seconds", 0.0)),
+                   best_val=float(payload.get("best_val", -1.0)), best_epoch=int(payload.get("best_epoch", 0)))
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The saved config and payload of ``<run_dir>/last.pt``, for ``--resume``."""
+    path = Path(run_dir) / "last.pt"
+    if not Path(run_dir).is_dir():
+        raise UserError(f"--resume {run_dir}: no such run folder")
+    payload = checkpoint.load(path)
+    for key in RESUME_KEYS:
+        if key not in payload:
+            raise UserError(f"{path} is not a resumable checkpoint (no {key!r}); it may be a model.pt")
+    return TrainConfig.from_dict(payload["train_config"]), payload
+
+
+@dataclass
+class RunFiles:
+    """What the run folder's checkpoints are made of; ``save_epoch`` writes them."""
+
+    run_dir: Path
+    cfg: TrainConfig
+    mcfg: ModelConfig
+    info: DatasetInfo
+    device: torch.device
+
+    def save_epoch(self, model: nn.Module, scored: nn.Module | None, optimizer: torch.optim.Optimizer,
+                   state: TrainState, ema: EMA | None, partial: Progress | None = None,
+                   aug_rng: torch.Tensor | None = None) -> None:
+        """metrics.csv, then model.pt from ``scored`` (None: keep the old one), then last.pt from ``model``.
+
+        ``partial`` marks a last.pt written inside an epoch (after Ctrl-C): how far that epoch got.
+        """
+        fileio.write_csv(self.run_dir / "metrics.csv", state.rows)
+        if scored is not None:
+            checkpoint.save(self.run_dir / "model.pt", checkpoint.model_payload(scored, self.mcfg, self.info))
+        payload = checkpoint.model_payload(model, self.mcfg, self.info)  # the raw training weights, to continue from
+        payload.update({
+            "optimizer": optimizer.state_dict(), "epoch": state.epoch, "metrics": state.rows,
+            "train_seconds": state.train_seconds, "best_val": state.best_val, "best_epoch": state.best_epoch,
+            "train_config": self.cfg.to_dict(), "rng": rng_state(self.device),
+        })
+        if ema is not None:
+            payload["ema_state_dict"] = checkpoint.plain_state_dict(ema.model)
+            payload["ema_updates"] = ema.updates
+        if partial is not None:
+            payload["partial"] = {**asdict(partial), "aug_rng": aug_rng if aug_rng is not None else torch.zeros(0)}
+        checkpoint.save(self.run_dir / "last.pt", payload)

@@ -1,0 +1,110 @@
+"""One training step: ``step(idx, lr)`` trains on the images ``train_x[idx]`` and returns the batch's mean loss.
+
+``TrainStep`` is the guide's step (forward, cross-entropy, backward, optimizer step), with the options the
+recipes add (autocast, label smoothing, batch augmentation). ``CudaGraphStep`` (``--cuda-graphs``) is the same
+step on fixed buffers, captured once as a CUDA graph and replayed: a small model's step on a GPU is a hundred
+tiny kernels whose launch costs more than their work, and a graph launches them all with one call. Off CUDA
+(and for an epoch's last, smaller batch) it runs uncaptured, so that path is exercised on a CPU too.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy initialisation, cuBLAS workspaces)
+
+
+class TrainStep:
+    """``step(idx, lr)`` = one optimizer step on ``train_x[idx]`` (``lr``: set first, when a schedule runs)."""
+
+    cache_casts = True  # autocast may reuse its bf16 copies of the weights within a step
+
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, train_x: torch.Tensor, train_y: torch.Tensor,
+        amp_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
+        augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.model, self.optimizer = model, optimizer
+        self.train_x, self.train_y = train_x, train_y  # (N, C, H, W) float normalised, (N,) int64, on the device
+        self.amp_dtype, self.label_smoothing, self.augment = amp_dtype, label_smoothing, augment
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        """Forward and backward on one batch (the gradients land in ``.grad``); returns the detached loss."""
+        x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,)
+        if self.augment is not None:
+            x = self.augment(x)
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                            cache_enabled=self.cache_casts):
+            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        loss.backward()
+        return loss.detach()
+
+    def __call__(self, idx: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+        if lr is not None:
+            self.set_lr(lr)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss(idx)
+        self.optimizer.step()
+        return loss
+
+
+class CudaGraphStep(TrainStep):
+    """The same step, captured as a CUDA graph after a few eager steps and replayed from then on.
+
+    The batch's indices are copied into a fixed tensor, and the learning rate lives in a device tensor the
+    captured optimizer reads, so a schedule can change it. The returned loss tensor is overwritten by the
+    next step: add it to an accumulator before calling again.
+    """
+
+    cache_casts = False  # a cached cast would be captured once and never refreshed
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, train_x: torch.Tensor,
+                 train_y: torch.Tensor, batch_size: int, amp_dtype: torch.dtype | None = None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__(model, optimizer, train_x, train_y, amp_dtype, label_smoothing)
+        self.batch_size = batch_size
+        self.capture = train_x.device.type == "cuda"  # CUDA graphs exist on CUDA only
+        self.idx = torch.zeros(batch_size, dtype=torch.long, device=train_x.device)  # (B,) filled each step
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=train_x.device)
+        super().set_lr(self.lr)  # type: ignore[arg-type] - the optimizers accept a tensor learning rate
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.captured_loss: torch.Tensor | None = None
+        self.eager_steps = 0
+
+    def set_lr(self, lr: float) -> None:
+        self.lr.fill_(lr)
+
+    def _eager(self, idx: torch.Tensor) -> torch.Tensor:
+        self.eager_steps += 1
+        return super().__call__(idx)
+
+    def __call__(self, idx: torch.Tensor, lr: float | None = None) -> torch.Tensor:
+        if lr is not None:
+            self.set_lr(lr)
+        if len(idx) != self.batch_size or not self.capture:
+            return self._eager(idx)  # the last, smaller batch; or no CUDA: the same step, uncaptured
+        self.idx.copy_(idx)
+        if self.graph is None and self.eager_steps < WARMUP_STEPS:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                loss = self._eager(self.idx)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.optimizer.zero_grad(set_to_none=True)  # gradients are then allocated inside the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.captured_loss = self.loss(self.idx)
+                self.optimizer.step()
+        self.graph.replay()
+        assert self.captured_loss is not None
+        return self.captured_loss
