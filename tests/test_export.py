@@ -3,25 +3,40 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 import torch
 
 from conftest import run_cli
+from mnist_classifier.inference import classify
 from mnist_classifier.models import checkpoint
 from mnist_classifier.evaluation import predict_logits
 from mnist_classifier.data.images import model_input
 
 
-def test_onnx_matches_pytorch_on_1000_test_images(trained_checkpoint, splits, tmp_path):
+@pytest.mark.slow
+def test_one_accuracy_everywhere(trained_checkpoint, splits, data_dir, tmp_path):
+    """All 10,000 test images: what training recorded, `mnist evaluate`, the classify step that predict and
+    serve share, and onnxruntime on the exported model all count the same images correct."""
+    summary = json.loads((trained_checkpoint.parent / "summary.json").read_text())
+    proc = run_cli("evaluate", "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu",
+                   "--data-dir", str(data_dir))
+    assert proc.returncode == 0, proc.stderr
+    evaluated = json.loads(proc.stdout)
+    assert evaluated["n"] == 10000 and evaluated["accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-9)
+
+    model, info, _ = checkpoint.load_model(trained_checkpoint, "cpu")
+    served = classify(model, splits.test_images, info, torch.device("cpu")).argmax(1)
+    assert int(served.eq(splits.test_labels).sum()) == evaluated["correct"]
+
     out = tmp_path / "model.onnx"
     proc = run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    model, info, _ = checkpoint.load_model(trained_checkpoint, "cpu")
-    x = model_input(splits.test_images[:1000], info.mean, info.std, torch.device("cpu"))
-    ours = predict_logits(model, x, 1000).numpy()  # fp32
+    x = model_input(splits.test_images, info.mean, info.std, torch.device("cpu")).contiguous().numpy()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    theirs = np.concatenate([session.run(None, {"images": x[i:i + 250].contiguous().numpy()})[0] for i in range(0, 1000, 250)])
-    assert (theirs.argmax(1) == ours.argmax(1)).all()
-    assert np.abs(theirs - ours).max() < 1e-4
+    onnx_logits = np.concatenate([session.run(None, {"images": x[i:i + 1000]})[0] for i in range(0, 10000, 1000)])
+    assert int((onnx_logits.argmax(1) == splits.test_labels.numpy()).sum()) == evaluated["correct"]
+    ours = predict_logits(model, torch.from_numpy(x), 1000).numpy()  # fp32
+    assert np.abs(onnx_logits - ours).max() < 1e-4
 
 
 def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
@@ -38,6 +53,7 @@ def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
         assert session.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
 
 
+@pytest.mark.slow
 def test_safetensors_round_trip_without_pickle(trained_checkpoint, tmp_path, data_dir):
     out = tmp_path / "model.safetensors"
     assert run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "safetensors", "--out", str(out)).returncode == 0

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 import nbformat
 from nbclient import NotebookClient
 from nbformat.v4 import new_code_cell
@@ -19,6 +20,7 @@ def test_notebook_is_committed_without_outputs():
             assert cell.outputs == [] and cell.execution_count is None
 
 
+@pytest.mark.slow
 def test_notebook_runs_end_to_end(data_dir, tmp_path):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     where = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))

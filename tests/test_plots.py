@@ -2,6 +2,7 @@ import csv
 import dataclasses
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -17,6 +18,7 @@ def _is_png(path: Path) -> tuple[int, int]:
         return img.size
 
 
+@pytest.mark.slow
 def test_train_with_plots_writes_every_picture(data_dir, tmp_path):
     out = tmp_path / "run"
     proc = run_cli("train", "--epochs", "2", "--train-subset", "3000", "--device", "cpu", "--plots",

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_cli
+from mnist_classifier.models import checkpoint
 from mnist_classifier.data.images import ImageError, open_image, prepare_digit
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -126,18 +127,28 @@ def test_cli_keeps_going_after_bad_files_and_exits_nonzero(trained_checkpoint, t
         assert img.size == (28, 28)
 
 
-def test_low_confidence_is_flagged(trained_checkpoint, tmp_path):
-    noise = np.random.default_rng(0).integers(0, 255, (64, 64), dtype=np.uint8)
-    rows = []
-    for i in range(6):
-        path = tmp_path / f"noise{i}.png"
-        Image.fromarray(np.roll(noise, i * 7, axis=i % 2)).save(path)
-        rows.append(path)
-    proc = run_cli("predict", *map(str, rows), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
-    results = [json.loads(line) for line in proc.stdout.splitlines()]
-    flagged = [r for r in results if r["low_confidence"]]
-    assert all(r["confidence"] < 0.5 for r in flagged)
-    assert proc.stderr.count("low confidence") == len(flagged)
+def test_low_confidence_is_flagged(trained_checkpoint, splits, tmp_path):
+    """A model with a zeroed last layer gives every class 10 %: each image must be flagged and warned about.
+    The trained model must flag none of the clean test digits."""
+    paths = []
+    for i in range(4):
+        paths.append(tmp_path / f"digit{i}.png")
+        Image.fromarray(splits.test_images[i, 0].numpy()).save(paths[-1])
+    payload = checkpoint.load(trained_checkpoint)
+    for name in ("fc2.weight", "fc2.bias"):
+        payload["state_dict"][name].zero_()
+    unsure = tmp_path / "unsure.pt"
+    checkpoint.save(unsure, payload)
+    for ckpt, expect_flagged in ((unsure, True), (trained_checkpoint, False)):
+        proc = run_cli("predict", *map(str, paths), "--checkpoint", str(ckpt), "--json", "--device", "cpu")
+        results = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert proc.returncode == 0 and len(results) == 4
+        assert [r["low_confidence"] for r in results] == [expect_flagged] * 4
+        assert proc.stderr.count("low confidence") == (4 if expect_flagged else 0)
+        if expect_flagged:
+            assert all(r["confidence"] == pytest.approx(0.1) for r in results)
+        else:
+            assert all(r["confidence"] > 0.9 for r in results)
 
 
 def test_predict_without_any_run_says_how_to_get_one(tmp_path):

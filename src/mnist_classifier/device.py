@@ -33,7 +33,7 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
-def _cpu_has_native_bf16() -> bool:
+def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast is a real speed-up."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
@@ -60,7 +60,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     if device.type == "cpu":
-        return torch.bfloat16 if _cpu_has_native_bf16() else None
+        return torch.bfloat16 if cpu_has_native_bf16() else None
     return None
 
 
