@@ -10,7 +10,7 @@ DATA   ?= data
 .PHONY: help setup system-deps data run test test-fast notebook bench clean
 
 help:
-	@echo "make run       set up, fetch MNIST, train and evaluate the seed CNN"
+	@echo "make run       set up, fetch MNIST, train and evaluate the guide's CNN"
 	@echo "make test      set up and run the whole test suite"
 	@echo "make test-fast the suite without the slow full-data runs"
 	@echo "make notebook  open notebooks/mnist_classifier.ipynb in Jupyter"

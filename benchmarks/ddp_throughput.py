@@ -1,6 +1,6 @@
 """Training throughput of 1 process against N processes (torchrun, gloo on CPU), same global batch.
 
-Each configuration trains the seed recipe for ``--epochs`` in a fresh process group; images per second is
+Each configuration trains the guide recipe for ``--epochs`` in a fresh process group; images per second is
 the training set size times epochs over the training-loop seconds that `mnist train` reports. Prints one
 JSON line per configuration.
 

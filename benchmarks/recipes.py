@@ -6,7 +6,7 @@ ensemble with shift test-time augmentation (`mnist evaluate --tta-shift 1`).
 
     .venv/bin/python benchmarks/recipes.py --recipe fast --seeds 0 1 2 3 4
     .venv/bin/python benchmarks/recipes.py --recipe best --seeds 0 1 2 --ensemble --tta-shift 1 --out runs/best
-    .venv/bin/python benchmarks/recipes.py --recipe seed --dataset fashion-mnist --seeds 0 1 2
+    .venv/bin/python benchmarks/recipes.py --recipe guide --dataset fashion-mnist --seeds 0 1 2
 """
 
 import argparse

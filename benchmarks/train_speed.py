@@ -34,7 +34,7 @@ def main():
                    capture_output=True)
     guide_t, ours_t, guide_acc, ours_acc = [], [], [], []
     for r in range(args.rounds):
-        seconds, out = timed([sys.executable, str(HERE / "seed_guide_pipeline.py"), "--data-dir", args.data_dir,
+        seconds, out = timed([sys.executable, str(HERE / "guide_pipeline.py"), "--data-dir", args.data_dir,
                               "--epochs", str(args.epochs), "--seed", str(r)])
         guide = json.loads(out.strip().splitlines()[-1])
         with tempfile.TemporaryDirectory() as tmp:

@@ -64,7 +64,7 @@ def _restore_rng():
 
 @pytest.fixture(scope="session")
 def trained_checkpoint(tmp_path_factory, data_dir, splits) -> Path:
-    """A seed CNN trained for 2 epochs on all 60,000 images (about 10 s): real enough to judge predictions."""
+    """A guide's CNN trained for 2 epochs on all 60,000 images (about 10 s): real enough to judge predictions."""
     from mnist_classifier.training import fit
 
     run_dir = tmp_path_factory.mktemp("trained")

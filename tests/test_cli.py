@@ -110,7 +110,7 @@ def test_console_entry_runs_the_command_then_freezes_the_collector(monkeypatch, 
         assert gc.get_freeze_count() > 0  # the objects alive now are left out of the exit-time collections
     finally:
         gc.unfreeze()
-    assert "seed-cnn" in capsys.readouterr().out
+    assert "guide-cnn" in capsys.readouterr().out
 
 
 def test_console_entry_keeps_the_exit_status(monkeypatch, capsys):

@@ -281,7 +281,7 @@ def test_a_generated_image_folder_trains_evaluates_and_predicts(tmp_path):
     _shapes_folder(shapes)
     run = tmp_path / "run"
     dataset = f"folder:{shapes}"
-    # bn-cnn: batch norm learns these 96 images in a few seconds (the seed CNN needs far more steps)
+    # bn-cnn: batch norm learns these 96 images in a few seconds (the guide's CNN needs far more steps)
     proc = run_cli("train", "--dataset", dataset, "--preprocess", "resize", "--image-size", "32", "--model", "bn-cnn",
                    "--epochs", "15", "--lr", "0.003", "--batch-size", "16", "--out", str(run), "--device", "cpu", "--seed", "0")
     assert proc.returncode == 0, proc.stderr

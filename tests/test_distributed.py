@@ -31,7 +31,7 @@ def test_two_processes_train_one_model(data_dir, tmp_path):
     assert len(runs) == 1, runs  # only rank 0 writes a run folder
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["weights_identical_across_ranks"] is True
-    # one epoch of the seed recipe in one process reaches about 98.2%; two processes train the same model
+    # one epoch of the guide recipe in one process reaches about 98.2%; two processes train the same model
     assert summary["test_accuracy"] >= 97.5
     assert proc.stdout.count("Using device:") == 1  # only rank 0 prints
     assert "Processes: 2 (global batch 64, 32 images per process per step)" in proc.stdout

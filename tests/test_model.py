@@ -4,22 +4,31 @@ import torch.nn.functional as F
 
 from mnist_classifier.errors import UserError
 from mnist_classifier.models import MODELS, ModelConfig, build_model, count_parameters
-from mnist_classifier.models.cnn import SeedCNN
+from mnist_classifier.models import checkpoint
+from mnist_classifier.models.cnn import GuideCNN
 
 
-def test_seed_cnn_has_the_guides_parameter_count_and_output_shape():
+def test_guide_cnn_has_the_guides_parameter_count_and_output_shape():
     model = build_model(ModelConfig())
-    assert isinstance(model, SeedCNN)
+    assert isinstance(model, GuideCNN)
     assert count_parameters(model) == 206_922
     assert model.flat_features == 32 * 7 * 7 == 1568
     assert model(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
 
-def test_registry_knows_seed_cnn():
-    assert "seed-cnn" in MODELS
+def test_registry_knows_guide_cnn():
+    assert "guide-cnn" in MODELS
 
 
-def _guide_forward(m: SeedCNN, x):
+def test_names_from_before_the_rename_still_build_and_load():
+    """Checkpoints written before 'seed-cnn' became 'guide-cnn' name the old model; they must still load."""
+    old = build_model(ModelConfig(name="seed-cnn"))
+    assert type(old) is GuideCNN and type(build_model(ModelConfig(name="seed-cnn-deep"))).__name__ == "GuideCNNDeep"
+    payload = {"model": {**ModelConfig().to_dict(), "name": "seed-cnn"}, "state_dict": old.state_dict()}
+    assert type(checkpoint.model_from_payload(payload)) is GuideCNN
+
+
+def _guide_forward(m: GuideCNN, x):
     """The guide's order: ReLU, then pool."""
     x = m.pool(F.relu(m.conv1(x)))
     x = m.pool(F.relu(m.conv2(x)))
@@ -29,7 +38,7 @@ def _guide_forward(m: SeedCNN, x):
 
 def test_pool_then_relu_equals_the_guides_relu_then_pool_including_gradients():
     torch.manual_seed(0)
-    m = SeedCNN(ModelConfig())
+    m = GuideCNN(ModelConfig())
     x = torch.randn(8, 1, 28, 28)
     x[:, :, :10] = -0.4242  # a flat background, as in MNIST, makes ties inside pooling windows
     y = torch.randint(0, 10, (8,))

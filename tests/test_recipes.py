@@ -67,7 +67,7 @@ def test_every_model_trains_a_step_and_follows_the_input_shape(name):
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
-    if name != "seed-cnn-deep":  # (it shares the seed's 1568-feature head sizing)
+    if name != "guide-cnn-deep":  # (it shares the guide's 1568-feature head sizing)
         wide = build_model(ModelConfig(name=name, in_channels=3, image_size=32, num_classes=7)).eval()
         assert wide(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
@@ -122,10 +122,12 @@ def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
 def test_recipes_are_files_that_load_and_validate():
     root = Path(__file__).resolve().parents[1] / "src" / "mnist_classifier" / "recipes"
     names = sorted(p.stem for p in root.glob("*.json"))
-    assert {"seed", "fast", "best"} <= set(names)
+    assert {"guide", "fast", "best"} <= set(names)
     for name in names:
         cfg = TrainConfig.from_recipe(name).validate()
         assert cfg.recipe == name
+    assert TrainConfig.from_recipe("guide").to_dict() == dataclasses.replace(TrainConfig(), recipe="guide").to_dict()
+    # "seed", its name before the rename, still gives the same settings
     assert TrainConfig.from_recipe("seed").to_dict() == dataclasses.replace(TrainConfig(), recipe="seed").to_dict()
     with pytest.raises(UserError, match="unknown recipe"):
         TrainConfig.from_recipe("no-such-recipe")

@@ -24,7 +24,7 @@ def _png(img: Image.Image) -> bytes:
 
 def test_health_and_openapi(server):
     health = httpx.get(f"{server}/health").json()
-    assert health["status"] == "ok" and health["model"] == "seed-cnn" and len(health["class_names"]) == 10
+    assert health["status"] == "ok" and health["model"] == "guide-cnn" and len(health["class_names"]) == 10
     spec = httpx.get(f"{server}/openapi.json").json()
     content = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
     assert {"multipart/form-data", "application/json"} <= set(content)

@@ -48,7 +48,7 @@ def test_checkpoint_contents(small_cfg, splits, tmp_path):
     fit(small_cfg, splits, CPU, run_dir)
     payload = torch.load(run_dir / "model.pt", weights_only=True)
     assert payload["format_version"] == checkpoint.FORMAT_VERSION
-    assert payload["model"]["name"] == "seed-cnn"
+    assert payload["model"]["name"] == "guide-cnn"
     assert payload["dataset"]["mean"] == [0.1307] and payload["dataset"]["class_names"] == [str(d) for d in range(10)]
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in payload["state_dict"])
     last = torch.load(run_dir / "last.pt", weights_only=True)
@@ -102,7 +102,7 @@ def test_fp32_precision_path(small_cfg, splits):
 
 @pytest.mark.slow
 def test_full_default_run_reaches_98_5_percent(data_dir, tmp_path):
-    """The seed recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
+    """The guide recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
     from conftest import run_cli
 
     out = tmp_path / "full"

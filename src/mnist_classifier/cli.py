@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 class ConsoleReporter:
-    """A tqdm bar per epoch on a terminal; otherwise the seed's 'Loss:' line every ``log_every`` batches."""
+    """A tqdm bar per epoch on a terminal; otherwise the guide's 'Loss:' line every ``log_every`` batches."""
 
     def __init__(self, batch_size: int, stream=None) -> None:
         self.stream = stream or sys.stdout
@@ -156,7 +156,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         device = select_device(cfg.device)
     try:
-        distributed.check_batch(cfg.batch_size, ctx)
         # an flock lets one process fetch while the others wait
         splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
                               test_fraction=cfg.test_fraction)
@@ -276,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
 
     p = sub.add_parser("train", help="train a model and write a run folder",
-                       description="Train a model on MNIST (or --dataset ...). Defaults are the seed guide's: Adam, "
+                       description="Train a model on MNIST (or --dataset ...). Defaults are the guide's: Adam, "
                                    "lr 0.001, batch 64, 5 epochs.")
     add_config_flags(p, TrainConfig)
     p.add_argument("--resume", metavar="DIR", default="",

@@ -1,6 +1,6 @@
 """Typed configuration. Every field of a config dataclass is one CLI flag (``batch_size`` -> ``--batch-size``).
 
-The defaults are the seed guide's: Adam, lr 0.001, batch 64, 5 epochs, normalisation (0.1307, 0.3081).
+The defaults are the guide's: Adam, lr 0.001, batch 64, 5 epochs, normalisation (0.1307, 0.3081).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
 PREPROCESSES = ("digit", "resize")
+RECIPE_ALIASES = {"seed": "guide"}  # the guide's recipe was called "seed" before "seed" meant only --seed
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -40,7 +41,7 @@ class TrainConfig:
     image_size: int = _opt(28, "folder:PATH with --preprocess resize: pixels per side")
     test_fraction: float = _opt(0.2, "folder:PATH without train/ and test/ sub-folders: share of each class held out "
                                 "for testing (a fixed split, the same for every --seed)")
-    model: str = _opt("seed-cnn", "model name from the registry (see `mnist models`)")
+    model: str = _opt("guide-cnn", "model name from the registry (see `mnist models`)")
     epochs: int = _opt(5, "full passes over the training set")
     batch_size: int = _opt(64, "images per optimizer step")
     lr: float = _opt(0.001, "learning rate (step size per optimizer step)")
@@ -75,7 +76,7 @@ class TrainConfig:
     compile: bool = _opt(False, "torch.compile the model for training (checkpoints keep the plain module's weights)")
     cuda_graphs: bool = _opt(False, "capture the training step once as a CUDA graph and replay it: one launch instead of "
                              "~100 per step for small models (CUDA; elsewhere the same fixed-buffer step runs uncaptured)")
-    recipe: str = _opt("", "named preset from recipes/ (seed, fast, best) or a JSON file; flags you give override it")
+    recipe: str = _opt("", "named preset from recipes/ (guide, fast, best) or a JSON file; flags you give override it")
 
     def validate(self) -> "TrainConfig":
         """Raise UserError for values that cannot train; return self so calls can chain.
@@ -135,7 +136,7 @@ class TrainConfig:
     def from_recipe(cls, name: str) -> "TrainConfig":
         """The config a recipe file describes (``recipes/<name>.json`` in the package, or a path)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        packaged = resources.files("mnist_classifier").joinpath(f"recipes/{name}.json")
+        packaged = resources.files("mnist_classifier").joinpath(f"recipes/{RECIPE_ALIASES.get(name, name)}.json")
         path = Path(name)
         try:
             text = packaged.read_text() if packaged.is_file() else path.read_text()

@@ -1,4 +1,4 @@
-"""Choosing the compute device: CUDA, then Apple's MPS, then the CPU (the seed guide's order)."""
+"""Choosing the compute device: CUDA, then Apple's MPS, then the CPU (the guide's order)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def flush_denormals() -> bool:
     """Treat subnormal floats (below ~1.2e-38 in fp32) as zero on this CPU; True if the CPU supports it.
 
     Late in training some values (Adam's squared-gradient averages, tiny gradients) fall into the subnormal
-    range, where x86 arithmetic is many times slower: without this the seed model's epochs on a CPU slow
+    range, where x86 arithmetic is many times slower: without this the guide's model's epochs on a CPU slow
     from 4.8 s to 5.3 s over five epochs; with it they stay flat, and every printed loss and accuracy of
     that run came out identical. The setting is per thread and torch's intra-op worker threads copy it
     when they start, so call this before the first parallel tensor operation (``fit`` does, before it

@@ -22,7 +22,7 @@ from ..data import DatasetInfo
 from ..device import preferred_memory_format
 from ..errors import UserError
 from .config import ModelConfig
-from .registry import MODELS, build_model
+from .registry import ALIASES, MODELS, build_model
 
 FORMAT = "mnist-classifier"
 FORMAT_VERSION = 1
@@ -132,7 +132,7 @@ def dataset_info(payload: dict[str, Any]) -> DatasetInfo:
 def model_from_payload(payload: dict[str, Any], path: str | os.PathLike = "<checkpoint>") -> nn.Module:
     """Rebuild the model and load its weights strictly; a state_dict from another architecture is a UserError."""
     cfg = ModelConfig.from_dict(payload["model"])
-    if cfg.name not in MODELS:
+    if ALIASES.get(cfg.name, cfg.name) not in MODELS:
         raise UserError(f"checkpoint {path} needs model {cfg.name!r}, which this version does not have")
     model = build_model(cfg)
     try:

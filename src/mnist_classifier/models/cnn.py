@@ -13,8 +13,8 @@ from ..errors import UserError
 from .config import ModelConfig
 
 
-class SeedCNN(nn.Module):
-    """The seed guide's CNN: two 3x3 conv + ReLU + 2x2 max-pool blocks, then 1568 -> 128 -> 10.
+class GuideCNN(nn.Module):
+    """The guide's CNN (``guide-cnn``): two 3x3 conv + ReLU + 2x2 max-pool blocks, then 1568 -> 128 -> 10.
 
     With the defaults it has 206,922 parameters:
     conv1 1*16*9+16 = 160, conv2 16*32*9+32 = 4,640, fc1 1568*128+128 = 200,832, fc2 128*10+10 = 1,290.
@@ -55,7 +55,7 @@ def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
 
 
 class BNCNN(nn.Module):
-    """A stronger CNN for the accuracy recipes: five 3x3 conv + batch-norm layers, wider than the seed.
+    """A stronger CNN for the accuracy recipes: five 3x3 conv + batch-norm layers, wider than the guide's.
 
     28x28: [32, 32] pool -> 14x14: [64, 64] pool -> 7x7: [128] pool -> 3x3 -> 1152 -> 256 -> classes.
     Batch norm lets it train at large learning rates; dropout (``cfg.dropout``) guards the wide head.
@@ -166,8 +166,8 @@ class ResCNN(nn.Module):
         return self.head(self.features(x))  # (B, num_classes) logits
 
 
-class SeedCNNDeep(SeedCNN):
-    """The guide's "add more conv layers" experiment: the seed CNN with a third 3x3 conv (32 -> 32) before
+class GuideCNNDeep(GuideCNN):
+    """The guide's "add more conv layers" experiment: the guide's CNN with a third 3x3 conv (32 -> 32) before
     the second pool. Same head, so the parameter count rises only by 9,248."""
 
     def __init__(self, cfg: ModelConfig) -> None:

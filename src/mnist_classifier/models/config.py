@@ -11,11 +11,11 @@ from typing import Any
 class ModelConfig:
     """How to build a model; saved in every checkpoint so it rebuilds its own architecture."""
 
-    name: str = "seed-cnn"
+    name: str = "guide-cnn"
     in_channels: int = 1  # 1 for MNIST-family grey images
     image_size: int = 28  # square input, pixels per side
     num_classes: int = 10
-    dropout: float = 0.0  # probability, before the last layer; the seed guide's "add dropout" experiment
+    dropout: float = 0.0  # probability, before the last layer; the guide's "add dropout" experiment
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -8,13 +8,13 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .cnn import BNCNN, M5CNN, FastCNN, ResCNN, SeedCNN, SeedCNNDeep
+from .cnn import BNCNN, M5CNN, FastCNN, GuideCNN, GuideCNNDeep, ResCNN
 from .config import ModelConfig
 
 # name -> constructor taking a ModelConfig. `--model NAME` looks models up here.
 MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
-    "seed-cnn": SeedCNN,
-    "seed-cnn-deep": SeedCNNDeep,
+    "guide-cnn": GuideCNN,
+    "guide-cnn-deep": GuideCNNDeep,
     "fast-cnn": FastCNN,
     "bn-cnn": BNCNN,
     "res-cnn": ResCNN,
@@ -22,16 +22,21 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 }
 
 
-def check_model(name: str) -> None:
-    """UserError unless ``name`` is in the registry."""
+# Earlier names, still accepted by --model and found in checkpoints written before the rename.
+ALIASES = {"seed-cnn": "guide-cnn", "seed-cnn-deep": "guide-cnn-deep"}
+
+
+def check_model(name: str) -> str:
+    """The registry's name for ``name`` (an alias resolved); UserError if there is none."""
+    name = ALIASES.get(name, name)
     if name not in MODELS:
         raise UserError(f"unknown model {name!r}; choose one of {', '.join(sorted(MODELS))}")
+    return name
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     """Construct the model named in ``cfg``; an unknown name is a UserError."""
-    check_model(cfg.name)
-    return MODELS[cfg.name](cfg)
+    return MODELS[check_model(cfg.name)](cfg)
 
 
 def count_parameters(model: nn.Module) -> int:

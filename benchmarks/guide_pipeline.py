@@ -1,4 +1,4 @@
-"""The seed guide's own pipeline, as its cells write it (Steps 1-3, the CNN, train and test functions).
+"""The guide's own pipeline, as its cells write it (Steps 1-3, the CNN, train and test functions).
 
 Run by ``benchmarks/train_speed.py`` as a separate process so that both sides pay their own start-up.
 Prints one JSON line: final test accuracy (percent) and seconds. Only ``--data-dir`` and ``--epochs`` vary.
