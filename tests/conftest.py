@@ -82,8 +82,9 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(checkpoint_path: Path):
-    """`mnist serve` as a real process on a free loopback port; yields its base URL."""
+def serving(checkpoint_path: Path, *flags: str, process: list | None = None):
+    """`mnist serve` as a real process on a free loopback port; yields its base URL. ``process``, if given,
+    receives the Popen object (to signal it, or to read its output after it has stopped)."""
     import time
 
     import httpx
@@ -91,9 +92,11 @@ def serving(checkpoint_path: Path):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(checkpoint_path),
-         "--port", str(port), "--device", "cpu"],
+         "--port", str(port), "--device", "cpu", *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    if process is not None:
+        process.append(proc)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:
@@ -109,8 +112,9 @@ def serving(checkpoint_path: Path):
     try:
         yield base
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")

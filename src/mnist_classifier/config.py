@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import UserError
 
-MAX_PIXELS = 40_000_000  # largest image accepted anywhere (an image bomb can declare 10^10 pixels in a few bytes)
+MAX_PIXELS = 16_000_000  # largest image accepted anywhere: a 16-megapixel photo (a bomb can declare 10^10 in a few bytes)
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -216,10 +216,21 @@ class ServeConfig:
     device: str = _opt("auto", "where to compute", DEVICES)
     max_body_bytes: int = _opt(5_000_000, "largest request body accepted, in bytes (larger: 413)")
     max_pixels: int = _opt(MAX_PIXELS, "largest image accepted, in pixels (width x height)")
+    max_decodes: int = _opt(0, "images decoded at once (others wait their turn); 0 = one per CPU core")
+    allowed_hosts: str = _opt("", "other Host names the server answers to, comma-separated (the listening address, "
+                              "localhost, 127.0.0.1 and ::1 always are): a guard against DNS rebinding")
+    allowed_origins: str = _opt("", "web origins allowed to POST from a browser, comma-separated, e.g. "
+                                "https://example.org (pages served by this server always are)")
+    header_timeout: float = _opt(10.0, "seconds a client may take to send its request headers before it is dropped")
+    keep_alive: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
 
     def validate(self) -> "ServeConfig":
         if not 0 <= self.port <= 65535:
             raise UserError(f"--port must be 0-65535, got {self.port}")
         if self.max_body_bytes <= 0 or self.max_pixels <= 0:
             raise UserError("--max-body-bytes and --max-pixels must be positive")
+        if self.max_decodes < 0:
+            raise UserError(f"--max-decodes must be 0 (one per core) or positive, got {self.max_decodes}")
+        if not (self.header_timeout > 0 and self.keep_alive > 0):
+            raise UserError("--header-timeout and --keep-alive must be positive")
         return self

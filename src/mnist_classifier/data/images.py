@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from pathlib import Path
 from typing import Sequence
 
@@ -69,32 +70,78 @@ class NothingToSee(ImageError):
     """Decoded fine, but shows nothing to classify (blank, one shade, or no pixels)."""
 
 
+# What a photo, scan or drawing of a digit comes as. Everything else (ICO and ICNS, which decode an embedded
+# image while being opened; TIFF, PSD, ...) is refused before Pillow's plugin for it runs.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_FILE_BYTES = 20_000_000  # a file read from disk; uploads have the server's body limit
+MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan costs a pass over every block of the image
+WORK_SIDE = 1024  # pixels per side an image is shrunk to (area averaging) before it is prepared
+_BMP_RLE = (1, 2)  # BI_RLE8, BI_RLE4: decoded in Python by Pillow, seconds per image
+
+
+def read_image_file(path: str | os.PathLike) -> bytes:
+    """The bytes of an image file, refusing folders, devices, FIFOs and anything over ``MAX_FILE_BYTES``
+    before reading (a FIFO would block the open; /dev/zero would never end)."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise NotAnImage("is a folder")
+    if not stat.S_ISREG(info.st_mode):
+        raise NotAnImage("is not a regular file (a device, FIFO or socket)")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ImageTooLarge(f"is too large: {info.st_size:,} bytes (the limit is {MAX_FILE_BYTES:,})")
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_FILE_BYTES + 1)  # a file that grows while it is read is cut off here
+    except OSError as exc:
+        raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ImageTooLarge(f"is too large: over {MAX_FILE_BYTES:,} bytes")
+    return data
+
+
+def _refuse_costly(img: Image.Image, data: bytes) -> None:
+    """Encodings whose decoding costs far more than their pixels: many-scan JPEGs, run-length BMPs."""
+    if img.format == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers; 0xFF is escaped in scans
+        raise ImageTooLarge(f"is too costly to decode: a JPEG with more than {MAX_JPEG_SCANS} scans")
+    if img.format == "BMP" and img.info.get("compression") in _BMP_RLE:
+        raise NotAnImage("is a run-length-encoded BMP, which is not accepted; send PNG or JPEG")
+
+
 def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an image (path or bytes), checking it is a real, not oversized image. Animated: first frame."""
+    """Decode an image (path or bytes) of an accepted format into at most ``WORK_SIDE`` pixels per side.
+
+    Everything that bounds the cost is checked from the header, before any pixel is decoded: the format,
+    the declared size, the JPEG scan count and the BMP compression. JPEGs are decoded at 1/2 to 1/8 scale
+    where that still leaves ``WORK_SIDE`` pixels (draft mode), EXIF orientation is applied, and the result is
+    shrunk by area averaging. Animated images give their first frame.
+    """
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        try:
-            data = path.read_bytes()
-        except IsADirectoryError:
-            raise NotAnImage("is a folder") from None
-        except OSError as exc:
-            raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
+        data = read_image_file(data)
     if len(data) == 0:
         raise NotAnImage("is empty (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
-        width, height = img.size  # read from the header, before any pixel is decoded
+        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"is too large: {width}x{height} pixels (the limit is {max_pixels:,})")
+        _refuse_costly(img, data)
+        if img.format == "JPEG":
+            img.draft(None, (min(width, WORK_SIDE), min(height, WORK_SIDE)))
         img.seek(0)  # the first frame of an animation
         img.load()
+        img = ImageOps.exif_transpose(img)
+        img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
     except ImageError:
         raise
     except Image.DecompressionBombError:
         raise ImageTooLarge(f"is too large: it declares more pixels than the limit of {max_pixels:,}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        kind = "not an image" if isinstance(exc, UnidentifiedImageError) else f"a broken image ({str(exc)[:120]})"
-        raise NotAnImage(f"is {kind}") from None
+    except UnidentifiedImageError:
+        raise NotAnImage(f"is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise NotAnImage(f"is a broken image ({str(exc)[:120]})") from None
     return img
 
 

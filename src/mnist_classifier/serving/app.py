@@ -7,7 +7,10 @@ Every bad request gets a 4xx with a JSON body ``{"detail": "..."}``.
 
 from __future__ import annotations
 
+import os
+import threading
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -15,6 +18,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..config import ServeConfig
@@ -23,7 +27,8 @@ from ..models import load_model
 from ..runs import latest_checkpoint
 from .handlers import (BadRequest, ClientError, PayloadTooLarge, Served, UnsupportedMediaType, Unprocessable,
                        parse_pixels, predict_image_bytes, predict_pixels)
-from .limits import BodyLimit
+from .limits import BodyLimit, HostGuard
+from .protocol import with_header_timeout
 from .schemas import HealthResponse, PixelsRequest, PredictionResponse, Problem, pixels_request
 
 PAGE = resources.files("mnist_classifier").joinpath("static/index.html")
@@ -42,8 +47,8 @@ async def _upload(request: Request) -> bytes:
     """The bytes of the multipart field ``file``."""
     try:
         form = await request.form(max_files=1, max_fields=4)
-    except ClientError:
-        raise  # the body limit, raised while the parser read the stream
+    except (ClientError, ClientDisconnect):
+        raise  # the body limit while the parser read the stream, or a client gone: the middleware answers
     except Exception as exc:  # noqa: BLE001 - malformed multipart from the parser, whatever its type
         raise BadRequest(f"malformed multipart body ({str(exc)[:120] or type(exc).__name__})") from None
     upload = form.get("file")
@@ -89,9 +94,14 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     device = select_device(cfg.device)
     model, info, payload = load_model(cfg.checkpoint or latest_checkpoint(), device)
     name = payload["model"]["name"]
+    # a folder data set is named by its folder only: the absolute path stays on this machine
+    dataset = f"folder:{Path(info.name.removeprefix('folder:')).name}" if info.name.startswith("folder:") else info.name
     app = FastAPI(title="mnist-classifier", version=__version__,
-                  description=f"Classification with {name} trained on {info.name}.")
-    app.state.served = served = Served(model, info, device, name, cfg.max_pixels, pixels_request(info.image_size))
+                  description=f"Classification with {name} trained on {dataset}. The /docs page loads its "
+                              "script from a CDN and needs internet; /openapi.json is served from here.")
+    slots = threading.BoundedSemaphore(cfg.max_decodes or os.cpu_count() or 1)
+    app.state.served = served = Served(model, info, device, name, dataset, cfg.max_pixels,
+                                       pixels_request(info.image_size), slots)
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
     problems = {c.status: {"model": Problem, "description": d} for c, d in (
@@ -102,9 +112,12 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app.add_exception_handler(ClientError, _client_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
+    hosts = {cfg.host, *filter(None, (h.strip() for h in cfg.allowed_hosts.split(",")))}
+    app.add_middleware(HostGuard, hosts=hosts, origins={o.strip() for o in cfg.allowed_origins.split(",") if o.strip()})
     return app
 
 
 def serve(cfg: ServeConfig) -> None:
-    """Run the app with uvicorn until interrupted."""
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    """Run the app with uvicorn until interrupted; SIGTERM lets requests in flight finish for up to 5 s."""
+    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info", http=with_header_timeout(cfg.header_timeout),
+                timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=5)

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import threading
+
 import numpy as np
 import torch
 from PIL import Image
@@ -63,11 +65,13 @@ class Served:
     info: DatasetInfo
     device: torch.device
     model_name: str
+    dataset: str  # as shown to clients (a folder data set by its folder name only)
     max_pixels: int
     pixels_model: type[PixelsRequest]  # the JSON body's schema, sized to the model's input
+    decode_slots: threading.BoundedSemaphore  # decodes at once: bounds the memory and cores uploads can take
 
     def health(self) -> dict[str, Any]:
-        return {"status": "ok", "model": self.model_name, "dataset": self.info.name,
+        return {"status": "ok", "model": self.model_name, "dataset": self.dataset,
                 "class_names": list(self.info.class_names), "device": str(self.device)}
 
 
@@ -89,12 +93,14 @@ def prepare(served: Served, img: Image.Image) -> torch.Tensor:
 
 
 def predict_image_bytes(served: Served, data: bytes) -> dict[str, Any]:
-    """An uploaded image file (any format Pillow reads) -> the prediction body."""
-    try:
-        img = open_image(data, served.max_pixels)
-    except ImageError as exc:
-        raise client_error(exc, "the upload") from None
-    return answer(served, prepare(served, img))
+    """An uploaded image file (PNG, JPEG, WebP, GIF or BMP) -> the prediction body."""
+    with served.decode_slots:
+        try:
+            img = open_image(data, served.max_pixels)
+        except ImageError as exc:
+            raise client_error(exc, "the upload") from None
+        image = prepare(served, img)
+    return answer(served, image)
 
 
 def parse_pixels(served: Served, raw: bytes) -> PixelsRequest:

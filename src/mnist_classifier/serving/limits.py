@@ -1,10 +1,23 @@
-"""ASGI middleware that refuses bodies over a byte limit (by Content-Length, or while streaming) with 413."""
+"""ASGI middleware at the edge of the service: who may talk to it, and how much they may send.
+
+``HostGuard`` answers only requests addressed to this server (Host header) and, from browsers, only POSTs
+from this server's own pages or configured origins (Origin header): a web page the user happens to visit
+can neither post to a loopback server nor read it through DNS rebinding. ``BodyLimit`` refuses bodies over
+a byte limit, and turns a client that vanished mid-body into one log line.
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+from urllib.parse import urlsplit
+
+from starlette.requests import ClientDisconnect
 
 from .handlers import BadRequest, ClientError, PayloadTooLarge
+
+log = logging.getLogger("uvicorn.error")  # uvicorn configures it: its lines appear with the server's own
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
 async def send_json(send, status: int, detail: str) -> None:  # noqa: ANN001 - ASGI callable
@@ -52,3 +65,33 @@ class BodyLimit:
         except ClientError as exc:
             if not started:
                 await send_json(send, exc.status, exc.detail)
+        except ClientDisconnect:  # nobody is left to answer: one line, no traceback
+            client = scope.get("client") or ("?", 0)
+            log.info("%s:%s disconnected before sending the whole body of %s %s", *client, scope["method"], scope["path"])
+
+
+def _hostname(value: str) -> str:
+    """``host[:port]`` or ``[v6]:port`` -> the host name, lower case (urlsplit parses both forms)."""
+    return (urlsplit(f"//{value}").hostname or "").lower()
+
+
+class HostGuard:
+    """403 for a Host this server is not, and for a browser POST from an origin it does not trust."""
+
+    def __init__(self, app, hosts: set[str], origins: set[str]) -> None:  # noqa: ANN001 - an ASGI app
+        self.app, self.hosts, self.origins = app, {h.lower() for h in hosts} | set(LOCAL_NAMES), origins
+
+    async def __call__(self, scope, receive, send):  # noqa: ANN001, ANN204 - ASGI signature
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        host = _hostname(headers.get(b"host", b"").decode("latin-1"))
+        if host not in self.hosts:
+            return await send_json(send, 403, f"this server does not answer to the Host {host!r}; "
+                                              "start it with --allowed-hosts to add names")
+        origin = headers.get(b"origin", b"").decode("latin-1")
+        if origin and scope["method"] not in ("GET", "HEAD", "OPTIONS") and origin not in self.origins \
+                and _hostname(urlsplit(origin).netloc) not in self.hosts:
+            return await send_json(send, 403, f"requests from the web origin {origin!r} are not allowed; "
+                                              "start the server with --allowed-origins to allow it")
+        return await self.app(scope, receive, send)

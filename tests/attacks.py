@@ -1,0 +1,55 @@
+"""Hostile files, generated here so no binary blob lives in git. Each returns the bytes of one attack."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+from PIL import Image
+
+
+def progressive_jpeg_many_scans(side: int = 6320, scans: int = 3000) -> bytes:
+    """A grey progressive JPEG whose last AC scan is repeated ``scans`` times: each repeat makes the decoder
+    walk every block again, so the cost grows with side^2 x scans while each scan costs a few bytes."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 0).save(buf, format="JPEG", progressive=True, quality=10)
+    data = buf.getvalue()
+    last_sos = data.rindex(b"\xff\xda")
+    body, eoi = data[last_sos:-2], data[-2:]
+    return data[:-2] + body * scans + eoi
+
+
+def rle8_bmp(side: int = 6000) -> bytes:
+    """An 8-bit BMP in RLE8 that ends every one of ``side`` rows with an escape: Pillow decodes RLE in Python."""
+    rows = b"".join(b"\x01\x00" + b"\x00\x00" for _ in range(side)) + b"\x00\x01"  # one pixel, end of line; end
+    palette = b"".join(bytes((i, i, i, 0)) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    header = b"BM" + struct.pack("<IHHI", offset + len(rows), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, side, side, 1, 8, 1, len(rows), 2835, 2835, 256, 0)
+    return header + info + palette + rows
+
+
+def huge_png(side: int = 6320, mode: str = "RGBA") -> bytes:
+    """A PNG that declares side x side pixels of one colour: a few hundred KB that decode to side^2 x 4 bytes."""
+    buf = io.BytesIO()
+    Image.new(mode, (side, side)).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A tiny grey PNG whose header declares ``width`` x ``height`` (the pixel data is one compressed row)."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * (width + 1), 9)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def ico_with_big_png(side: int = 13300) -> bytes:
+    """An ICO container whose one entry is a PNG of side x side pixels: Pillow decodes it inside Image.open."""
+    png = huge_png(side, "L")
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
