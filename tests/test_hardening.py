@@ -189,3 +189,113 @@ def test_clients_vanishing_mid_body_cost_one_log_line_each(trained_checkpoint):
     output = process[0].stdout.read()
     assert "Traceback" not in output
     assert output.count("disconnected before sending the whole body") == 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Crafted checkpoints: every field checked before anything is built from it
+
+
+def _recompressed(src: Path, dst: Path) -> None:
+    """The same checkpoint with every record deflated (torch.save never compresses)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item.filename))
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda p: p["dataset"].update(image_size=20000), "'image_size' must be 8-512"),
+    (lambda p: p["dataset"].update(class_names=["a", "b"]), "10 outputs but 2 class names"),
+    (lambda p: p["dataset"].update(std=[0.0]), "'std' must be positive"),
+    (lambda p: p["dataset"].update(mean=[float("nan")]), "'mean' must be 1 finite numbers"),
+    (lambda p: p["dataset"].pop("mean"), "'dataset' needs"),
+    (lambda p: p["dataset"].update(class_names=[f"c{i}\udcff" for i in range(10)]), "printable UTF-8 names"),
+    (lambda p: p.update(format_version=99), "format version 99"),
+    (lambda p: p.update(state_dict=[1, 2]), "'state_dict' must map names to tensors"),
+])
+def test_crafted_checkpoint_fields_are_refused(trained_checkpoint, tmp_path, change, fragment):
+    from mnist_classifier.errors import UserError
+    from mnist_classifier.models import checkpoint
+
+    payload = checkpoint.load(trained_checkpoint)
+    change(payload)
+    path = tmp_path / "crafted.pt"
+    checkpoint.save(path, payload)
+    with pytest.raises(UserError, match=fragment.replace("(", r"\(")) as info:
+        checkpoint.load_model(path)
+    assert str(path) in str(info.value)
+
+
+def test_compressed_and_broken_checkpoints_are_refused_unread(trained_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import save
+
+    _recompressed(trained_checkpoint, tmp_path / "deflated.pt")
+    proc = run_cli("evaluate", "--checkpoint", str(tmp_path / "deflated.pt"), "--device", "cpu")
+    assert proc.returncode == 2 and "is compressed" in proc.stderr and "Traceback" not in proc.stderr
+    tensors = {"w": torch.zeros(2)}
+    bad_json = {"format": "mnist-classifier", "format_version": "1", "model": "{not json", "dataset": "{}"}
+    (tmp_path / "bad_json.safetensors").write_bytes(save(tensors, metadata=bad_json))
+    future = {**bad_json, "format_version": "99", "model": "{}"}
+    (tmp_path / "future.safetensors").write_bytes(save(tensors, metadata=future))
+    for name, fragment in (("bad_json", "unreadable metadata"), ("future", "format version 99")):
+        proc = run_cli("predict", str(tmp_path / "x.png"), "--checkpoint", str(tmp_path / f"{name}.safetensors"))
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Folder data sets
+
+
+def _digit_folder(root: Path, per_class: int = 6) -> None:
+    for digit in ("1", "7"):
+        (root / digit).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("L", (40, 40), 255)
+            ImageDraw.Draw(img).line([(10 + i, 5), (20 + i, 5), (14, 34)] if digit == "7" else [(20 + i % 3, 4), (20, 36)],
+                                     fill=0, width=4)
+            img.save(root / digit / f"{i}.png")
+
+
+def test_symbolic_links_are_not_followed(tmp_path):
+    from mnist_classifier.data import load_dataset
+
+    root = tmp_path / "digits"
+    _digit_folder(root)
+    os.symlink("..", root / "1" / "up")  # two links to '..': following them grows the walk exponentially
+    os.symlink("..", root / "7" / "up")
+    outside = tmp_path / "outside.png"
+    Image.new("L", (40, 40), 0).save(outside)
+    os.symlink(outside, root / "7" / "outside.png")  # a file from outside the data set
+    start = time.monotonic()
+    splits = load_dataset(f"folder:{root}", test_fraction=0.5)
+    assert time.monotonic() - start < 10
+    assert len(splits.train_labels) + len(splits.test_labels) == 12  # the 12 real images, each once
+    os.link(root / "1" / "0.png", root / "1" / "again.png")  # a second name for one file: still counted once
+    splits = load_dataset(f"folder:{root}", test_fraction=0.5)
+    assert len(splits.train_labels) + len(splits.test_labels) == 12
+
+
+def test_an_image_in_both_splits_is_refused(tmp_path):
+    from mnist_classifier.data import load_dataset
+    from mnist_classifier.errors import UserError
+
+    _digit_folder(tmp_path / "d" / "train")
+    _digit_folder(tmp_path / "d" / "test", per_class=2)
+    os.symlink(tmp_path / "d" / "train" / "7", tmp_path / "d" / "test" / "7" / "more")  # skipped: a link
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}").test_labels) == 4
+    os.link(tmp_path / "d" / "train" / "7" / "0.png", tmp_path / "d" / "test" / "7" / "same.png")  # hard link
+    proc = run_cli("data", "--dataset", f"folder:{tmp_path / 'd'}")
+    assert proc.returncode == 2 and "is also in train/" in proc.stderr and "Traceback" not in proc.stderr
+    (tmp_path / "d" / "test" / "7" / "same.png").unlink()
+    os.symlink(tmp_path / "d" / "train" / "1", tmp_path / "d" / "test" / "1" / "linked", target_is_directory=True)
+    assert len(load_dataset(f"folder:{tmp_path / 'd'}").test_labels) == 4
+
+
+def test_class_folders_must_be_named_in_utf8(tmp_path):
+    root = tmp_path / "d"
+    _digit_folder(root)
+    os.rename(root / "7", os.fsencode(root) + b"/\xff\xfe")  # not decodable as UTF-8
+    proc = run_cli("data", "--dataset", f"folder:{root}")
+    assert proc.returncode == 2 and "not named in printable UTF-8" in proc.stderr and "Traceback" not in proc.stderr

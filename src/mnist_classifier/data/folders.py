@@ -10,6 +10,7 @@ The images are decoded once, here, into the same uint8 tensors as MNIST; trainin
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,23 +25,62 @@ FOLDER_PREFIX = "folder:"
 FOLDER_SPLIT_SEED = 0  # the train/test split of a folder never depends on --seed: every run tests on the same images
 
 
-def _class_files(root: Path) -> dict[str, list[Path]]:
-    """class name -> its image files (sorted), via torchvision's ImageFolder rules (hidden folders skipped)."""
-    # torchvision's datasets package costs about a second to import; only folder data sets need it
-    from torchvision.datasets.folder import find_classes, make_dataset
+def _class_name(entry: os.DirEntry, root: Path) -> str:
+    """A class folder's name, which must be valid UTF-8: it goes into checkpoints, JSON and HTTP answers."""
+    if not entry.name.isprintable():  # undecodable bytes arrive as lone surrogates, which are not printable
+        raise UserError(f"{root}: the class folder {entry.name.encode('utf-8', 'replace')!r} is not named in "
+                        "printable UTF-8; rename it")
+    return entry.name
 
+
+def _images_under(folder: Path) -> list[Path]:
+    """Image files under ``folder`` (sorted), ImageFolder's way (hidden entries skipped), without following
+    symbolic links: a link could lead out of the data set, or loop (two links to '..' grow the walk
+    exponentially). Links are skipped, folders and files alike."""
+    found = []
+    for parent, dirs, files in os.walk(folder, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(parent, d)))
+        for name in sorted(files):
+            path = Path(parent, name)
+            if not name.startswith(".") and path.suffix.lower() in IMAGE_SUFFIXES and not path.is_symlink():
+                found.append(path)
+    return found
+
+
+def _class_files(root: Path) -> dict[str, list[Path]]:
+    """class name -> its image files (sorted): one sub-folder per class, as torchvision's ImageFolder."""
     try:
-        classes, class_to_idx = find_classes(str(root))
-    except FileNotFoundError as exc:
-        raise UserError(f"{root}: {exc}; make one sub-folder per class") from None
-    try:
-        samples = make_dataset(str(root), class_to_idx, extensions=IMAGE_SUFFIXES, allow_empty=True)
-    except FileNotFoundError as exc:
-        raise UserError(f"{root}: {exc}") from None
-    files: dict[str, list[Path]] = {c: [] for c in classes}
-    for path, index in samples:
-        files[classes[index]].append(Path(path))
-    return files
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise UserError(f"{root}: cannot read ({exc.strerror or exc})") from None
+    classes = [e for e in entries if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+    if not classes:
+        raise UserError(f"{root}: no class folders found; make one sub-folder per class")
+    return _once_each({_class_name(e, root): _images_under(Path(e.path)) for e in classes})
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    info = path.stat()
+    return info.st_dev, info.st_ino  # one file, whatever its names (hard links)
+
+
+def _once_each(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
+    """Every file once: a second name for a file already seen (a hard link) is dropped, so a random split can
+    never put the same image in both train and test."""
+    seen: set[tuple[int, int]] = set()
+    out: dict[str, list[Path]] = {}
+    for name, paths in files.items():
+        out[name] = [p for p in paths if not (_file_id(p) in seen or seen.add(_file_id(p)))]
+    return out
+
+
+def _one_split_each(train: dict[str, list[Path]], test: dict[str, list[Path]], root: Path) -> None:
+    """No file may be both trained and tested on."""
+    seen = {_file_id(p) for paths in train.values() for p in paths}
+    both = sorted(str(p) for paths in test.values() for p in paths if _file_id(p) in seen)
+    if both:
+        raise UserError(f"{root}: {both[0]} is also in train/ (the same file under another name); each image "
+                        "must be in one split only")
 
 
 def _decode(paths: list[Path], mode: str, size: int) -> np.ndarray:
@@ -63,6 +103,7 @@ def load_folder(root: Path, preprocess: str, image_size: int, test_fraction: flo
     size = 28 if preprocess == "digit" else image_size
     if (root / "train").is_dir() and (root / "test").is_dir():
         train_files, test_files = _class_files(root / "train"), _class_files(root / "test")
+        _one_split_each(train_files, test_files, root)
         extra = sorted(set(test_files) - set(train_files))
         if extra:
             raise UserError(f"{root / 'test'} has classes that {root / 'train'} lacks: {', '.join(extra)}")
