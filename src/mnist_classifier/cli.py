@@ -108,6 +108,10 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# What a resumed run must keep: the data it learns from and the network it trains.
+RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction", "val_size", "train_subset", "dropout")
+
+
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config to train with (recipe or resumed run, with the typed flags laid over it) and the resume payload."""
     base, resume = None, None
@@ -123,6 +127,10 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
         return cfg, None
     if str(Path(cfg.out)) != str(Path(args.resume)):
         raise UserError("--out cannot differ from --resume: a resumed run continues in its own folder")
+    changed = [f"--{k.replace('_', '-')}" for k in RESUME_FIXED if getattr(cfg, k) != getattr(base, k)]
+    if changed:
+        raise UserError(f"--resume {args.resume}: {', '.join(changed)} cannot change in a resumed run (it trained "
+                        f"{base.model} on {base.dataset}); start a new run with --out instead")
     # A run killed after its last epoch but before summary.json is finished by resuming it with no epochs left.
     finished = (Path(args.resume) / "summary.json").exists()
     if cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished):
@@ -160,7 +168,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
                               test_fraction=cfg.test_fraction)
         # Only rank 0 creates the run folder; the others learn its name.
-        run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out)) if ctx.is_main else None))
+        run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out, cfg.overwrite, resume is not None))
+                                     if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
         summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
     finally:

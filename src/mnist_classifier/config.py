@@ -68,6 +68,7 @@ class TrainConfig:
     data_dir: str = _opt("data", "folder holding the data sets in torchvision's layout, e.g. <data-dir>/MNIST/raw/ "
                          "(MNIST is fetched there when missing)")
     out: str = _opt("", "run folder to write (default: runs/<timestamp>)")
+    overwrite: bool = _opt(False, "replace the run already in --out (its checkpoints are deleted first)")
     train_subset: int = _opt(0, "train on only the first N training images (0 = all 60,000); for smoke runs")
     eval_batch_size: int = _opt(1000, "images per forward pass when evaluating (no gradients, so larger is fine)")
     log_every: int = _opt(100, "print the training loss every N batches when the output is not a terminal")

@@ -18,8 +18,15 @@ from .errors import UserError
 RUNS_ROOT = Path("runs")
 
 
-def new_run_dir(out: str = "") -> Path:
-    """``out`` if given, else ``runs/<YYYYmmdd-HHMMSS>`` (with a suffix if that already exists)."""
+RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt")  # what marks a folder as a run
+
+
+def new_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) -> Path:
+    """``out`` if given, else ``runs/<YYYYmmdd-HHMMSS>`` (with a suffix if that already exists).
+
+    A folder that already holds a run is refused, unless the run is being resumed, or ``overwrite`` asks
+    for its files to be removed first (so no old checkpoint is left beside the new run's config).
+    """
     if out:
         path = Path(out).expanduser()
     else:
@@ -29,6 +36,13 @@ def new_run_dir(out: str = "") -> Path:
         while path.exists():
             path = RUNS_ROOT / f"{stamp}-{suffix}"
             suffix += 1
+    existing = [name for name in RUN_FILES if (path / name).exists()]
+    if existing and not resuming:
+        if not overwrite:
+            raise UserError(f"{path} already holds a run ({existing[0]}); continue it with --resume {path}, "
+                            f"choose another --out, or pass --overwrite to replace it")
+        for name in existing:
+            (path / name).unlink()
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

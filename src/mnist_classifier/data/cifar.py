@@ -20,6 +20,7 @@ CIFAR_FOLDER = "cifar-10-batches-py"
 CIFAR_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = ("test_batch",)
+MAX_BATCH = 50_000  # images in one batch file (the real ones hold 10,000)
 
 
 def _members(data_dir: Path) -> Callable[[str], bytes]:
@@ -53,9 +54,14 @@ def _batch(blob: bytes, where: str) -> tuple[torch.Tensor, torch.Tensor]:
         # The guarded unpickler: arrays, lists and dicts only, never code. latin1, as torchvision reads
         # them: the batches are Python 2 pickles of numpy arrays.
         batch = ArrayOnlyUnpickler(io.BytesIO(blob), encoding="latin1").load()
-        data = np.asarray(batch["data"], dtype=np.uint8)
-        labels = np.asarray(batch["labels"], dtype=np.int64)
-    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError) as exc:
+        data, labels = batch["data"], batch["labels"]
+        # The types are checked before anything is expanded: a pickle can reference one list from many
+        # places, so a few KB of nested lists would become gigabytes in np.asarray.
+        if not isinstance(data, np.ndarray) or not isinstance(labels, list) or len(labels) > MAX_BATCH \
+                or not all(type(v) is int for v in labels):
+            raise TypeError("expected a numpy array 'data' and a list of at most 50,000 whole-number 'labels'")
+        data, labels = np.asarray(data, dtype=np.uint8), np.asarray(labels, dtype=np.int64)
+    except (pickle.UnpicklingError, KeyError, TypeError, ValueError, EOFError, AttributeError) as exc:
         raise UserError(f"{where}: not a CIFAR-10 batch ({str(exc)[:160]})") from None
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
         raise UserError(f"{where}: expected (N, 3072) pixels and N labels, got {list(data.shape)} and {len(labels)}")

@@ -75,6 +75,20 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(image[0].numpy(), mode="L") if image.shape[0] == 1 else Image.fromarray(image.permute(1, 2, 0).numpy())
 
 
+def _unique_names(out_dir: Path, paths: Sequence[Path]) -> list[Path]:
+    """``DIR/<stem>.png`` per input, numbered ``<stem>-2.png``, ... when two inputs share a stem (x/7.png, y/7.jpg)."""
+    used: set[str] = set()
+    names = []
+    for path in paths:
+        name, n = f"{path.stem}.png", 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}.png"
+        used.add(name)
+        names.append(out_dir / name)
+    return names
+
+
 def predict_files(
     paths: Sequence[Path], model: nn.Module, info: DatasetInfo, device: torch.device, top_k: int = 3,
     save_preprocessed: str | os.PathLike | None = None,
@@ -89,10 +103,8 @@ def predict_files(
         except ImageError as exc:
             errors.append((str(path), str(exc)))
     if save_preprocessed:
-        out_dir = Path(save_preprocessed)
-        for path, digit in zip(kept, digits):
+        for target, digit in zip(_unique_names(Path(save_preprocessed), kept), digits):
             # Always PNG: what the model saw (28x28 white on black for MNIST).
-            target = out_dir / f"{path.stem}.png"
             fileio.write_with(target, lambda tmp, d=digit: _to_pil(d).save(tmp, format="PNG"))
     if not digits:
         return [], errors

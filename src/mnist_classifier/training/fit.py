@@ -92,7 +92,9 @@ def train_one_epoch(s: Session, files: RunFiles, epoch: int, start: Progress | N
     try:
         train_loss = s.loop.run(epoch, perm, start)
     except DivergedError as exc:
-        raise DivergedError(f"{exc}. The last good checkpoint is kept in {files.run_dir}") from None
+        kept = (f"the last good checkpoint is kept in {files.run_dir}" if (files.run_dir / "last.pt").exists()
+                else "no epoch had finished, so no checkpoint was written")
+        raise DivergedError(f"{exc}; {kept}") from None
     except StopRequested as halt:
         s.state.train_seconds += time.perf_counter() - t0
         if s.ctx.is_main:
