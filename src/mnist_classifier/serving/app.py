@@ -7,8 +7,9 @@ Every bad request gets a 4xx with a JSON body ``{"detail": "..."}``.
 
 from __future__ import annotations
 
+import asyncio
 import os
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -57,16 +58,21 @@ async def _upload(request: Request) -> bytes:
     return await upload.read()
 
 
+async def _decode(served: Served, data: bytes) -> dict[str, Any]:
+    """Decode, prepare and classify an upload on the decoder threads (queued when all are busy)."""
+    return await asyncio.get_running_loop().run_in_executor(served.decoder, predict_image_bytes, served, data)
+
+
 async def predict(request: Request) -> dict[str, Any]:
     """Classify an uploaded image (multipart field ``file``, or a raw image body) or a JSON grid of pixels."""
     served: Served = request.app.state.served
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await run_in_threadpool(predict_image_bytes, served, await _upload(request))
+        return await _decode(served, await _upload(request))
     if ctype == "application/json":
         return await run_in_threadpool(predict_pixels, served, parse_pixels(served, await request.body()))
     if ctype.startswith("image/") or ctype == "application/octet-stream":
-        return await run_in_threadpool(predict_image_bytes, served, await request.body())
+        return await _decode(served, await request.body())
     raise UnsupportedMediaType("send multipart/form-data with a 'file', an image body, or JSON {'pixels': [[...]]}")
 
 
@@ -99,9 +105,9 @@ def create_app(cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="mnist-classifier", version=__version__,
                   description=f"Classification with {name} trained on {dataset}. The /docs page loads its "
                               "script from a CDN and needs internet; /openapi.json is served from here.")
-    slots = threading.BoundedSemaphore(cfg.max_decodes or os.cpu_count() or 1)
+    decoder = ThreadPoolExecutor(cfg.max_decodes or os.cpu_count() or 1, thread_name_prefix="decode")
     app.state.served = served = Served(model, info, device, name, dataset, cfg.max_pixels,
-                                       pixels_request(info.image_size), slots)
+                                       pixels_request(info.image_size), decoder)
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
     problems = {c.status: {"model": Problem, "description": d} for c, d in (

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class Served:
     dataset: str  # as shown to clients (a folder data set by its folder name only)
     max_pixels: int
     pixels_model: type[PixelsRequest]  # the JSON body's schema, sized to the model's input
-    decode_slots: threading.BoundedSemaphore  # decodes at once: bounds the memory and cores uploads can take
+    decoder: ThreadPoolExecutor  # the only threads that decode uploads: bounds the cores and memory they take
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "dataset": self.dataset,
@@ -93,14 +93,13 @@ def prepare(served: Served, img: Image.Image) -> torch.Tensor:
 
 
 def predict_image_bytes(served: Served, data: bytes) -> dict[str, Any]:
-    """An uploaded image file (PNG, JPEG, WebP, GIF or BMP) -> the prediction body."""
-    with served.decode_slots:
-        try:
-            img = open_image(data, served.max_pixels)
-        except ImageError as exc:
-            raise client_error(exc, "the upload") from None
-        image = prepare(served, img)
-    return answer(served, image)
+    """An uploaded image file (PNG, JPEG, WebP, GIF or BMP) -> the prediction body. Run it on
+    ``served.decoder``, whose size bounds how many uploads are decoded at once."""
+    try:
+        img = open_image(data, served.max_pixels)
+    except ImageError as exc:
+        raise client_error(exc, "the upload") from None
+    return answer(served, prepare(served, img))
 
 
 def parse_pixels(served: Served, raw: bytes) -> PixelsRequest:

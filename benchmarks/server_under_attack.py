@@ -1,0 +1,89 @@
+"""`mnist serve` while 12 clients upload decode bombs in a loop: /health latency, the server's peak memory, the
+statuses the bombs got, and how long the server takes to stop after SIGTERM with uploads in flight.
+Loopback only; runs for --seconds and stops by itself.
+
+    .venv/bin/python benchmarks/server_under_attack.py --checkpoint runs/<run>/model.pt [--seconds 15]
+    PYTHONPATH=/path/to/old/src .venv/bin/python benchmarks/server_under_attack.py ...   (another version)
+"""
+
+import argparse
+import collections
+import json
+import signal
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import attacks  # noqa: E402
+from conftest import serving  # noqa: E402
+
+
+def peak_mb(pid: int) -> float:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--seconds", type=float, default=15)
+    parser.add_argument("--clients", type=int, default=12)
+    args = parser.parse_args()
+    bombs = {"jpeg-3000-scans": attacks.progressive_jpeg_many_scans(3900), "rle8-bmp": attacks.rle8_bmp(3900),
+             "png-4000x4000": attacks.huge_png(4000), "ico-big-png": attacks.ico_with_big_png(13300),
+             "png-6320x6320": attacks.huge_png(6320)}
+    process: list = []
+    with serving(Path(args.checkpoint), process=process) as base:
+        proc = process[0]
+        idle_mb = peak_mb(proc.pid)
+        stop, statuses, health = threading.Event(), collections.Counter(), []
+
+        def attacker(i: int) -> None:
+            names = list(bombs)
+            with httpx.Client(timeout=300) as client:
+                while not stop.is_set():
+                    name = names[i % len(names)]
+                    try:
+                        r = client.post(f"{base}/predict", files={"file": (name, bombs[name], "image/png")})
+                        statuses[f"{name} {r.status_code}"] += 1
+                    except httpx.ConnectError:
+                        return  # the server has stopped
+                    except httpx.HTTPError as exc:
+                        statuses[f"{name} {type(exc).__name__}"] += 1
+                    i += 1
+
+        threads = [threading.Thread(target=attacker, args=(i,), daemon=True) for i in range(args.clients)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + args.seconds
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            try:
+                httpx.get(f"{base}/health", timeout=30)
+                health.append(time.monotonic() - t0)
+            except httpx.HTTPError:
+                health.append(float("inf"))
+            time.sleep(0.2)
+        peak = peak_mb(proc.pid)
+        t_term = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+            stopped = round(time.monotonic() - t_term, 2)
+        except Exception:  # noqa: BLE001 - still running two minutes after SIGTERM
+            proc.kill()
+            stopped = "over 120 s (killed)"
+        stop.set()
+    print(json.dumps({"clients": args.clients, "seconds": args.seconds, "requests": sum(statuses.values()),
+                      "statuses": dict(statuses), "health_median_ms": round(1000 * statistics.median(health), 1),
+                      "health_max_ms": round(1000 * max(health), 1), "server_idle_mb": round(idle_mb),
+                      "server_peak_mb": round(peak), "stop_after_sigterm_s": stopped}))
+
+
+if __name__ == "__main__":
+    main()
