@@ -23,6 +23,20 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import attacks  # noqa: E402
 
+CHILD_CHECKPOINT = """
+import sys
+try:
+    from mnist_classifier.models.checkpoint import load_model
+except ImportError:  # the layout before the pipeline packages
+    from mnist_classifier.checkpoint import load_model
+from mnist_classifier.errors import UserError
+try:
+    load_model(sys.argv[1])
+    print("accepted")
+except UserError as exc:
+    print("refused:", str(exc).split(": ", 1)[-1][:100])
+"""
+
 CHILD = """
 import sys
 try:
@@ -57,10 +71,10 @@ ATTACKS = {
 }
 
 
-def measure(path: Path, limit: float) -> dict:
+def measure(path: Path, limit: float, child: str = CHILD) -> dict:
     """Run the decode in a child; its own rusage (os.wait4) gives CPU time and peak memory, even when killed."""
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", child, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     outcome = None
     while True:
@@ -82,6 +96,8 @@ def measure(path: Path, limit: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--limit", type=float, default=120, help="seconds before a decode is killed")
+    parser.add_argument("--checkpoint", help="a real model.pt: also load it, and a copy whose largest record is "
+                                             "1 GB of zeros stored deflated (990 KB on disk)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for name, make in ATTACKS.items():
@@ -89,6 +105,13 @@ def main() -> None:
             path.write_bytes(make())
             row = {"attack": name, "bytes": path.stat().st_size, **measure(path, args.limit)}
             print(json.dumps(row), flush=True)
+        if args.checkpoint:
+            bomb = Path(tmp) / "bomb.pt"
+            attacks.inflating_checkpoint(Path(args.checkpoint), bomb)
+            for name, path in (("baseline: the real checkpoint", Path(args.checkpoint)),
+                               ("checkpoint with a 1 GB deflated record", bomb)):
+                row = {"attack": name, "bytes": path.stat().st_size, **measure(path, args.limit, CHILD_CHECKPOINT)}
+                print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
