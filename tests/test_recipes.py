@@ -89,11 +89,11 @@ def test_validation_selection_never_tests_per_epoch(small_cfg, splits):
 def test_validation_split_is_the_end_of_the_training_set(small_cfg, splits):
     from mnist_classifier.training.session import prepare_data
 
-    data = prepare_data(dataclasses.replace(small_cfg, train_subset=0, val_size=10000), splits, CPU)
+    data = prepare_data(dataclasses.replace(small_cfg, train_subset=0, val_size=10000), splits, splits.info, CPU)
     assert len(data.train_y) == 50000 and len(data.eval_y) == 10000
     assert torch.equal(data.eval_y, splits.train_labels[50000:])
     with pytest.raises(UserError, match="leaves no training images"):
-        prepare_data(dataclasses.replace(small_cfg, val_size=60000), splits, CPU)
+        prepare_data(dataclasses.replace(small_cfg, val_size=60000), splits, splits.info, CPU)
 
 
 @pytest.mark.slow

@@ -109,7 +109,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # What a resumed run must keep: the data it learns from and the network it trains.
-RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction", "val_size", "train_subset", "dropout")
+RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction", "val_size", "train_subset")
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:

@@ -55,6 +55,13 @@ class TrainConfig:
     ema: float = _opt(0.0, "decay of an exponential moving average of the weights, evaluated and saved instead "
                       "of the raw weights (0 = off; e.g. 0.999)")
     dropout: float = _opt(0.0, "dropout probability before the last layer (the guide's 'add dropout' experiment)")
+    pretrained: bool = _opt(False, "efficientnet-lite0: start from ImageNet weights (the 'pretrained' extra; never "
+                            "downloaded at training time) with a new head sized to the data set's classes")
+    freeze_backbone: bool = _opt(False, "with --pretrained: train the new head only (fast on a CPU)")
+    backbone_lr: float = _opt(0.1, "with --pretrained: learning rate of the pretrained layers as a fraction of --lr "
+                              "(discriminative rates, as fastai's)")
+    input_size: int = _opt(0, "efficientnet-lite0: pixels per side it resizes its input to, 16-512 "
+                           "(0 = 64, which a CPU trains on; ImageNet's own is 224)")
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees")
     aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side")
@@ -128,6 +135,12 @@ class TrainConfig:
             raise UserError("--cuda-graphs cannot be combined with --augment or --compile")
         if self.log_every <= 0:
             raise UserError(f"--log-every must be positive, got {self.log_every}")
+        if self.input_size and not 16 <= self.input_size <= 512:
+            raise UserError(f"--input-size must be 0 (the model's default) or 16-512 pixels, got {self.input_size}")
+        if self.freeze_backbone and not self.pretrained:
+            raise UserError("--freeze-backbone needs --pretrained: a frozen random backbone learns nothing")
+        if not 0.0 < self.backbone_lr <= 1.0:
+            raise UserError(f"--backbone-lr must be a fraction in (0, 1] of --lr, got {self.backbone_lr}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

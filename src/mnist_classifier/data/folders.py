@@ -70,7 +70,11 @@ def _once_each(files: dict[str, list[Path]]) -> dict[str, list[Path]]:
     seen: set[tuple[int, int]] = set()
     out: dict[str, list[Path]] = {}
     for name, paths in files.items():
-        out[name] = [p for p in paths if not (_file_id(p) in seen or seen.add(_file_id(p)))]
+        out[name] = []
+        for path in paths:
+            if _file_id(path) not in seen:
+                seen.add(_file_id(path))
+                out[name].append(path)
     return out
 
 

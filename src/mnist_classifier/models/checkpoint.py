@@ -133,13 +133,15 @@ def validate(payload: Any, path: str | os.PathLike) -> dict[str, Any]:
     model, d = payload["model"], payload["dataset"]
     _need(isinstance(model, dict) and isinstance(model.get("name"), str), path, "'model' needs a name")
     _validate_dataset(d, path)
-    for key in ("in_channels", "image_size", "num_classes"):
+    for key in ("in_channels", "image_size", "num_classes", "input_size"):
         _need(isinstance(model.get(key, 0), int), path, f"model '{key}' must be a whole number")
     _need(model.get("in_channels", d["channels"]) == d["channels"] and model.get("image_size", d["image_size"]) == d["image_size"],
           path, "the model's input shape differs from its data set's")
     _need(model.get("num_classes", 10) == len(d["class_names"]), path,
           f"the model has {model.get('num_classes', 10)} outputs but {len(d['class_names'])} class names")
     _need(_is_number(model.get("dropout", 0.0)) and 0 <= model.get("dropout", 0.0) < 1, path, "'dropout' must be in [0, 1)")
+    _need(model.get("input_size", 0) == 0 or 16 <= model.get("input_size", 0) <= MAX_IMAGE_SIDE, path,
+          f"'input_size' must be 0 or 16-{MAX_IMAGE_SIDE}")
     state = payload["state_dict"]
     _need(isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()),
           path, "'state_dict' must map names to tensors")

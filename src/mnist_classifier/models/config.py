@@ -16,6 +16,7 @@ class ModelConfig:
     image_size: int = 28  # square input, pixels per side
     num_classes: int = 10
     dropout: float = 0.0  # probability, before the last layer; the guide's "add dropout" experiment
+    input_size: int = 0  # pixels per side the network resizes its input to (efficientnet-lite0); 0 = its default
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

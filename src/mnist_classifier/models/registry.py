@@ -10,6 +10,7 @@ from torch import nn
 from ..errors import UserError
 from .cnn import BNCNN, M5CNN, FastCNN, GuideCNN, GuideCNNDeep, ResCNN
 from .config import ModelConfig
+from .efficientnet import EfficientNetLite0
 
 # name -> constructor taking a ModelConfig. `--model NAME` looks models up here.
 MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
@@ -19,7 +20,11 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "bn-cnn": BNCNN,
     "res-cnn": ResCNN,
     "m5-cnn": M5CNN,
+    "efficientnet-lite0": EfficientNetLite0,
 }
+# Models that take raw pixels in [0, 1] and normalise (and resize) inside: the data pipeline feeds them with
+# mean 0 and std 1, and --pretrained / --input-size apply to them.
+SELF_NORMALISING = {"efficientnet-lite0"}
 
 
 # Earlier names, still accepted by --model and found in checkpoints written before the rename.

@@ -1,8 +1,9 @@
 """The HTTP service: a drawing page, ``POST /predict`` and ``GET /health``, with FastAPI and uvicorn.
 
-The routes are plain module-level functions; ``create_app`` loads the model once, registers them and adds
-the body limit. Inference runs in a worker thread, so decoding a large upload never stalls the event loop.
-Every bad request gets a 4xx with a JSON body ``{"detail": "..."}``.
+The routes are plain module-level functions; ``create_app`` loads the model and the page once, registers the
+routes and adds the edge middleware (Host/Origin guard, body limit). Uploads are decoded on a pool of one
+thread per core, so a large one never stalls the event loop and a flood of them cannot take more than those
+cores. Every bad request gets a 4xx with a JSON body ``{"detail": "..."}``.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ from .schemas import HealthResponse, PixelsRequest, PredictionResponse, Problem,
 PAGE = resources.files("mnist_classifier").joinpath("static/index.html")
 
 
-async def index() -> HTMLResponse:
-    return HTMLResponse(PAGE.read_text(encoding="utf-8"))
+async def index(request: Request) -> HTMLResponse:
+    return HTMLResponse(request.app.state.page)
 
 
 async def health(request: Request) -> dict[str, Any]:
@@ -106,6 +107,7 @@ def create_app(cfg: ServeConfig) -> FastAPI:
                   description=f"Classification with {name} trained on {dataset}. The /docs page loads its "
                               "script from a CDN and needs internet; /openapi.json is served from here.")
     decoder = ThreadPoolExecutor(cfg.max_decodes or os.cpu_count() or 1, thread_name_prefix="decode")
+    app.state.page = PAGE.read_text(encoding="utf-8")  # the only file served, read once
     app.state.served = served = Served(model, info, device, name, dataset, cfg.max_pixels,
                                        pixels_request(info.image_size), decoder)
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)

@@ -22,9 +22,10 @@ from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits, check_name
 from ..device import flush_denormals, preferred_memory_format
-from ..errors import DivergedError, Interrupted
+from ..errors import DivergedError, Interrupted, UserError
 from ..evaluation import evaluate_model
 from ..models import build_model, check_model, count_parameters
+from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
 from .. import runs
 from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
@@ -49,7 +50,9 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     """``cfg.validate()`` plus the names only the registries know: the data set and the model."""
     cfg.validate()
     check_name(cfg.dataset)
-    check_model(cfg.model)
+    name = check_model(cfg.model)
+    if (cfg.pretrained or cfg.input_size) and name not in SELF_NORMALISING:
+        raise UserError(f"--pretrained and --input-size are for {', '.join(sorted(SELF_NORMALISING))}, not {cfg.model}")
     return cfg
 
 

@@ -13,7 +13,9 @@ from ..errors import UserError
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names, with its learning rate, momentum and weight decay."""
+    """The optimizer ``cfg.optimizer`` names, with its learning rate, momentum and weight decay. ``params`` may be
+    param groups with an ``lr_scale`` each (a fraction of ``cfg.lr``)."""
+    params = [{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} if isinstance(g, dict) else g for g in params]
     # The fused kernels update every parameter in one call instead of a dozen small ops per tensor;
     # same arithmetic as the default path (CPU and CUDA have them, MPS partly).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}

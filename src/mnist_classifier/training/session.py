@@ -3,6 +3,7 @@ epoch loop with its step. ``fit`` builds one ``Session`` and then only runs epoc
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,9 @@ from ..data import DatasetInfo, Splits, model_input
 from ..data.augment import AffineAugment
 from ..device import autocast_dtype, preferred_memory_format
 from ..errors import UserError
-from ..models import ModelConfig, build_model
+from ..models import ModelConfig, build_model, check_model
+from ..models.efficientnet import load_imagenet
+from ..models.registry import SELF_NORMALISING
 from .distributed import DistContext
 from .epoch import EpochLoop, count_batches
 from .optim import EMA, learning_rate, make_optimizer
@@ -35,8 +38,15 @@ class Data:
     test_y: torch.Tensor
 
 
-def prepare_data(cfg: TrainConfig, splits: Splits, device: torch.device) -> Data:
-    info = splits.info
+def input_info(cfg: TrainConfig, info: DatasetInfo) -> DatasetInfo:
+    """How this run's model wants its pixels: the data set's normalisation, or [0, 1] (mean 0, std 1) for a
+    model that normalises inside (efficientnet-lite0 applies ImageNet's). Checkpoints store what is used."""
+    if check_model(cfg.model) not in SELF_NORMALISING:
+        return info
+    return dataclasses.replace(info, mean=(0.0,) * info.channels, std=(1.0,) * info.channels)
+
+
+def prepare_data(cfg: TrainConfig, splits: Splits, info: DatasetInfo, device: torch.device) -> Data:
     n_total = len(splits.train_labels)
     if cfg.val_size >= n_total:
         raise UserError(f"--val-size {cfg.val_size} leaves no training images (there are {n_total})")
@@ -57,7 +67,7 @@ def prepare_data(cfg: TrainConfig, splits: Splits, device: torch.device) -> Data
 def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
     """The architecture follows the data: channels, image size and class count come from the data set."""
     return ModelConfig(name=cfg.model, in_channels=info.channels, image_size=info.image_size,
-                       num_classes=len(info.class_names), dropout=cfg.dropout)
+                       num_classes=len(info.class_names), dropout=cfg.dropout, input_size=cfg.input_size)
 
 
 @dataclass
@@ -102,7 +112,7 @@ def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimiz
     model.load_state_dict(payload["state_dict"])
     optimizer.load_state_dict(payload["optimizer"])
     for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = cfg.lr, cfg.weight_decay
+        group["lr"], group["weight_decay"] = cfg.lr * group.get("lr_scale", 1.0), cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum
     if ema is not None:
@@ -132,6 +142,21 @@ def make_step(cfg: TrainConfig, s_model: nn.Module, train_model: nn.Module, opti
     return TrainStep(train_model, optimizer, data.train_x, data.train_y, amp_dtype, cfg.label_smoothing, augment), aug_gen
 
 
+def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
+    """What the optimizer updates. A pretrained network: its new head at --lr and the pretrained layers at
+    --backbone-lr times that, or (--freeze-backbone) the head alone. Anything else: every parameter at --lr."""
+    if not cfg.pretrained:
+        return [{"params": list(model.parameters()), "lr_scale": 1.0}]
+    head = model.head_parameters()
+    head_ids = {id(p) for p in head}
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    if cfg.freeze_backbone:
+        for p in body:
+            p.requires_grad_(False)  # no gradients computed for them at all: the backward pass stops at the head
+        return [{"params": head, "lr_scale": 1.0}]
+    return [{"params": head, "lr_scale": 1.0}, {"params": body, "lr_scale": cfg.backbone_lr}]
+
+
 def wrap(model: nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.device) -> nn.Module:
     """DDP under torchrun, then torch.compile with --compile; both share the plain module's weights."""
     if ctx.enabled:
@@ -142,13 +167,17 @@ def wrap(model: nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.dev
 def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: DistContext,
                   resume: dict[str, Any] | None = None) -> Session:
     """Data, model, optimizer, EMA, resumed state and the epoch loop, in the order that keeps runs replayable."""
-    info, data = splits.info, prepare_data(cfg, splits, device)
+    info = input_info(cfg, splits.info)
+    data = prepare_data(cfg, splits, info, device)
     mcfg = model_config(cfg, info)
     n_batches, local_count = plan_batches(len(data.train_y), cfg.batch_size, ctx)
     amp_dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # weight init and dropout
-    model = build_model(mcfg).to(device, memory_format=preferred_memory_format(device))
-    optimizer = make_optimizer(cfg, model.parameters(), device)
+    model = build_model(mcfg)
+    if cfg.pretrained:
+        load_imagenet(model)  # from the installed wheel; never a download
+    model = model.to(device, memory_format=preferred_memory_format(device))
+    optimizer = make_optimizer(cfg, param_groups(cfg, model), device)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     state = restore(resume, cfg, model, optimizer, ema, device) if resume is not None else TrainState()
     train_model = wrap(model, cfg, ctx, device)

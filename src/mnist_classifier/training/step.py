@@ -34,7 +34,7 @@ class TrainStep:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # discriminative rates keep their ratio
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Forward and backward on one batch (the gradients land in ``.grad``); returns the detached loss."""
@@ -73,14 +73,15 @@ class CudaGraphStep(TrainStep):
         self.batch_size = batch_size
         self.capture = train_x.device.type == "cuda"  # CUDA graphs exist on CUDA only
         self.idx = torch.zeros(batch_size, dtype=torch.long, device=train_x.device)  # (B,) filled each step
-        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=train_x.device)
-        super().set_lr(self.lr)  # type: ignore[arg-type] - the optimizers accept a tensor learning rate
+        for group in optimizer.param_groups:  # a device tensor per group, read by the captured optimizer
+            group["lr"] = torch.tensor(float(group["lr"]), device=train_x.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.captured_loss: torch.Tensor | None = None
         self.eager_steps = 0
 
     def set_lr(self, lr: float) -> None:
-        self.lr.fill_(lr)
+        for group in self.optimizer.param_groups:
+            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
         self.eager_steps += 1

