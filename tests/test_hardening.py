@@ -305,6 +305,7 @@ def test_class_folders_must_be_named_in_utf8(tmp_path):
 # Run folders
 
 
+@pytest.mark.slow
 def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
     out = tmp_path / "run"
     common = ("--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "640", "--epochs", "1", "--out", str(out))

@@ -15,7 +15,6 @@ import re
 from importlib import resources
 from typing import Iterable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +44,8 @@ class EfficientNetLite0(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        import timm  # about 2 s to import (it brings torchvision and huggingface_hub): only this model needs it
+
         self.input_size = cfg.input_size or DEFAULT_INPUT_SIZE
         self.net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=cfg.num_classes,
                                      drop_rate=cfg.dropout)
