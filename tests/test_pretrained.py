@@ -60,10 +60,22 @@ def test_pretrained_without_the_weights_wheel_says_how_to_get_it(monkeypatch, ca
 
 def test_pretrained_options_are_checked():
     for flags, fragment in ((["--freeze-backbone"], "--freeze-backbone needs --pretrained"),
+                            (["--train-bn"], "--train-bn is a choice for --pretrained"),
                             (["--pretrained"], "not guide-cnn"), (["--input-size", "8", "--model", "efficientnet-lite0"],
                                                                   "--input-size must be")):
         proc = run_cli("train", *flags)
         assert proc.returncode == 2 and fragment in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_pretrained_network_keeps_its_batch_norm_statistics_unless_told():
+    model = build_model(ModelConfig(name="efficientnet-lite0", dropout=0.2))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for keep in (True, False):
+        model.keep_bn_stats = keep
+        model.train()
+        assert all(m.training != keep for m in norms) and model.net.training  # dropout still trains
+    model.eval()
+    assert not any(m.training for m in model.modules())
 
 
 @pytest.mark.slow

@@ -60,6 +60,8 @@ class TrainConfig:
     freeze_backbone: bool = _opt(False, "with --pretrained: train the new head only (fast on a CPU)")
     backbone_lr: float = _opt(0.1, "with --pretrained: learning rate of the pretrained layers as a fraction of --lr "
                               "(discriminative rates, as fastai's)")
+    train_bn: bool = _opt(False, "with --pretrained: let batch norm re-estimate its statistics on the new data "
+                          "(default: keep ImageNet's, which fine-tuned better on 1,000 MNIST images: 84 %% vs 57 %%)")
     input_size: int = _opt(0, "efficientnet-lite0: pixels per side it resizes its input to, 16-512 "
                            "(0 = 64, which a CPU trains on; ImageNet's own is 224)")
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
@@ -137,6 +139,8 @@ class TrainConfig:
             raise UserError(f"--log-every must be positive, got {self.log_every}")
         if self.input_size and not 16 <= self.input_size <= 512:
             raise UserError(f"--input-size must be 0 (the model's default) or 16-512 pixels, got {self.input_size}")
+        if self.train_bn and not self.pretrained:
+            raise UserError("--train-bn is a choice for --pretrained networks; without it batch norm always trains")
         if self.freeze_backbone and not self.pretrained:
             raise UserError("--freeze-backbone needs --pretrained: a frozen random backbone learns nothing")
         if not 0.0 < self.backbone_lr <= 1.0:

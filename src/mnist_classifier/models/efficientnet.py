@@ -47,6 +47,7 @@ class EfficientNetLite0(nn.Module):
         import timm  # about 2 s to import (it brings torchvision and huggingface_hub): only this model needs it
 
         self.input_size = cfg.input_size or DEFAULT_INPUT_SIZE
+        self.keep_bn_stats = False  # set by training for a pretrained network (see ``train``)
         self.net = timm.create_model("efficientnet_lite0", pretrained=False, num_classes=cfg.num_classes,
                                      drop_rate=cfg.dropout)
         # A new head starts at zero (every class equally likely, loss ln C): timm's TF-style init draws it from
@@ -66,10 +67,10 @@ class EfficientNetLite0(nn.Module):
 
     def train(self, mode: bool = True) -> "EfficientNetLite0":
         super().train(mode)
-        head = {id(p) for p in self.head_parameters()}
-        if mode and not any(p.requires_grad for p in self.parameters() if id(p) not in head):
-            # A frozen backbone is a fixed feature extractor: its batch norm keeps ImageNet's statistics, so the
-            # head learns on the very features it will see at evaluation (batch statistics would differ).
+        if mode and self.keep_bn_stats:
+            # Batch norm keeps the pretrained statistics (inference mode) while the weights train: on small data
+            # the running statistics re-estimated from a few hundred batches of upscaled digits differ from the
+            # batch statistics training saw, and the test accuracy fell to 57 % (84 % with them kept).
             for module in self.net.modules():
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
                     module.eval()

@@ -176,6 +176,7 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
     model = build_model(mcfg)
     if cfg.pretrained:
         load_imagenet(model)  # from the installed wheel; never a download
+        model.keep_bn_stats = not cfg.train_bn
     model = model.to(device, memory_format=preferred_memory_format(device))
     optimizer = make_optimizer(cfg, param_groups(cfg, model), device)
     ema = EMA(model, cfg.ema) if cfg.ema else None
