@@ -11,25 +11,23 @@ from nbformat.v4 import new_code_cell
 from conftest import REPO
 
 NOTEBOOK = REPO / "notebooks" / "mnist_classifier.ipynb"
+TRANSFER = REPO / "notebooks" / "transfer_learning.ipynb"
 
 
-def test_notebook_is_committed_without_outputs():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("path", [NOTEBOOK, TRANSFER])
+def test_notebook_is_committed_without_outputs(path):
+    nb = nbformat.read(path, as_version=4)
     for cell in nb.cells:
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
 
 
-@pytest.mark.slow
-def test_notebook_runs_end_to_end(data_dir, tmp_path):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def _run(path: Path, parameters: str) -> tuple[str, int]:
+    """Execute a notebook in a real kernel with ``parameters`` after its parameters cell; (printed text, images)."""
+    nb = nbformat.read(path, as_version=4)
     where = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
-    nb.cells.insert(where + 1, new_code_cell(
-        f"EPOCHS = 1\nDATA_DIR = {str(data_dir)!r}\nOUT_DIR = {str(tmp_path / 'out')!r}"
-    ))
-    NotebookClient(nb, timeout=600, kernel_name="python3",
-                   resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-
+    nb.cells.insert(where + 1, new_code_cell(parameters))
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}).execute()
     text, images = [], 0
     for cell in nb.cells:
         for out in cell.get("outputs", []):
@@ -39,7 +37,24 @@ def test_notebook_runs_end_to_end(data_dir, tmp_path):
             elif "data" in out:
                 images += "image/png" in out.data
                 text.append(out.data.get("text/plain", ""))
-    printed = "".join(text)
+    return "".join(text), images
+
+
+@pytest.mark.slow
+def test_transfer_learning_notebook_runs_end_to_end(tmp_path):
+    printed, images = _run(TRANSFER, f"PHOTO_DIR = {str(tmp_path / 'photos')!r}\nOUT_DIR = {str(tmp_path / 'out')!r}")
+    assert "Training photos: 96  Test photos: 24" in printed
+    accuracy = {name: float(value) for name, value in re.findall(r"^\s*(frozen|fine-tuned|from scratch): +([\d.]+)%",
+                                                                   printed, re.M)}
+    assert accuracy["frozen"] >= 90 and accuracy["fine-tuned"] >= 90 and "from scratch" in accuracy
+    assert "whole_cat.png: cat (" in printed
+    assert images >= 2  # the photos, the predictions
+    assert (tmp_path / "out" / "fine-tuned" / "model.pt").is_file()
+
+
+@pytest.mark.slow
+def test_notebook_runs_end_to_end(data_dir, tmp_path):
+    printed, images = _run(NOTEBOOK, f"EPOCHS = 1\nDATA_DIR = {str(data_dir)!r}\nOUT_DIR = {str(tmp_path / 'out')!r}")
     assert re.search(r"^Using device: (cpu|cuda|mps)", printed, re.M)
     assert "Training samples: 60000" in printed and "Test samples: 10000" in printed
     assert "Trainable parameters: 206,922" in printed
