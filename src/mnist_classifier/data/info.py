@@ -38,6 +38,15 @@ class Splits:
     test_labels: torch.Tensor  # (M,) int64
     info: DatasetInfo
 
+    def class_balanced(self, per_class: int, n_test: int | None = None) -> "Splits":
+        """The first ``per_class`` training images of every class (in file order, so the same images for every
+        seed and method), and the first ``n_test`` test images (all by default)."""
+        picks = [(self.train_labels == c).nonzero().flatten()[:per_class] for c in range(len(self.info.class_names))]
+        index = torch.cat(picks).sort().values
+        test = slice(None, n_test)
+        return Splits(self.train_images[index], self.train_labels[index], self.test_images[test],
+                      self.test_labels[test], self.info)
+
 
 def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation of uint8 ``(N, C, H, W)`` on the [0, 1] scale, 4 decimals."""
