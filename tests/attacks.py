@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 from PIL import Image
 
@@ -55,7 +56,7 @@ def ico_with_big_png(side: int = 13300) -> bytes:
     return struct.pack("<HHH", 0, 1, 1) + entry + png
 
 
-def inflating_checkpoint(source: "Path", target: "Path", inflated_bytes: int = 1_000_000_000) -> None:
+def inflating_checkpoint(source: Path, target: Path, inflated_bytes: int = 1_000_000_000) -> None:
     """``source`` (a real torch checkpoint) with its largest weight record replaced by ``inflated_bytes`` of
     zeros stored deflated: about 1 MB on disk per GB in memory."""
     import zipfile

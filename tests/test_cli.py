@@ -1,6 +1,5 @@
 import gc
 import json
-import pickle
 import sys
 
 import pytest

@@ -1,5 +1,3 @@
-import csv
-import dataclasses
 from pathlib import Path
 
 import pytest

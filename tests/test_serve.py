@@ -1,15 +1,12 @@
 """The HTTP service through a real uvicorn server on loopback, and the drawing page in headless Chromium."""
 
 import io
-import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-
-from conftest import REPO
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import os
 import stat
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np

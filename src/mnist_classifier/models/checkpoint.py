@@ -108,7 +108,9 @@ def _validate_dataset(d: Any, path: str | os.PathLike) -> None:
     _need(isinstance(names, list) and 2 <= len(names) <= MAX_CLASSES and all(
         isinstance(n, str) and 0 < len(n) <= 200 and n.isprintable() for n in names), path,  # (not surrogates)
         f"'class_names' must be 2-{MAX_CLASSES} printable UTF-8 names")
-    _need(isinstance(d["name"], str) and _is_number(d.get("test_fraction", 0.0)), path, "'name' must be text")
+    _need(isinstance(d["name"], str), path, "the data set's 'name' must be text")
+    _need(_is_number(d.get("test_fraction", 0.0)) and 0 <= d.get("test_fraction", 0.0) < 1, path,
+          "'test_fraction' must be in [0, 1)")
     _need(isinstance(channels, int) and channels in (1, 3), path, "'channels' must be 1 or 3")
     _need(isinstance(d["image_size"], int) and 8 <= d["image_size"] <= MAX_IMAGE_SIDE, path,
           f"'image_size' must be 8-{MAX_IMAGE_SIDE} pixels")

