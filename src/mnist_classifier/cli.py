@@ -259,7 +259,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .serving.app import serve  # FastAPI and uvicorn are the serve extra; only serve needs them
+    from .serving.workers import serve  # FastAPI and uvicorn are the serve extra; only serve needs them
 
     cfg = config_from_args(args, ServeConfig).validate()
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):

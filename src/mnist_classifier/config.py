@@ -234,7 +234,21 @@ class ServeConfig:
     device: str = _opt("auto", "where to compute", DEVICES)
     max_body_bytes: int = _opt(5_000_000, "largest request body accepted, in bytes (larger: 413)")
     max_pixels: int = _opt(MAX_PIXELS, "largest image accepted, in pixels (width x height)")
-    max_decodes: int = _opt(0, "images decoded at once (others wait their turn); 0 = one per CPU core")
+    max_decodes: int = _opt(0, "large images decoded at once per worker (others wait their turn); 0 = the worker's "
+                               "share of the CPU cores")
+    workers: int = _opt(0, "worker processes, each with the model loaded once; 0 = one per CPU core (at most 8) on "
+                           "a CPU, 1 on a GPU")
+    threads: int = _opt(0, "compute threads per worker (torch or onnxruntime); 0 = the CPU cores shared out among "
+                           "the workers")
+    backend: str = _opt("auto", "what runs the network: torch, or onnxruntime on the model's ONNX export; auto = "
+                                "onnxruntime on a CPU where it is installed, else torch", ("auto", "torch", "onnxruntime"))
+    max_batch: int = _opt(16, "most images in one forward pass (dynamic batching)")
+    max_wait_ms: float = _opt(2.0, "longest an image waits for others to share its forward pass, in ms (0: only "
+                                   "requests read in the same turn of the event loop share one)")
+    max_batch_files: int = _opt(64, "most images in one POST /predict/batch")
+    access_log: float = _opt(0.0, "share of requests written to stderr as JSON lines (request id, status, ms): "
+                                  "0 = none, 1 = all")
+    drain_timeout: float = _opt(5.0, "seconds SIGTERM waits for requests in flight before the workers stop")
     allowed_hosts: str = _opt("", "other Host names the server answers to, comma-separated (the listening address, "
                               "localhost, 127.0.0.1 and ::1 always are): a guard against DNS rebinding")
     allowed_origins: str = _opt("", "web origins allowed to POST from a browser, comma-separated, e.g. "
@@ -247,8 +261,13 @@ class ServeConfig:
             raise UserError(f"--port must be 0-65535, got {self.port}")
         if self.max_body_bytes <= 0 or self.max_pixels <= 0:
             raise UserError("--max-body-bytes and --max-pixels must be positive")
-        if self.max_decodes < 0:
-            raise UserError(f"--max-decodes must be 0 (one per core) or positive, got {self.max_decodes}")
+        for flag, value in (("--max-decodes", self.max_decodes), ("--workers", self.workers), ("--threads", self.threads)):
+            if not 0 <= value <= 1024:
+                raise UserError(f"{flag} must be 0 (automatic) or a positive count up to 1024, got {value}")
+        if not (1 <= self.max_batch <= 1024 and 1 <= self.max_batch_files <= 1024):
+            raise UserError("--max-batch and --max-batch-files must be 1-1024")
+        if not (0 <= self.max_wait_ms <= 1000 and 0 <= self.access_log <= 1 and 0 < self.drain_timeout <= 3600):
+            raise UserError("--max-wait-ms must be 0-1000, --access-log 0-1 and --drain-timeout positive (seconds)")
         if not (self.header_timeout > 0 and self.keep_alive > 0):
             raise UserError("--header-timeout and --keep-alive must be positive")
         return self

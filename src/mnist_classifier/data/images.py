@@ -7,10 +7,11 @@ moves a batch to its device); images from people are decoded by ``open_image`` a
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -109,30 +110,50 @@ def _refuse_costly(img: Image.Image, data: bytes) -> None:
         raise NotAnImage("is a run-length-encoded BMP, which is not accepted; send PNG or JPEG")
 
 
-def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode an image (path or bytes) of an accepted format into at most ``WORK_SIDE`` pixels per side.
-
-    Everything that bounds the cost is checked from the header, before any pixel is decoded: the format,
-    the declared size, the JPEG scan count and the BMP compression. JPEGs are decoded at 1/2 to 1/8 scale
-    where that still leaves ``WORK_SIDE`` pixels (draft mode), EXIF orientation is applied, and the result is
-    shrunk by area averaging. Animated images give their first frame.
-    """
-    if isinstance(data, (str, os.PathLike)):
-        data = read_image_file(data)
+def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Read an image's header and check everything that bounds the cost of decoding it, before any pixel is
+    decoded: the format, the declared size, the JPEG scan count and the BMP compression. Cheap (tens of
+    microseconds); ``decode_image`` does the rest."""
     if len(data) == 0:
         raise NotAnImage("is empty (0 bytes)")
-    try:
+    with _image_errors(max_pixels):
         img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         width, height = img.size
         if width * height > max_pixels:
             raise ImageTooLarge(f"is too large: {width}x{height} pixels (the limit is {max_pixels:,})")
         _refuse_costly(img, data)
+    return img
+
+
+def decode_image(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode a probed image into at most ``WORK_SIDE`` pixels per side.
+
+    JPEGs are decoded at 1/2 to 1/8 scale where that still leaves ``WORK_SIDE`` pixels (draft mode), EXIF
+    orientation is applied, and the result is shrunk by area averaging. Animated images give their first frame.
+    """
+    with _image_errors(max_pixels):
+        width, height = img.size
         if img.format == "JPEG":
             img.draft(None, (min(width, WORK_SIDE), min(height, WORK_SIDE)))
         img.seek(0)  # the first frame of an animation
         img.load()
-        img = ImageOps.exif_transpose(img)
+        img = upright(img)
         img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
+    return img
+
+
+def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Probe and decode an image (path or bytes) of an accepted format: ``probe_image`` then ``decode_image``."""
+    if isinstance(data, (str, os.PathLike)):
+        data = read_image_file(data)
+    return decode_image(probe_image(data, max_pixels), max_pixels)
+
+
+@contextlib.contextmanager
+def _image_errors(max_pixels: int) -> Iterator[None]:
+    """Whatever Pillow raises on a bad file -> the ImageError it is."""
+    try:
+        yield
     except ImageError:
         raise
     except Image.DecompressionBombError:
@@ -141,12 +162,30 @@ def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) ->
         raise NotAnImage(f"is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise NotAnImage(f"is a broken image ({str(exc)[:120]})") from None
-    return img
+
+
+# Where Pillow looks for an orientation tag (ImageOps.exif_transpose -> Image.getexif): an image with none of
+# these has none, and skipping the lookup saves ~30 us per image (a third of preparing a 28x28 upload).
+_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image turned as its EXIF/XMP orientation says (``ImageOps.exif_transpose``), at no cost without one."""
+    if not hasattr(img, "tag_v2") and not any(key in img.info for key in _ORIENTATION_KEYS):
+        return img
+    return ImageOps.exif_transpose(img)
+
+
+def _median(values: np.ndarray) -> float:
+    """``np.median`` of a 1-D float32 array, in a fifth of its time for the ~100 values of an image border."""
+    ordered = np.sort(values)
+    n = len(ordered)
+    return float((ordered[(n - 1) // 2] + ordered[n // 2]) / np.float32(2))
 
 
 def _to_grey(img: Image.Image) -> np.ndarray:
     """Steps 1-3: EXIF orientation, transparency flattened onto white, greyscale. Returns (H, W) float32 0-255."""
-    img = ImageOps.exif_transpose(img)
+    img = upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img, dtype=np.float32)
         # 16-bit and 32-bit greyscale: scale the full range of the type down to 0-255
@@ -171,19 +210,20 @@ def prepare_digit(img: Image.Image) -> torch.Tensor:
     grey = _to_grey(img)  # (H, W) 0-255
     # 4. Invert when the background is light. The border is mostly background in any framing of a digit.
     border = np.concatenate([grey[0], grey[-1], grey[:, 0], grey[:, -1]])
-    if np.median(border) > 127:
+    if _median(border) > 127:
         grey = 255.0 - grey
         border = 255.0 - border
     # 5. Remove the background level (paper is rarely pure white) and stretch the ink to full strength.
-    background = float(np.median(border))
-    ink = np.clip(grey - background, 0, None)
+    background = _median(border)
+    ink = grey - background
+    np.maximum(ink, 0, out=ink)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
         raise NothingToSee("shows no digit (it is blank or all one shade)")
     ink *= 255.0 / peak
     # 6. Crop to the digit's bounding box.
-    rows = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=1))
-    cols = np.flatnonzero((ink > INK_THRESHOLD * 255).any(axis=0))
+    inked = ink > INK_THRESHOLD * 255  # (H, W) bool
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
     ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     # 7. Scale into a 20x20 box keeping proportions; area-averaging (BOX) anti-aliases like MNIST's scanner.
     h, w = ink.shape
@@ -194,8 +234,8 @@ def prepare_digit(img: Image.Image) -> torch.Tensor:
     total = float(small.sum())
     ys, xs = np.indices(small.shape)
     cy, cx = (float((ys * small).sum()) / total, float((xs * small).sum()) / total) if total > 0 else (new_h / 2, new_w / 2)
-    top = int(np.clip(round(14.0 - cy), 0, 28 - new_h))
-    left = int(np.clip(round(14.0 - cx), 0, 28 - new_w))
+    top = min(max(round(14.0 - cy), 0), 28 - new_h)
+    left = min(max(round(14.0 - cx), 0), 28 - new_w)
     frame = np.zeros((28, 28), dtype=np.float32)
     frame[top : top + new_h, left : left + new_w] = small
     return torch.from_numpy(np.clip(np.rint(frame), 0, 255).astype(np.uint8)).unsqueeze(0)
@@ -212,7 +252,7 @@ def preprocess(img: Image.Image, mean: Sequence[float], std: Sequence[float]) ->
 
 def _rgb(img: Image.Image) -> np.ndarray:
     """EXIF orientation, transparency onto white, RGB. Returns (H, W, 3) uint8."""
-    img = ImageOps.exif_transpose(img)
+    img = upright(img)
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         grey = np.clip(np.rint(_to_grey(img)), 0, 255).astype(np.uint8)
         return np.repeat(grey[:, :, None], 3, axis=2)

@@ -20,8 +20,8 @@ from ..models import checkpoint
 FORMATS = ("onnx", "safetensors")
 
 
-def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 18) -> Path:
-    """Write the checkpoint's model as ONNX with a dynamic batch dimension and metadata; return the path."""
+def onnx_bytes(payload: dict[str, Any], opset: int = 18) -> bytes:
+    """The checkpoint's model as a serialised ONNX model with a dynamic batch dimension and metadata."""
     import onnx  # optional dependency (the export extra)
 
     model = checkpoint.model_from_payload(payload).to("cpu", memory_format=torch.contiguous_format).eval()
@@ -39,7 +39,12 @@ def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 1
         entry.key, entry.value = key, value
     proto.producer_name = "mnist-classifier"
     onnx.checker.check_model(proto)
-    fileio.write_bytes(path, proto.SerializeToString())
+    return proto.SerializeToString()
+
+
+def export_onnx(payload: dict[str, Any], path: str | os.PathLike, opset: int = 18) -> Path:
+    """Write the checkpoint's model as ONNX (``onnx_bytes``); return the path."""
+    fileio.write_bytes(path, onnx_bytes(payload, opset))
     return Path(path)
 
 

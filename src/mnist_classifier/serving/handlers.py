@@ -1,14 +1,13 @@
-"""The request path as plain functions, testable without HTTP: decode -> prepare -> classify -> answer.
+"""The request path as plain functions, testable without HTTP: probe -> decode -> prepare -> (batch) -> answer.
 
 Each client mistake raises a ``ClientError`` subclass that carries its own HTTP status.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
-from typing import Any
-
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -16,8 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..data import DatasetInfo, prepare_image
-from ..data.images import ImageError, ImageTooLarge, NothingToSee, NotAnImage, open_image
-from ..inference import classify, to_prediction
+from ..data.images import ImageError, ImageTooLarge, NothingToSee, NotAnImage, decode_image, probe_image
 from .schemas import PixelsRequest
 
 
@@ -59,32 +57,36 @@ def client_error(exc: ImageError, what: str) -> ClientError:
 
 @dataclass
 class Served:
-    """The model a server answers with, loaded once per process."""
+    """The model a server answers with, loaded once per process, and what bounds the work per request."""
 
-    model: torch.nn.Module
+    run: Callable[[torch.Tensor], np.ndarray]  # uint8 (B, C, H, W) -> probabilities (B, classes)
+    backend: str  # "torch" or "onnxruntime"
     info: DatasetInfo
     device: torch.device
     model_name: str
     dataset: str  # as shown to clients (a folder data set by its folder name only)
     max_pixels: int
     pixels_model: type[PixelsRequest]  # the JSON body's schema, sized to the model's input
-    decoder: ThreadPoolExecutor  # the only threads that decode uploads: bounds the cores and memory they take
 
     def health(self) -> dict[str, Any]:
         return {"status": "ok", "model": self.model_name, "dataset": self.dataset,
-                "class_names": list(self.info.class_names), "device": str(self.device)}
+                "class_names": list(self.info.class_names), "device": str(self.device), "backend": self.backend,
+                "worker_pid": os.getpid()}
 
 
-def answer(served: Served, image: torch.Tensor) -> dict[str, Any]:
-    """A prepared uint8 ``(C, H, W)`` image -> the prediction body."""
-    probs = classify(served.model, image.unsqueeze(0), served.info, served.device)[0]
-    pred = to_prediction("", probs, served.info.class_names, top_k=3)
-    return {"index": pred.index, "digit": pred.index, "label": pred.label, "confidence": round(pred.confidence, 6),
-            "probabilities": pred.probabilities, "class_names": list(served.info.class_names), "top_k": pred.top_k}
+def answer(served: Served, probs: np.ndarray, top_k: int = 3) -> dict[str, Any]:
+    """One image's probabilities ``(classes,)`` -> the prediction body."""
+    names = served.info.class_names
+    order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
+    rounded = [round(float(p), 6) for p in probs]
+    best = int(order[0])
+    return {"index": best, "digit": best, "label": names[best], "confidence": rounded[best],
+            "probabilities": rounded, "class_names": list(names),
+            "top_k": [{"label": names[int(i)], "index": int(i), "probability": rounded[int(i)]} for i in order]}
 
 
 def prepare(served: Served, img: Image.Image) -> torch.Tensor:
-    """An image -> the model's input, prepared the way its data set was."""
+    """A decoded image -> the model's uint8 ``(C, H, W)`` input, prepared the way its data set was."""
     info = served.info
     try:
         return prepare_image(img, info.preprocess, info.channels, info.image_size)
@@ -92,14 +94,21 @@ def prepare(served: Served, img: Image.Image) -> torch.Tensor:
         raise client_error(exc, "the image") from None
 
 
-def predict_image_bytes(served: Served, data: bytes) -> dict[str, Any]:
-    """An uploaded image file (PNG, JPEG, WebP, GIF or BMP) -> the prediction body. Run it on
-    ``served.decoder``, whose size bounds how many uploads are decoded at once."""
+def probe_upload(served: Served, data: bytes) -> Image.Image:
+    """Check an upload's header (format, size, cost); cheap enough for the event loop."""
     try:
-        img = open_image(data, served.max_pixels)
+        return probe_image(data, served.max_pixels)
     except ImageError as exc:
         raise client_error(exc, "the upload") from None
-    return answer(served, prepare(served, img))
+
+
+def prepare_upload(served: Served, img: Image.Image) -> torch.Tensor:
+    """Decode a probed upload and prepare it; the costly part, bounded by the probe's checks."""
+    try:
+        img = decode_image(img, served.max_pixels)
+    except ImageError as exc:
+        raise client_error(exc, "the upload") from None
+    return prepare(served, img)
 
 
 def parse_pixels(served: Served, raw: bytes) -> PixelsRequest:
@@ -116,9 +125,9 @@ def parse_pixels(served: Served, raw: bytes) -> PixelsRequest:
         raise Unprocessable(f"{where}: {first['msg']} (expected {{'pixels': rows of grey levels 0-255}})") from None
 
 
-def predict_pixels(served: Served, request: PixelsRequest) -> dict[str, Any]:
-    """A validated JSON grid of grey levels -> the prediction body."""
+def prepare_pixels(served: Served, request: PixelsRequest) -> torch.Tensor:
+    """A validated JSON grid of grey levels -> the model's uint8 ``(1, H, W)`` input."""
     grey = np.rint(np.asarray(request.pixels, dtype=np.float64)).astype(np.uint8)  # (side, side), 0-255
     if not request.preprocess:
-        return answer(served, torch.from_numpy(grey).unsqueeze(0))
-    return answer(served, prepare(served, Image.fromarray(grey, mode="L")))
+        return torch.from_numpy(grey).unsqueeze(0)
+    return prepare(served, Image.fromarray(grey, mode="L"))

@@ -1,4 +1,4 @@
-"""uvicorn's HTTP/1.1 protocol (h11) with a deadline for request headers.
+"""uvicorn's HTTP/1.1 protocols (httptools where installed, else h11) with a deadline for request headers.
 
 uvicorn closes idle keep-alive connections, but a client that opens a connection and sends its headers a
 byte at a time (slowloris) is held open for as long as it likes. Here every connection waiting for a
@@ -13,8 +13,15 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+try:  # the C parser: several times less CPU per request than h11 (the serve extra installs it)
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools missing: h11, pure Python
+    HttpToolsProtocol = None
 
-class HeaderDeadlineH11(H11Protocol):
+
+class HeaderDeadline:
+    """Mixed into a uvicorn HTTP protocol class (both keep the current request in ``self.cycle``)."""
+
     header_timeout = 10.0  # seconds; set per server by ``with_header_timeout``
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict, _loop=None) -> None:  # noqa: ANN001
@@ -54,6 +61,8 @@ class HeaderDeadlineH11(H11Protocol):
         super().connection_lost(exc)
 
 
-def with_header_timeout(seconds: float) -> type[HeaderDeadlineH11]:
-    """The protocol class for one server, with its header deadline."""
-    return type("HeaderDeadlineH11", (HeaderDeadlineH11,), {"header_timeout": seconds})
+def with_header_timeout(seconds: float, parser: str = "auto") -> type:
+    """The protocol class for one server: ``parser`` "httptools", "h11" or "auto" (httptools where installed),
+    with its header deadline."""
+    base = HttpToolsProtocol if parser in ("auto", "httptools") and HttpToolsProtocol is not None else H11Protocol
+    return type(f"HeaderDeadline{base.__name__}", (HeaderDeadline, base), {"header_timeout": seconds})

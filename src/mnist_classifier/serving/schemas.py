@@ -44,12 +44,27 @@ class PredictionResponse(BaseModel):
     top_k: list[TopClass]
 
 
+class ItemError(BaseModel):
+    error: str = Field(description="why this image got no prediction")
+    status: int = Field(description="the HTTP status the image alone would have got")
+
+
+class BatchResponse(BaseModel):
+    predictions: list[PredictionResponse | ItemError] = Field(description="one per uploaded file, in order")
+
+
 class HealthResponse(BaseModel):
     status: str
     model: str
     dataset: str
     class_names: list[str]
     device: str
+    backend: str = Field(description="what runs the network: torch or onnxruntime")
+    worker_pid: int = Field(description="the worker process that answered")
+
+
+class Status(BaseModel):
+    status: str
 
 
 class Problem(BaseModel):

@@ -1,0 +1,75 @@
+"""What computes a batch of probabilities: the PyTorch model, or its ONNX export on onnxruntime.
+
+Both take the same uint8 ``(B, C, H, W)`` batch, normalise it with the same torch arithmetic and apply the
+same softmax, so they differ only in the network's own floating-point arithmetic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data import DatasetInfo
+from ..data.images import normalize
+from ..errors import UserError
+from ..inference import classify
+
+BACKENDS = ("auto", "torch", "onnxruntime")
+Run = Callable[[torch.Tensor], np.ndarray]
+
+
+def onnx_available() -> bool:
+    """onnxruntime and the exporter's packages (the export extra) are installed."""
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx", "onnxscript"))
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` -> onnxruntime on a CPU where it is installed (fewer microseconds per batch, the same answers:
+    BENCHMARKS.md), else torch. An explicit onnxruntime that cannot run is a one-line error."""
+    if name == "auto":
+        return "onnxruntime" if device.type == "cpu" and onnx_available() else "torch"
+    if name == "onnxruntime" and device.type != "cpu":
+        raise UserError(f"--backend onnxruntime runs on the CPU; use --device cpu (got {device.type})")
+    if name == "onnxruntime" and not onnx_available():
+        raise UserError("--backend onnxruntime needs onnxruntime and the ONNX exporter: pip install 'mnist-classifier[export]'")
+    return name
+
+
+def torch_runner(model: torch.nn.Module, info: DatasetInfo, device: torch.device) -> Run:
+    model.eval()
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode():
+            return classify(model, images, info, device).numpy()
+
+    return run
+
+
+def onnx_runner(model_path: Path, info: DatasetInfo, threads: int) -> Run:
+    import onnxruntime as ort  # optional dependency (the export extra)
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1  # the worker's share of the cores
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    session = ort.InferenceSession(str(model_path), opts, providers=["CPUExecutionProvider"])
+
+    def run(images: torch.Tensor) -> np.ndarray:
+        x = normalize(images, info.mean, info.std).numpy()
+        logits = session.run(None, {"images": x})[0]  # (B, classes) float32
+        return F.softmax(torch.from_numpy(logits), dim=1).numpy()
+
+    return run
+
+
+def export_for_serving(payload: dict[str, Any], folder: Path) -> Path:
+    """The checkpoint's ONNX export, written once (by the supervisor) for every worker to load."""
+    from ..inference.export import onnx_bytes  # the exporter imports onnx: only this backend needs it
+
+    path = folder / "model.onnx"
+    path.write_bytes(onnx_bytes(payload))
+    return path

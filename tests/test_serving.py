@@ -1,0 +1,265 @@
+"""`mnist serve` as a production model server: dynamic batching, workers, backends, metrics, request ids,
+health routes, the batch endpoint and draining on SIGTERM. Real servers on loopback, real MNIST digits."""
+
+import asyncio
+import io
+import json
+import signal
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import serving
+from mnist_classifier.data.images import open_image, prepare_digit
+from mnist_classifier.models import load_model
+from mnist_classifier.serving.backends import onnx_runner, torch_runner
+from mnist_classifier.serving.batching import Batcher
+from mnist_classifier.serving.multipart import uploaded_files
+from mnist_classifier.serving.handlers import BadRequest, Unprocessable
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def digits(trained_checkpoint, splits) -> list[tuple[int, bytes]]:
+    """(label, PNG) for one test image of each class 0-9 that the served pipeline (MNIST preparation, then the
+    model) classifies right: ten different right answers, so an answer sent to the wrong client shows."""
+    model, info, _ = load_model(trained_checkpoint, "cpu")
+    run = torch_runner(model, info, torch.device("cpu"))
+    picked = {}
+    for i in range(1000):
+        label, png = int(splits.test_labels[i]), _png(splits.test_images[i, 0].numpy())
+        if label not in picked and run(prepare_digit(open_image(png)).unsqueeze(0))[0].argmax() == label:
+            picked[label] = png
+    return sorted(picked.items())
+
+
+def _metrics(base: str) -> dict[str, float]:
+    """``name{labels}`` -> value for every sample of ``GET /metrics``, parsed as Prometheus text."""
+    text = httpx.get(f"{base}/metrics").text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            samples[f"{s.name}{{{labels}}}"] = s.value
+    return samples
+
+
+async def _post_all(base: str, uploads: list[bytes], path: str = "/predict") -> list[httpx.Response]:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(uploads))) as client:
+        return await asyncio.gather(*(client.post(f"{base}{path}", files={"file": ("d.png", u, "image/png")})
+                                      for u in uploads))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# in-process: the batcher and the backends
+
+
+def test_batcher_shares_forward_passes_and_returns_each_image_its_own_answer(trained_checkpoint, splits):
+    model, info, _ = load_model(trained_checkpoint, "cpu")
+    run = torch_runner(model, info, torch.device("cpu"))
+    images = splits.test_images[:40]  # (40, 1, 28, 28) uint8, many different digits
+    alone = run(images)  # one batch of all 40: the reference answers
+    for threaded in (False, True):  # on the event loop (CPU), and on a thread (the accelerator path)
+        sizes: list[int] = []
+
+        async def main():
+            batcher = Batcher(run, max_batch=16, max_wait=0.05, threaded=threaded, on_batch=sizes.append)
+            try:
+                return await asyncio.gather(*(batcher.submit(img) for img in images))
+            finally:
+                batcher.close()
+
+        got = np.stack(asyncio.run(main()))
+        assert sum(sizes) == 40 and max(sizes) == 16 and len(sizes) == 3  # 16 + 16 + 8, not 40 passes
+        np.testing.assert_allclose(got, alone, atol=1e-6)
+        assert (got.argmax(1) == alone.argmax(1)).all()
+
+
+def test_batcher_fails_only_the_batch_whose_forward_pass_failed():
+    calls = []
+
+    def run(images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return np.ones((len(images), 10), dtype=np.float32)
+
+    async def main():
+        batcher = Batcher(run, max_batch=2, max_wait=0.01)
+        first = await asyncio.gather(*(batcher.submit(torch.zeros(1, 28, 28, dtype=torch.uint8)) for _ in range(2)),
+                                     return_exceptions=True)
+        second = await batcher.submit(torch.zeros(1, 28, 28, dtype=torch.uint8))
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in first) and second.shape == (10,)
+
+
+def test_onnxruntime_backend_gives_the_answers_of_torch_on_the_test_set(trained_checkpoint, splits, tmp_path):
+    from mnist_classifier.models import checkpoint
+    from mnist_classifier.serving.backends import export_for_serving
+
+    model, info, payload = load_model(trained_checkpoint, "cpu")
+    onnx_path = export_for_serving(checkpoint.load(trained_checkpoint), tmp_path)
+    by_torch, by_ort = torch_runner(model, info, torch.device("cpu")), onnx_runner(onnx_path, info, threads=1)
+    for start in range(0, 10_000, 1000):
+        images = splits.test_images[start:start + 1000]
+        a, b = by_torch(images), by_ort(images)
+        assert (a.argmax(1) == b.argmax(1)).all()
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_multipart_parser_keeps_files_in_order_and_refuses_what_it_should():
+    def body(*parts: tuple[str, str | None, bytes]) -> bytes:
+        out = b""
+        for name, filename, data in parts:
+            fn = f'; filename="{filename}"' if filename else ""
+            out += f'--B\r\nContent-Disposition: form-data; name="{name}"{fn}\r\n\r\n'.encode() + data + b"\r\n"
+        return out + b"--B--\r\n"
+
+    ctype = "multipart/form-data; boundary=B"
+    assert uploaded_files(body(("file", "a", b"1\r\n--"), ("note", None, b"x"), ("file", "b", b"2")), ctype,
+                          max_files=2) == [b"1\r\n--", b"2"]
+    with pytest.raises(BadRequest, match="too many files"):
+        uploaded_files(body(("file", "a", b"1"), ("file", "b", b"2")), ctype, max_files=1)
+    with pytest.raises(BadRequest, match="too many form fields"):
+        uploaded_files(body(*[("x", None, b"1")] * 9, ("file", "a", b"1")), ctype)
+    with pytest.raises(Unprocessable, match="file field named 'file'"):
+        uploaded_files(body(("file", None, b"text, not a file")), ctype)
+    with pytest.raises(BadRequest, match="no boundary"):
+        uploaded_files(b"", "multipart/form-data")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# real servers on loopback
+
+
+def test_concurrent_requests_share_batches_without_cross_talk(trained_checkpoint, digits):
+    """Ten different digits at once, several times: every client gets its own digit, and /metrics shows
+    that they shared forward passes."""
+    with serving(trained_checkpoint, "--workers", "1", "--max-wait-ms", "100", "--max-batch", "16") as base:
+        for _ in range(5):
+            responses = asyncio.run(_post_all(base, [png for _, png in digits]))
+            assert [r.json()["index"] for r in responses] == [label for label, _ in digits]
+        m = _metrics(base)
+    assert m["mnist_batch_size_sum{}"] == 50 == m["mnist_images_classified_total{}"]
+    assert m["mnist_batch_size_count{}"] < 25  # 50 images in far fewer passes than one per image
+
+
+def test_metrics_health_routes_request_ids_and_access_log(trained_checkpoint, digits):
+    (label, png), *_ = digits
+    proc = []
+    with serving(trained_checkpoint, "--workers", "1", "--access-log", "1", process=proc) as base:
+        before = _metrics(base)
+        for _ in range(3):
+            assert httpx.post(f"{base}/predict", files={"file": ("d.png", png, "image/png")}).status_code == 200
+        assert httpx.post(f"{base}/predict", content=b"junk", headers={"content-type": "image/png"}).status_code == 400
+        own = httpx.get(f"{base}/livez", headers={"x-request-id": "proxy-id.42"})
+        bad = httpx.get(f"{base}/livez", headers={"x-request-id": "no spaces allowed"})
+        assert own.json() == {"status": "alive"} and own.headers["x-request-id"] == "proxy-id.42"
+        assert bad.headers["x-request-id"] != "no spaces allowed" and len(bad.headers["x-request-id"]) > 4
+        assert httpx.get(f"{base}/readyz").json() == {"status": "ready"}
+        after = _metrics(base)
+    ok, bad400 = 'mnist_requests_total{route=/predict,status=200}', 'mnist_requests_total{route=/predict,status=400}'
+    assert after[ok] - before.get(ok, 0) == 3 and after[bad400] - before.get(bad400, 0) == 1
+    assert after["mnist_request_duration_seconds_count{route=/predict}"] >= 4
+    assert after["mnist_model_info{backend=onnxruntime,dataset=mnist,model=guide-cnn,version=%s}" % _version()] == 1
+    assert "mnist_queue_depth{}" in after
+    log = [json.loads(line) for line in proc[0].stdout.read().splitlines() if line.startswith("{")]
+    assert {"request_id": "proxy-id.42", "path": "/livez", "status": 200} in [
+        {k: e[k] for k in ("request_id", "path", "status")} for e in log]
+    assert sum(e["path"] == "/predict" for e in log) == 4 and all(e["ms"] > 0 for e in log)
+
+
+def _version() -> str:
+    from mnist_classifier import __version__
+
+    return __version__
+
+
+def test_batch_endpoint_answers_each_file_in_order(trained_checkpoint, digits):
+    files = [("file", (f"{label}.png", png, "image/png")) for label, png in digits]
+    files.insert(3, ("file", ("bad.png", b"not an image", "image/png")))
+    with serving(trained_checkpoint, "--workers", "1", "--max-batch-files", "11") as base:
+        r = httpx.post(f"{base}/predict/batch", files=files)
+        too_many = httpx.post(f"{base}/predict/batch", files=files + files[:1])
+    assert r.status_code == 200, r.text
+    got = r.json()["predictions"]
+    assert got[3] == {"error": got[3]["error"], "status": 400} and "not an image" in got[3]["error"]
+    assert [p["index"] for p in got[:3] + got[4:]] == [label for label, _ in digits]
+    assert too_many.status_code == 400 and "too many files" in too_many.json()["detail"]
+
+
+@pytest.mark.slow
+def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint, digits):
+    (label, png), *_ = digits
+    proc = []
+    with serving(trained_checkpoint, "--workers", "3", "--backend", "torch", process=proc) as base:
+        pids = set()
+        deadline = time.monotonic() + 60
+        while len(pids) < 3 and time.monotonic() < deadline:
+            with httpx.Client() as fresh:  # a new connection each time: the kernel spreads them over the workers
+                pids.add(fresh.get(f"{base}/health").json()["worker_pid"])
+                assert fresh.post(f"{base}/predict", files={"file": ("d.png", png, "image/png")}).json()["index"] == label
+        assert len(pids) == 3
+        victim = next(iter(pids))
+        import os
+
+        os.kill(victim, signal.SIGKILL)
+        seen = set()
+        deadline = time.monotonic() + 60
+        while len(seen) < 3 and time.monotonic() < deadline:
+            try:
+                with httpx.Client() as fresh:
+                    seen.add(fresh.get(f"{base}/health", timeout=5).json()["worker_pid"])
+            except httpx.HTTPError:
+                time.sleep(0.2)  # the victim's own socket waits for its replacement
+        assert len(seen) == 3 and victim not in seen
+    assert "starting it again" in proc[0].stdout.read()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_answers_every_request_in_flight(trained_checkpoint, digits, workers):
+    """Requests held in a long batching wait when SIGTERM arrives are all answered, then the server exits."""
+    proc = []
+    with serving(trained_checkpoint, "--workers", workers, "--max-wait-ms", "1000", "--max-batch", "64",
+                 process=proc) as base:
+        results: list = []
+        sender = threading.Thread(target=lambda: results.extend(asyncio.run(_post_all(base, [p for _, p in digits]))))
+        sender.start()
+        time.sleep(0.5)  # all ten are in the batcher, waiting for the 1 s to pass
+        stopped_at = time.monotonic()
+        proc[0].send_signal(signal.SIGTERM)
+        sender.join(30)
+        proc[0].wait(30)
+        took = time.monotonic() - stopped_at
+    assert [r.status_code for r in results] == [200] * 10
+    assert [r.json()["index"] for r in results] == [label for label, _ in digits]
+    assert took < 10
+
+
+def test_the_dockerfile_starts_the_server_with_flags_that_exist(tmp_path):
+    """The image is not built here (no Docker engine); its command line must at least parse."""
+    import re
+    import shlex
+
+    from conftest import REPO
+    from mnist_classifier.cli import build_parser
+
+    text = (REPO / "Dockerfile").read_text()
+    command = re.search(r"exec (mnist serve .*?) --allowed-hosts", text).group(1) + " --allowed-hosts x.org"
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert (args.host, args.port, args.workers, args.allowed_hosts) == ("0.0.0.0", 8000, 0, "x.org")
+    assert "/readyz" in text and "USER mnist" in text
