@@ -1,14 +1,17 @@
 """Load on `mnist serve` over loopback: N image uploads at concurrency C; prints latency and throughput.
 
 Starts the server itself on a free port, sends 28x28-digit PNGs rendered at 84x84 (so each request does the
-full preprocessing), and prints one JSON line.
+full preprocessing), and prints one JSON line, with the forward-pass batch sizes the server's /metrics saw and
+every status it answered (no 5xx allowed).
 
     .venv/bin/python benchmarks/serve_load.py --checkpoint runs/<run>/model.pt [--requests 1000] [--concurrency 16]
+        [--serve-args "--workers 1 --backend torch"]
 """
 
 import argparse
 import io
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -40,6 +43,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--serve-args", default="", help="extra `mnist serve` flags, one string")
     parser.add_argument("--malformed-concurrency", type=int, default=0,
                         help="also run a second client sending malformed requests at this concurrency meanwhile")
     args = parser.parse_args()
@@ -55,7 +59,7 @@ def main() -> None:
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", args.checkpoint,
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), *shlex.split(args.serve_args)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(300):
@@ -100,6 +104,7 @@ def main() -> None:
             done.set()
             for t in bad_threads:
                 t.join()
+        served = server_metrics(base)
     finally:
         server.terminate()
         server.wait(timeout=10)
@@ -109,7 +114,29 @@ def main() -> None:
         "errors": sum(c != 200 for c in codes), "throughput_rps": round(args.requests / wall, 1),
         "p50_ms": round(1000 * q[49], 2), "p99_ms": round(1000 * q[98], 2),
         "malformed_sent": len(bad_codes), "malformed_not_4xx": sum(not 400 <= c < 500 for c in bad_codes),
+        **served,
     }))
+
+
+def server_metrics(base: str) -> dict:
+    """What the server's /metrics says: batch sizes (mean and histogram) and its answers by status."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for f in text_string_to_metric_families(httpx.get(f"{base}/metrics").text) for s in f.samples]
+    value = {s.name: s.value for s in samples if not s.labels}
+    buckets = {s.labels["le"]: s.value for s in samples if s.name == "mnist_batch_size_bucket"}
+    counts, prev = {}, 0.0
+    for le, cumulative in buckets.items():  # cumulative counts -> passes per bucket
+        if cumulative > prev:
+            counts[f"<={le}"] = int(cumulative - prev)
+        prev = cumulative
+    statuses: dict[str, int] = {}
+    for s in samples:
+        if s.name == "mnist_requests_total":
+            statuses[s.labels["status"]] = statuses.get(s.labels["status"], 0) + int(s.value)
+    return {"forward_passes": int(value["mnist_batch_size_count"]),
+            "mean_batch": round(value["mnist_batch_size_sum"] / max(1, value["mnist_batch_size_count"]), 2),
+            "batch_histogram": counts, "server_statuses": statuses}
 
 
 if __name__ == "__main__":

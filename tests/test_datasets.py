@@ -205,10 +205,12 @@ def test_cifar10_batches_load_as_colour_images_from_the_folder_or_the_archive(tm
 
 
 @pytest.mark.slow
-def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path):
+@pytest.mark.parametrize("model", [["res-cnn"], ["efficientnet-lite0", "--pretrained", "--freeze-backbone"]],
+                         ids=["res-cnn", "pretrained-efficientnet"])
+def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path, model):
     _write_cifar(tmp_path / "data")
     run = tmp_path / "run"
-    proc = run_cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", "res-cnn",
+    proc = run_cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--model", *model,
                    "--epochs", "1", "--batch-size", "16", "--augment", "--aug-flip", "--out", str(run), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     payload = checkpoint.load(run / "model.pt")

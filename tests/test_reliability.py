@@ -339,6 +339,8 @@ def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["errors"] == 0 and result["requests"] == 5000
     assert result["malformed_sent"] > 100 and result["malformed_not_4xx"] == 0
+    assert not any(code.startswith("5") for code in result["server_statuses"])  # as the server itself counted
+    assert result["forward_passes"] < result["server_statuses"]["200"]  # concurrent requests shared passes
 
 
 def test_server_listens_on_loopback_only_by_default(server):

@@ -263,3 +263,21 @@ def test_the_dockerfile_starts_the_server_with_flags_that_exist(tmp_path):
     args = build_parser().parse_args(shlex.split(command)[1:])
     assert (args.host, args.port, args.workers, args.allowed_hosts) == ("0.0.0.0", 8000, 0, "x.org")
     assert "/readyz" in text and "USER mnist" in text
+
+
+@pytest.mark.slow
+def test_workers_that_keep_dying_at_start_stop_the_server_with_a_message(trained_checkpoint, tmp_path):
+    """The model file removed while serving: a replacement worker cannot load it, and after three such
+    deaths in a row the supervisor gives up with one line instead of restarting forever."""
+    import os
+    import shutil
+
+    ckpt = tmp_path / "model.pt"
+    shutil.copy(trained_checkpoint, ckpt)
+    proc = []
+    with serving(ckpt, "--workers", "2", "--backend", "torch", process=proc) as base:
+        ckpt.unlink()
+        os.kill(httpx.get(f"{base}/health").json()["worker_pid"], signal.SIGKILL)
+        assert proc[0].wait(90) == 2  # a user error, as for any other refused command
+    out = proc[0].stdout.read()
+    assert out.count("starting it again") in (2, 3) and "workers kept dying within 10 s of starting" in out

@@ -85,29 +85,32 @@ async def _image(request: Request, data: bytes):
     return await asyncio.get_running_loop().run_in_executor(request.app.state.decoder, prepare_upload, served, img)
 
 
-async def _classify(request: Request, image) -> dict[str, Any]:  # noqa: ANN001 - a uint8 (C, H, W) tensor
-    probs = await request.app.state.batcher.submit(image)
-    return answer(request.app.state.served, probs)
+async def _classify(request: Request, data: bytes | None = None, pixels: bytes | None = None) -> dict[str, Any]:
+    """One upload (or JSON pixels) -> its prediction body, its forward pass shared with concurrent requests."""
+    served: Served = request.app.state.served
+    with request.app.state.batcher.expect(1) as submit:
+        if pixels is not None:
+            image = prepare_pixels(served, parse_pixels(served, pixels))
+        else:
+            image = await _image(request, data)
+        return answer(served, await submit(image))
 
 
 async def predict(request: Request) -> JSONResponse:
     """Classify an uploaded image (multipart field ``file``, or a raw image body) or a JSON grid of pixels."""
-    served: Served = request.app.state.served
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        image = await _image(request, (await _uploads(request, 1))[0])
-    elif ctype == "application/json":
-        image = prepare_pixels(served, parse_pixels(served, await request.body()))
-    elif ctype.startswith("image/") or ctype == "application/octet-stream":
-        image = await _image(request, await request.body())
-    else:
-        raise UnsupportedMediaType("send multipart/form-data with a 'file', an image body, or JSON {'pixels': [[...]]}")
-    return JSONResponse(await _classify(request, image))
+        return JSONResponse(await _classify(request, (await _uploads(request, 1))[0]))
+    if ctype == "application/json":
+        return JSONResponse(await _classify(request, pixels=await request.body()))
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
+        return JSONResponse(await _classify(request, await request.body()))
+    raise UnsupportedMediaType("send multipart/form-data with a 'file', an image body, or JSON {'pixels': [[...]]}")
 
 
-async def _batch_item(request: Request, data: bytes) -> dict[str, Any]:
+async def _batch_item(request: Request, submit, data: bytes) -> dict[str, Any]:  # noqa: ANN001 - the batcher's
     try:
-        return await _classify(request, await _image(request, data))
+        return answer(request.app.state.served, await submit(await _image(request, data)))
     except ClientError as exc:
         return {"error": exc.detail, "status": exc.status}
 
@@ -118,7 +121,9 @@ async def predict_batch(request: Request) -> JSONResponse:
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with one or more 'file' fields")
     datas = await _uploads(request, request.app.state.max_batch_files)
-    return JSONResponse({"predictions": list(await asyncio.gather(*(_batch_item(request, d) for d in datas)))})
+    with request.app.state.batcher.expect(len(datas)) as submit:
+        results = await asyncio.gather(*(_batch_item(request, submit, d) for d in datas))
+    return JSONResponse({"predictions": list(results)})
 
 
 def _predict_openapi(pixels_model: type[PixelsRequest]) -> dict[str, Any]:

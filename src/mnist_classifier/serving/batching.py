@@ -1,13 +1,19 @@
 """Dynamic batching: requests that arrive together share one forward pass.
 
-Each request is decoded and prepared on its own, then ``submit``s its uint8 ``(C, H, W)`` image and awaits its
-row of probabilities. The first image of a batch waits at most ``max_wait`` seconds for others; a batch goes
-as soon as ``max_batch`` images are waiting. Decoding happens before ``submit``, so a slow decode only ever
-delays its own request.
+A request announces how many images it will classify (``batcher.expect(n)``), decodes and prepares them on
+its own, then ``submit``s each uint8 ``(C, H, W)`` image and awaits its row of probabilities. A batch goes
+
+- as soon as ``max_batch`` images wait;
+- as soon as no announced image is still on its way (every request in this worker is waiting for the
+  model): waiting longer would only leave the core idle. Checked once the event loop has run the callbacks
+  already due, so requests that arrived together in one read all join;
+- else when the first waiting image has waited ``max_wait`` seconds (others are still being decoded).
+
+Decoding happens before ``submit``, so a slow decode only ever delays its own request.
 
 Where the batch runs:
 
-- on the event loop itself (``executor=None``, the CPU default): the worker's core does one thing at a time
+- on the event loop itself (``threaded=False``, the CPU default): the worker's core does one thing at a time
   and a thread would only add hand-offs (measured: ``ThreadPoolExecutor.submit`` alone was 7 % of the
   worker's time holding the GIL);
 - on a thread of its own (an accelerator): the event loop reads the next requests while the device computes.
@@ -17,8 +23,9 @@ Where the batch runs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -33,16 +40,40 @@ class Batcher:
                  on_batch: Callable[[int], None] = lambda n: None) -> None:
         self.run, self.max_batch, self.max_wait, self.on_batch = run, max_batch, max_wait, on_batch
         self.pending: list[tuple[torch.Tensor, asyncio.Future]] = []
+        self.coming = 0  # images announced by requests and not yet submitted
         self.running = False  # a batch is on the thread
         self.timer: asyncio.TimerHandle | None = None
+        self.check_due = False  # a check is scheduled for the end of this turn of the event loop
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="infer") if threaded else None
 
     @property
     def queued(self) -> int:
         return len(self.pending)
 
+    @contextlib.contextmanager
+    def expect(self, images: int) -> Iterator[Callable[[torch.Tensor], "asyncio.Future"]]:
+        """Announce a request's ``images``; yields its ``submit``. Images it never submits (it failed on a bad
+        upload, or its client left) are withdrawn on exit."""
+        left = [images]
+        self.coming += images
+
+        async def submit(image: torch.Tensor) -> np.ndarray:
+            left[0] -= 1
+            self.coming -= 1
+            return await self._submit(image)
+
+        try:
+            yield submit
+        finally:
+            if left[0]:
+                self.coming -= left[0]
+                self._schedule(asyncio.get_running_loop())
+
     async def submit(self, image: torch.Tensor) -> np.ndarray:
-        """Classify one prepared image; returns its probabilities ``(classes,)``."""
+        """Classify one image that no ``expect`` announced."""
+        return await self._submit(image)
+
+    async def _submit(self, image: torch.Tensor) -> np.ndarray:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.pending.append((image, future))
@@ -54,8 +85,17 @@ class Batcher:
             return
         if len(self.pending) >= self.max_batch:
             self._start(loop)
-        elif self.timer is None:
+            return
+        if not self.check_due:  # after the callbacks already due: requests read together submit first
+            self.check_due = True
+            loop.call_soon(self._check, loop)
+        if self.timer is None:
             self.timer = loop.call_later(self.max_wait, self._start, loop)
+
+    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.check_due = False
+        if self.coming <= 0:
+            self._start(loop)
 
     def _start(self, loop: asyncio.AbstractEventLoop) -> None:
         if self.timer is not None:

@@ -36,6 +36,7 @@ from .protocol import with_header_timeout
 
 log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
+EARLY_DEATH_S, MAX_EARLY_DEATHS = 10.0, 3  # this many workers in a row dying this soon after starting: give up
 
 
 def cpu_cores() -> int:
@@ -133,13 +134,16 @@ class Supervisor:
         self.cfg, self.sockets, self.onnx_path = cfg, sockets, onnx_path
         self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
         self.procs: list[multiprocessing.process.BaseProcess | None] = [None] * len(sockets)
+        self.started = [0.0] * len(sockets)  # time.monotonic() of each worker's latest start
+        self.early_deaths = 0  # workers in a row that died within EARLY_DEATH_S of starting
         self.stopping = False
+        self.failed = False
 
     def _start(self, i: int) -> None:
         proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.sockets[i], self.onnx_path),
                                 name=f"mnist-serve-worker-{i}", daemon=False)
         proc.start()
-        self.procs[i] = proc
+        self.procs[i], self.started[i] = proc, time.monotonic()
 
     def _stop(self, signum: int, _frame) -> None:  # noqa: ANN001 - signal handler signature
         self.stopping = True
@@ -156,17 +160,26 @@ class Supervisor:
             time.sleep(0.2)
             self._restart_dead()
         self._join()
+        if self.failed:
+            raise UserError(f"workers kept dying within {EARLY_DEATH_S:g} s of starting; the lines above say why")
 
     def _restart_dead(self) -> None:
         from prometheus_client import multiprocess  # the workers' metric files of a dead worker are dropped
 
         for i, proc in enumerate(self.procs):
-            if proc is not None and not proc.is_alive() and not self.stopping:
-                print(f"mnist serve: worker {i} (pid {proc.pid}) exited with code {proc.exitcode}; starting it again",
-                      file=sys.stderr, flush=True)
-                multiprocess.mark_process_dead(proc.pid)
-                time.sleep(1.0)  # a worker that dies at start must not spin the CPU
-                self._start(i)
+            if proc is None or proc.is_alive() or self.stopping:
+                continue
+            multiprocess.mark_process_dead(proc.pid)
+            early = time.monotonic() - self.started[i] < EARLY_DEATH_S
+            self.early_deaths = self.early_deaths + 1 if early else 0
+            if self.early_deaths >= MAX_EARLY_DEATHS:  # a crash loop: restarting will not help
+                self.failed = True
+                self._stop(signal.SIGTERM, None)
+                return
+            print(f"mnist serve: worker {i} (pid {proc.pid}) exited with code {proc.exitcode}; starting it again",
+                  file=sys.stderr, flush=True)
+            time.sleep(1.0 if early else 0.0)  # a worker that dies at start must not spin the CPU
+            self._start(i)
 
     def _join(self) -> None:
         deadline = time.monotonic() + self.cfg.drain_timeout + 5  # drain, then lifespan shutdown and exit
