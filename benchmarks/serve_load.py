@@ -97,10 +97,10 @@ def main() -> None:
             bad_threads = [threading.Thread(target=malformed_client) for _ in range(args.malformed_concurrency)]
             for t in bad_threads:
                 t.start()
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             with ThreadPoolExecutor(args.concurrency) as pool:
                 list(pool.map(one, range(args.requests)))
-            wall = time.perf_counter() - t0
+            wall, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
             done.set()
             for t in bad_threads:
                 t.join()
@@ -113,6 +113,7 @@ def main() -> None:
         "benchmark": "serve_load", "requests": args.requests, "concurrency": args.concurrency,
         "errors": sum(c != 200 for c in codes), "throughput_rps": round(args.requests / wall, 1),
         "p50_ms": round(1000 * q[49], 2), "p99_ms": round(1000 * q[98], 2),
+        "client_cores": round(client_cpu / wall, 2),  # this Python client's own share of the machine
         "malformed_sent": len(bad_codes), "malformed_not_4xx": sum(not 400 <= c < 500 for c in bad_codes),
         **served,
     }))

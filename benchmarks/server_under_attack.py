@@ -1,5 +1,6 @@
-"""`mnist serve` while 12 clients upload decode bombs in a loop: /health latency, the server's peak memory, the
-statuses the bombs got, and how long the server takes to stop after SIGTERM with uploads in flight.
+"""`mnist serve` while 12 clients upload decode bombs in a loop: /health latency, the server's peak memory (all
+its processes together), the statuses the bombs got, and how long the server takes to stop after SIGTERM with
+uploads in flight.
 Loopback only; runs for --seconds and stops by itself.
 
     .venv/bin/python benchmarks/server_under_attack.py --checkpoint runs/<run>/model.pt [--seconds 15]
@@ -24,9 +25,32 @@ import attacks  # noqa: E402
 from conftest import serving  # noqa: E402
 
 
-def peak_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) / 1024
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (the supervisor and its worker processes), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(todo.pop())
+        todo.extend(children.get(found[-1], []))
+    return found
+
+
+def memory_mb(pid: int, field: str) -> float:
+    """``field`` (VmRSS: now, VmHWM: the peak) summed over the server's processes, in MB."""
+    total = 0
+    for p in tree(pid):
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+        except OSError:
+            continue
+        total += int(next((line for line in status.splitlines() if line.startswith(f"{field}:")), f"{field}: 0").split()[1])
+    return total / 1024
 
 
 def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
@@ -42,7 +66,7 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
     process: list = []
     with serving(checkpoint, process=process) as base:
         proc = process[0]
-        idle_mb = peak_mb(proc.pid)
+        idle_mb = memory_mb(proc.pid, "VmRSS")
         stop, statuses, health, dropped, term_at = threading.Event(), collections.Counter(), [], [], []
 
         def attacker(i: int) -> None:
@@ -72,7 +96,7 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
             except httpx.HTTPError:
                 health.append(float("inf"))
             time.sleep(0.2)
-        peak = peak_mb(proc.pid)
+        peak = memory_mb(proc.pid, "VmHWM")  # each process's own peak, summed: at least the real peak
         t_term = time.monotonic()
         term_at.append(t_term)
         proc.send_signal(signal.SIGTERM)
