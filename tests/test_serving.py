@@ -182,6 +182,23 @@ def test_metrics_health_routes_request_ids_and_access_log(trained_checkpoint, di
     assert sum(e["path"] == "/predict" for e in log) == 4 and all(e["ms"] > 0 for e in log)
 
 
+def test_readiness_turns_503_when_shutdown_starts(trained_checkpoint):
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    from mnist_classifier.config import ServeConfig
+    from mnist_classifier.serving.app import create_app
+    from mnist_classifier.serving.workers import DrainingServer
+
+    app = create_app(ServeConfig(checkpoint=str(trained_checkpoint), device="cpu", max_decodes=1,
+                                 allowed_hosts="testserver"))  # the Host name of starlette's test client
+    server = DrainingServer(uvicorn.Config(app), app)
+    with TestClient(app) as client:
+        assert client.get("/readyz").status_code == 200
+        server.handle_exit(signal.SIGTERM, None)
+        assert client.get("/readyz").json() == {"status": "draining"} and client.get("/livez").status_code == 200
+
+
 def _version() -> str:
     from mnist_classifier import __version__
 
