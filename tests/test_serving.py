@@ -298,3 +298,16 @@ def test_workers_that_keep_dying_at_start_stop_the_server_with_a_message(trained
         assert proc[0].wait(90) == 2  # a user error, as for any other refused command
     out = proc[0].stdout.read()
     assert out.count("starting it again") in (2, 3) and "workers kept dying within 10 s of starting" in out
+
+
+def test_an_automatic_onnxruntime_choice_falls_back_to_torch_when_the_model_does_not_export(tmp_path, capsys):
+    from mnist_classifier.config import ServeConfig
+    from mnist_classifier.errors import UserError
+    from mnist_classifier.serving.workers import _onnx_export
+
+    cfg = ServeConfig(backend="onnxruntime")
+    unexportable = {"model": {"name": "no-such-model"}, "state_dict": {}, "dataset": {}}
+    path, chosen = _onnx_export(cfg, unexportable, tmp_path, fallback=True)
+    assert path is None and chosen.backend == "torch" and "serving with torch" in capsys.readouterr().err
+    with pytest.raises(UserError, match="does not export to ONNX"):
+        _onnx_export(cfg, unexportable, tmp_path, fallback=False)

@@ -76,7 +76,7 @@ async def _uploads(request: Request, max_files: int) -> list[bytes]:
     return uploaded_files(await request.body(), request.headers.get("content-type", ""), "file", max_files)
 
 
-async def _image(request: Request, data: bytes):
+async def _image(request: Request, data: bytes) -> torch.Tensor:
     """An upload -> the model's uint8 input: probed here, decoded here when small, else on a decode thread."""
     served: Served = request.app.state.served
     img = probe_upload(served, data)

@@ -109,15 +109,17 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
 
 def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
-    cfg = plan(cfg.validate())
+    requested = cfg.validate().backend
+    cfg = plan(cfg)
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     sockets = bind(cfg.host, cfg.port, cfg.workers)
     port = sockets[0].getsockname()[1]
-    print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
-          f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="mnist-serve-") as tmp:
-        onnx_path = export_for_serving(payload, Path(tmp)) if cfg.backend == "onnxruntime" else None
+        onnx_path, cfg = _onnx_export(cfg, payload, Path(tmp), fallback=requested == "auto")
+        print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
+              f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr,
+              flush=True)
         if cfg.workers == 1:
             run_worker(cfg, sockets[0], onnx_path)
             return
@@ -125,6 +127,21 @@ def serve(cfg: ServeConfig) -> None:
         metrics_dir.mkdir()
         os.environ[MULTIPROC_ENV] = str(metrics_dir)  # before the workers start: they import prometheus_client
         Supervisor(cfg, sockets, onnx_path).run()
+
+
+def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) -> tuple[Path | None, ServeConfig]:
+    """The ONNX file for an onnxruntime backend. When onnxruntime was only the automatic choice and the model
+    does not export, say so in one line and serve with torch instead."""
+    if cfg.backend != "onnxruntime":
+        return None, cfg
+    try:
+        return export_for_serving(payload, folder), cfg
+    except Exception as exc:  # noqa: BLE001 - whatever the exporter raises for a model it cannot trace
+        if not fallback:
+            raise UserError(f"--backend onnxruntime: the model does not export to ONNX ({str(exc)[:160]})") from None
+        print(f"mnist serve: the model does not export to ONNX ({type(exc).__name__}); serving with torch",
+              file=sys.stderr, flush=True)
+        return None, replace(cfg, backend="torch")
 
 
 class Supervisor:
