@@ -5,8 +5,8 @@ its own, then ``submit``s each uint8 ``(C, H, W)`` image and awaits its row of p
 
 - as soon as ``max_batch`` images wait;
 - as soon as no announced image is still on its way (every request in this worker is waiting for the
-  model): waiting longer would only leave the core idle. Checked once the event loop has run the callbacks
-  already due, so requests that arrived together in one read all join;
+  model): waiting longer would only leave the core idle. Checked two turns of the event loop later, after
+  its next poll for input, so that requests that arrived together (read by that poll) all join;
 - else when the first waiting image has waited ``max_wait`` seconds (others are still being decoded).
 
 Decoding happens before ``submit``, so a slow decode only ever delays its own request.
@@ -92,7 +92,10 @@ class Batcher:
         if self.timer is None:
             self.timer = loop.call_later(self.max_wait, self._start, loop)
 
-    def _check(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _check(self, loop: asyncio.AbstractEventLoop, looks: int = 1) -> None:
+        if looks < 2:  # look once more after the loop's next poll, so that requests read by it join too
+            loop.call_soon(self._check, loop, looks + 1)
+            return
         self.check_due = False
         if self.coming <= 0:
             self._start(loop)
