@@ -2,6 +2,7 @@
 health routes, the batch endpoint and draining on SIGTERM. Real servers on loopback, real MNIST digits."""
 
 import asyncio
+import contextlib
 import io
 import json
 import signal
@@ -65,6 +66,12 @@ async def _post_all(base: str, uploads: list[bytes], path: str = "/predict") -> 
 # in-process: the batcher and the backends
 
 
+async def one_request(batcher: Batcher, *images: torch.Tensor) -> list[np.ndarray]:
+    """What a request handler does: announce its images, then submit each as it is prepared."""
+    with batcher.expect(len(images)) as submit:
+        return [await submit(image) for image in images]
+
+
 def test_batcher_shares_forward_passes_and_returns_each_image_its_own_answer(trained_checkpoint, splits):
     model, info, _ = load_model(trained_checkpoint, "cpu")
     run = torch_runner(model, info, torch.device("cpu"))
@@ -76,7 +83,7 @@ def test_batcher_shares_forward_passes_and_returns_each_image_its_own_answer(tra
         async def main():
             batcher = Batcher(run, max_batch=16, max_wait=0.05, threaded=threaded, on_batch=sizes.append)
             try:
-                return await asyncio.gather(*(batcher.submit(img) for img in images))
+                return [r for rs in await asyncio.gather(*(one_request(batcher, img) for img in images)) for r in rs]
             finally:
                 batcher.close()
 
@@ -97,13 +104,48 @@ def test_batcher_fails_only_the_batch_whose_forward_pass_failed():
 
     async def main():
         batcher = Batcher(run, max_batch=2, max_wait=0.01)
-        first = await asyncio.gather(*(batcher.submit(torch.zeros(1, 28, 28, dtype=torch.uint8)) for _ in range(2)),
-                                     return_exceptions=True)
-        second = await batcher.submit(torch.zeros(1, 28, 28, dtype=torch.uint8))
+        blank = torch.zeros(1, 28, 28, dtype=torch.uint8)
+        first = await asyncio.gather(*(one_request(batcher, blank) for _ in range(2)), return_exceptions=True)
+        (second,) = await one_request(batcher, blank)
         return first, second
 
     first, second = asyncio.run(main())
     assert all(isinstance(r, RuntimeError) for r in first) and second.shape == (10,)
+
+
+def test_batcher_waits_for_images_a_request_announced_and_not_for_withdrawn_ones():
+    sizes: list[int] = []
+    blank = torch.zeros(1, 28, 28, dtype=torch.uint8)
+
+    def run(images):
+        return np.ones((len(images), 10), dtype=np.float32)
+
+    async def slow_request(batcher):  # three images, each prepared 20 ms after the last
+        with batcher.expect(3) as submit:
+            waiting = []
+            for _ in range(3):
+                waiting.append(asyncio.ensure_future(submit(blank)))
+                await asyncio.sleep(0.02)
+            return await asyncio.gather(*waiting)
+
+    async def failing_request(batcher):  # announces three, submits one, then fails on a bad upload
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError), batcher.expect(3) as submit:
+            waiting = asyncio.ensure_future(submit(blank))
+            await asyncio.sleep(0)
+            raise ValueError("not an image")
+        return await waiting, loop.time()
+
+    async def main():
+        batcher = Batcher(run, max_batch=16, max_wait=5.0, on_batch=sizes.append)
+        await slow_request(batcher)  # one batch of 3, though the batcher could have run each image alone
+        start = asyncio.get_running_loop().time()
+        _, answered = await failing_request(batcher)  # not held until max_wait for the two withdrawn images
+        batcher.close()
+        return answered - start
+
+    waited = asyncio.run(main())
+    assert sizes == [3, 1] and waited < 1.0
 
 
 def test_onnxruntime_backend_gives_the_answers_of_torch_on_the_test_set(trained_checkpoint, splits, tmp_path):

@@ -19,8 +19,7 @@ from ..data.images import normalize
 from ..errors import UserError
 from ..inference import classify
 
-BACKENDS = ("auto", "torch", "onnxruntime")
-Run = Callable[[torch.Tensor], np.ndarray]
+Run = Callable[[torch.Tensor], np.ndarray]  # uint8 (B, C, H, W) -> float32 probabilities (B, classes)
 
 
 def onnx_available() -> bool:

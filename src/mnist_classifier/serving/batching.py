@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-Run = Callable[[torch.Tensor], np.ndarray]  # uint8 (B, C, H, W) -> float32 probabilities (B, classes)
+from .backends import Run
 
 
 class Batcher:
@@ -68,10 +68,6 @@ class Batcher:
             if left[0]:
                 self.coming -= left[0]
                 self._schedule(asyncio.get_running_loop())
-
-    async def submit(self, image: torch.Tensor) -> np.ndarray:
-        """Classify one image that no ``expect`` announced."""
-        return await self._submit(image)
 
     async def _submit(self, image: torch.Tensor) -> np.ndarray:
         loop = asyncio.get_running_loop()

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from ..data import DatasetInfo, prepare_image
 from ..data.images import ImageError, ImageTooLarge, NothingToSee, NotAnImage, decode_image, probe_image
+from ..inference import to_prediction
 from .schemas import PixelsRequest
 
 
@@ -75,14 +76,12 @@ class Served:
 
 
 def answer(served: Served, probs: np.ndarray, top_k: int = 3) -> dict[str, Any]:
-    """One image's probabilities ``(classes,)`` -> the prediction body."""
-    names = served.info.class_names
-    order = np.argsort(-probs, kind="stable")[: min(top_k, len(names))]
-    rounded = [round(float(p), 6) for p in probs]
-    best = int(order[0])
-    return {"index": best, "digit": best, "label": names[best], "confidence": rounded[best],
-            "probabilities": rounded, "class_names": list(names),
-            "top_k": [{"label": names[int(i)], "index": int(i), "probability": rounded[int(i)]} for i in order]}
+    """One image's probabilities ``(classes,)`` -> the prediction body: `mnist predict`'s JSON without the path,
+    plus every class's probability and name."""
+    prediction = to_prediction("", torch.from_numpy(probs), served.info.class_names, top_k)
+    body = prediction.to_json()
+    del body["path"], body["low_confidence"]
+    return {**body, "probabilities": prediction.probabilities, "class_names": list(served.info.class_names)}
 
 
 def prepare(served: Served, img: Image.Image) -> torch.Tensor:
