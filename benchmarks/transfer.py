@@ -32,6 +32,7 @@ METHODS = {  # name -> the TrainConfig fields that make it
     "pretrained-128px": {"model": "efficientnet-lite0", "pretrained": True, "input_size": 128},
     "pretrained-lr1e-3": {"model": "efficientnet-lite0", "pretrained": True, "lr": 0.001},
     "same-net-scratch": {"model": "efficientnet-lite0"},
+    "same-net-scratch-128px": {"model": "efficientnet-lite0", "input_size": 128},  # the fair match for 128 px
     "bn-cnn-augment": {"model": "bn-cnn", "augment": True, "dropout": 0.25},
 }
 
