@@ -337,7 +337,7 @@ def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
                            "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["errors"] == 0 and result["requests"] == 5000
+    assert result["errors"] == 0 and result["requests"] == 5000, result["error_kinds"]
     assert result["malformed_sent"] > 100 and result["malformed_not_4xx"] == 0
     assert not any(code.startswith("5") for code in result["server_statuses"])  # as the server itself counted
     assert result["forward_passes"] < result["server_statuses"]["200"]  # concurrent requests shared passes

@@ -99,7 +99,8 @@ def test_small_load_run_has_no_errors(server, splits):
     """1,000 requests at concurrency 16 (timings are the benchmark's job, not the test's)."""
     bodies = [_png(Image.fromarray(255 - splits.test_images[i, 0].numpy()).resize((84, 84))) for i in range(50)]
 
-    with httpx.Client(timeout=30) as client:
+    # idle connections dropped well before the server's 5 s keep-alive closes them (no race on reuse)
+    with httpx.Client(timeout=30, limits=httpx.Limits(keepalive_expiry=1.0)) as client:
         def one(i: int) -> int:
             return client.post(f"{server}/predict", files={"file": ("d.png", bodies[i % 50], "image/png")}).status_code
 
