@@ -80,7 +80,8 @@ def main() -> None:
             def one(i: int) -> None:
                 t0 = time.perf_counter()
                 try:
-                    code = client.post(f"{base}/predict", files={"file": ("d.png", bodies[i % len(bodies)], "image/png")}).status_code
+                    upload = {"file": ("d.png", bodies[i % len(bodies)], "image/png")}
+                    code = client.post(f"{base}/predict", files=upload).status_code
                 except httpx.HTTPError as exc:  # counted and named, so that one failure cannot end (or hang) the run
                     code = type(exc).__name__
                 latencies.append(time.perf_counter() - t0)
@@ -104,7 +105,8 @@ def main() -> None:
                             bad_codes.append(-1)
                         i += 1
 
-            bad_threads = [threading.Thread(target=malformed_client, daemon=True) for _ in range(args.malformed_concurrency)]
+            bad_threads = [threading.Thread(target=malformed_client, daemon=True)
+                           for _ in range(args.malformed_concurrency)]
             for t in bad_threads:
                 t.start()
             t0, cpu0 = time.perf_counter(), time.process_time()
@@ -123,7 +125,8 @@ def main() -> None:
     q = statistics.quantiles(latencies, n=100)
     print(json.dumps({
         "benchmark": "serve_load", "requests": args.requests, "concurrency": args.concurrency,
-        "errors": sum(c != 200 for c in codes), "error_kinds": dict(Counter(str(c) for c in codes if c != 200)), "throughput_rps": round(args.requests / wall, 1),
+        "errors": sum(c != 200 for c in codes), "error_kinds": dict(Counter(str(c) for c in codes if c != 200)),
+        "throughput_rps": round(args.requests / wall, 1),
         "p50_ms": round(1000 * q[49], 2), "p99_ms": round(1000 * q[98], 2),
         "client_cores": round(client_cpu / wall, 2),  # this Python client's own share of the machine
         "malformed_sent": len(bad_codes), "malformed_not_4xx": sum(not 400 <= c < 500 for c in bad_codes),
