@@ -1,4 +1,5 @@
-"""The one exception type the CLI turns into a one-line message and exit status 2."""
+"""The exceptions the CLI turns into one line on stderr: ``UserError`` (exit status 2) and its two kinds,
+``DivergedError`` (2) and ``Interrupted`` (130)."""
 
 
 class UserError(Exception):

@@ -51,7 +51,7 @@ def predict_log_probs(
 ) -> torch.Tensor:
     """Log-probabilities ``(N, num_classes)`` of raw ``images`` (N, C, H, W), averaged in probability over
     the ``(2 * shift + 1) ** 2`` one-pixel-step shifts of test-time augmentation (``shift=0``: the plain
-    prediction). ``to_input`` normalises a view for the model (``preprocess.model_input``)."""
+    prediction). ``to_input`` normalises a view for the model (``data.model_input``)."""
     views = shifted_views(images, shift)
     return ensemble_log_probs([predict_logits(model, to_input(v), batch_size, amp_dtype) for v in views])
 
