@@ -114,3 +114,30 @@ def test_two_nodes_rendezvous_over_c10d(data_dir, tmp_path):
     assert all(a.returncode == 0 for a in agents), logs
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["weights_identical_across_ranks"] is True
+
+
+@pytest.mark.slow
+def test_precise_bn_pools_the_statistics_of_every_process(data_dir, tmp_path):
+    """fast-cnn under torchrun: each process recomputes batch norm's statistics on its share of the images and
+    the shares are pooled, so every process holds the same buffers, and they are those of all the images."""
+    from mnist_classifier.data import load_mnist, model_input
+    from mnist_classifier.models import ModelConfig, build_model, checkpoint
+    from mnist_classifier.training.epoch import epoch_permutation
+
+    out = tmp_path / "run"
+    proc = torchrun("--model", "fast-cnn", "--epochs", "1", "--train-subset", "4000", "--batch-size", "128",
+                    "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["weights_identical_across_ranks"] is True and summary["precise_bn_seconds"] > 0  # buffers too
+    saved = checkpoint.load(out / "model.pt")["state_dict"]
+    # the first batch norm sees conv + pool outputs, which no other image in a batch changes: its pooled mean
+    # and variance must be those of the first 4,000 images of epoch 1's shuffle, whichever process saw them
+    splits = load_mnist(data_dir, download=False)
+    x = model_input(splits.train_images[:4000], (0.1307,), (0.3081,), torch.device("cpu"))[epoch_permutation(4000, 0, 1)]
+    model = build_model(ModelConfig(name="fast-cnn"))
+    model.load_state_dict(saved)
+    with torch.no_grad():
+        features = model.features[1][1](model.features[1][0](model.features[0](x)))  # (4000, 32, 7, 7)
+    assert torch.allclose(saved["features.1.2.running_mean"], features.mean((0, 2, 3)), atol=1e-4)
+    assert torch.allclose(saved["features.1.2.running_var"], features.var((0, 2, 3)), rtol=2e-2)

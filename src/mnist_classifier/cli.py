@@ -1,4 +1,5 @@
-"""The ``mnist`` command. Only this module prints; everything it calls returns values.
+"""The ``mnist`` command. It prints; everything it calls returns values, except the model server's supervisor
+(``serving/workers.py``), which reports its workers' starts and restarts while it runs.
 
 Errors the user can fix are raised as UserError and shown as one line on stderr with exit status 2.
 """
@@ -176,6 +177,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         distributed.teardown(ctx)
     if not ctx.is_main:
         return 0
+    if "final_drop" in summary:
+        print(final_drop_warning(summary["final_drop"]), file=sys.stderr)
     chosen = f" (epoch {summary['best_epoch']}, chosen on validation)" if "best_epoch" in summary else ""
     print(f"Test accuracy: {summary['test_accuracy']:.2f}%{chosen}  (training loop {summary['train_seconds']:.1f} s, "
           f"total {summary['total_seconds']:.1f} s)")
@@ -184,6 +187,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"Wrote {path}")
     print(f"Run folder: {run_dir}")
     return 0
+
+
+def final_drop_warning(drop: dict[str, Any]) -> str:
+    """One line for a run whose last epoch scored clearly below an earlier one."""
+    said = (f"warning: epoch {drop['final_epoch']} scored {drop['final_accuracy']:.2f}% on the "
+            f"{'validation split' if drop['split'] == 'val' else 'test set'}, clearly below epoch "
+            f"{drop['best_epoch']}'s {drop['best_accuracy']:.2f}%")
+    if drop["split"] == "val":
+        return f"{said}; the model kept is epoch {drop['best_epoch']}'s, chosen on validation"
+    return (f"{said}; the test set may not choose a model, so the last one is kept: train with --val-size N to "
+            f"keep the best epoch on a validation split")
 
 
 def _write_plots(run_dir: Path, splits, device: torch.device, precision: str) -> list[Path]:
@@ -307,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify your own images (files or folders)",
-                       description="Classify image files (PNG, JPEG, BMP, GIF, WebP, TIFF; any size, grey, RGB or RGBA). "
+                       description="Classify image files (PNG, JPEG, BMP, GIF or WebP; up to 16 megapixels, grey, RGB or RGBA). "
                                    "Each image is prepared the way the checkpoint's data set was: for MNIST digits, "
                                    "cropped, scaled into 20x20, centred by centre of mass in 28x28, white on black; "
                                    "for other data sets, resized (Fashion-MNIST and KMNIST: light backgrounds inverted).")

@@ -71,6 +71,10 @@ class TrainConfig:
     aug_flip: bool = _opt(False, "augmentation: also mirror half the images left-right (photos, not digits)")
     val_size: int = _opt(0, "hold out the last N training images; keep the checkpoint with the best validation "
                          "accuracy and report test accuracy only at the end (0 = test every epoch, as the guide)")
+    precise_bn: int = _opt(10_000, "precise batch norm: before each epoch is scored and saved, recompute batch norm's "
+                           "running statistics from this many training images (unaugmented, with the weights as "
+                           "they are); 0 = off, keeping the running averages of training. Models without batch "
+                           "norm skip it")
     seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run")
     device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES)
     precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX CPUs, CUDA), else fp32", PRECISIONS)
@@ -127,6 +131,8 @@ class TrainConfig:
             raise UserError("--aug-rotate and --aug-translate must be >= 0 and --aug-scale in [0, 1)")
         if not self.dist_timeout > 0:
             raise UserError(f"--dist-timeout must be positive, got {self.dist_timeout}")
+        if self.precise_bn < 0:
+            raise UserError(f"--precise-bn must be 0 (off) or a number of images, got {self.precise_bn}")
         if self.val_size < 0:
             raise UserError(f"--val-size must be 0 or positive, got {self.val_size}")
         if self.train_subset < 0:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -45,3 +46,26 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     """``(num_classes, num_classes)`` int64 counts; rows are true classes, columns predictions."""
     flat = labels.to(torch.int64).cpu() * num_classes + pred.to(torch.int64).cpu()
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def clearly_below(best: float, final: float, n: int) -> bool:
+    """Whether accuracy ``final`` (%) is clearly below ``best`` (%), both measured on the same ``n`` images:
+    lower by more than half a point and by more than two standard errors of a difference of two
+    proportions (sqrt(2 p (1 - p) / n) at their mean p), so a few images' noise on a small set never counts."""
+    p = (best + final) / 200.0
+    two_se = 200.0 * math.sqrt(2.0 * p * (1.0 - p) / max(n, 1))  # in percentage points
+    return best - final > max(0.5, two_se)
+
+
+def final_drop(rows: Sequence[dict[str, Any]], split: str, n: int) -> dict[str, Any] | None:
+    """When the last epoch of ``rows`` (metrics.csv) scores clearly below the best earlier epoch on ``split``
+    ('val' or 'test', ``n`` images), the two epochs and their accuracies; else None."""
+    key = f"{split}_accuracy"
+    if len(rows) < 2:
+        return None
+    best = max(rows[:-1], key=lambda r: r[key])
+    final = rows[-1]
+    if not clearly_below(best[key], final[key], n):
+        return None
+    return {"split": split, "best_epoch": best["epoch"], "best_accuracy": best[key],
+            "final_epoch": final["epoch"], "final_accuracy": final[key]}

@@ -35,6 +35,10 @@ class DistContext:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def shard(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's share of ``tensor`` along its first dimension: every world-th row from its rank."""
+        return tensor[self.rank :: self.world_size]
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()

@@ -20,11 +20,22 @@ OnStep = Callable[[int, int, int, "float | None"], None]  # (epoch, batch, batch
 
 @dataclass
 class Progress:
-    """How far an epoch got: what a Ctrl-C saves and a resume picks up from."""
+    """How far an epoch got: what a Ctrl-C saves in last.pt and a resume picks up from."""
 
     batches_done: int = 0
     loss_sum: float = 0.0  # summed per-image loss of those batches
     seen: int = 0  # images in those batches (this process's share)
+    aug_rng: torch.Tensor | None = None  # the augmentation generator's state after them (None without --augment)
+
+    def to_payload(self) -> dict:
+        return {"batches_done": self.batches_done, "loss_sum": self.loss_sum, "seen": self.seen,
+                "aug_rng": self.aug_rng if self.aug_rng is not None else torch.zeros(0, dtype=torch.uint8)}
+
+    @classmethod
+    def from_payload(cls, d: dict) -> "Progress":
+        aug = d.get("aug_rng")
+        return cls(int(d["batches_done"]), float(d["loss_sum"]), int(d["seen"]),
+                   aug if isinstance(aug, torch.Tensor) and aug.numel() else None)
 
 
 class StopRequested(Exception):
@@ -33,12 +44,18 @@ class StopRequested(Exception):
     def __init__(self, progress: Progress) -> None:
         super().__init__(f"stopped after {progress.batches_done} batches")
         self.progress = progress
+        self.seconds = 0.0  # time the epoch had trained, filled in by whoever timed it
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of everything random in ``epoch`` (1-based): the shuffle and the augmentation depend only on
+    (seed, epoch), so a resumed run replays them exactly."""
+    return seed * 1_000_003 + epoch
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The shuffle for ``epoch`` (1-based) depends only on (seed, epoch), so a resumed run replays it exactly."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=gen)
+    """The shuffle of ``n`` images for ``epoch`` (1-based)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed(seed, epoch)))
 
 
 def count_batches(n: int, batch_size: int) -> int:
@@ -58,6 +75,8 @@ class EpochLoop:
     on_step: OnStep | None = None
     stop_requested: Callable[[], bool] | None = None  # checked after every complete step (Ctrl-C)
     shard: tuple[int, int] = (0, 1)  # (rank, world size): this process trains on every world-th image of a batch
+    aug_gen: torch.Generator | None = None  # the augmentation's random stream (None without --augment)
+    seed: int = 0  # the run's --seed: the augmentation is reseeded from (seed, epoch) at every epoch's start
 
     def run(self, epoch: int, perm: torch.Tensor, start: Progress | None = None) -> float:
         """Train on the batches of ``perm`` (N,) from ``start``; return the epoch's mean training loss.
@@ -66,6 +85,7 @@ class EpochLoop:
         None otherwise, so the loss is only read back from the device that often.
         """
         start = start or Progress()
+        self._seed_augmentation(epoch, start)
         rank, world = self.shard
         device = self.step.train_x.device
         running = torch.zeros((), device=device)  # summed batch losses since the last report
@@ -86,8 +106,17 @@ class EpochLoop:
             if self.on_step is not None:
                 self.on_step(epoch, b, self.n_batches, mean_loss)
             if self.stop_requested is not None and self.stop_requested() and b < self.n_batches - 1:
-                raise StopRequested(Progress(b + 1, total.item(), seen))
+                aug_rng = self.aug_gen.get_state() if self.aug_gen is not None else None
+                raise StopRequested(Progress(b + 1, total.item(), seen, aug_rng))
         return total.item() / seen
+
+    def _seed_augmentation(self, epoch: int, start: Progress) -> None:
+        if self.aug_gen is None:
+            return
+        if start.aug_rng is not None:  # inside an epoch: the stream where the Ctrl-C left it
+            self.aug_gen.set_state(start.aug_rng.to(self.aug_gen.get_state().device))
+        else:
+            self.aug_gen.manual_seed(epoch_seed(self.seed, epoch))
 
     @staticmethod
     def _report(running: torch.Tensor, since: int, epoch: int, batch: int) -> float:

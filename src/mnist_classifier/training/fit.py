@@ -3,7 +3,8 @@
     session = build_session(...)           # data on the device, model, optimizer, EMA, resume
     for epoch in ...:
         train_loss, seconds = train_one_epoch(...)    # batches of one permutation, one step each
-        row = score_epoch(...)                        # fp32 accuracy on the test (or validation) set
+        calibrate(...)                                # batch norm's statistics for the weights as they are
+        row = score_epoch(...)                        # fp32 accuracy on the validation (or test) set
         save the epoch                                # metrics.csv, model.pt, last.pt
     return finish(...)                     # the validation-chosen model's test score, summary.json
 
@@ -17,13 +18,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits, check_name
 from ..device import flush_denormals, preferred_memory_format
 from ..errors import DivergedError, Interrupted, UserError
-from ..evaluation import evaluate_model
+from ..evaluation import evaluate_model, final_drop
 from ..models import build_model, check_model, count_parameters
 from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
@@ -31,7 +33,8 @@ from .. import runs
 from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
 from .epoch import Progress, StopFlag, StopRequested, epoch_permutation
 from .optim import lr_value
-from .session import Session, build_session
+from .precise_bn import recalibrate, sample_batches
+from .session import Learner, RunSpec, Session, build_session
 from .state import RunFiles
 
 
@@ -63,92 +66,127 @@ def _sync(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _precision(s: Session) -> str:
-    return str(s.amp_dtype).removeprefix("torch.") if s.amp_dtype else "fp32"
+def _precision(spec: RunSpec) -> str:
+    return str(spec.amp_dtype).removeprefix("torch.") if spec.amp_dtype else "fp32"
 
 
-def write_config(s: Session, run_dir: Path) -> None:
+def write_config(spec: RunSpec, run_dir: Path) -> None:
     fileio.write_json(run_dir / "config.json", {
-        "train": s.cfg.to_dict(), "model": s.mcfg.to_dict(), "dataset": s.info.to_dict(), "device": str(s.device),
-        "autocast": _precision(s), "world_size": s.ctx.world_size, "environment": runs.environment(),
+        "train": spec.cfg.to_dict(), "model": spec.mcfg.to_dict(), "dataset": spec.info.to_dict(),
+        "device": str(spec.device), "autocast": _precision(spec), "world_size": spec.ctx.world_size,
+        "environment": runs.environment(),
     })
 
 
 def start_info(s: Session, run_dir: Path) -> dict[str, Any]:
-    return {"device": str(s.device), "precision": _precision(s), "params": count_parameters(s.model),
-            "n_train": len(s.data.train_y), "n_test": len(s.data.eval_y), "split": "val" if s.cfg.val_size else "test",
-            "n_batches": s.loop.n_batches, "start_epoch": s.state.epoch + 1, "epochs": s.cfg.epochs,
-            "run_dir": str(run_dir), "world_size": s.ctx.world_size}
+    spec = s.spec
+    return {"device": str(spec.device), "precision": _precision(spec), "params": count_parameters(s.learner.model),
+            "n_train": len(s.data.train_y), "n_test": len(s.data.eval_y), "split": spec.split,
+            "n_batches": s.learner.loop.n_batches, "start_epoch": s.state.epoch + 1, "epochs": spec.cfg.epochs,
+            "run_dir": str(run_dir), "world_size": spec.ctx.world_size}
 
 
-def train_one_epoch(s: Session, files: RunFiles, epoch: int, start: Progress | None,
-                    aug_rng: torch.Tensor | None) -> tuple[float, float]:
-    """Train one epoch (from ``start`` inside it, after a Ctrl-C); return (mean training loss, seconds)."""
-    perm = epoch_permutation(len(s.data.train_y), s.cfg.seed, epoch).to(s.device)
-    if aug_rng is not None:  # inside an epoch: the augmentation's stream where the Ctrl-C left it
-        s.aug_gen.set_state(aug_rng.to(s.aug_gen.get_state().device))
-    elif s.aug_gen is not None:  # reseeded like the shuffle, so a resumed run replays it
-        s.aug_gen.manual_seed(s.cfg.seed * 1_000_003 + epoch)
-    s.train_model.train()
-    _sync(s.device)
+def evaluate_sharded(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                     ctx: DistContext) -> dict[str, Any]:
+    """fp32 loss and accuracy over all of ``images``: each process scores its every world-th image and the
+    sums are added up across processes (a single process scores them all)."""
+    return evaluate_model(model, ctx.shard(images), ctx.shard(labels), batch_size, reduce=ctx.all_reduce_sum)
+
+
+def train_one_epoch(learner: Learner, spec: RunSpec, epoch: int, start: Progress | None) -> tuple[float, float]:
+    """Train one epoch (from ``start`` inside it, after a Ctrl-C); return (mean training loss, seconds).
+    A Ctrl-C raises ``StopRequested`` with the seconds this epoch had trained."""
+    perm = epoch_permutation(len(learner.loop.step.train_y), spec.cfg.seed, epoch).to(spec.device)
+    learner.train_model.train()
+    _sync(spec.device)
     t0 = time.perf_counter()
     try:
-        train_loss = s.loop.run(epoch, perm, start)
-    except DivergedError as exc:
-        kept = (f"the last good checkpoint is kept in {files.run_dir}" if (files.run_dir / "last.pt").exists()
-                else "no epoch had finished, so no checkpoint was written")
-        raise DivergedError(f"{exc}; {kept}") from None
+        train_loss = learner.loop.run(epoch, perm, start)
     except StopRequested as halt:
-        s.state.train_seconds += time.perf_counter() - t0
-        if s.ctx.is_main:
-            files.save_epoch(s.model, None, s.optimizer, s.state, s.ema, partial=halt.progress,
-                             aug_rng=s.aug_gen.get_state() if s.aug_gen is not None else None)
-        raise Interrupted(
-            f"interrupted at epoch {epoch}, batch {halt.progress.batches_done} of {s.loop.n_batches}; saved "
-            f"{files.run_dir / 'last.pt'}. Continue with: mnist train --resume {files.run_dir}") from None
-    _sync(s.device)
+        halt.seconds = time.perf_counter() - t0
+        raise
+    _sync(spec.device)
     seconds = time.perf_counter() - t0
-    s.state.train_seconds += seconds
-    if s.ctx.enabled:  # the mean over all processes' images
-        pair = torch.tensor([train_loss * s.local_count, s.local_count], dtype=torch.float64, device=s.device)
-        pair = s.ctx.all_reduce_sum(pair)
+    if spec.ctx.enabled:  # the mean over all processes' images
+        pair = torch.tensor([train_loss * learner.local_count, learner.local_count], dtype=torch.float64,
+                            device=spec.device)
+        pair = spec.ctx.all_reduce_sum(pair)
         train_loss = (pair[0] / pair[1]).item()
     return train_loss, seconds
 
 
+def calibrate(s: Session, epoch: int) -> float:
+    """Precise batch norm before the epoch is scored and saved: the scored model's running statistics are
+    recomputed from the first ``--precise-bn`` images of this epoch's shuffle (unaugmented), pooled over
+    processes. Every epoch, so each metrics.csv row, the validation choice and the model kept all use
+    statistics that belong to their weights. The weights themselves are not touched. Returns its seconds."""
+    spec, n = s.spec, s.spec.cfg.precise_bn
+    if not n:
+        return 0.0
+    ctx = spec.ctx
+    _sync(spec.device)
+    t0 = time.perf_counter()
+    indices = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch)[:n].to(spec.device)
+    batches = sample_batches(s.data.train_x, ctx.shard(indices), max(2, spec.cfg.batch_size // ctx.world_size))
+    recalibrate(s.learner.scored, batches, reduce=ctx.all_reduce_sum if ctx.enabled else None)
+    _sync(spec.device)
+    return time.perf_counter() - t0
+
+
 def score_epoch(s: Session, epoch: int, train_loss: float, seconds: float) -> dict[str, Any]:
-    """The metrics.csv row of an epoch: the scored weights on this process's shard of the evaluation split."""
-    ctx, split = s.ctx, "val" if s.cfg.val_size else "test"
-    result = evaluate_model(s.scored, s.data.eval_x[ctx.rank :: ctx.world_size], s.data.eval_y[ctx.rank :: ctx.world_size],
-                            s.cfg.eval_batch_size, reduce=ctx.all_reduce_sum)
+    """The metrics.csv row of an epoch: the scored weights on the evaluation split."""
+    spec, split = s.spec, s.spec.split
+    result = evaluate_sharded(s.learner.scored, s.data.eval_x, s.data.eval_y, spec.cfg.eval_batch_size, spec.ctx)
     return {"epoch": epoch, "train_loss": round(train_loss, 6), f"{split}_loss": round(result["loss"], 6),
-            f"{split}_accuracy": round(result["accuracy"], 4), "lr": lr_value(s.optimizer.param_groups[0]["lr"]),
-            "seconds": round(seconds, 3)}
+            f"{split}_accuracy": round(result["accuracy"], 4),
+            "lr": lr_value(s.learner.optimizer.param_groups[0]["lr"]), "seconds": round(seconds, 3)}
 
 
-def run_epochs(s: Session, files: RunFiles, reporter: Reporter, partial: dict[str, Any] | None) -> dict | None:
+def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested) -> Interrupted:
+    """Save the state inside the epoch (last.pt with its ``Progress``) and say how to continue."""
+    s.state.train_seconds += halt.seconds
+    learner = s.learner
+    if s.spec.ctx.is_main:
+        files.save_epoch(learner.model, None, learner.optimizer, s.state, learner.ema, partial=halt.progress)
+    return Interrupted(
+        f"interrupted at epoch {epoch}, batch {halt.progress.batches_done} of {learner.loop.n_batches}; saved "
+        f"{files.run_dir / 'last.pt'}. Continue with: mnist train --resume {files.run_dir}")
+
+
+def _diverged(exc: DivergedError, files: RunFiles) -> DivergedError:
+    kept = (f"the last good checkpoint is kept in {files.run_dir}" if (files.run_dir / "last.pt").exists()
+            else "no epoch had finished, so no checkpoint was written")
+    return DivergedError(f"{exc}; {kept}")
+
+
+def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress | None) -> dict | None:
     """The epoch loop; returns the validation-chosen weights (in memory) with --val-size, else None."""
+    spec, learner, state = s.spec, s.learner, s.state
     best_state = None
-    stop = StopFlag(install=not s.ctx.enabled)
-    s.loop.stop_requested, s.loop.on_step = stop.is_set, reporter.step
+    stop = StopFlag(install=not spec.ctx.enabled)
+    learner.loop.stop_requested, learner.loop.on_step = stop.is_set, reporter.step
     try:
-        for epoch in range(s.state.epoch + 1, s.cfg.epochs + 1):
-            start = Progress(partial["batches_done"], partial["loss_sum"], partial["seen"]) if partial else None
-            aug_rng = partial["aug_rng"] if partial and s.aug_gen is not None else None
-            train_loss, seconds = train_one_epoch(s, files, epoch, start, aug_rng)
-            partial = None
+        for epoch in range(state.epoch + 1, spec.cfg.epochs + 1):
+            try:
+                train_loss, seconds = train_one_epoch(learner, spec, epoch, start)
+            except StopRequested as halt:
+                raise _interrupted(s, files, epoch, halt) from None
+            except DivergedError as exc:
+                raise _diverged(exc, files) from None
+            start = None
+            state.train_seconds += seconds
+            state.bn_seconds += calibrate(s, epoch)
             row = score_epoch(s, epoch, train_loss, seconds)
-            s.state.rows.append(row)
-            s.state.epoch = epoch
-            accuracy = row["val_accuracy" if s.cfg.val_size else "test_accuracy"]
-            improved = accuracy > s.state.best_val
+            state.rows.append(row)
+            state.epoch = epoch
+            improved = row[f"{spec.split}_accuracy"] > state.best_val
             if improved:
-                s.state.best_val, s.state.best_epoch = accuracy, epoch
-                best_state = checkpoint.plain_state_dict(s.scored) if s.cfg.val_size else best_state
+                state.best_val, state.best_epoch = row[f"{spec.split}_accuracy"], epoch
+                best_state = checkpoint.plain_state_dict(learner.scored) if spec.cfg.val_size else best_state
             # Without a validation split the model kept is the last one (the guide's behaviour); with one, the best.
-            if s.ctx.is_main:
-                keep = improved or not s.cfg.val_size
-                files.save_epoch(s.model, s.scored if keep else None, s.optimizer, s.state, s.ema)
+            if spec.ctx.is_main:
+                keep = improved or not spec.cfg.val_size
+                files.save_epoch(learner.model, learner.scored if keep else None, learner.optimizer, state, learner.ema)
             reporter.epoch(row)
     finally:
         stop.uninstall()
@@ -157,31 +195,35 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter, partial: dict[st
 
 def test_chosen(s: Session, best_state: dict | None, run_dir: Path) -> dict[str, Any]:
     """With --val-size the test set is looked at once, here, for the model the validation split chose."""
-    best = build_model(s.mcfg).to(s.device, memory_format=preferred_memory_format(s.device))
+    spec = s.spec
+    best = build_model(spec.mcfg).to(spec.device, memory_format=preferred_memory_format(spec.device))
     best.load_state_dict(best_state if best_state is not None else checkpoint.load(run_dir / "model.pt")["state_dict"])
-    ctx = s.ctx
-    test = evaluate_model(best, s.data.test_x[ctx.rank :: ctx.world_size], s.data.test_y[ctx.rank :: ctx.world_size],
-                          s.cfg.eval_batch_size, reduce=ctx.all_reduce_sum)
+    test = evaluate_sharded(best, s.data.test_x, s.data.test_y, spec.cfg.eval_batch_size, spec.ctx)
     return {"best_epoch": s.state.best_epoch, "val_accuracy": s.state.best_val,
             "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 6)}
 
 
 def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -> dict[str, Any]:
     """The summary (written as summary.json by rank 0)."""
-    cfg, ctx = s.cfg, s.ctx
+    spec, ctx = s.spec, s.spec.ctx
+    cfg = spec.cfg
     summary: dict[str, Any] = {
-        "epochs": cfg.epochs, "params": count_parameters(s.model), "device": str(s.device), "precision": _precision(s),
-        "seed": cfg.seed, "model": cfg.model, "recipe": cfg.recipe, "dataset": s.info.name, "run_dir": str(run_dir),
+        "epochs": cfg.epochs, "params": count_parameters(s.learner.model), "device": str(spec.device),
+        "precision": _precision(spec), "seed": cfg.seed, "model": cfg.model, "recipe": cfg.recipe,
+        "dataset": spec.info.name, "run_dir": str(run_dir),
     }
     if cfg.val_size:
         summary.update(test_chosen(s, best_state, run_dir))
     else:
         last = s.state.rows[-1]
         summary.update({"test_accuracy": last["test_accuracy"], "test_loss": last["test_loss"]})
-    summary.update({"train_seconds": round(s.state.train_seconds, 3),
+    drop = final_drop(s.state.rows, spec.split, len(s.data.eval_y))
+    if drop is not None:
+        summary["final_drop"] = drop
+    summary.update({"train_seconds": round(s.state.train_seconds, 3), "precise_bn_seconds": round(s.state.bn_seconds, 3),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "world_size": ctx.world_size})
     if ctx.enabled:
-        summary["weights_identical_across_ranks"] = same_on_all_ranks(list(s.model.state_dict().values()), ctx)
+        summary["weights_identical_across_ranks"] = same_on_all_ranks(list(s.learner.model.state_dict().values()), ctx)
     if ctx.is_main:
         fileio.write_json(run_dir / "summary.json", summary)
     ctx.barrier()  # nobody leaves (and tears the group down) while rank 0 is still writing
@@ -202,9 +244,10 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
         flush_denormals()  # subnormal arithmetic slows late epochs by ~10 %; before the first parallel op
     s = build_session(cfg, splits, device, ctx, resume)
     run_dir = Path(run_dir)
-    files = RunFiles(run_dir, cfg, s.mcfg, s.info, device)
+    files = RunFiles(run_dir, cfg, s.spec.mcfg, s.spec.info, device)
     if ctx.is_main:
-        write_config(s, run_dir)
+        write_config(s.spec, run_dir)
     reporter.start(start_info(s, run_dir))
-    best_state = run_epochs(s, files, reporter, resume.get("partial") if resume is not None else None)
+    partial = resume.get("partial") if resume is not None else None
+    best_state = run_epochs(s, files, reporter, Progress.from_payload(partial) if partial else None)
     return finish(s, best_state, run_dir, t_start)

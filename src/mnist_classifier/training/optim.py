@@ -9,13 +9,18 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..errors import UserError
+
+
+def group_lr(lr: float, group: dict) -> float:
+    """A param group's learning rate when the run's is ``lr``: discriminative rates (a pretrained backbone at
+    ``lr_scale`` = --backbone-lr of the head's) keep their ratio through every schedule and resume."""
+    return lr * group.get("lr_scale", 1.0)
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
     """The optimizer ``cfg.optimizer`` names, with its learning rate, momentum and weight decay. ``params`` may be
     param groups with an ``lr_scale`` each (a fraction of ``cfg.lr``)."""
-    params = [{**g, "lr": cfg.lr * g.get("lr_scale", 1.0)} if isinstance(g, dict) else g for g in params]
+    params = [{**g, "lr": group_lr(cfg.lr, g)} if isinstance(g, dict) else g for g in params]
     # The fused kernels update every parameter in one call instead of a dozen small ops per tensor;
     # same arithmetic as the default path (CPU and CUDA have them, MPS partly).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
@@ -28,10 +33,9 @@ def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.opti
         return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, **fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.momentum > 0, **fused)
-    if cfg.optimizer == "rmsprop":
-        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True,
-                                   capturable=bool(fused.get("capturable")))
-    raise UserError(f"unknown optimizer {cfg.optimizer!r}")
+    # rmsprop: the one left; TrainConfig's declaration of --optimizer has already refused any other name
+    return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, foreach=True,
+                               capturable=bool(fused.get("capturable")))
 
 
 def learning_rate(step: int, total_steps: int, base: float, schedule: str, warmup: float) -> float:
@@ -48,9 +52,9 @@ def learning_rate(step: int, total_steps: int, base: float, schedule: str, warmu
     return base * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
-def lr_value(group_lr: float | torch.Tensor) -> float:
+def lr_value(lr: float | torch.Tensor) -> float:
     """A param group's learning rate as a float, whether a number or CudaGraphStep's device tensor."""
-    return float(group_lr.item()) if isinstance(group_lr, torch.Tensor) else float(group_lr)
+    return float(lr.item()) if isinstance(lr, torch.Tensor) else float(lr)
 
 
 class EMA:

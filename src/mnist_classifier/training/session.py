@@ -21,7 +21,7 @@ from ..models.efficientnet import load_imagenet
 from ..models.registry import SELF_NORMALISING
 from .distributed import DistContext
 from .epoch import EpochLoop, count_batches
-from .optim import EMA, learning_rate, make_optimizer
+from .optim import EMA, group_lr, learning_rate, make_optimizer
 from .state import TrainState, set_rng_state
 from .step import CudaGraphStep, TrainStep
 
@@ -70,31 +70,51 @@ def model_config(cfg: TrainConfig, info: DatasetInfo) -> ModelConfig:
                        num_classes=len(info.class_names), dropout=cfg.dropout, input_size=cfg.input_size)
 
 
-@dataclass
-class Session:
-    """Everything a run trains with. ``model`` is the plain module whose weights are saved; ``train_model``
-    is what runs the steps (the same module, or a DDP / torch.compile wrapper sharing its weights)."""
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is, fixed from its start: the config, the data's description, the network's config, and
+    where and in what precision it computes."""
 
     cfg: TrainConfig
     info: DatasetInfo
     mcfg: ModelConfig
     device: torch.device
     ctx: DistContext
-    data: Data
+    amp_dtype: torch.dtype | None  # training autocast; evaluation is always fp32
+
+    @property
+    def split(self) -> str:
+        """The split scored every epoch: 'val' with --val-size, else 'test' (the guide's way)."""
+        return "val" if self.cfg.val_size else "test"
+
+
+@dataclass
+class Learner:
+    """What changes as a run trains. ``model`` is the plain module whose weights are saved; ``train_model``
+    runs the steps (the same module, or a DDP / torch.compile wrapper sharing its weights); ``loop`` trains
+    one epoch of ``TrainStep``s."""
+
     model: nn.Module
     train_model: nn.Module
     optimizer: torch.optim.Optimizer
     ema: EMA | None
     loop: EpochLoop
-    aug_gen: torch.Generator | None  # the augmentation's random stream, reseeded every epoch
-    amp_dtype: torch.dtype | None  # training autocast; evaluation is always fp32
-    state: TrainState
     local_count: int  # this process's images per epoch (for the mean loss over processes)
 
     @property
     def scored(self) -> nn.Module:
         """The weights that are evaluated and saved as model.pt: the EMA's when there is one."""
         return self.ema.model if self.ema is not None else self.model
+
+
+@dataclass
+class Session:
+    """A run being trained: what it is (``spec``), its tensors, what it trains, and how far it got."""
+
+    spec: RunSpec
+    data: Data
+    learner: Learner
+    state: TrainState
 
 
 def plan_batches(n_train: int, batch_size: int, ctx: DistContext) -> tuple[int, int]:
@@ -112,7 +132,7 @@ def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimiz
     model.load_state_dict(payload["state_dict"])
     optimizer.load_state_dict(payload["optimizer"])
     for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = cfg.lr * group.get("lr_scale", 1.0), cfg.weight_decay
+        group["lr"], group["weight_decay"] = group_lr(cfg.lr, group), cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum
     if ema is not None:
@@ -188,6 +208,6 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
     lr_at = None if cfg.schedule == "constant" else (
         lambda step_no: learning_rate(step_no, total_steps, cfg.lr, cfg.schedule, cfg.warmup))
     loop = EpochLoop(step, cfg.batch_size, n_batches, lr_at=lr_at, ema=ema, log_every=cfg.log_every,
-                     shard=(ctx.rank, ctx.world_size))
-    return Session(cfg, info, mcfg, device, ctx, data, model, train_model, optimizer, ema, loop, aug_gen,
-                   amp_dtype, state, local_count)
+                     shard=(ctx.rank, ctx.world_size), aug_gen=aug_gen, seed=cfg.seed)
+    return Session(RunSpec(cfg, info, mcfg, device, ctx, amp_dtype), data,
+                   Learner(model, train_model, optimizer, ema, loop, local_count), state)

@@ -6,7 +6,7 @@ the optimizer, RNG state, epoch and metrics), each replaced atomically; ``--resu
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ class TrainState:
     epoch: int = 0  # epochs completed
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
     train_seconds: float = 0.0  # time in the training loop only, summed over epochs
+    bn_seconds: float = 0.0  # time recomputing batch norm's statistics (--precise-bn), summed over epochs
     best_val: float = -1.0  # best validation accuracy so far (with val_size)
     best_epoch: int = 0
 
@@ -39,6 +40,7 @@ class TrainState:
     def from_payload(cls, payload: dict[str, Any]) -> "TrainState":
         return cls(epoch=int(payload["epoch"]), rows=list(payload["metrics"]),
                    train_seconds=float(payload.get("train_seconds", 0.0)),
+                   bn_seconds=float(payload.get("bn_seconds", 0.0)),
                    best_val=float(payload.get("best_val", -1.0)), best_epoch=int(payload.get("best_epoch", 0)))
 
 
@@ -78,8 +80,7 @@ class RunFiles:
     device: torch.device
 
     def save_epoch(self, model: nn.Module, scored: nn.Module | None, optimizer: torch.optim.Optimizer,
-                   state: TrainState, ema: EMA | None, partial: Progress | None = None,
-                   aug_rng: torch.Tensor | None = None) -> None:
+                   state: TrainState, ema: EMA | None, partial: Progress | None = None) -> None:
         """metrics.csv, then model.pt from ``scored`` (None: keep the old one), then last.pt from ``model``.
 
         ``partial`` marks a last.pt written inside an epoch (after Ctrl-C): how far that epoch got.
@@ -90,12 +91,12 @@ class RunFiles:
         payload = checkpoint.model_payload(model, self.mcfg, self.info)  # the raw training weights, to continue from
         payload.update({
             "optimizer": optimizer.state_dict(), "epoch": state.epoch, "metrics": state.rows,
-            "train_seconds": state.train_seconds, "best_val": state.best_val, "best_epoch": state.best_epoch,
+            "train_seconds": state.train_seconds, "bn_seconds": state.bn_seconds, "best_val": state.best_val, "best_epoch": state.best_epoch,
             "train_config": self.cfg.to_dict(), "rng": rng_state(self.device),
         })
         if ema is not None:
             payload["ema_state_dict"] = checkpoint.plain_state_dict(ema.model)
             payload["ema_updates"] = ema.updates
         if partial is not None:
-            payload["partial"] = {**asdict(partial), "aug_rng": aug_rng if aug_rng is not None else torch.zeros(0)}
+            payload["partial"] = partial.to_payload()
         checkpoint.save(self.run_dir / "last.pt", payload)

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import group_lr
+
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy initialisation, cuBLAS workspaces)
 
 
@@ -34,7 +36,7 @@ class TrainStep:
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)  # discriminative rates keep their ratio
+            group["lr"] = group_lr(lr, group)
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Forward and backward on one batch (the gradients land in ``.grad``); returns the detached loss."""
@@ -81,7 +83,7 @@ class CudaGraphStep(TrainStep):
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"].fill_(lr * group.get("lr_scale", 1.0))
+            group["lr"].fill_(group_lr(lr, group))
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
         self.eager_steps += 1
