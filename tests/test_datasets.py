@@ -24,6 +24,7 @@ from mnist_classifier.errors import UserError
 from mnist_classifier.data.images import prepare_image
 
 from conftest import run_cli, serving
+from shapes import shape, shapes_folder
 
 needs_fashion = pytest.mark.skipif(not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file(),
                                    reason="Debian's dataset-fashion-mnist is not installed (make test installs it as root)")
@@ -252,35 +253,10 @@ def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path, model)
 # Your own folders
 
 
-def _shape(kind: str, rng: np.random.Generator, fmt: str, path) -> None:
-    """A coloured circle, square or triangle of random size and place on a random light background."""
-    bg = tuple(int(v) for v in rng.integers(170, 256, 3))
-    ink = tuple(int(v) for v in rng.integers(0, 90, 3))
-    img = Image.new("RGB", (64, 64), bg)
-    draw = ImageDraw.Draw(img)
-    r = int(rng.integers(12, 24))
-    cx, cy = (int(v) for v in rng.integers(r + 2, 62 - r, 2))
-    if kind == "circle":
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=ink)
-    elif kind == "square":
-        draw.rectangle([cx - r, cy - r, cx + r, cy + r], fill=ink)
-    else:
-        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=ink)
-    img.save(path.with_suffix(f".{fmt}"))
-
-
-def _shapes_folder(root, per_class: int = 40, seed: int = 0) -> None:
-    rng = np.random.default_rng(seed)
-    for kind in ("circle", "square", "triangle"):
-        (root / kind).mkdir(parents=True)
-        for i in range(per_class):
-            _shape(kind, rng, ("png", "jpg", "bmp")[i % 3], root / kind / f"{i:03d}")
-
-
 @pytest.mark.slow
 def test_a_generated_image_folder_trains_evaluates_and_predicts(tmp_path):
     shapes = tmp_path / "shapes"
-    _shapes_folder(shapes)
+    shapes_folder(shapes)
     run = tmp_path / "run"
     dataset = f"folder:{shapes}"
     # bn-cnn: batch norm learns these 96 images in a few seconds (the guide's CNN needs far more steps)
@@ -303,7 +279,7 @@ def test_a_generated_image_folder_trains_evaluates_and_predicts(tmp_path):
     rng = np.random.default_rng(99)
     for kind in ("circle", "square", "triangle"):
         for i in range(4):
-            _shape(kind, rng, "png", new / f"{kind}{i}")
+            shape(kind, rng, "png", new / f"{kind}{i}")
     proc = run_cli("predict", str(new), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
@@ -330,7 +306,7 @@ def test_train_and_test_subfolders_of_digits_use_the_digit_preparation(tmp_path,
 
 def test_bad_folders_give_clear_errors_naming_the_file(tmp_path):
     root = tmp_path / "bad"
-    _shapes_folder(root, per_class=3)
+    shapes_folder(root, per_class=3)
     (root / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(UserError, match=r"broken\.png: is a broken image|broken\.png: is not an image"):
         load_dataset(f"folder:{root}", preprocess="resize")
