@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +57,12 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
                           cwd=cwd or REPO, timeout=timeout)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first: with pytest-xdist the run ends when its last test does, and a 2-minute test
+    handed out at the end would leave the other core idle that long."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+
+
 @pytest.fixture(autouse=True)
 def _restore_rng():
     state = torch.get_rng_state()
@@ -62,14 +70,40 @@ def _restore_rng():
     torch.set_rng_state(state)
 
 
+def _code_key() -> str:
+    """A hash of the package's source and recipes and of torch's version: what a trained model depends on."""
+    key = hashlib.sha256(torch.__version__.encode())
+    for path in sorted((REPO / "src" / "mnist_classifier").rglob("*")):
+        if path.suffix in (".py", ".json"):
+            key.update(path.relative_to(REPO).as_posix().encode() + b"\0" + path.read_bytes())
+    return key.hexdigest()[:16]
+
+
 @pytest.fixture(scope="session")
-def trained_checkpoint(tmp_path_factory, data_dir, splits) -> Path:
-    """A guide's CNN trained for 2 epochs on all 60,000 images (about 10 s): real enough to judge predictions."""
+def trained_checkpoint(data_dir, splits) -> Path:
+    """A guide's CNN trained for 2 epochs on all 60,000 images (about 25 s): real enough to judge predictions.
+
+    Trained once per version of the code, then shared: the pytest-xdist workers and both phases of `make test`
+    read the same run folder (tests only read it; their own outputs go to tmp_path). A file lock makes the
+    others wait for the first; the folder's name is a hash of the source, so any change trains afresh.
+    """
+    import fcntl  # POSIX only, as the suite's servers and signals are
+
     from mnist_classifier.training import fit
 
-    run_dir = tmp_path_factory.mktemp("trained")
-    cfg = TrainConfig(epochs=2, device="cpu", data_dir=str(data_dir), out=str(run_dir))
-    fit(cfg, splits, torch.device("cpu"), run_dir)
+    cache = REPO / ".test-cache"
+    cache.mkdir(exist_ok=True)
+    run_dir = cache / f"trained-{_code_key()}"
+    with open(cache / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (run_dir / "summary.json").is_file():
+            partial = cache / f".{run_dir.name}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            cfg = TrainConfig(epochs=2, device="cpu", data_dir=str(data_dir), out=str(partial))
+            fit(cfg, splits, torch.device("cpu"), partial)
+            for old in cache.glob("trained-*"):  # earlier versions of the code: never read again
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(partial, run_dir)  # whole or absent, even if the suite is killed mid-fit
     return run_dir / "model.pt"
 
 

@@ -44,6 +44,7 @@ def test_fashion_mnist_loads_from_debian_with_its_own_statistics(tmp_path):
     assert torch.bincount(splits.train_labels).tolist() == [6000] * 10
 
 
+@pytest.mark.accuracy
 @needs_fashion
 @pytest.mark.slow
 def test_fashion_mnist_trains_evaluates_plots_and_predicts_with_its_class_names(tmp_path):
@@ -253,6 +254,7 @@ def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path, model)
 # Your own folders
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_a_generated_image_folder_trains_evaluates_and_predicts(tmp_path):
     shapes = tmp_path / "shapes"

@@ -12,6 +12,8 @@ import torch
 
 from conftest import REPO, free_port
 
+pytestmark = pytest.mark.serial  # torchrun: two processes that need a core each
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -22,6 +24,7 @@ def torchrun(*args, nproc=2, cwd=None, timeout=600, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_two_processes_train_one_model(data_dir, tmp_path):
     proc = torchrun("--epochs", "1", "--device", "cpu", "--data-dir", str(data_dir), cwd=tmp_path)
@@ -38,6 +41,7 @@ def test_two_processes_train_one_model(data_dir, tmp_path):
     assert not any(k.startswith("module.") for k in state)
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_resume_a_two_process_run_and_evaluate_it_in_one(data_dir, tmp_path):
     out = tmp_path / "run"

@@ -37,6 +37,7 @@ def test_static_steps_match_the_plain_steps(splits):
     assert lr_value(opt_b.param_groups[0]["lr"]) == pytest.approx(0.001)
 
 
+@pytest.mark.accuracy
 def test_a_cuda_graphs_run_trains_and_schedules_its_learning_rate(splits, tmp_path):
     cfg = TrainConfig(train_subset=3000, epochs=2, cuda_graphs=True, schedule="onecycle", ema=0.99, device="cpu",
                       out=str(tmp_path)).validate()

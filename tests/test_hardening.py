@@ -71,6 +71,7 @@ def test_predict_refuses_what_is_not_a_regular_file(trained_checkpoint, tmp_path
 # The server under attack
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 @pytest.mark.slow
 def test_bombs_in_parallel_leave_the_server_responsive_and_small(trained_checkpoint):
     """12 clients upload decode bombs for 15 s (benchmarks/server_under_attack.py), then SIGTERM."""
@@ -92,6 +93,7 @@ def guarded_server(trained_checkpoint):
         yield base, process[0]
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 def test_host_and_origin_are_checked(guarded_server):
     base, _ = guarded_server
     port = base.rsplit(":", 1)[1]
@@ -106,6 +108,7 @@ def test_host_and_origin_are_checked(guarded_server):
     assert own.status_code == 200 and own.json()["label"] == "7"
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 def test_hostile_json_gets_a_json_4xx(guarded_server):
     base, _ = guarded_server
     deep = b'{"pixels": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
@@ -116,6 +119,7 @@ def test_hostile_json_gets_a_json_4xx(guarded_server):
     assert r.status_code == 422 and "detail" in r.json()
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 def test_chunked_body_over_the_limit_is_413(guarded_server):
     base, _ = guarded_server
 
@@ -128,6 +132,7 @@ def test_chunked_body_over_the_limit_is_413(guarded_server):
     assert r.status_code == 413 and "larger than" in r.json()["detail"]
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 def test_slow_headers_are_cut_off(guarded_server):
     base, _ = guarded_server
     host, port = base.removeprefix("http://").split(":")
@@ -140,6 +145,7 @@ def test_slow_headers_are_cut_off(guarded_server):
     assert httpx.get(f"{base}/health").status_code == 200
 
 
+@pytest.mark.serial  # a live server under attack, with time bounds
 @pytest.mark.slow
 def test_clients_vanishing_mid_body_cost_one_log_line_each(trained_checkpoint):
     process: list = []

@@ -40,6 +40,7 @@ def _run(path: Path, parameters: str) -> tuple[str, int]:
     return "".join(text), images
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_transfer_learning_notebook_runs_end_to_end(tmp_path):
     printed, images = _run(TRANSFER, f"PHOTO_DIR = {str(tmp_path / 'photos')!r}\nOUT_DIR = {str(tmp_path / 'out')!r}")
@@ -52,6 +53,7 @@ def test_transfer_learning_notebook_runs_end_to_end(tmp_path):
     assert (tmp_path / "out" / "fine-tuned" / "model.pt").is_file()
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_notebook_runs_end_to_end(data_dir, tmp_path):
     printed, images = _run(NOTEBOOK, f"EPOCHS = 1\nDATA_DIR = {str(data_dir)!r}\nOUT_DIR = {str(tmp_path / 'out')!r}")

@@ -55,6 +55,7 @@ def _reference_recalibration(model: nn.Module, images: torch.Tensor) -> nn.Modul
     return ref.eval()
 
 
+@pytest.mark.accuracy
 def test_stale_statistics_are_replaced_so_eval_mode_scores_what_the_weights_learned(monkeypatch, data_dir, splits, tmp_path):
     _stale_models(monkeypatch)
     test_x = model_input(splits.test_images, MNIST_MEAN, MNIST_STD, CPU)

@@ -93,6 +93,7 @@ def test_blank_image_has_no_digit():
         prepare_digit(Image.new("RGB", (64, 64), "white"))
 
 
+@pytest.mark.accuracy
 def test_printed_digits_in_many_fonts_formats_and_polarities(trained_checkpoint, tmp_path):
     items = render_set(tmp_path / "digits", per_digit=12)
     proc = run_cli("predict", str(tmp_path / "digits"), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")

@@ -82,6 +82,7 @@ def test_a_pretrained_network_keeps_its_batch_norm_statistics_unless_told():
     assert not any(m.training for m in model.modules())
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_a_frozen_pretrained_network_learns_mnist_from_100_images_per_class(data_dir, splits, tmp_path):
     """Train the head on 1,000 MNIST images; then evaluate, predict and export follow the checkpoint."""
@@ -118,6 +119,7 @@ def test_a_frozen_pretrained_network_learns_mnist_from_100_images_per_class(data
     assert (onnx_logits.argmax(1) == ours.argmax(1)).all() and np.abs(onnx_logits - ours).max() < 1e-3
 
 
+@pytest.mark.accuracy
 @needs_fashion
 @pytest.mark.slow
 def test_a_pretrained_network_fine_tuned_on_fashion_mnist_is_served_with_the_answers_of_predict(tmp_path):

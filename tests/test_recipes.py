@@ -71,6 +71,7 @@ def test_every_model_trains_a_step_and_follows_the_input_shape(name):
         assert wide(torch.randn(2, 3, 32, 32)).shape == (2, 7)
 
 
+@pytest.mark.accuracy
 def test_validation_selection_never_tests_per_epoch(small_cfg, splits):
     cfg = dataclasses.replace(small_cfg, epochs=3, val_size=1000, schedule="cosine", augment=True, ema=0.99,
                               label_smoothing=0.1, weight_decay=0.01, optimizer="adamw", lr=0.003)
@@ -206,6 +207,7 @@ def test_shifted_views_move_the_image_and_fill_with_background():
         shifted_views(x, -1)
 
 
+@pytest.mark.accuracy
 def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, splits):
     from mnist_classifier.models import checkpoint
     from mnist_classifier.data.images import model_input
@@ -226,6 +228,7 @@ def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, split
     assert metrics_from_logits(tta, labels)["accuracy"] >= 95.0
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_evaluate_with_tta_from_the_command_line(trained_checkpoint, data_dir):
     args = ("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--device", "cpu")

@@ -311,6 +311,7 @@ def test_hostile_images_to_predict(trained_checkpoint, splits, tmp_path):
     assert "too large" in errors["bomb.png"] and "empty" in errors["empty.png"]
 
 
+@pytest.mark.serial
 def test_hostile_images_to_the_server(server, splits):
     import httpx
 
@@ -323,6 +324,7 @@ def test_hostile_images_to_the_server(server, splits):
         assert (body["digit"] == label) if outcome == "ok" else ("detail" in body), name
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server}/openapi.json",
@@ -332,6 +334,7 @@ def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
     assert "No issues found" in proc.stdout
 
 
+@pytest.mark.serial
 @pytest.mark.slow
 def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(trained_checkpoint),
@@ -345,6 +348,7 @@ def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
     assert result["forward_passes"] < result["server_statuses"]["200"]  # concurrent requests shared passes
 
 
+@pytest.mark.serial
 def test_server_listens_on_loopback_only_by_default(server):
     port = int(server.rsplit(":", 1)[1])
     listening = []

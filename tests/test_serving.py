@@ -24,6 +24,8 @@ from mnist_classifier.serving.batching import Batcher
 from mnist_classifier.serving.multipart import uploaded_files
 from mnist_classifier.serving.handlers import BadRequest, Unprocessable
 
+pytestmark = pytest.mark.serial  # model servers with several workers, under load and with time bounds
+
 
 def _png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()

@@ -18,6 +18,7 @@ def _evaluate_checkpoint(path, splits):
     return evaluate_checkpoints([path], device=CPU, splits=splits).to_dict()
 
 
+@pytest.mark.accuracy
 def test_short_run_writes_the_run_folder_and_reloads_exactly(small_cfg, splits):
     run_dir = Path(small_cfg.out)
     run_dir.mkdir(parents=True)
@@ -83,6 +84,7 @@ def test_resume_gives_bit_identical_weights(small_cfg, splits, tmp_path):
     assert rows_a == rows_b
 
 
+@pytest.mark.accuracy
 @pytest.mark.parametrize("optimizer", ["sgd", "rmsprop"])
 def test_other_optimizers_train(small_cfg, splits, optimizer):
     run_dir = Path(small_cfg.out)
@@ -100,6 +102,7 @@ def test_fp32_precision_path(small_cfg, splits):
     assert _evaluate_checkpoint(run_dir / "model.pt", splits)["accuracy"] == summary["test_accuracy"]
 
 
+@pytest.mark.accuracy
 @pytest.mark.slow
 def test_full_default_run_reaches_98_5_percent(data_dir, tmp_path):
     """The guide recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
