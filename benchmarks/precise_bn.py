@@ -9,6 +9,7 @@ Two parts, each printing one JSON line per run and a summary line per setting:
 
     .venv/bin/python benchmarks/precise_bn.py shapes --seeds 0 1 2 3 4 --threads 1 2 3
     .venv/bin/python benchmarks/precise_bn.py recipe --recipe fast --seeds 0 1 2
+    .venv/bin/python benchmarks/precise_bn.py recipe --recipe best --seeds 0 --epochs 1   # the cost of an epoch
 """
 
 import argparse
@@ -62,7 +63,7 @@ def shapes(seeds: list[int], threads: list[int]) -> None:
             print(f"{name}: final test accuracy {spread(accs)}")
 
 
-def recipe(name: str, seeds: list[int], data_dir: str) -> None:
+def recipe(name: str, seeds: list[int], data_dir: str, epochs: int | None) -> None:
     import torch
 
     from mnist_classifier.config import TrainConfig
@@ -76,6 +77,7 @@ def recipe(name: str, seeds: list[int], data_dir: str) -> None:
             for setting, n in SETTINGS.items():
                 cfg = TrainConfig.from_recipe(name)
                 cfg.seed, cfg.precise_bn, cfg.device = seed, int(n), "cpu"
+                cfg.epochs = epochs or cfg.epochs
                 run = Path(tmp) / f"{seed}-{n}"
                 summary = fit(cfg, splits, torch.device("cpu"), run)
                 for key, field in (("acc", "test_accuracy"), ("train", "train_seconds"), ("bn", "precise_bn_seconds")):
@@ -97,11 +99,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2, 3], help="shapes: OMP_NUM_THREADS values")
     parser.add_argument("--recipe", default="fast")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--epochs", type=int, default=None, help="recipe: fewer epochs, to time a long recipe's epoch")
     args = parser.parse_args()
     if args.part == "shapes":
         shapes(args.seeds, args.threads)
     else:
-        recipe(args.recipe, args.seeds, args.data_dir)
+        recipe(args.recipe, args.seeds, args.data_dir, args.epochs)
 
 
 if __name__ == "__main__":
