@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from shapes import shapes_folder  # noqa: E402
 
-SETTINGS = {"running averages (--precise-bn 0)": "0", "precise BN (default, 10,000 images)": "10000"}
+SETTINGS = {"running averages (--precise-bn 0)": "0", "precise BN (the default, 4,096 images)": "4096"}
 
 
 def spread(values: list[float]) -> str:

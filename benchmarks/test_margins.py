@@ -29,10 +29,10 @@ CASES = {
     "shapes": (["--dataset", f"folder:{SHAPES}", "--preprocess", "resize", "--image-size", "32", "--model", "bn-cnn",
                 "--epochs", "15", "--lr", "0.003", "--batch-size", "16"], 90.0),  # test_datasets: generated folder
     "graphs": (["--train-subset", "3000", "--epochs", "2", "--cuda-graphs", "--schedule", "onecycle", "--ema", "0.99"],
-               90.0),  # test_graphs: a --cuda-graphs run on a CPU
-    "small": (["--train-subset", "2000", "--epochs", "1"], 80.0),  # test_train: the short run
-    "sgd": (["--train-subset", "2000", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.05"], 60.0),
-    "rmsprop": (["--train-subset", "2000", "--epochs", "1", "--optimizer", "rmsprop", "--lr", "0.001"], 60.0),
+               85.0),  # test_graphs: a --cuda-graphs run on a CPU
+    "small": (["--train-subset", "2000", "--epochs", "1"], 70.0),  # test_train: the short run
+    "sgd": (["--train-subset", "2000", "--epochs", "1", "--optimizer", "sgd", "--lr", "0.01"], 45.0),
+    "rmsprop": (["--train-subset", "2000", "--epochs", "1", "--optimizer", "rmsprop", "--lr", "0.0003"], 80.0),
     "fashion": (["--dataset", "fashion-mnist", "--epochs", "1"], 85.0),  # test_datasets: Fashion-MNIST, 1 epoch
     "guide-1-epoch": (["--epochs", "1"], 97.5),  # test_distributed (2 processes train the same model) and the notebook (95)
     "guide": ([], 98.5),  # test_train: the full default run

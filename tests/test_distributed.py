@@ -12,8 +12,6 @@ import torch
 
 from conftest import REPO, free_port
 
-pytestmark = pytest.mark.serial  # torchrun: two processes that need a core each
-
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
@@ -33,7 +31,8 @@ def test_two_processes_train_one_model(data_dir, tmp_path):
     assert len(runs) == 1, runs  # only rank 0 writes a run folder
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["weights_identical_across_ranks"] is True
-    # one epoch of the guide recipe in one process reaches about 98.2%; two processes train the same model
+    # one epoch of the guide recipe in one process: 98.13-98.42 % over seeds 0-4 (mean 98.31, sd 0.11; Intel Xeon
+    # without AMX, benchmarks/test_margins.py --cases guide-1-epoch); two processes train the same model
     assert summary["test_accuracy"] >= 97.5
     assert proc.stdout.count("Using device:") == 1  # only rank 0 prints
     assert "Processes: 2 (global batch 64, 32 images per process per step)" in proc.stdout

@@ -42,7 +42,9 @@ def test_a_cuda_graphs_run_trains_and_schedules_its_learning_rate(splits, tmp_pa
     cfg = TrainConfig(train_subset=3000, epochs=2, cuda_graphs=True, schedule="onecycle", ema=0.99, device="cpu",
                       out=str(tmp_path)).validate()
     summary = fit(cfg, splits, torch.device("cpu"), tmp_path)
-    assert summary["test_accuracy"] > 90.0
+    # seeds 0-4 x OMP_NUM_THREADS 1, 2, 3 on an Intel Xeon without AMX: 89.76-91.33 % (mean 90.67, sd 0.62;
+    # the seed decides, the threads move it by 0.01); benchmarks/test_margins.py --cases graphs
+    assert summary["test_accuracy"] > 85.0
     rows = (tmp_path / "metrics.csv").read_text().splitlines()
     steps = 2 * 47  # 3,000 images in batches of 64
     last_lr = learning_rate(steps - 1, steps, cfg.lr, "onecycle", cfg.warmup)

@@ -36,8 +36,9 @@ def test_short_run_writes_the_run_folder_and_reloads_exactly(small_cfg, splits):
     config = json.loads((run_dir / "config.json").read_text())
     assert config["train"]["batch_size"] == 64 and config["environment"]["torch"] == torch.__version__
 
-    # 2,000 images for one epoch already beat chance by far
-    assert summary["test_accuracy"] > 80
+    # 2,000 images for one epoch already beat chance by far: seeds 0-4 x OMP_NUM_THREADS 1, 2, 3 gave
+    # 75.33-85.68 % (mean 81.02, sd 3.91; the seed decides); benchmarks/test_margins.py --cases small
+    assert summary["test_accuracy"] > 70
     reloaded = _evaluate_checkpoint(run_dir / "model.pt", splits)
     assert reloaded["accuracy"] == summary["test_accuracy"]
     assert round(reloaded["loss"], 6) == summary["test_loss"]
@@ -89,9 +90,13 @@ def test_resume_gives_bit_identical_weights(small_cfg, splits, tmp_path):
 def test_other_optimizers_train(small_cfg, splits, optimizer):
     run_dir = Path(small_cfg.out)
     run_dir.mkdir(parents=True)
-    lr = 0.05 if optimizer == "sgd" else 0.001
+    # Seeds 0-4 x OMP_NUM_THREADS 1, 2, 3 (benchmarks/test_margins.py --cases sgd rmsprop): sgd at 0.05 ended
+    # at 26 % for seed 3 and rmsprop at 0.001 at 10 % for seed 4 (a bad start that never recovers in 31
+    # steps), so the rates are gentler: sgd 0.01 gave 57.19-68.67 % (mean 62.46, sd 4.92), rmsprop 0.0003
+    # gave 91.02-92.33 % (mean 91.62, sd 0.54)
+    lr, floor = {"sgd": (0.01, 45), "rmsprop": (0.0003, 80)}[optimizer]
     summary = fit(dataclasses.replace(small_cfg, optimizer=optimizer, lr=lr), splits, CPU, run_dir)
-    assert summary["test_accuracy"] > 60
+    assert summary["test_accuracy"] > floor
 
 
 def test_fp32_precision_path(small_cfg, splits):
