@@ -35,7 +35,7 @@ CASES = {
     "rmsprop": (["--train-subset", "2000", "--epochs", "1", "--optimizer", "rmsprop", "--lr", "0.0003"], 80.0),
     "fashion": (["--dataset", "fashion-mnist", "--epochs", "1"], 85.0),  # test_datasets: Fashion-MNIST, 1 epoch
     "guide-1-epoch": (["--epochs", "1"], 97.5),  # test_distributed (2 processes train the same model) and the notebook (95)
-    "guide": ([], 98.5),  # test_train: the full default run
+    "guide": ([], 98.4),  # test_train: the full default run
 }
 
 
