@@ -42,8 +42,8 @@ run: data
 
 # Two phases. Most tests run on both cores at once (pytest-xdist), each with one torch thread: two 1-thread
 # jobs get more done on 2 cores than one 2-thread job (1.37x from the second thread, BENCHMARKS.md), and the
-# time spent starting processes and waiting overlaps. Then the `serial` tests (servers under load, time
-# bounds, torchrun) run one at a time with the default threads, so nothing else competes for their cores.
+# time spent starting processes and waiting overlaps. Then the `serial` tests (model servers under load or
+# with time bounds) run one at a time with the default threads, so nothing else competes for their cores.
 PYTEST_PARALLEL := OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n 2
 test: data system-deps
 	$(PYTEST_PARALLEL) -m "not serial"
