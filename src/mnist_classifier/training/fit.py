@@ -93,10 +93,10 @@ def evaluate_sharded(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     return evaluate_model(model, ctx.shard(images), ctx.shard(labels), batch_size, reduce=ctx.all_reduce_sum)
 
 
-def train_one_epoch(learner: Learner, spec: RunSpec, epoch: int, start: Progress | None) -> tuple[float, float]:
-    """Train one epoch (from ``start`` inside it, after a Ctrl-C); return (mean training loss, seconds).
-    A Ctrl-C raises ``StopRequested`` with the seconds this epoch had trained."""
-    perm = epoch_permutation(len(learner.loop.step.train_y), spec.cfg.seed, epoch).to(spec.device)
+def train_one_epoch(learner: Learner, spec: RunSpec, epoch: int, perm: torch.Tensor,
+                    start: Progress | None) -> tuple[float, float]:
+    """Train one epoch in the order ``perm`` (from ``start`` inside it, after a Ctrl-C); return (mean training
+    loss, seconds). A Ctrl-C raises ``StopRequested`` with the seconds this epoch had trained."""
     learner.train_model.train()
     _sync(spec.device)
     t0 = time.perf_counter()
@@ -115,9 +115,9 @@ def train_one_epoch(learner: Learner, spec: RunSpec, epoch: int, start: Progress
     return train_loss, seconds
 
 
-def calibrate(s: Session, epoch: int) -> float:
+def calibrate(s: Session, perm: torch.Tensor) -> float:
     """Precise batch norm before the epoch is scored and saved: the scored model's running statistics are
-    recomputed from the first ``--precise-bn`` images of this epoch's shuffle (unaugmented), pooled over
+    recomputed from the first ``--precise-bn`` images of this epoch's shuffle ``perm`` (unaugmented), pooled over
     processes. Every epoch, so each metrics.csv row, the validation choice and the model kept all use
     statistics that belong to their weights. The weights themselves are not touched. Returns its seconds."""
     spec, n = s.spec, s.spec.cfg.precise_bn
@@ -126,8 +126,7 @@ def calibrate(s: Session, epoch: int) -> float:
     ctx = spec.ctx
     _sync(spec.device)
     t0 = time.perf_counter()
-    indices = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch)[:n].to(spec.device)
-    batches = sample_batches(s.data.train_x, ctx.shard(indices), max(2, spec.cfg.batch_size // ctx.world_size))
+    batches = sample_batches(s.data.train_x, ctx.shard(perm[:n]), max(2, spec.cfg.batch_size // ctx.world_size))
     recalibrate(s.learner.scored, batches, reduce=ctx.all_reduce_sum if ctx.enabled else None)
     _sync(spec.device)
     return time.perf_counter() - t0
@@ -167,15 +166,16 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress 
     learner.loop.stop_requested, learner.loop.on_step = stop.is_set, reporter.step
     try:
         for epoch in range(state.epoch + 1, spec.cfg.epochs + 1):
+            perm = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch).to(spec.device)
             try:
-                train_loss, seconds = train_one_epoch(learner, spec, epoch, start)
+                train_loss, seconds = train_one_epoch(learner, spec, epoch, perm, start)
             except StopRequested as halt:
                 raise _interrupted(s, files, epoch, halt) from None
             except DivergedError as exc:
                 raise _diverged(exc, files) from None
             start = None
             state.train_seconds += seconds
-            state.bn_seconds += calibrate(s, epoch)
+            state.bn_seconds += calibrate(s, perm)  # the same shuffle: computed once per epoch
             row = score_epoch(s, epoch, train_loss, seconds)
             state.rows.append(row)
             state.epoch = epoch
