@@ -24,12 +24,9 @@ from mnist_classifier.training import fit
 
 
 def run(recipe: str, device: torch.device, splits, data_dir: str, **overrides) -> dict:
-    cfg = TrainConfig.from_recipe(recipe)
-    cfg.device, cfg.data_dir, cfg.log_every = device.type, data_dir, 10**9
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
+    cfg = TrainConfig.from_recipe(recipe, device=device.type, data_dir=data_dir, log_every=10**9, **overrides)
     with tempfile.TemporaryDirectory() as tmp:
-        summary = fit(cfg.validate(), splits, device, Path(tmp))
+        summary = fit(cfg, splits, device, Path(tmp))
         rows = json.loads(json.dumps(torch.load(Path(tmp) / "last.pt", weights_only=True)["metrics"]))
     return {"summary": summary, "rows": rows}
 

@@ -75,9 +75,8 @@ def recipe(name: str, seeds: list[int], data_dir: str, epochs: int | None) -> No
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
             for setting, n in SETTINGS.items():
-                cfg = TrainConfig.from_recipe(name)
-                cfg.seed, cfg.precise_bn, cfg.device = seed, int(n), "cpu"
-                cfg.epochs = epochs or cfg.epochs
+                cfg = TrainConfig.from_recipe(name, seed=seed, precise_bn=int(n), device="cpu",
+                                              **({"epochs": epochs} if epochs else {}))
                 run = Path(tmp) / f"{seed}-{n}"
                 summary = fit(cfg, splits, torch.device("cpu"), run)
                 for key, field in (("acc", "test_accuracy"), ("train", "train_seconds"), ("bn", "precise_bn_seconds")):

@@ -42,17 +42,14 @@ def main() -> None:
     out = Path(args.out or f"runs/recipe-{args.recipe}{suffix}")
     results = []
     for seed in args.seeds:
-        cfg = TrainConfig.from_recipe(args.recipe)
-        cfg.seed, cfg.device, cfg.data_dir, cfg.log_every = seed, str(device), args.data_dir, 10**9
-        cfg.dataset = args.dataset
-        for key, value in parse_overrides(TrainConfig, args.set).items():
-            setattr(cfg, key, value)
-        if args.epochs:
-            cfg.epochs = args.epochs
         run_dir = out / f"seed{seed}"
         run_dir.mkdir(parents=True, exist_ok=True)
-        cfg.out = str(run_dir)
-        summary = fit(cfg.validate(), splits, device, run_dir)
+        overrides = {"seed": seed, "device": str(device), "data_dir": args.data_dir, "log_every": 10**9,
+                     "dataset": args.dataset, "out": str(run_dir), **parse_overrides(TrainConfig, args.set)}
+        if args.epochs:
+            overrides["epochs"] = args.epochs
+        cfg = TrainConfig.from_recipe(args.recipe, **overrides)
+        summary = fit(cfg, splits, device, run_dir)
         results.append(summary)
         print(json.dumps({"recipe": args.recipe, "dataset": args.dataset, "seed": seed, "test_accuracy": summary["test_accuracy"],
                           "train_seconds": summary["train_seconds"], "epochs": cfg.epochs,

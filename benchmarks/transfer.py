@@ -64,7 +64,7 @@ def main() -> None:
                     run_dir = Path(args.out) / name / f"{per_class}-per-class" / method / f"seed{seed}"
                     fields = {"lr": 0.003, **METHODS[method]}
                     cfg = TrainConfig(dataset=name, seed=seed, epochs=epochs_for(per_class), batch_size=32,
-                                      device="cpu", log_every=10**9, out=str(run_dir), **fields).validate()
+                                      device="cpu", log_every=10**9, out=str(run_dir), **fields)
                     start = time.perf_counter()
                     summary = fit(cfg, small, device, run_dir)
                     seconds = time.perf_counter() - start

@@ -12,10 +12,10 @@ from mnist_classifier.cli import entry, main
 @pytest.mark.parametrize(
     "flags, fragment",
     [
-        (["--epochs", "0"], "--epochs must be a positive"),
-        (["--batch-size", "-3"], "--batch-size must be a positive"),
-        (["--lr", "0"], "--lr must be a positive"),
-        (["--lr", "nan"], "--lr must be a positive"),
+        (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+        (["--batch-size", "-3"], "--batch-size must be >= 1, got -3"),
+        (["--lr", "0"], "--lr must be > 0, got 0.0"),
+        (["--lr", "nan"], "--lr must be > 0, got nan"),
         (["--model", "resnet9000"], "unknown model"),
         (["--optimizer", "lbfgs"], "invalid choice"),
         (["--epochs", "two"], "invalid int value"),

@@ -7,6 +7,7 @@ Errors the user can fix are raised as UserError and shown as one line on stderr 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -118,7 +119,7 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     base, resume = None, None
     if args.resume:
         base, resume = load_resume(args.resume)
-        base.out = str(args.resume)
+        base = dataclasses.replace(base, out=str(args.resume))
         if not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0":
             runs.remove_stale_temps(args.resume)
     elif getattr(args, "recipe", ""):
@@ -275,7 +276,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serving.workers import serve  # FastAPI and uvicorn are the serve extra; only serve needs them
 
-    cfg = config_from_args(args, ServeConfig).validate()
+    cfg = config_from_args(args, ServeConfig)
     if cfg.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"mnist serve: warning: listening on {cfg.host}, reachable from other machines", file=sys.stderr)
     serve(cfg)

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import PREPROCESSES
 from ..errors import UserError
 from .images import IMAGE_SUFFIXES, ImageError, open_image, prepare_image
 from .info import DatasetInfo, Splits, channel_stats
@@ -100,8 +99,6 @@ def _decode(paths: list[Path], mode: str, size: int) -> np.ndarray:
 
 def load_folder(root: Path, preprocess: str, image_size: int, test_fraction: float) -> Splits:
     """The images under ``root`` (one sub-folder per class, or train/ and test/ of them), decoded once."""
-    if preprocess not in PREPROCESSES:
-        raise UserError(f"unknown --preprocess {preprocess!r}; choose {' or '.join(PREPROCESSES)}")
     if not root.is_dir():
         raise UserError(f"--dataset {FOLDER_PREFIX}{root}: no such folder")
     size = 28 if preprocess == "digit" else image_size

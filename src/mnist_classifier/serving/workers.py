@@ -109,7 +109,7 @@ def bind(host: str, port: int, count: int) -> list[socket.socket]:
 
 def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
-    requested = cfg.validate().backend
+    requested = cfg.backend
     cfg = plan(cfg)
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks

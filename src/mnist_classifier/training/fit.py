@@ -50,8 +50,8 @@ class Reporter:
 
 
 def check_config(cfg: TrainConfig) -> TrainConfig:
-    """``cfg.validate()`` plus the names only the registries know: the data set and the model."""
-    cfg.validate()
+    """The names only the registries know: the data set and the model (every field's own value was checked
+    when the TrainConfig was built)."""
     check_name(cfg.dataset)
     name = check_model(cfg.model)
     if (cfg.pretrained or cfg.input_size) and name not in SELF_NORMALISING:
