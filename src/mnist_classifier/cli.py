@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,10 @@ from .data import ensure_mnist, load_dataset, load_for, model_input, raw_dir, ve
 from .device import autocast_dtype, select_device
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
+from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
+from .experiments.lr_find import RULES
+from .experiments.space import grid
+from .experiments.search import PRUNERS, SAMPLERS, default_jobs
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
 from .models import checkpoint
@@ -122,9 +127,7 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
         base = dataclasses.replace(base, out=str(args.resume))
         if not distributed.launched_by_torchrun() or os.environ.get("RANK", "0") == "0":
             runs.remove_stale_temps(args.resume)
-    elif getattr(args, "recipe", ""):
-        base = TrainConfig.from_recipe(args.recipe)
-    cfg = check_config(config_from_args(args, TrainConfig, base))
+    cfg = _flags_config(args, base)
     if resume is None:
         return cfg, None
     if str(Path(cfg.out)) != str(Path(args.resume)):
@@ -138,6 +141,13 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     if cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished):
         raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
     return cfg, resume
+
+
+def _flags_config(args: argparse.Namespace, base: TrainConfig | None = None) -> TrainConfig:
+    """The TrainConfig the typed flags describe, laid over ``base``, else over --recipe, else the defaults."""
+    if base is None and getattr(args, "recipe", ""):
+        base = TrainConfig.from_recipe(args.recipe)
+    return check_config(config_from_args(args, TrainConfig, base))
 
 
 def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Path, reporter: Reporter,
@@ -283,6 +293,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def print_trial(event: dict[str, Any]) -> None:
+    """One line per finished trial, on stderr (stdout is kept for the report or --json); runs in sweep workers."""
+    params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in event["params"].items())
+    value = f" val {event['value']:.2f}%" if event["value"] is not None else ""
+    print(f"trial {event['trial']} {event['state']}{value}  {params}  ({event['seconds']:.1f} s)", file=sys.stderr,
+          flush=True)
+
+
+def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
+    """The sweep the flags describe; with --resume and no --param, the one saved in the sweep folder."""
+    saved = Path(args.out or "") / "sweep.json"
+    if args.resume and not args.param and saved.is_file():
+        spec = SweepSpec.from_dict(json.loads(saved.read_text()))
+        return dataclasses.replace(spec, trials=args.trials or spec.trials)
+    cfg = dataclasses.replace(_flags_config(args), out="")  # --out names the sweep folder; each trial has its own
+    if not cfg.val_size:
+        cfg = dataclasses.replace(cfg, val_size=default_val_size(cfg.train_subset))
+    params = parse_space(args.param)
+    trials = args.trials or (len(grid(params)) if args.sampler == "grid" else 20)
+    return SweepSpec(params=params, base=cfg, trials=trials, sampler=args.sampler, pruner=args.pruner,
+                     seeds=args.seeds, study=args.study, storage=args.storage)
+
+
+def _print_sweep(result: SweepResult) -> None:
+    names = sorted({k for t in result.trials for k in t.params})
+    print(f"{'trial':>5}  {'state':<8}  {'val %':>13}  {'test %':>13}  {'epochs':>6}  " + "  ".join(f"{n:>12}" for n in names))
+    for t in result.trials:
+        val = f"{t.value:.2f} ± {t.val_sd:.2f}" if t.value is not None else "-"
+        test = f"{t.test_accuracy:.2f} ± {t.test_sd:.2f}" if t.test_accuracy is not None else "-"
+        cells = "  ".join(f"{_cell(t.params.get(n)):>12}" for n in names)
+        print(f"{t.number:>5}  {t.state:<8}  {val:>13}  {test:>13}  {t.epochs_run:>6}  {cells}"
+              + (f"  ({t.note})" if t.note and t.state != "complete" else ""))
+    counts = ", ".join(f"{n} {k}" for k, n in result.counts().items() if n)
+    print(f"Trials: {counts}. Storage: {result.storage}")
+    if result.best is None:
+        print("No trial completed.")
+        return
+    best = result.best
+    print(f"Best: trial {best.number}, validation accuracy {best.value:.2f}% (test {best.test_accuracy:.2f}%, "
+          f"reported only): " + ", ".join(f"{k}={_cell(v)}" for k, v in best.params.items()))
+    print(f"Reproduce: {result.command}")
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    spec = _sweep_spec(args)
+    jobs = args.jobs or default_jobs()
+    result = sweep(spec, args.out, jobs=jobs, resume=args.resume, on_trial=print_trial)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        _print_sweep(result)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .experiments.plots import write_comparison  # matplotlib costs about a second to import
+
+    out = Path(args.out or runs.RUNS_ROOT / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+    result = write_comparison(compare(args.paths), out)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print((out / "compare.md").read_text(), end="")
+    if result.importance:
+        print("Importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in result.importance.items()))
+    for path in result.pictures:
+        print(f"Wrote {path}")
+    return 0
+
+
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    from .experiments.plots import lr_find_figure  # matplotlib costs about a second to import
+    from .evaluation.plots import save_figure
+
+    cfg = _flags_config(args)
+    if args.start <= 0 or args.end <= args.start or not 10 <= args.steps <= 100_000:
+        raise UserError("--start and --end must satisfy 0 < start < end, and --steps be 10-100000")
+    device = select_device(cfg.device)
+    splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
+                          test_fraction=cfg.test_fraction)
+    result = lr_find(cfg, splits, device, args.start, args.end, args.steps, args.rule)
+    plot = save_figure(lr_find_figure(result), args.plot)
+    if args.json:
+        print(json.dumps({**result.to_dict(), "plot": str(plot)}))
+        return 0
+    stop = f"the loss diverged at lr {result.stopped_at:.2g}" if result.stopped_at else "the loss never diverged"
+    print(f"Range test: {len(result.lrs)} steps from lr {args.start:g}; {stop}")
+    print(f"Suggested learning rate: {result.suggestion:.2g} (rule: {result.rule})")
+    print(f"Wrote {plot}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     for name in sorted(MODELS):
         print(f"{name:<16} {count_parameters(build_model(ModelConfig(name=name))):>10,} parameters (MNIST input)")
@@ -358,6 +464,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="mnist", help="mnist (fetched and MD5-checked), or another data set to load "
                    "and describe: fashion-mnist, kmnist, emnist-digits, emnist-letters, qmnist, cifar10, folder:PATH")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("sweep", help="search training settings with Optuna, chosen on a validation split",
+                       description="Search any `mnist train` setting (--param NAME=SPEC, repeatable); every other "
+                                   "train flag is fixed for all trials. Trials are chosen on --val-size images held "
+                                   "out of the training set (default 5,000); test accuracy is reported, never used.")
+    add_config_flags(p, TrainConfig, skip=("out", "overwrite"))
+    p.add_argument("--param", action="append", default=[], metavar="NAME=SPEC",
+                   help="a setting to search: lr=log:1e-4..1e-1 (log range), dropout=0..0.5 (range), "
+                        "batch_size=32,64,128 or optimizer=adam,sgd (values)")
+    p.add_argument("--trials", type=int, default=0, help="trials to run in all (default: the grid's size for "
+                   "--sampler grid, else 20); on --resume, may be raised")
+    p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="tpe (Bayesian), random, or grid (every "
+                   "combination of listed values, in order) (default: tpe)")
+    p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop trials early on epoch-level "
+                   "validation accuracy: median, hyperband, or none (default: median)")
+    p.add_argument("--seeds", type=int, default=1, help="runs per point, seeds --seed, --seed+1, ...; the "
+                   "objective is their mean (default: 1)")
+    p.add_argument("--jobs", type=int, default=0, help="worker processes on this machine, each with its share "
+                   "of the cores (default: 0 = automatic, one per core)")
+    p.add_argument("--storage", default="", metavar="URL", help="an Optuna RDB URL (postgresql://..., "
+                   "sqlite:///...) to share the sweep across machines (default: a journal file in --out)")
+    p.add_argument("--study", default="", help="study name in the storage (default: the --out folder's name); "
+                   "workers on other machines join with the same --storage and --study")
+    p.add_argument("--out", default="", metavar="DIR", help="sweep folder (default: sweeps/<timestamp>)")
+    p.add_argument("--resume", action="store_true", help="continue the sweep in --out after a crash or kill")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("compare", help="runs and sweeps side by side: a table of what differs, and pictures",
+                       description="Compare run folders and sweep folders: a table of the settings that differ, "
+                                   "with validation and test accuracy, loss, seconds and parameters (mean ± sd "
+                                   "over runs that differ only in --seed), learning curves overlaid, accuracy "
+                                   "against each setting, and for a sweep the settings' importance.")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_SWEEP", help="run folders and sweep folders")
+    p.add_argument("--out", default="", metavar="DIR", help="where to write compare.md, compare.csv and the PNGs "
+                   "(default: runs/compare-<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the table as one JSON object")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("lr-find", help="the learning-rate range test: a plot and a suggested --lr",
+                       description="Train a fresh model for --steps steps while the learning rate grows "
+                                   "exponentially from --start to --end; stop when the loss diverges; plot the "
+                                   "loss against the rate and suggest one. Takes the train flags (model, "
+                                   "optimizer, batch size, data); writes no checkpoint.")
+    add_config_flags(p, TrainConfig, skip=("out", "overwrite", "lr", "epochs"))
+    p.add_argument("--start", type=float, default=1e-7, help="first learning rate (default: 1e-7)")
+    p.add_argument("--end", type=float, default=10.0, help="last learning rate (default: 10)")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps at most (default: 200)")
+    p.add_argument("--rule", default="steepest", choices=RULES, help="how to suggest: steepest (where the loss "
+                   "falls fastest) or minimum/10 (a tenth of the rate at the lowest loss) (default: steepest)")
+    p.add_argument("--plot", default="lr-find.png", metavar="FILE", help="where to write the plot (default: lr-find.png)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("models", help="list the models that --model accepts")
     p.set_defaults(func=cmd_models)

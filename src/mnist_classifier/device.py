@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import UserError
@@ -80,3 +82,24 @@ def flush_denormals() -> bool:
     normalises the data; loading the files runs nothing in parallel).
     """
     return bool(torch.set_flush_denormal(True))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: what a container or taskset allows)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int) -> int:
+    """Torch threads for each of ``jobs`` processes sharing this machine: the cores split evenly, at least one.
+
+    Torch's CPU kernels slow badly when their threads outnumber the cores (each parallel region waits for its
+    slowest thread), so N jobs never ask for more than the cores between them. ``OMP_NUM_THREADS``, when set,
+    overrides the split.
+    """
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    if given.isdigit() and int(given) > 0:
+        return int(given)
+    return max(1, usable_cores() // max(1, jobs))

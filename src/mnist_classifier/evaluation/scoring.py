@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .metrics import metric_sums, metrics_from_sums
+from .metrics import confusion_matrix, metric_sums, metrics_from_sums
 
 
 @torch.inference_mode()
@@ -59,14 +59,21 @@ def predict_log_probs(
 def evaluate_model(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
     amp_dtype: torch.dtype | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    confusion: bool = False,
 ) -> dict[str, Any]:
-    """Test loss, accuracy (percent) and per-class accuracy of ``model`` on normalised ``images``.
+    """Test loss, accuracy (percent) and per-class accuracy of ``model`` on normalised ``images``; with
+    ``confusion``, also the ``(C, C)`` int64 confusion matrix (rows true classes) from the same forward passes.
 
     ``reduce`` combines the statistics of this shard with the other processes' (a sum all-reduce), so each
     process can evaluate only its share of the images.
     """
-    sums = metric_sums(predict_logits(model, images, batch_size, amp_dtype), labels)
-    return metrics_from_sums(reduce(sums) if reduce is not None else sums)
+    reduce = reduce or (lambda t: t)
+    logits = predict_logits(model, images, batch_size, amp_dtype)
+    result = metrics_from_sums(reduce(metric_sums(logits, labels)))
+    if confusion:
+        counts = confusion_matrix(logits.argmax(dim=1), labels, logits.shape[1]).to(logits.device, torch.float64)
+        result["confusion"] = reduce(counts).round().to(torch.int64).cpu()
+    return result
 
 
 def ensemble_log_probs(logits: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .optim import lr_value
 from .precise_bn import recalibrate, sample_batches
 from .session import Learner, RunSpec, Session, build_session
 from .state import RunFiles
+from .tracking import TensorBoardLog, WithLog
 
 
 class Reporter:
@@ -87,10 +88,11 @@ def start_info(s: Session, run_dir: Path) -> dict[str, Any]:
 
 
 def evaluate_sharded(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                     ctx: DistContext) -> dict[str, Any]:
+                     ctx: DistContext, confusion: bool = False) -> dict[str, Any]:
     """fp32 loss and accuracy over all of ``images``: each process scores its every world-th image and the
     sums are added up across processes (a single process scores them all)."""
-    return evaluate_model(model, ctx.shard(images), ctx.shard(labels), batch_size, reduce=ctx.all_reduce_sum)
+    return evaluate_model(model, ctx.shard(images), ctx.shard(labels), batch_size, reduce=ctx.all_reduce_sum,
+                          confusion=confusion)
 
 
 def train_one_epoch(learner: Learner, spec: RunSpec, epoch: int, perm: torch.Tensor,
@@ -135,7 +137,10 @@ def calibrate(s: Session, perm: torch.Tensor) -> float:
 def score_epoch(s: Session, epoch: int, train_loss: float, seconds: float) -> dict[str, Any]:
     """The metrics.csv row of an epoch: the scored weights on the evaluation split."""
     spec, split = s.spec, s.spec.split
-    result = evaluate_sharded(s.learner.scored, s.data.eval_x, s.data.eval_y, spec.cfg.eval_batch_size, spec.ctx)
+    final_test = split == "test" and epoch == spec.cfg.epochs and spec.cfg.tensorboard  # the model kept, on test
+    result = evaluate_sharded(s.learner.scored, s.data.eval_x, s.data.eval_y, spec.cfg.eval_batch_size, spec.ctx,
+                              confusion=final_test)
+    s.state.confusion = result.get("confusion", s.state.confusion)
     return {"epoch": epoch, "train_loss": round(train_loss, 6), f"{split}_loss": round(result["loss"], 6),
             f"{split}_accuracy": round(result["accuracy"], 4),
             "lr": lr_value(s.learner.optimizer.param_groups[0]["lr"]), "seconds": round(seconds, 3)}
@@ -198,7 +203,9 @@ def test_chosen(s: Session, best_state: dict | None, run_dir: Path) -> dict[str,
     spec = s.spec
     best = build_model(spec.mcfg).to(spec.device, memory_format=preferred_memory_format(spec.device))
     best.load_state_dict(best_state if best_state is not None else checkpoint.load(run_dir / "model.pt")["state_dict"])
-    test = evaluate_sharded(best, s.data.test_x, s.data.test_y, spec.cfg.eval_batch_size, spec.ctx)
+    test = evaluate_sharded(best, s.data.test_x, s.data.test_y, spec.cfg.eval_batch_size, spec.ctx,
+                            confusion=spec.cfg.tensorboard)
+    s.state.confusion = test.get("confusion")
     return {"best_epoch": s.state.best_epoch, "val_accuracy": s.state.best_val,
             "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 6)}
 
@@ -247,7 +254,16 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     files = RunFiles(run_dir, cfg, s.spec.mcfg, s.spec.info, device)
     if ctx.is_main:
         write_config(s.spec, run_dir)
-    reporter.start(start_info(s, run_dir))
-    partial = resume.get("partial") if resume is not None else None
-    best_state = run_epochs(s, files, reporter, Progress.from_payload(partial) if partial else None)
-    return finish(s, best_state, run_dir, t_start)
+    log = TensorBoardLog(run_dir, s.learner.loop.n_batches) if cfg.tensorboard and ctx.is_main else None
+    try:
+        reporter = WithLog(reporter, log) if log else reporter
+        reporter.start(start_info(s, run_dir))
+        partial = resume.get("partial") if resume is not None else None
+        best_state = run_epochs(s, files, reporter, Progress.from_payload(partial) if partial else None)
+        summary = finish(s, best_state, run_dir, t_start)
+        if log:
+            log.finish(cfg, summary, s.state.confusion)
+    finally:
+        if log:
+            log.close()
+    return summary

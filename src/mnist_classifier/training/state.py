@@ -35,6 +35,7 @@ class TrainState:
     bn_seconds: float = 0.0  # time recomputing batch norm's statistics (--precise-bn), summed over epochs
     best_val: float = -1.0  # best validation accuracy so far (with val_size)
     best_epoch: int = 0
+    confusion: Any = None  # (C, C) test-set confusion of the model kept, once known (for TensorBoard; not saved)
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> "TrainState":

@@ -1,0 +1,15 @@
+"""Stage 5 of the pipeline: experiments. Many training runs, compared and chosen on a validation split.
+
+``sweep`` (``search.py``) searches TrainConfig fields with Optuna (``space.py`` parses the search space, ``trials.py`` runs one
+trial, ``report.py`` sorts the result), ``compare`` sets finished runs and sweeps side by side, and
+``lr_find`` runs the learning-rate range test.
+"""
+
+from .compare import Comparison, compare
+from .lr_find import LRFindResult, lr_find
+from .report import SweepResult, TrialRecord, train_command
+from .space import Param, parse_space
+from .search import SweepSpec, default_val_size, sweep
+
+__all__ = ["Comparison", "LRFindResult", "Param", "compare", "lr_find", "SweepResult", "SweepSpec", "TrialRecord", "default_val_size", "parse_space", "sweep",
+           "train_command"]

@@ -1,0 +1,124 @@
+"""``compare``: finished runs and sweeps side by side. Runs that share every setting but the seed form one
+group, shown as mean ± sd; the table's columns are exactly the settings that differ between groups."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import TrainConfig, field_meta
+from ..errors import UserError
+from .report import mean_sd
+
+# Settings that say where or how a run happened, not what it computed; never a reason to tell runs apart.
+IGNORED = ("out", "overwrite", "data_dir", "log_every", "plots", "tensorboard", "recipe", "device", "dist_timeout",
+           "eval_batch_size")
+
+
+@dataclass
+class Run:
+    path: Path
+    config: dict[str, Any]  # config.json's "train"
+    rows: list[dict[str, Any]]  # metrics.csv, numbers as floats
+    summary: dict[str, Any] | None  # summary.json (None for a pruned or unfinished run)
+    state: str  # complete, pruned, failed or unfinished
+    sweep: str = ""  # the sweep folder it belongs to, if any
+
+
+@dataclass
+class Group:
+    flags: dict[str, Any]  # the differing settings' values
+    runs: list[Run] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float | None, float | None]:
+        return mean_sd([r.summary[key] for r in self.runs if r.summary and r.summary.get(key) is not None])
+
+    def row(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.flags)
+        states = sorted({r.state for r in self.runs})
+        out.update({"runs": len(self.runs), "state": "/".join(states)})
+        for key in ("val_accuracy", "test_accuracy", "test_loss", "train_seconds"):
+            mean, sd = self.stat(key)
+            out[key] = None if mean is None else round(mean, 4)
+            out[f"{key}_sd"] = None if sd is None else round(sd, 4)
+        params = {r.summary["params"] for r in self.runs if r.summary}
+        out["params"] = params.pop() if len(params) == 1 else None
+        return out
+
+
+@dataclass
+class Comparison:
+    flags: list[str]  # settings that differ between runs (the seed aside)
+    groups: list[Group]
+    sweeps: list[Path]
+    pictures: list[Path] = field(default_factory=list)
+    importance: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> list[dict[str, Any]]:
+        return [g.row() for g in self.groups]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"flags": self.flags, "groups": self.table(), "pictures": [str(p) for p in self.pictures],
+                "importance": self.importance}
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def read_run(path: Path, sweep: str = "") -> Run:
+    config = json.loads((path / "config.json").read_text())["train"]
+    summary_path, trial_path = path / "summary.json", path / "trial.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    state = json.loads(trial_path.read_text())["state"] if trial_path.is_file() else (
+        "complete" if summary else "unfinished")
+    return Run(path, config, _read_rows(path / "metrics.csv"), summary, state, sweep)
+
+
+def collect(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
+    """Every run named: a run folder, or a sweep folder (its trials' runs)."""
+    runs, sweeps = [], []
+    for raw in paths:
+        path = Path(raw)
+        if (path / "sweep.json").is_file():
+            sweeps.append(path)
+            runs += [read_run(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
+        elif (path / "config.json").is_file():
+            runs.append(read_run(path))
+        else:
+            raise UserError(f"{path} is neither a run folder (config.json) nor a sweep folder (sweep.json)")
+    if not runs:
+        raise UserError("nothing to compare: the folders hold no runs yet")
+    return runs, sweeps
+
+
+def differing(runs: list[Run]) -> list[str]:
+    """The settings, in TrainConfig's order, whose values are not the same in every run (seed aside)."""
+    names = [n for n in TrainConfig.__dataclass_fields__ if n not in IGNORED and n != "seed"]
+    default = TrainConfig().to_dict()
+    return [n for n in names if len({json.dumps(r.config.get(n, default[n])) for r in runs}) > 1]
+
+
+def compare(paths: list[str | Path]) -> Comparison:
+    """Group the runs under ``paths`` by their differing settings (one group per setting, seeds pooled)."""
+    runs, sweeps = collect(paths)
+    flags = differing(runs)
+    default = TrainConfig().to_dict()
+    groups: dict[str, Group] = {}
+    for run in runs:
+        values = {n: run.config.get(n, default[n]) for n in flags}
+        groups.setdefault(json.dumps(values, sort_keys=True), Group(values)).runs.append(run)
+    ordered = list(groups.values())
+    if any(g.stat("val_accuracy")[0] is not None for g in ordered):  # ranked on validation only, never on test
+        ordered.sort(key=lambda g: -(g.stat("val_accuracy")[0] or -1.0))
+    return Comparison(flags, ordered, sweeps)
+
+
+def is_log_flag(name: str) -> bool:
+    return bool(field_meta(TrainConfig, name).get("log"))

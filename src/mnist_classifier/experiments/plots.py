@@ -1,0 +1,156 @@
+"""Pictures of experiments, as matplotlib Figures (built without pyplot, like ``evaluation.plots``): the lr
+range test's curve, learning curves of runs overlaid, a sweep's accuracy against each parameter, and the
+parameters' importance."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import optuna
+from matplotlib.figure import Figure
+
+from .. import fileio
+from ..evaluation.plots import save_figure
+from .compare import Comparison, Group, is_log_flag
+from .lr_find import LRFindResult
+from .search import SweepSpec, load_study
+
+
+def lr_find_figure(result: LRFindResult) -> Figure:
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    ax = fig.subplots()
+    ax.plot(result.lrs, result.losses, color="#bbbbbb", lw=0.8, label="batch loss")
+    ax.plot(result.lrs, result.smoothed, color="#0969da", lw=1.8, label="smoothed")
+    ax.axvline(result.suggestion, color="#cf222e", ls="--", label=f"suggested {result.suggestion:.2g} ({result.rule})")
+    ax.set_xscale("log")
+    finite = [v for v in result.smoothed if v == v and v != float("inf")]
+    ax.set_ylim(0, 1.5 * max(finite[: max(1, len(finite) // 10)] or [1.0]))
+    ax.set(xlabel="learning rate (log scale)", ylabel="training loss", title="Learning-rate range test")
+    ax.legend()
+    return fig
+
+
+def _label(group: Group) -> str:
+    return ", ".join(f"{k}={_short(v)}" for k, v in group.flags.items()) or "all runs"
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def curves_figure(comparison: Comparison, max_groups: int = 12) -> Figure:
+    """Accuracy and loss per epoch: each group's mean as a line, each of its seeds faintly behind it."""
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    acc_ax, loss_ax = fig.subplots(1, 2)
+    for i, group in enumerate(comparison.groups[:max_groups]):
+        color = f"C{i % 10}"
+        split = "val" if any("val_accuracy" in row for r in group.runs for row in r.rows) else "test"
+        for ax, key in ((acc_ax, f"{split}_accuracy"), (loss_ax, f"{split}_loss")):
+            series = [[row[key] for row in r.rows if key in row] for r in group.runs]
+            for s in series:
+                ax.plot(range(1, len(s) + 1), s, color=color, alpha=0.25, lw=0.8)
+            longest = max((len(s) for s in series), default=0)
+            mean = [sum(s[e] for s in series if len(s) > e) / sum(len(s) > e for s in series) for e in range(longest)]
+            ax.plot(range(1, longest + 1), mean, color=color, lw=2, marker="o", ms=3,
+                    label=_label(group) if ax is acc_ax else None)
+        acc_ax.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=f"{split} accuracy per epoch")
+        loss_ax.set(xlabel="epoch", ylabel=f"{split} loss", title=f"{split} loss per epoch")
+    acc_ax.legend(fontsize=8)
+    return fig
+
+
+def params_figure(comparison: Comparison, log_names: set[str]) -> Figure:
+    """Validation accuracy of every run against each differing setting (log axis where it is log-scaled);
+    pruned runs as grey crosses at their last validation accuracy."""
+    names = comparison.flags or ["seed"]
+    fig = Figure(figsize=(4.2 * len(names), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(names), squeeze=False)[0]
+    for ax, name in zip(axes, names):
+        values = sorted({_key(r.config.get(name)) for g in comparison.groups for r in g.runs})
+        for group in comparison.groups:
+            for run in group.runs:
+                x = _position(run.config.get(name), values)
+                if run.summary and "val_accuracy" in run.summary:
+                    ax.plot(x, run.summary["val_accuracy"], "o", color="#0969da", alpha=0.7)
+                elif run.rows and "val_accuracy" in run.rows[-1]:
+                    ax.plot(x, run.rows[-1]["val_accuracy"], "x", color="#999999")
+        if isinstance(values[0], str):
+            ax.set_xticks(range(len(values)), values)
+        elif name in log_names or is_log_flag(name):
+            ax.set_xscale("log")
+        if not isinstance(values[0], str) and len(values) <= 8:  # a grid: tick exactly its values
+            ax.set_xticks(values, [_short(v) for v in values])
+            ax.minorticks_off()
+        ax.set(xlabel=name, ylabel="validation accuracy (%)")
+    fig.suptitle("Validation accuracy against each setting (o: complete, x: pruned)")
+    return fig
+
+
+def _key(value: Any) -> Any:
+    return str(value) if isinstance(value, (str, bool)) else value
+
+
+def _position(value: Any, values: list[Any]) -> Any:
+    return values.index(_key(value)) if isinstance(_key(value), str) else value
+
+
+def importance_figure(importance: dict[str, float]) -> Figure:
+    fig = Figure(figsize=(6, 0.6 * len(importance) + 1.4), layout="constrained")
+    ax = fig.subplots()
+    names = list(importance)[::-1]
+    ax.barh(names, [importance[n] for n in names], color="#0969da")
+    ax.set(xlabel="share of the validation accuracy's variance (fANOVA)", title="Which setting matters")
+    return fig
+
+
+def sweep_importance(sweep_dir: Path) -> dict[str, float]:
+    """fANOVA importance of each searched parameter for the validation accuracy of the sweep's complete
+    trials (Optuna's FanovaImportanceEvaluator); empty when too few trials completed to tell."""
+    spec = SweepSpec.from_dict(json.loads((sweep_dir / "sweep.json").read_text()))
+    study = load_study(spec, sweep_dir)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
+    if len(complete) < 3 or not spec.params:
+        return {}
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+    try:
+        return {k: round(v, 4) for k, v in optuna.importance.get_param_importances(study, evaluator=evaluator).items()}
+    except (RuntimeError, ValueError):  # every complete trial has the same value, or one parameter value only
+        return {}
+
+
+def write_comparison(comparison: Comparison, out: Path) -> Comparison:
+    """compare.csv and compare.md (the table), curves.png, params.png and, for a sweep, importance.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = comparison.table()
+    fileio.write_csv(out / "compare.csv", table)
+    fileio.write_text(out / "compare.md", markdown_table(table))
+    pictures = [save_figure(curves_figure(comparison), out / "curves.png")]
+    log_names = set()
+    for sweep_dir in comparison.sweeps:
+        spec = json.loads((sweep_dir / "sweep.json").read_text())
+        log_names |= {p.split("=")[0] for p in spec["params"] if "=log:" in p}
+    if comparison.flags:
+        pictures.append(save_figure(params_figure(comparison, log_names), out / "params.png"))
+    if len(comparison.sweeps) == 1:
+        comparison.importance = sweep_importance(comparison.sweeps[0])
+        if comparison.importance:
+            pictures.append(save_figure(importance_figure(comparison.importance), out / "importance.png"))
+    comparison.pictures = pictures
+    return comparison
+
+
+def markdown_table(table: list[dict[str, Any]]) -> str:
+    """The comparison as a Markdown table: mean ± sd columns folded together."""
+    if not table:
+        return ""
+    keys = [k for k in table[0] if not k.endswith("_sd")]
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in table:
+        cells = []
+        for k in keys:
+            v, sd = row[k], row.get(f"{k}_sd")
+            cells.append("-" if v is None else f"{v:.2f} ± {sd:.2f}" if sd is not None else _short(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

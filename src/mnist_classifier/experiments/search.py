@@ -1,0 +1,287 @@
+"""``sweep``: an Optuna study over TrainConfig fields, kept in a storage so that it resumes and is shared.
+
+The sweep folder holds ``sweep.json`` (what is searched, fixed once), the default storage
+``optuna.journal``, and one run folder per trial and seed. Workers (``--jobs`` processes here, or the same
+command on other machines with ``--storage URL``) take trials until exactly ``trials`` are complete, pruned
+or running; a trial whose process died is marked failed and its point queued again, so a SIGKILL loses at
+most the trial in flight and a finished trial never runs twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import multiprocessing
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from .. import fileio
+from ..config import TrainConfig
+from ..data import load_dataset
+from ..device import select_device, threads_per_job, usable_cores
+from ..errors import UserError
+from .report import SweepResult, redact, summarize
+from .space import Param, grid, grid_size, parse_param
+from .trials import WORKER_ATTR, run_trial
+
+SAMPLERS = ("tpe", "random", "grid")
+PRUNERS = ("median", "hyperband", "none")
+DEFAULT_VAL_SIZE = 5000  # 1/12 of MNIST's training set: a validation accuracy with a standard error near 0.14 pt
+SPEC_FILE = "sweep.json"
+COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI reports trials itself
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What a sweep searches and how; saved as sweep.json and fixed for the sweep's life."""
+
+    params: tuple[Param, ...]
+    base: TrainConfig  # every field not searched, as flags and the recipe set it
+    trials: int
+    sampler: str = "tpe"
+    pruner: str = "median"
+    seeds: int = 1
+    study: str = ""
+    storage: str = ""  # an RDB URL, or "" for the journal file in the sweep folder
+
+    def __post_init__(self) -> None:
+        if self.sampler not in SAMPLERS or self.pruner not in PRUNERS:
+            raise UserError(f"--sampler must be one of {', '.join(SAMPLERS)} and --pruner one of {', '.join(PRUNERS)}")
+        if not 1 <= self.trials <= 100_000 or not 1 <= self.seeds <= 100:
+            raise UserError(f"--trials must be 1-100000 and --seeds 1-100, got {self.trials} and {self.seeds}")
+        if not self.base.val_size:
+            raise UserError("a sweep chooses on a validation split: --val-size must be positive")
+        if self.sampler == "grid" and grid_size(self.params) > self.trials:
+            raise UserError(f"the grid has {grid_size(self.params)} points, more than --trials {self.trials}; "
+                            f"raise --trials or list fewer values")
+        if self.sampler == "grid":
+            grid(self.params)  # raises for ranges
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"params": [p.spec() for p in self.params], "trials": self.trials, "sampler": self.sampler,
+                "pruner": self.pruner, "seeds": self.seeds, "study": self.study, "storage": self.storage,
+                "objective": "mean validation accuracy (%) of the kept models", "base": self.base.to_dict()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SweepSpec":
+        return cls(params=tuple(parse_param(p) for p in d["params"]), base=TrainConfig.from_dict(d["base"]),
+                   trials=d["trials"], sampler=d["sampler"], pruner=d["pruner"], seeds=d["seeds"], study=d["study"],
+                   storage=d["storage"])
+
+    def same_search(self, other: "SweepSpec") -> bool:
+        """Whether ``other`` searches the same thing (the trial count may grow on --resume)."""
+        return dataclasses.replace(other, trials=self.trials).to_dict() == self.to_dict()
+
+
+def default_val_size(train_subset: int) -> int:
+    return DEFAULT_VAL_SIZE if not train_subset else max(1, train_subset // 10)
+
+
+def open_storage(url: str, sweep_dir: Path) -> optuna.storages.BaseStorage:
+    """The journal file in the sweep folder by default; an RDB URL (sqlite:///, postgresql://) when given."""
+    if not url:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
+        return optuna.storages.JournalStorage(backend)
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+    except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, a server that does not answer
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--storage: cannot open {redact(url)}: {reason}") from None
+
+
+def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    # Not seeded: a seeded sampler restarted by --resume, or started on a second machine, would draw the
+    # points already tried again. Each trial's run is still reproducible (its seed is --seed + k).
+    if spec.sampler == "tpe":
+        return optuna.samplers.TPESampler(n_startup_trials=min(10, max(2, spec.trials // 3)))
+    return optuna.samplers.RandomSampler()  # grid points are queued in order; this draws nothing then
+
+
+def _pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
+    if spec.pruner == "median":
+        # no pruning until a few trials have finished (fewer for short sweeps), then below the median at an epoch
+        return optuna.pruners.MedianPruner(n_startup_trials=max(2, min(5, spec.trials // 4)))
+    if spec.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.base.epochs, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def load_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
+    storage = open_storage(spec.storage, sweep_dir)
+    try:
+        study = optuna.create_study(study_name=spec.study, storage=storage, direction="maximize",
+                                    sampler=_sampler(spec), pruner=_pruner(spec), load_if_exists=True)
+    except Exception as exc:  # the server went away between opening and creating
+        raise UserError(f"--storage: cannot use {redact(spec.storage)}: {str(exc).splitlines()[0][:200]}") from None
+    return study
+
+
+@contextlib.contextmanager
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    """One process of this machine at a time counts and takes trials (other machines rely on trial numbers)."""
+    with open(sweep_dir / ".lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _check_shared(study: optuna.Study, spec: SweepSpec) -> None:
+    """A study in a shared storage searches one space: a worker with another one is refused."""
+    saved = study.user_attrs.get("spec")
+    if saved is None:
+        study.set_user_attr("spec", spec.to_dict())
+    elif not SweepSpec.from_dict(saved).same_search(spec):
+        raise UserError(f"study {spec.study!r} in the storage searches {', '.join(saved['params'])} with other "
+                        f"settings; use another --study name")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_dead(study: optuna.Study) -> list[int]:
+    """Trials left running by a process of this host that is gone: marked failed, their points queued again."""
+    host = os.uname().nodename
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(WORKER_ATTR, "")
+        name, _, pid = owner.rpartition(":")
+        if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+            study.tell(t.number, state=TrialState.FAIL)
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            retried.append(t.number)
+    return retried
+
+
+def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
+    """Check the folder against ``spec``, write sweep.json, create (or reopen) the study, queue the grid."""
+    spec_path = sweep_dir / SPEC_FILE
+    if spec_path.exists():
+        saved = SweepSpec.from_dict(json.loads(spec_path.read_text()))
+        if not saved.same_search(spec):
+            raise UserError(f"{sweep_dir} holds another sweep ({', '.join(p.spec() for p in saved.params)}); "
+                            f"choose another --out")
+        if not resume:
+            raise UserError(f"{sweep_dir} already holds this sweep; continue it with --resume, or choose another --out")
+    elif resume:
+        raise UserError(f"--resume {sweep_dir}: no sweep there ({SPEC_FILE} is missing)")
+    study = load_study(spec, sweep_dir)  # an RDB --storage is reached before anything is written
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(sweep_dir):
+        _check_shared(study, spec)
+        if not spec_path.exists() and spec.sampler == "grid" and not study.trials:
+            for point in grid(spec.params):
+                study.enqueue_trial(point)
+        fileio.write_json(spec_path, spec.to_dict())
+        recover_dead(study)
+    return spec
+
+
+def _take_trial(study: optuna.Study, spec: SweepSpec, sweep_dir: Path) -> optuna.Trial | None:
+    """The next trial, or None once ``spec.trials`` are complete, pruned or running. Exact across processes
+    here (the lock); across machines a trial numbered past the count is dropped as surplus."""
+    with _locked(sweep_dir):
+        if len(study.get_trials(deepcopy=False, states=COUNTED)) >= spec.trials:
+            return None
+        trial = study.ask()
+        ahead = [t for t in study.get_trials(deepcopy=False, states=COUNTED + (TrialState.WAITING,))
+                 if t.number < trial.number]
+        if len(ahead) >= spec.trials:
+            trial.set_user_attr("surplus", True)
+            study.tell(trial, state=TrialState.FAIL)
+            return None
+        return trial
+
+
+TrialCallback = Callable[[dict[str, Any]], None]
+
+
+def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None) -> int:
+    """One worker: load the data once, then take and run trials until there are none left; returns how many."""
+    spec = SweepSpec.from_dict(json.loads((sweep_dir / SPEC_FILE).read_text()))
+    if threads:
+        torch.set_num_threads(threads)
+    study = load_study(spec, sweep_dir)
+    base = spec.base
+    device = select_device(base.device)
+    splits = load_dataset(base.dataset, base.data_dir, preprocess=base.preprocess, image_size=base.image_size,
+                          test_fraction=base.test_fraction)
+    done = 0
+    while (trial := _take_trial(study, spec, sweep_dir)) is not None:
+        t0 = time.perf_counter()
+        state, value = run_trial(trial, spec.params, base, spec.seeds, splits, device, sweep_dir, spec.study)
+        if state == "complete":
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
+        done += 1
+        if on_trial is not None:
+            on_trial({"trial": trial.number, "state": state, "value": value, "params": trial.params,
+                      "seconds": round(time.perf_counter() - t0, 1), "worker": worker})
+    return done
+
+
+def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None) -> None:
+    try:
+        work(Path(sweep_dir), worker, threads, on_trial)
+    except KeyboardInterrupt:
+        pass
+
+
+def run_workers(sweep_dir: Path, jobs: int, on_trial: TrialCallback | None) -> None:
+    """``jobs`` worker processes (or this process for one), each with its share of the CPU's threads."""
+    threads = threads_per_job(jobs)
+    if jobs == 1:
+        work(sweep_dir, 0, threads, on_trial)
+        return
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
+    procs = [ctx.Process(target=_spawned, args=(str(sweep_dir), i, threads, on_trial)) for i in range(jobs)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+                p.join()
+    failed = [p.exitcode for p in procs if p.exitcode]
+    if failed:
+        raise UserError(f"{len(failed)} of {jobs} sweep workers failed (exit {failed[0]}); continue with --resume")
+
+
+def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = False,
+          on_trial: TrialCallback | None = None) -> SweepResult:
+    """Run (or continue, or join) the sweep ``spec`` in the folder ``out``; return its result."""
+    sweep_dir = Path(out) if out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
+    if not spec.study:
+        spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
+    spec = prepare(spec, sweep_dir, resume)
+    run_workers(sweep_dir, max(1, min(jobs, spec.trials)), on_trial)
+    return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
+
+
+def default_jobs() -> int:
+    """One single-threaded worker per core (measured in BENCHMARKS.md: trials per hour at --jobs 1 and 2)."""
+    return max(1, min(8, usable_cores()))

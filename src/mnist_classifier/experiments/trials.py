@@ -1,0 +1,101 @@
+"""One sweep trial: the searched values laid over the sweep's fixed config, trained ``seeds`` times with ``fit``.
+
+Each seed is an ordinary run folder (``trial-0007-seed0`` ...) with a ``trial.json`` beside its files. The
+objective is the mean validation accuracy of the kept models; their test accuracy is recorded for the report
+and never chooses, prunes or ranks anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import statistics
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from .. import fileio
+from ..config import TrainConfig
+from ..data import Splits
+from ..errors import DivergedError, UserError
+from ..training import Reporter, fit
+from .space import Param
+
+WORKER_ATTR = "worker"  # "host:pid" of the process running a trial: a dead local pid marks a trial to retry
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class PruningReporter(Reporter):
+    """Hands each epoch's validation accuracy to Optuna and stops the run when the pruner says so.
+
+    The epoch is already saved when ``epoch`` is called, so a pruned run's folder is whole (no summary.json).
+    """
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.trial.report(row["val_accuracy"], row["epoch"])
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"epoch {row['epoch']}: validation accuracy {row['val_accuracy']:.2f}%")
+
+
+def run_name(number: int, seed_index: int) -> str:
+    return f"trial-{number:04d}-seed{seed_index}"
+
+
+def trial_config(base: TrainConfig, values: dict[str, Any], seed_index: int, run_dir: Path) -> TrainConfig:
+    """The config of one seed of one trial; a combination the fields' rules refuse raises UserError."""
+    return dataclasses.replace(base, **values, seed=base.seed + seed_index, out=str(run_dir), overwrite=False,
+                               log_every=10**9)
+
+
+def _write_trial(run_dir: Path, trial: optuna.Trial, study: str, state: str, values: dict[str, Any],
+                 extra: dict[str, Any]) -> None:
+    if run_dir.is_dir():
+        fileio.write_json(run_dir / "trial.json", {"study": study, "trial": trial.number, "state": state,
+                                                  "params": values, **extra})
+
+
+def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig, seeds: int, splits: Splits,
+              device: torch.device, sweep_dir: Path, study: str) -> tuple[str, float | None]:
+    """Train the trial's point ``seeds`` times; returns ("complete", mean validation accuracy), ("pruned", None)
+    or ("failed", None). Only the first seed reports to the pruner: a point is judged before it is repeated."""
+    trial.set_user_attr(WORKER_ATTR, worker_id())
+    values = {p.name: p.suggest(trial) for p in params}
+    vals, tests, secs, dirs = [], [], [], []
+    for k in range(seeds):
+        run_dir = sweep_dir / run_name(trial.number, k)
+        dirs.append(run_dir.name)
+        trial.set_user_attr("run_dirs", dirs)
+        try:
+            cfg = trial_config(base, values, k, run_dir)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            summary = fit(cfg, splits, device, run_dir, PruningReporter(trial) if k == 0 else Reporter())
+        except optuna.TrialPruned as pruned:
+            trial.set_user_attr("pruned_at", str(pruned))
+            _write_trial(run_dir, trial, study, "pruned", values, {"reason": str(pruned)})
+            return "pruned", None
+        except DivergedError as exc:  # a hopeless point: stopped early, as the pruner would have
+            trial.set_user_attr("pruned_at", f"diverged: {exc}")
+            _write_trial(run_dir, trial, study, "pruned", values, {"reason": f"diverged: {exc}"})
+            return "pruned", None
+        except UserError as exc:
+            trial.set_user_attr("error", str(exc))
+            _write_trial(run_dir, trial, study, "failed", values, {"error": str(exc)})
+            return "failed", None
+        vals.append(summary["val_accuracy"])
+        tests.append(summary["test_accuracy"])
+        secs.append(summary["train_seconds"])
+        _write_trial(run_dir, trial, study, "complete", values, {"val_accuracy": summary["val_accuracy"],
+                                                                 "test_accuracy": summary["test_accuracy"]})
+    trial.set_user_attr("val_accuracies", vals)
+    trial.set_user_attr("test_accuracies", tests)  # recorded for the report; never the objective
+    trial.set_user_attr("train_seconds", secs)
+    return "complete", statistics.fmean(vals)

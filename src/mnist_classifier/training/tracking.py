@@ -1,0 +1,85 @@
+"""TensorBoard event files in every run folder, so that ``tensorboard --logdir runs`` (or a sweep's folder)
+lays all runs side by side: the training loss per logging interval, the epoch metrics, the run's settings
+with its final metrics (the HPARAMS tab), and the confusion matrix of the model kept.
+
+Tags follow Lightning's and Keras's habit: ``train/loss``, ``val/accuracy`` or ``test/accuracy``, ``lr``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import TrainConfig
+
+# Settings shown in the HPARAMS tab: the ones a comparison of runs is about.
+HPARAMS = ("model", "optimizer", "lr", "batch_size", "epochs", "schedule", "dropout", "weight_decay", "momentum",
+           "label_smoothing", "ema", "augment", "seed", "precision", "val_size", "train_subset", "dataset")
+CELL_PX = 24  # each confusion-matrix cell as a 24x24 pixel square
+
+
+def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
+    """A ``(3, C*24, C*24)`` float image of a ``(C, C)`` count matrix: each row normalised by its true-class
+    count, white (0 %) to dark blue (100 %) on a square root scale so that single mistakes show."""
+    rows = matrix.double() / matrix.sum(dim=1, keepdim=True).clamp_min(1)
+    shade = rows.sqrt().float()  # (C, C) in [0, 1]
+    cells = shade.repeat_interleave(CELL_PX, 0).repeat_interleave(CELL_PX, 1)
+    blue = torch.tensor([0.03, 0.19, 0.42]).view(3, 1, 1)  # matplotlib's Blues at its darkest
+    return 1.0 - cells.unsqueeze(0) * (1.0 - blue)
+
+
+class TensorBoardLog:
+    """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
+
+    def __init__(self, run_dir: Path, n_batches: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
+
+        self.writer = SummaryWriter(log_dir=str(run_dir))  # a resumed run adds a second events file beside the first
+        self.n_batches = n_batches
+
+    def step(self, epoch: int, batch: int, loss: float | None) -> None:
+        if loss is not None:
+            self.writer.add_scalar("train/loss", loss, (epoch - 1) * self.n_batches + batch + 1)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        step = row["epoch"]
+        split = "val" if "val_accuracy" in row else "test"
+        self.writer.add_scalar("train/epoch_loss", row["train_loss"], step)
+        self.writer.add_scalar(f"{split}/accuracy", row[f"{split}_accuracy"], step)
+        self.writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
+        self.writer.add_scalar("lr", row["lr"], step)
+        self.writer.add_scalar("time/epoch_seconds", row["seconds"], step)
+
+    def finish(self, cfg: TrainConfig, summary: dict[str, Any], confusion: torch.Tensor | None) -> None:
+        hparams = {k: getattr(cfg, k) for k in HPARAMS}
+        metrics = {"hparam/test_accuracy": summary["test_accuracy"], "hparam/test_loss": summary["test_loss"],
+                   "hparam/train_seconds": summary["train_seconds"]}
+        if "val_accuracy" in summary:
+            metrics["hparam/val_accuracy"] = summary["val_accuracy"]
+        self.writer.add_hparams(hparams, metrics, run_name=".")  # "." : in this run's folder, not a sub-folder
+        if confusion is not None:
+            self.writer.add_image("test/confusion_matrix", confusion_image(confusion), cfg.epochs)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WithLog:
+    """A Reporter that also logs to TensorBoard (the log first: a reporter that stops the run, as a sweep's
+    pruning does, still leaves the epoch logged)."""
+
+    def __init__(self, reporter: Any, log: TensorBoardLog) -> None:
+        self.reporter, self.log = reporter, log
+
+    def start(self, info: dict[str, Any]) -> None:
+        self.reporter.start(info)
+
+    def step(self, epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
+        self.log.step(epoch, batch, loss)
+        self.reporter.step(epoch, batch, n_batches, loss)
+
+    def epoch(self, row: dict[str, Any]) -> None:
+        self.log.epoch(row)
+        self.reporter.epoch(row)

@@ -1,0 +1,340 @@
+"""Experiments: sweeps (resume after SIGKILL, pruning, a shared PostgreSQL storage), compare, lr-find and the
+TensorBoard files every run writes. Tiny trials (a few hundred images, 1-2 epochs) on the real MNIST files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from conftest import REPO, run_cli
+from mnist_classifier.cli import main
+from mnist_classifier.config import TrainConfig
+from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
+from mnist_classifier.experiments import search
+from mnist_classifier.experiments.search import load_study
+from mnist_classifier.training import fit
+
+CPU = torch.device("cpu")
+TINY = ["--train-subset", "400", "--val-size", "100", "--epochs", "1", "--device", "cpu", "--eval-batch-size", "2000"]
+
+
+def tiny(data_dir: Path) -> list[str]:
+    return [*TINY, "--data-dir", str(data_dir)]
+
+
+def study_of(sweep_dir: Path) -> optuna.Study:
+    return load_study(SweepSpec.from_dict(json.loads((sweep_dir / "sweep.json").read_text())), sweep_dir)
+
+
+def states(study: optuna.Study) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state.name] = out.get(t.state.name, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit 2, nothing written
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    (["--param", "colour=1,2"], "--param colour: unknown parameter"),
+    (["--param", "lr=log:0..1"], "--lr must be > 0, got 0.0"),
+    (["--param", "dropout=0..1.5"], "--dropout must be in [0, 1), got 1.5"),
+    (["--param", "optimizer=adam,lbfgs"], "unknown --optimizer 'lbfgs'"),
+    (["--param", "data_dir=a,b"], "--param data_dir: cannot be searched"),
+    (["--param", "lr=0.001,0.01", "--param", "batch_size=32,64", "--sampler", "grid", "--trials", "3"],
+     "the grid has 4 points, more than --trials 3"),
+    (["--param", "lr=log:1e-4..1e-1", "--sampler", "grid"], "--sampler grid needs lists of values"),
+    (["--param", "lr=0.001", "--trials", "2"], "one value is not a search"),
+    (["--param", "lr=0.001,0.01", "--storage", "postgresql://u:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql://u:***@"),
+])
+def test_sweep_refuses_bad_input_with_one_line_and_writes_nothing(extra, fragment, data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--out", str(out), *tiny(data_dir), *extra])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err and len(err.strip().splitlines()) == 1, err
+    assert "secret" not in err
+    assert not out.exists()
+
+
+def test_a_second_sweep_with_another_space_is_refused_and_the_first_kept(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler", "grid",
+                 "--jobs", "1"]) == 0
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    code = main(["sweep", "--out", str(out), *tiny(data_dir), "--param", "batch_size=32,64", "--jobs", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "holds another sweep (lr=0.001,0.002)" in err and len(err.strip().splitlines()) == 1
+    code = main(["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler", "grid"])
+    assert code == 2 and "continue it with --resume" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file() and p.name != ".lock"} == \
+        {p: t for p, t in before.items() if p.name != ".lock"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The objective, pruning, the report
+
+
+@pytest.mark.slow
+def test_the_objective_is_validation_accuracy_and_the_printed_command_reproduces_the_best(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.003", "--sampler", "grid",
+                 "--seeds", "2", "--jobs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trials"] == {"complete": 2, "pruned": 0, "failed": 0, "running": 0}
+    study = study_of(out)
+    for trial in study.trials:
+        summaries = [json.loads((out / d / "summary.json").read_text()) for d in trial.user_attrs["run_dirs"]]
+        assert [s["seed"] for s in summaries] == [0, 1]
+        assert trial.value == pytest.approx(sum(s["val_accuracy"] for s in summaries) / 2)
+        assert trial.user_attrs["test_accuracies"] == [s["test_accuracy"] for s in summaries]
+    best = max(study.trials, key=lambda t: t.value)
+    assert result["best"]["trial"] == best.number and result["best"]["val_accuracy"] == best.value
+    # the printed command trains the best point's first seed again, to the same numbers
+    command = shlex.split(result["best"]["command"])
+    assert command[:2] == ["mnist", "train"]
+    assert main([*command[1:], "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "summary.json").read_text())
+    first = json.loads((out / best.user_attrs["run_dirs"][0] / "summary.json").read_text())
+    assert (again["val_accuracy"], again["test_accuracy"]) == (first["val_accuracy"], first["test_accuracy"])
+
+
+def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    # grid order is the order given: two sensible rates complete first, then Adam at lr 0.5 (12 % after epoch 1)
+    assert main(["sweep", "--out", str(out), *tiny(data_dir), "--epochs", "2", "--param", "lr=0.001,0.002,0.5",
+                 "--sampler", "grid", "--pruner", "median", "--jobs", "1"]) == 0
+    report = capsys.readouterr().out
+    study = study_of(out)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
+    pruned = study.trials[2]
+    assert pruned.params == {"lr": 0.5} and list(pruned.intermediate_values) == [1]
+    assert pruned.user_attrs["pruned_at"].startswith("epoch 1: validation accuracy")
+    assert json.loads((out / "trial-0002-seed0" / "trial.json").read_text())["state"] == "pruned"
+    assert not (out / "trial-0002-seed0" / "summary.json").exists()
+    assert "    2  pruned" in report and "1 pruned" in report
+    table = compare([out])
+    assert {g.flags["lr"]: g.row()["state"] for g in table.groups} == {0.001: "complete", 0.002: "complete", 0.5: "pruned"}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume after SIGKILL
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_mid_trial_resumes_to_exactly_n_trials_none_repeated(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "3", "--param",
+            "lr=log:1e-4..1e-2", "--sampler", "random", "--pruner", "none", "--trials", "4", "--jobs", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # kill it inside trial 2: its first epoch written, its summary not
+    deadline = time.monotonic() + 240
+    while not (out / "trial-0002-seed0" / "metrics.csv").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read().decode()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "trial-0002-seed0" / "summary.json").exists()
+    finished = {d: (d / "summary.json").stat().st_mtime_ns for d in out.glob("trial-*") if (d / "summary.json").exists()}
+    assert len(finished) == 2
+    killed_params = next(t.params for t in study_of(out).trials if t.number == 2)
+
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    result = json.loads(resumed.stdout)
+    assert result["trials"] == {"complete": 4, "pruned": 0, "failed": 1, "running": 0}
+    study = study_of(out)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert len(complete) == 4
+    assert len({t.params["lr"] for t in complete}) == 4  # no point trained twice
+    retry = next(t for t in complete if t.user_attrs.get("retry_of") == 2)
+    assert retry.params == killed_params  # the killed point ran again, as a new trial
+    for d, mtime in finished.items():  # the trials finished before the kill were not touched
+        assert (d / "summary.json").stat().st_mtime_ns == mtime
+    # resuming a finished sweep runs nothing more
+    again = run_cli(*args, "--resume", "--json")
+    assert json.loads(again.stdout)["trials"]["complete"] == 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two workers, one PostgreSQL
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server from Debian's package, on a free port, in a throw-away cluster."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not bins:
+        pytest.skip("needs Debian's postgresql package (`make system-deps` installs it)")
+    bindir = bins[-1].parent
+    # not under pytest's tmp_path: the postgres user must be able to enter the folder
+    root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    if as_user:
+        shutil.chown(root, "postgres", "postgres")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start",
+                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    try:
+        subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
+                        "sweeps"], check=True, capture_output=True)
+        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+    finally:
+        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_postgresql_storage_and_reach_exactly_n_trials(postgres, data_dir, tmp_path):
+    args = [*TINY, "--data-dir", str(data_dir), "--param", "lr=log:1e-4..1e-2", "--sampler", "random",
+            "--pruner", "none", "--trials", "6", "--jobs", "1", "--storage", postgres, "--study", "shared"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "mnist_classifier", "sweep", "--out", str(tmp_path / name), *args],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in ("machine-a", "machine-b")]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=postgres)
+    assert states(study) == {"COMPLETE": 6}
+    ran = {name: {int(d.name.split("-")[1]) for d in (tmp_path / name).glob("trial-*")} for name in ("machine-a", "machine-b")}
+    assert ran["machine-a"] and ran["machine-b"], ran  # both worked
+    assert ran["machine-a"].isdisjoint(ran["machine-b"])
+    assert ran["machine-a"] | ran["machine-b"] == set(range(6))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Workers load the data once
+
+
+def test_a_worker_loads_the_data_once_for_all_its_trials(data_dir, tmp_path, monkeypatch):
+    loads = []
+    real = search.load_dataset
+    monkeypatch.setattr(search, "load_dataset", lambda *a, **k: loads.append(a) or real(*a, **k))
+    base = TrainConfig(train_subset=400, val_size=100, epochs=1, device="cpu", data_dir=str(data_dir))
+    spec = SweepSpec(params=parse_space(["lr=0.001,0.002,0.003"]), base=base, trials=3, sampler="grid", pruner="none")
+    result = sweep(spec, tmp_path / "sweep", jobs=1)
+    assert result.counts()["complete"] == 3 and len(loads) == 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compare
+
+
+def test_compare_lists_exactly_the_flags_that_differ_with_mean_and_sd_over_seeds(data_dir, splits, tmp_path, capsys):
+    base = TrainConfig(train_subset=400, val_size=100, epochs=2, device="cpu", data_dir=str(data_dir))
+    runs = []
+    for name, changes in (("a0", {}), ("a1", {"seed": 1}), ("b0", {"lr": 0.003})):
+        run_dir = tmp_path / name
+        summary = fit(TrainConfig(**{**base.to_dict(), **changes, "out": str(run_dir)}), splits, CPU, run_dir)
+        runs.append(summary)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(tmp_path / "a0"), str(tmp_path / "a1"), str(tmp_path / "b0"), "--out", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["flags"] == ["lr"]
+    groups = {g["lr"]: g for g in result["groups"]}
+    assert groups[0.001]["runs"] == 2 and groups[0.003]["runs"] == 1
+    vals = [runs[0]["val_accuracy"], runs[1]["val_accuracy"]]
+    assert groups[0.001]["val_accuracy"] == pytest.approx(sum(vals) / 2, abs=1e-4)
+    assert groups[0.001]["val_accuracy_sd"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5, abs=1e-4)
+    assert groups[0.003]["test_accuracy"] == pytest.approx(runs[2]["test_accuracy"], abs=1e-4)
+    for name in ("compare.csv", "compare.md", "curves.png", "params.png"):
+        assert (out / name).stat().st_size > 0
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    header = (out / "compare.md").read_text().splitlines()[0]
+    assert header.startswith("| lr | runs | state | val_accuracy |")
+
+
+@pytest.mark.slow
+def test_compare_of_a_sweep_draws_parameter_importance(data_dir, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=log:1e-4..1e-2", "--param",
+                 "batch_size=32,64", "--trials", "5", "--sampler", "random", "--pruner", "none", "--jobs", "1"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(out), "--out", str(tmp_path / "cmp"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["importance"]) == {"lr", "batch_size"}
+    assert sum(result["importance"].values()) == pytest.approx(1.0, abs=0.01)
+    assert (tmp_path / "cmp" / "importance.png").stat().st_size > 0
+
+
+def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["compare", str(tmp_path)]) == 2
+    assert "neither a run folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# lr-find
+
+
+@pytest.mark.slow
+def test_lr_find_suggests_a_sensible_rate_for_the_guide_cnn_and_writes_only_its_plot(data_dir, tmp_path):
+    before = set(tmp_path.iterdir())
+    proc = run_cli("lr-find", "--data-dir", str(data_dir), "--device", "cpu", "--plot", str(tmp_path / "lr.png"),
+                   "--json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert 1e-4 <= result["suggested_lr"] <= 1e-1 and result["rule"] == "steepest"
+    assert result["min_loss_lr"] > result["suggested_lr"]
+    assert set(tmp_path.iterdir()) - before == {tmp_path / "lr.png"}  # no checkpoint, no run folder
+
+
+def test_lr_find_stops_once_the_loss_diverges(data_dir, splits):
+    cfg = TrainConfig(optimizer="sgd", train_subset=2000, device="cpu", data_dir=str(data_dir))
+    result = lr_find(cfg, splits, CPU, start=1e-4, end=1e4, steps=200)
+    assert result.stopped_at is not None and len(result.lrs) < 200
+    assert result.suggestion < result.stopped_at
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TensorBoard
+
+
+def test_every_run_writes_tensorboard_events_that_tensorboard_reads(data_dir, splits, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(train_subset=1000, epochs=2, log_every=5, device="cpu", data_dir=str(data_dir), out=str(run_dir))
+    summary = fit(cfg, splits, CPU, run_dir)
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    events.Reload()
+    tags = events.Tags()
+    rows = json.loads(json.dumps(torch.load(run_dir / "last.pt", weights_only=True)["metrics"]))
+    acc = [(e.step, round(e.value, 2)) for e in events.Scalars("test/accuracy")]
+    assert acc == [(r["epoch"], round(r["test_accuracy"], 2)) for r in rows]
+    assert [e.step for e in events.Scalars("train/epoch_loss")] == [1, 2]
+    assert len(events.Scalars("train/loss")) >= 2 * (16 // 5)  # 16 batches an epoch, one value every 5
+    assert events.Scalars("hparam/test_accuracy")[0].value == pytest.approx(summary["test_accuracy"], abs=1e-3)
+    assert "test/confusion_matrix" in tags["images"]
+    image = events.Images("test/confusion_matrix")[0]
+    assert (image.width, image.height) == (240, 240)  # 10 classes x 24 px
+
+
+def test_no_tensorboard_writes_no_events(data_dir, splits, tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(train_subset=500, epochs=1, tensorboard=False, device="cpu", data_dir=str(data_dir), out=str(run_dir))
+    fit(cfg, splits, CPU, run_dir)
+    assert not list(run_dir.glob("events.out.tfevents.*"))
+
+
