@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The guide's "Experiments to Try", each run as one `mnist sweep` of the guide's CNN (3 seeds, a 5,000-image
 # validation split held out of the training set, the test set only reported). EXPERIMENTS.md quotes the results
-# and `mnist compare` draws them. Run from the repository root; about an hour of CPU on 2 cores.
+# and `mnist compare` draws them. Run from the repository root; about an hour of CPU on 2 cores for the six,
+# and as much again for lrfind and pruning (not run by default).
 #   benchmarks/experiments.sh            all of them
 #   benchmarks/experiments.sh batch lr   some of them
 set -euo pipefail
@@ -25,6 +26,15 @@ for exp in "${@:-batch depth lr optimizer dropout}"; do
       optimizer) run exp-opt-sgd --epochs 3 --optimizer sgd --param lr=0.01,0.03,0.1
                  run exp-opt-rmsprop --epochs 3 --optimizer rmsprop --param lr=0.0001,0.0003,0.001 ;;
       dropout)   run exp-dropout --epochs 10 --param dropout=0,0.25,0.5 ;;  # dropout 0 is also the epochs curve
+      lrfind)    # lr-find's suggestion for the guide's CNN, trained like exp-batch's lr 0.001 (batch 64)
+                 "$MNIST" lr-find --device cpu --plot "$OUT/lr-find.png" --json > "$OUT/lr-find.json"
+                 lr=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['suggested_lr'])" "$OUT/lr-find.json")
+                 run exp-lrfind --lr "$lr" ;;
+      pruning)   # BENCHMARKS.md: the same 24-point grid (3 epochs, 1 seed) without and with the median pruner
+                 grid=(--epochs 3 --seeds 1 --param lr=0.0001,0.0002,0.0005,0.001,0.002,0.005,0.01,0.02
+                       --param batch_size=32,64,128)
+                 run exp-prune-none "${grid[@]}" --pruner none
+                 run exp-prune-median "${grid[@]}" --pruner median ;;
       *) echo "unknown experiment $e" >&2; exit 2 ;;
     esac
   done

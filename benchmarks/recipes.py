@@ -19,7 +19,7 @@ from mnist_classifier.config import TrainConfig, parse_overrides
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import select_device
 from mnist_classifier.evaluation import evaluate_checkpoints
-from mnist_classifier.training import fit
+from mnist_classifier.experiments import run_seeds
 
 
 def main() -> None:
@@ -40,21 +40,17 @@ def main() -> None:
     splits = load_dataset(args.dataset, args.data_dir)
     suffix = "" if args.dataset == "mnist" else f"-{args.dataset}"
     out = Path(args.out or f"runs/recipe-{args.recipe}{suffix}")
-    results = []
-    for seed in args.seeds:
-        run_dir = out / f"seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        overrides = {"seed": seed, "device": str(device), "data_dir": args.data_dir, "log_every": 10**9,
-                     "dataset": args.dataset, "out": str(run_dir), **parse_overrides(TrainConfig, args.set)}
-        if args.epochs:
-            overrides["epochs"] = args.epochs
-        cfg = TrainConfig.from_recipe(args.recipe, **overrides)
-        summary = fit(cfg, splits, device, run_dir)
-        results.append(summary)
-        print(json.dumps({"recipe": args.recipe, "dataset": args.dataset, "seed": seed, "test_accuracy": summary["test_accuracy"],
-                          "train_seconds": summary["train_seconds"], "epochs": cfg.epochs,
-                          "best_epoch": summary.get("best_epoch"), "device": str(device),
+    overrides = {"device": str(device), "data_dir": args.data_dir, "log_every": 10**9, "dataset": args.dataset,
+                 **parse_overrides(TrainConfig, args.set), **({"epochs": args.epochs} if args.epochs else {})}
+    cfg = TrainConfig.from_recipe(args.recipe, **overrides)
+
+    def report(summary: dict) -> None:
+        print(json.dumps({"recipe": args.recipe, "dataset": args.dataset, "seed": summary["seed"],
+                          "test_accuracy": summary["test_accuracy"], "train_seconds": summary["train_seconds"],
+                          "epochs": cfg.epochs, "best_epoch": summary.get("best_epoch"), "device": str(device),
                           "precision": summary["precision"]}), flush=True)
+
+    results = run_seeds(cfg, args.seeds, splits, device, out, on_run=report).summaries
     accs = [r["test_accuracy"] for r in results]
     secs = [r["train_seconds"] for r in results]
     line = {"benchmark": "recipe", "recipe": args.recipe, "dataset": args.dataset, "seeds": args.seeds, "device": str(device),

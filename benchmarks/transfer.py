@@ -13,7 +13,6 @@ summary line per (data set, N, method) with the mean over seeds.
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.data import load_dataset
 from mnist_classifier.evaluation import evaluate_checkpoints
-from mnist_classifier.training import fit
+from mnist_classifier.experiments import run_seeds
 
 METHODS = {  # name -> the TrainConfig fields that make it
     "pretrained": {"model": "efficientnet-lite0", "pretrained": True},
@@ -59,19 +58,16 @@ def main() -> None:
         full = load_dataset(name, args.data_dir)
         for per_class in args.per_class:
             small = full.class_balanced(per_class, n_test=500)
-            for seed in args.seeds:
-                for method in args.methods:
-                    run_dir = Path(args.out) / name / f"{per_class}-per-class" / method / f"seed{seed}"
-                    fields = {"lr": 0.003, **METHODS[method]}
-                    cfg = TrainConfig(dataset=name, seed=seed, epochs=epochs_for(per_class), batch_size=32,
-                                      device="cpu", log_every=10**9, out=str(run_dir), **fields)
-                    start = time.perf_counter()
-                    summary = fit(cfg, small, device, run_dir)
-                    seconds = time.perf_counter() - start
-                    score = evaluate_checkpoints([run_dir / "model.pt"], device=device, splits=full)
-                    row = {"dataset": name, "per_class": per_class, "method": method, "seed": seed,
+            for method in args.methods:
+                cfg = TrainConfig(dataset=name, epochs=epochs_for(per_class), batch_size=32, device="cpu",
+                                  log_every=10**9, **{"lr": 0.003, **METHODS[method]})
+                out = Path(args.out) / name / f"{per_class}-per-class" / method
+                runs = run_seeds(cfg, args.seeds, small, device, out)
+                for summary in runs.summaries:
+                    score = evaluate_checkpoints([Path(summary["run_dir"]) / "model.pt"], device=device, splits=full)
+                    row = {"dataset": name, "per_class": per_class, "method": method, "seed": summary["seed"],
                            "epochs": cfg.epochs, "test_accuracy": round(score.accuracy, 2),
-                           "train_seconds": summary["train_seconds"], "run_seconds": round(seconds, 1)}
+                           "train_seconds": summary["train_seconds"], "run_seconds": round(summary["total_seconds"], 1)}
                     results.setdefault((name, per_class, method), []).append(row)
                     print(json.dumps(row), flush=True)
     for (name, per_class, method), rows in results.items():

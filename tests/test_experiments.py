@@ -61,6 +61,8 @@ def states(study: optuna.Study) -> dict[str, int]:
     (["--param", "lr=log:1e-4..1e-1", "--sampler", "grid"], "--sampler grid needs lists of values"),
     (["--param", "lr=0.001", "--trials", "2"], "one value is not a search"),
     (["--param", "lr=0.001,0.01", "--storage", "postgresql://u:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql://u:***@"),
+    (["--trials", "3"], "without --param a sweep has one point"),
+    (["--param", "lr=0.001,0.01", "--val-size", "0"], "a sweep chooses on a validation split"),
 ])
 def test_sweep_refuses_bad_input_with_one_line_and_writes_nothing(extra, fragment, data_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -225,7 +227,27 @@ def test_two_workers_share_one_postgresql_storage_and_reach_exactly_n_trials(pos
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Workers load the data once
+# Workers
+
+
+@pytest.mark.slow
+def test_jobs_2_runs_two_worker_processes_that_share_the_trials(data_dir, tmp_path):
+    out = tmp_path / "sweep"
+    proc = run_cli("sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002,0.003,0.004",
+                   "--sampler", "grid", "--pruner", "none", "--jobs", "2", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["trials"]["complete"] == 4
+    workers = {t.user_attrs["worker"] for t in study_of(out).trials}
+    assert len(workers) == 2  # two processes took trials
+    assert sorted(t.params["lr"] for t in study_of(out).trials) == [0.001, 0.002, 0.003, 0.004]
+
+
+def test_a_sweep_without_params_repeats_one_config_over_seeds(data_dir, tmp_path, capsys):
+    assert main(["sweep", "--out", str(tmp_path / "s"), *tiny(data_dir), "--seeds", "2", "--jobs", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["trials"]["complete"] == 1 and result["best"]["params"] == {}
+    assert sorted(p.name for p in (tmp_path / "s").glob("trial-*")) == ["trial-0000-seed0", "trial-0000-seed1"]
+
 
 
 def test_a_worker_loads_the_data_once_for_all_its_trials(data_dir, tmp_path, monkeypatch):
@@ -274,7 +296,7 @@ def test_compare_of_a_sweep_draws_parameter_importance(data_dir, tmp_path, capsy
     capsys.readouterr()
     assert main(["compare", str(out), "--out", str(tmp_path / "cmp"), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result["importance"]) == {"lr", "batch_size"}
+    assert set(result["importance"]) == {"lr", "batch_size"}  # two parameters: one alone explains all by definition
     assert sum(result["importance"].values()) == pytest.approx(1.0, abs=0.01)
     assert (tmp_path / "cmp" / "importance.png").stat().st_size > 0
 
@@ -338,3 +360,28 @@ def test_no_tensorboard_writes_no_events(data_dir, splits, tmp_path):
     assert not list(run_dir.glob("events.out.tfevents.*"))
 
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The thread policy (mnist train, lr-find and every sweep worker)
+
+
+@pytest.mark.serial
+def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
+    from mnist_classifier.device import threads_per_job, usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = usable_cores()
+    if cores < 2:
+        pytest.skip("needs two cores: one to keep busy, one to measure")
+    assert threads_per_job(1) == cores and threads_per_job(2) == cores // 2  # a quiet machine (serial tests run alone)
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    try:
+        time.sleep(0.5)
+        assert threads_per_job(1) == 1  # every core but one is busy: one thread, never more threads than cores free
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        assert threads_per_job(1) == 3  # the user's override wins
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()

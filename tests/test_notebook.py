@@ -36,7 +36,7 @@ def _run(path: Path, parameters: str) -> tuple[str, int]:
                 text.append(out.text)
             elif "data" in out:
                 images += "image/png" in out.data
-                text.append(out.data.get("text/plain", ""))
+                text.append(out.data.get("text/plain", "").rstrip("\n") + "\n")  # a repr has no newline of its own
     return "".join(text), images
 
 
@@ -64,12 +64,16 @@ def test_notebook_runs_end_to_end(data_dir, tmp_path):
     accuracy_lines = re.findall(r"^Epoch 1: test loss [\d.]+, Accuracy: ([\d.]+)%", printed, re.M)
     # the guide recipe for 1 epoch: 98.13-98.42 % over seeds 0-4 (benchmarks/test_margins.py --cases guide-1-epoch)
     assert len(accuracy_lines) == 1 and float(accuracy_lines[0]) > 95
-    # samples, curves, predictions, confusion, mistakes
-    assert images >= 5
     assert (tmp_path / "out" / "model.pth").is_file()
     assert "reloaded accuracy" in printed and "With dropout 0.25: Accuracy:" in printed
     assert "Your digit: 7 (" in printed
     assert (tmp_path / "out" / "dropout" / "model.pt").is_file()
+    # the Experiments section: lr-find's suggestion, a two-trial sweep, and its curves (one more picture)
+    suggested = float(re.search(r"^Suggested learning rate: ([\d.e-]+) \(rule: steepest\)", printed, re.M).group(1))
+    assert 1e-4 <= suggested <= 1e-1
+    assert len(re.findall(r"^trial \d: \{'batch_size': (32|128)\}  validation [\d.]+%", printed, re.M)) == 2
+    assert re.search(r"^Best: \{'batch_size': (32|128)\}; reproduce with: mnist train ", printed, re.M)
+    assert images >= 7  # samples, curves, predictions, confusion, mistakes, the lr-find plot, the sweep's curves
 
 
 def test_conda_environment_matches_the_guide():

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import ensure_mnist, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, select_device
+from .device import autocast_dtype, select_device, threads_per_job
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -170,6 +170,7 @@ def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Pat
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, resume = _train_config(args)
+    torch.set_num_threads(cfg.threads or threads_per_job(1))
     ctx = distributed.SINGLE
     if distributed.launched_by_torchrun():
         ctx, device = distributed.setup(cfg.device, cfg.dist_timeout)
@@ -308,10 +309,10 @@ def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
         spec = SweepSpec.from_dict(json.loads(saved.read_text()))
         return dataclasses.replace(spec, trials=args.trials or spec.trials)
     cfg = dataclasses.replace(_flags_config(args), out="")  # --out names the sweep folder; each trial has its own
-    if not cfg.val_size:
+    if not cfg.val_size and "val_size" not in vars(args):  # unset (not an explicit 0): the default split
         cfg = dataclasses.replace(cfg, val_size=default_val_size(cfg.train_subset))
     params = parse_space(args.param)
-    trials = args.trials or (len(grid(params)) if args.sampler == "grid" else 20)
+    trials = args.trials or (len(grid(params)) if args.sampler == "grid" or not params else 20)
     return SweepSpec(params=params, base=cfg, trials=trials, sampler=args.sampler, pruner=args.pruner,
                      seeds=args.seeds, study=args.study, storage=args.storage)
 
@@ -375,6 +376,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     if args.start <= 0 or args.end <= args.start or not 10 <= args.steps <= 100_000:
         raise UserError("--start and --end must satisfy 0 < start < end, and --steps be 10-100000")
     device = select_device(cfg.device)
+    torch.set_num_threads(cfg.threads or threads_per_job(1))
     splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
                           test_fraction=cfg.test_fraction)
     result = lr_find(cfg, splits, device, args.start, args.end, args.steps, args.rule)

@@ -4,6 +4,7 @@ group, shown as mean ± sd; the table's columns are exactly the settings that di
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,9 +14,9 @@ from ..config import TrainConfig, field_meta
 from ..errors import UserError
 from .report import mean_sd
 
-# Settings that say where or how a run happened, not what it computed; never a reason to tell runs apart.
-IGNORED = ("out", "overwrite", "data_dir", "log_every", "plots", "tensorboard", "recipe", "device", "dist_timeout",
-           "eval_batch_size")
+# Settings that say where or how a run happened (role "run", and the data's folder), not what it computed:
+# never a reason to tell runs apart.
+IGNORED = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["role"] == "run") + ("data_dir",)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from typing import Any
 
 import optuna
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .. import fileio
 from ..evaluation.plots import save_figure
@@ -57,6 +58,8 @@ def curves_figure(comparison: Comparison, max_groups: int = 12) -> Figure:
                     label=_label(group) if ax is acc_ax else None)
         acc_ax.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=f"{split} accuracy per epoch")
         loss_ax.set(xlabel="epoch", ylabel=f"{split} loss", title=f"{split} loss per epoch")
+    for ax in (acc_ax, loss_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     acc_ax.legend(fontsize=8)
     return fig
 
@@ -111,7 +114,7 @@ def sweep_importance(sweep_dir: Path) -> dict[str, float]:
     spec = SweepSpec.from_dict(json.loads((sweep_dir / "sweep.json").read_text()))
     study = load_study(spec, sweep_dir)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if len(complete) < 3 or not spec.params:
+    if len(complete) < 3 or len(spec.params) < 2:  # one parameter explains everything by definition
         return {}
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
@@ -151,6 +154,7 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
         cells = []
         for k in keys:
             v, sd = row[k], row.get(f"{k}_sd")
-            cells.append("-" if v is None else f"{v:.2f} ± {sd:.2f}" if sd is not None else _short(v))
+            digits = 4 if "loss" in k else 1 if "seconds" in k else 2
+            cells.append("-" if v is None else f"{v:.{digits}f} ± {sd:.{digits}f}" if sd is not None else _short(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import json
 import multiprocessing
 import os
@@ -62,6 +61,8 @@ class SweepSpec:
             raise UserError(f"--trials must be 1-100000 and --seeds 1-100, got {self.trials} and {self.seeds}")
         if not self.base.val_size:
             raise UserError("a sweep chooses on a validation split: --val-size must be positive")
+        if not self.params and self.trials != 1:
+            raise UserError("without --param a sweep has one point: leave --trials out, and repeat it with --seeds K")
         if self.sampler == "grid" and grid_size(self.params) > self.trials:
             raise UserError(f"the grid has {grid_size(self.params)} points, more than --trials {self.trials}; "
                             f"raise --trials or list fewer values")
@@ -131,6 +132,8 @@ def load_study(spec: SweepSpec, sweep_dir: Path) -> optuna.Study:
 @contextlib.contextmanager
 def _locked(sweep_dir: Path) -> Iterator[None]:
     """One process of this machine at a time counts and takes trials (other machines rely on trial numbers)."""
+    import fcntl  # POSIX only
+
     with open(sweep_dir / ".lock", "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
@@ -248,9 +251,10 @@ def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback 
         pass
 
 
-def run_workers(sweep_dir: Path, jobs: int, on_trial: TrialCallback | None) -> None:
-    """``jobs`` worker processes (or this process for one), each with its share of the CPU's threads."""
-    threads = threads_per_job(jobs)
+def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallback | None) -> None:
+    """``jobs`` worker processes (or this process for one), each with ``threads`` torch threads (0: its share
+    of the cores that other work leaves free, measured once before they start)."""
+    threads = threads or threads_per_job(jobs)
     if jobs == 1:
         work(sweep_dir, 0, threads, on_trial)
         return
@@ -278,7 +282,7 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
     spec = prepare(spec, sweep_dir, resume)
-    run_workers(sweep_dir, max(1, min(jobs, spec.trials)), on_trial)
+    run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
     return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
 
 

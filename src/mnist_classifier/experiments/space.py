@@ -100,10 +100,9 @@ def _range(name: str, body: str, log: bool) -> Param:
 
 
 def parse_space(texts: list[str]) -> tuple[Param, ...]:
+    """The search space of ``--param`` texts; none at all is one point (the fixed config, repeated by --seeds)."""
     params = tuple(parse_param(t) for t in texts)
     names = [p.name for p in params]
-    if not params:
-        raise UserError("give at least one --param NAME=SPEC to search, e.g. --param lr=log:1e-4..1e-1")
     if len(set(names)) != len(names):
         raise UserError(f"--param: {', '.join(sorted({n for n in names if names.count(n) > 1}))} given twice")
     return params
