@@ -77,7 +77,8 @@ def _coerce(name: str, kind: type, value: Any) -> Any:
         return float(value)
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
-    raise UserError(f"{flag_name(name)} must be a {kind.__name__}, got {value!r}")
+    kinds = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+    raise UserError(f"{flag_name(name)} must be {kinds.get(kind, kind.__name__)}, got {value!r}")
 
 
 def check_field(cls: type, name: str, value: Any) -> Any:

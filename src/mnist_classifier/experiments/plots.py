@@ -65,26 +65,34 @@ def curves_figure(comparison: Comparison, max_groups: int = 12) -> Figure:
 
 
 def params_figure(comparison: Comparison, log_names: set[str]) -> Figure:
-    """Validation accuracy of every run against each differing setting (log axis where it is log-scaled);
-    pruned runs as grey crosses at their last validation accuracy."""
+    """Validation accuracy of every run against each differing setting (log axis where it is log-scaled),
+    coloured by another setting that takes a few named values (the optimizer against lr, say); pruned runs
+    as crosses at their last validation accuracy."""
     names = comparison.flags or ["seed"]
-    fig = Figure(figsize=(4.2 * len(names), 3.8), layout="constrained")
+    fig = Figure(figsize=(4.2 * len(names), 3.9), layout="constrained")
     axes = fig.subplots(1, len(names), squeeze=False)[0]
     for ax, name in zip(axes, names):
         values = sorted({_key(r.config.get(name)) for g in comparison.groups for r in g.runs})
+        hue = next((n for n in names if n != name and isinstance(comparison.groups[0].flags.get(n), str)), None)
+        hues = sorted({str(g.flags.get(hue)) for g in comparison.groups}) if hue else [""]
         for group in comparison.groups:
+            color = f"C{hues.index(str(group.flags.get(hue))) % 10}" if hue else "#0969da"
             for run in group.runs:
                 x = _position(run.config.get(name), values)
                 if run.summary and "val_accuracy" in run.summary:
-                    ax.plot(x, run.summary["val_accuracy"], "o", color="#0969da", alpha=0.7)
+                    ax.plot(x, run.summary["val_accuracy"], "o", color=color, alpha=0.7)
                 elif run.rows and "val_accuracy" in run.rows[-1]:
-                    ax.plot(x, run.rows[-1]["val_accuracy"], "x", color="#999999")
+                    ax.plot(x, run.rows[-1]["val_accuracy"], "x", color=color)
+        if hue:
+            for i, h in enumerate(hues):
+                ax.plot([], [], "o", color=f"C{i % 10}", label=f"{hue}={h}")
+            ax.legend(fontsize=8)
         if isinstance(values[0], str):
             ax.set_xticks(range(len(values)), values)
         elif name in log_names or is_log_flag(name):
             ax.set_xscale("log")
         if not isinstance(values[0], str) and len(values) <= 8:  # a grid: tick exactly its values
-            ax.set_xticks(values, [_short(v) for v in values])
+            ax.set_xticks(values, [_short(v) for v in values], rotation=45)
             ax.minorticks_off()
         ax.set(xlabel=name, ylabel="validation accuracy (%)")
     fig.suptitle("Validation accuracy against each setting (o: complete, x: pruned)")

@@ -1,0 +1,67 @@
+"""`mnist train --epochs 1` alone and beside one busy process, with the thread policy and with fixed threads.
+
+A "busy process" is one Python loop spinning on a core (what a browser tab, a notebook kernel or a second
+sweep job does to a learner's laptop). Cases run in turn, --reps times, so that drift hits them alike:
+
+  alone-auto     nothing else running, threads chosen by the policy (all cores)
+  busy-auto      one spinner, threads chosen by the policy (the cores left free)
+  busy-N         one spinner, OMP_NUM_THREADS=N (N = all cores: what torch does by default)
+  busy-1         one spinner, OMP_NUM_THREADS=1
+
+Prints one JSON line per run (wall seconds of the whole command), then medians and ratios to alone-auto.
+
+    .venv/bin/python benchmarks/contention.py --data-dir data --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+from mnist_classifier.device import usable_cores
+
+
+def run(case: str, data_dir: str) -> float:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    if case.startswith("busy-") and case != "busy-auto":
+        env["OMP_NUM_THREADS"] = case.split("-")[1]
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if case.startswith("busy") else None
+    try:
+        time.sleep(0.5)  # the spinner is running before training starts, as a neighbour would be
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "mnist_classifier", "train", "--epochs", "1", "--data-dir", data_dir,
+                            "--out", f"{tmp}/r", "--device", "cpu", "--no-tensorboard"], env=env, check=True,
+                           capture_output=True)
+            return time.perf_counter() - t0
+    finally:
+        if spinner is not None:
+            spinner.kill()
+            spinner.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--reps", type=int, default=3)
+    args = parser.parse_args()
+    cases = ["alone-auto", "busy-auto", f"busy-{usable_cores()}", "busy-1"]
+    times: dict[str, list[float]] = {c: [] for c in cases}
+    for rep in range(args.reps):
+        for case in cases if rep % 2 == 0 else cases[::-1]:
+            times[case].append(run(case, args.data_dir))
+            print(json.dumps({"case": case, "seconds": round(times[case][-1], 2)}), flush=True)
+    base = statistics.median(times["alone-auto"])
+    print(json.dumps({"benchmark": "contention", "cores": usable_cores(),
+                      "median_seconds": {c: round(statistics.median(t), 2) for c, t in times.items()},
+                      "ratio_to_alone": {c: round(statistics.median(t) / base, 2) for c, t in times.items()}}))
+
+
+if __name__ == "__main__":
+    main()
