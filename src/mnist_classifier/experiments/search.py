@@ -14,6 +14,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,7 @@ SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_VAL_SIZE = 5000  # 1/12 of MNIST's training set: a validation accuracy with a standard error near 0.14 pt
 SPEC_FILE = "sweep.json"
+STORAGE_ATTEMPTS = 3
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI reports trials itself
@@ -95,11 +97,16 @@ def open_storage(url: str, sweep_dir: Path) -> optuna.storages.BaseStorage:
         sweep_dir.mkdir(parents=True, exist_ok=True)
         backend = optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
         return optuna.storages.JournalStorage(backend)
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-    except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, a server that does not answer
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--storage: cannot open {redact(url)}: {reason}") from None
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, a server that does not answer
+            # Workers started at once on an empty database race to create Optuna's tables, and PostgreSQL
+            # refuses all but one (a unique violation in pg_type); the others find the tables on a retry.
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            if attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(0.5 * (attempt + 1) + random.random() * 0.5)
+    raise UserError(f"--storage: cannot open {redact(url)}: {reason}")
 
 
 def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
