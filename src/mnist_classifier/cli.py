@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="runs per point, seeds --seed, --seed+1, ...; the "
                    "objective is their mean (default: 1)")
     p.add_argument("--jobs", type=int, default=0, help="worker processes on this machine, each with its share "
-                   "of the cores (default: 0 = automatic, one per core)")
+                   "of the cores (default: 0 = automatic: one per core that other work leaves free, at most 8)")
     p.add_argument("--storage", default="", metavar="URL", help="an Optuna RDB URL (postgresql://..., "
                    "sqlite:///...) to share the sweep across machines (default: a journal file in --out)")
     p.add_argument("--study", default="", help="study name in the storage (default: the --out folder's name); "

@@ -136,5 +136,9 @@ def threads_per_job(jobs: int = 1, sample: bool = True) -> int:
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
         return int(given)
-    free = usable_cores() - (round(busy_cores()) if sample else 0)
-    return max(1, free // max(1, jobs))
+    return max(1, (free_cores() if sample else usable_cores()) // max(1, jobs))
+
+
+def free_cores() -> int:
+    """This process's cores less those other work keeps busy (a core more than half busy counts), at least one."""
+    return max(1, usable_cores() - round(busy_cores()))

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from .. import fileio
 from ..config import TrainConfig
 from ..data import load_dataset
-from ..device import select_device, threads_per_job, usable_cores
+from ..device import free_cores, select_device, threads_per_job
 from ..errors import UserError
 from .report import SweepResult, redact, summarize
 from .space import Param, grid, grid_size, parse_param
@@ -294,5 +294,6 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
 
 
 def default_jobs() -> int:
-    """One single-threaded worker per core (measured in BENCHMARKS.md: trials per hour at --jobs 1 and 2)."""
-    return max(1, min(8, usable_cores()))
+    """One single-threaded worker per free core, at most 8 (BENCHMARKS.md: two 1-thread jobs on 2 cores
+    complete more trials an hour than one 2-thread job); workers never outnumber the free cores."""
+    return max(1, min(8, free_cores()))
