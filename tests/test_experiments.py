@@ -25,6 +25,7 @@ from mnist_classifier.config import TrainConfig
 from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
 from mnist_classifier.experiments import search
 from mnist_classifier.experiments.search import load_study
+from mnist_classifier.experiments.space import grid
 from mnist_classifier.training import fit
 
 CPU = torch.device("cpu")
@@ -119,9 +120,12 @@ def test_the_objective_is_validation_accuracy_and_the_printed_command_reproduces
 
 def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    # grid order is the order given: two sensible rates complete first, then Adam at lr 0.5 (12 % after epoch 1)
+    # The grid runs shuffled by --seed; take a seed whose order has the two sensible rates complete first (the
+    # median pruner's start-up trials), then Adam at lr 0.5 (12 % after epoch 1).
+    space = parse_space(["lr=0.001,0.002,0.5"])
+    seed = next(s for s in range(100) if grid(space, shuffle_seed=s)[-1] == {"lr": 0.5})
     assert main(["sweep", "--out", str(out), *tiny(data_dir), "--epochs", "2", "--param", "lr=0.001,0.002,0.5",
-                 "--sampler", "grid", "--pruner", "median", "--jobs", "1"]) == 0
+                 "--seed", str(seed), "--sampler", "grid", "--pruner", "median", "--jobs", "1"]) == 0
     report = capsys.readouterr().out
     study = study_of(out)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE", "PRUNED"]
@@ -131,6 +135,7 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, caps
     assert json.loads((out / "trial-0002-seed0" / "trial.json").read_text())["state"] == "pruned"
     assert not (out / "trial-0002-seed0" / "summary.json").exists()
     assert "    2  pruned" in report and "1 pruned" in report
+    assert [t.params["lr"] for t in study.trials] == [p["lr"] for p in grid(space, shuffle_seed=seed)]
     table = compare([out])
     assert {g.flags["lr"]: g.row()["state"] for g in table.groups} == {0.001: "complete", 0.002: "complete", 0.5: "pruned"}
 

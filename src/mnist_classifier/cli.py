@@ -478,7 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=0, help="trials to run in all (default: the grid's size for "
                    "--sampler grid, else 20); on --resume, may be raised")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="tpe (Bayesian), random, or grid (every "
-                   "combination of listed values, in order) (default: tpe)")
+                   "combination of listed values, in an order shuffled by --seed) (default: tpe)")
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop trials early on epoch-level "
                    "validation accuracy: median, hyperband, or none (default: median)")
     p.add_argument("--seeds", type=int, default=1, help="runs per point, seeds --seed, --seed+1, ...; the "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import random
 import typing
 from dataclasses import dataclass
 from typing import Any
@@ -108,12 +109,17 @@ def parse_space(texts: list[str]) -> tuple[Param, ...]:
     return params
 
 
-def grid(params: tuple[Param, ...]) -> list[dict[str, Any]]:
-    """Every combination of the listed values, in the order given (the first --param varies slowest)."""
+def grid(params: tuple[Param, ...], shuffle_seed: int | None = None) -> list[dict[str, Any]]:
+    """Every combination of the listed values: in the order given (the first --param varies slowest), or
+    shuffled by ``shuffle_seed``. A sweep runs its grid shuffled, so that the first trials, which the pruner
+    compares later ones with, are a fair sample rather than, say, all of the smallest learning rates."""
     ranges = [p.name for p in params if p.is_range]
     if ranges:
         raise UserError(f"--sampler grid needs lists of values, not ranges: {', '.join(ranges)} (e.g. lr=0.0003,0.001,0.003)")
-    return [dict(zip([p.name for p in params], combo)) for combo in itertools.product(*(p.values for p in params))]
+    points = [dict(zip([p.name for p in params], combo)) for combo in itertools.product(*(p.values for p in params))]
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(points)
+    return points
 
 
 def grid_size(params: tuple[Param, ...]) -> int:
