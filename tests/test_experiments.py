@@ -379,7 +379,9 @@ def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
     cores = usable_cores()
     if cores < 2:
         pytest.skip("needs two cores: one to keep busy, one to measure")
-    assert threads_per_job(1) == cores and threads_per_job(2) == cores // 2  # a quiet machine (serial tests run alone)
+    # a quiet machine (serial tests run alone): all cores, once any blip of a finishing neighbour has passed
+    assert any(threads_per_job(1) == cores for _ in range(20))
+    assert threads_per_job(2, sample=False) == cores // 2
     spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
     try:
         time.sleep(0.5)
