@@ -257,8 +257,8 @@ def test_a_sweep_without_params_repeats_one_config_over_seeds(data_dir, tmp_path
 
 def test_a_worker_loads_the_data_once_for_all_its_trials(data_dir, tmp_path, monkeypatch):
     loads = []
-    real = search.load_dataset
-    monkeypatch.setattr(search, "load_dataset", lambda *a, **k: loads.append(a) or real(*a, **k))
+    real = search.load_configured
+    monkeypatch.setattr(search, "load_configured", lambda cfg: loads.append(cfg) or real(cfg))
     base = TrainConfig(train_subset=400, val_size=100, epochs=1, device="cpu", data_dir=str(data_dir))
     spec = SweepSpec(params=parse_space(["lr=0.001,0.002,0.003"]), base=base, trials=3, sampler="grid", pruner="none")
     result = sweep(spec, tmp_path / "sweep", jobs=1)
@@ -392,3 +392,11 @@ def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
         for p in spinners:
             p.kill()
             p.wait()
+
+
+def test_lr_find_refuses_a_bad_range_with_one_line(data_dir, tmp_path, capsys):
+    code = main(["lr-find", "--data-dir", str(data_dir), "--device", "cpu", "--start", "1", "--end", "0.1",
+                 "--plot", str(tmp_path / "lr.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--start and --end must satisfy 0 < start < end" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "lr.png").exists()

@@ -21,8 +21,8 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
-from .data import ensure_mnist, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, select_device, threads_per_job
+from .data import ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
+from .device import autocast_dtype, select_device, set_threads
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -170,7 +170,7 @@ def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Pat
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, resume = _train_config(args)
-    torch.set_num_threads(cfg.threads or threads_per_job(1))
+    set_threads(cfg.threads)
     ctx = distributed.SINGLE
     if distributed.launched_by_torchrun():
         ctx, device = distributed.setup(cfg.device, cfg.dist_timeout)
@@ -178,8 +178,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = select_device(cfg.device)
     try:
         # an flock lets one process fetch while the others wait
-        splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
-                              test_fraction=cfg.test_fraction)
+        splits = load_configured(cfg)
         # Only rank 0 creates the run folder; the others learn its name.
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out, cfg.overwrite, resume is not None))
                                      if ctx.is_main else None))
@@ -373,12 +372,9 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from .evaluation.plots import save_figure
 
     cfg = _flags_config(args)
-    if args.start <= 0 or args.end <= args.start or not 10 <= args.steps <= 100_000:
-        raise UserError("--start and --end must satisfy 0 < start < end, and --steps be 10-100000")
     device = select_device(cfg.device)
-    torch.set_num_threads(cfg.threads or threads_per_job(1))
-    splits = load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
-                          test_fraction=cfg.test_fraction)
+    set_threads(cfg.threads)
+    splits = load_configured(cfg)
     result = lr_find(cfg, splits, device, args.start, args.end, args.steps, args.rule)
     plot = save_figure(lr_find_figure(result), args.plot)
     if args.json:

@@ -142,3 +142,10 @@ def threads_per_job(jobs: int = 1, sample: bool = True) -> int:
 def free_cores() -> int:
     """This process's cores less those other work keeps busy (a core more than half busy counts), at least one."""
     return max(1, usable_cores() - round(busy_cores()))
+
+
+def set_threads(requested: int = 0) -> int:
+    """Give torch ``requested`` compute threads, or (0) the policy's: the cores other work leaves free."""
+    threads = requested or threads_per_job(1)
+    torch.set_num_threads(threads)
+    return threads

@@ -8,9 +8,10 @@ its own beside ``cifar.py``.
 
 from .images import IMAGE_SUFFIXES, ImageError, model_input, normalize, open_image, prepare_image
 from .info import DatasetInfo, Splits
-from .registry import DATASETS, check_name, ensure_mnist, load_dataset, load_for, load_mnist, raw_dir, verify_mnist
+from .registry import (DATASETS, check_name, ensure_mnist, load_configured, load_dataset, load_for, load_mnist, raw_dir,
+                       verify_mnist)
 
 __all__ = [
-    "DATASETS", "IMAGE_SUFFIXES", "DatasetInfo", "ImageError", "Splits", "check_name", "ensure_mnist", "load_dataset",
-    "load_for", "load_mnist", "model_input", "normalize", "open_image", "prepare_image", "raw_dir", "verify_mnist",
+    "DATASETS", "IMAGE_SUFFIXES", "DatasetInfo", "ImageError", "Splits", "check_name", "ensure_mnist", "load_configured",
+    "load_dataset", "load_for", "load_mnist", "model_input", "normalize", "open_image", "prepare_image", "raw_dir", "verify_mnist",
 ]

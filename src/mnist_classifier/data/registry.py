@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config import TrainConfig
 from ..errors import UserError
 from .cifar import load_cifar10
 from .fetch import fetch_into, fetch_lock, remove_scratch
@@ -203,3 +204,10 @@ def load_for(info: DatasetInfo, data_dir: str | os.PathLike = "data") -> Splits:
         raise UserError(f"the {info.name} data found now has classes {list(splits.info.class_names)}, but the model "
                         f"was trained on {list(info.class_names)}")
     return splits
+
+
+def load_configured(cfg: TrainConfig) -> Splits:
+    """The data set a training config names, prepared as it asks (``--preprocess``, ``--image-size`` and
+    ``--test-fraction`` matter for folders only): what ``mnist train``, ``lr-find`` and each sweep worker load."""
+    return load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,
+                        test_fraction=cfg.test_fraction)

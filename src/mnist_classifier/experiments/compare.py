@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import TrainConfig, field_meta
+from ..config import TrainConfig
 from ..errors import UserError
 from .report import mean_sd
 
@@ -119,7 +119,3 @@ def compare(paths: list[str | Path]) -> Comparison:
     if any(g.stat("val_accuracy")[0] is not None for g in ordered):  # ranked on validation only, never on test
         ordered.sort(key=lambda g: -(g.stat("val_accuracy")[0] or -1.0))
     return Comparison(flags, ordered, sweeps)
-
-
-def is_log_flag(name: str) -> bool:
-    return bool(field_meta(TrainConfig, name).get("log"))

@@ -18,6 +18,7 @@ import torch
 
 from ..config import TrainConfig
 from ..data import Splits
+from ..errors import UserError
 from ..training.distributed import SINGLE
 from ..training.epoch import epoch_permutation
 from ..training.session import build_session
@@ -61,8 +62,9 @@ def suggest(lrs: list[float], smoothed: list[float], rule: str) -> float:
 def lr_find(cfg: TrainConfig, splits: Splits, device: torch.device, start: float = 1e-7, end: float = 10.0,
             steps: int = 200, rule: str = "steepest") -> LRFindResult:
     """Run the range test for ``cfg``'s model, optimizer, batch size and data (its lr is ignored)."""
-    if not (0 < start < end and steps >= 10 and rule in RULES):
-        raise ValueError(f"need 0 < start < end, steps >= 10 and rule in {RULES}")
+    if not (0 < start < end and 10 <= steps <= 100_000 and rule in RULES):
+        raise UserError(f"--start and --end must satisfy 0 < start < end, --steps be 10-100000 and --rule one of "
+                        f"{', '.join(RULES)}")
     session = build_session(cfg, splits, device, SINGLE)
     step, n = session.learner.loop.step, len(session.data.train_y)
     session.learner.train_model.train()

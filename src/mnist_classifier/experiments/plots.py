@@ -14,9 +14,10 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import fileio
 from ..evaluation.plots import save_figure
-from .compare import Comparison, Group, is_log_flag
+from .compare import Comparison, Group
 from .lr_find import LRFindResult
 from .search import SweepSpec, load_study
+from .space import Param, is_log
 
 
 def lr_find_figure(result: LRFindResult) -> Figure:
@@ -64,7 +65,7 @@ def curves_figure(comparison: Comparison, max_groups: int = 12) -> Figure:
     return fig
 
 
-def params_figure(comparison: Comparison, log_names: set[str]) -> Figure:
+def params_figure(comparison: Comparison, searched: tuple[Param, ...] = ()) -> Figure:
     """Validation accuracy of every run against each differing setting (log axis where it is log-scaled),
     coloured by another setting that takes a few named values (the optimizer against lr, say); pruned runs
     as crosses at their last validation accuracy."""
@@ -89,7 +90,7 @@ def params_figure(comparison: Comparison, log_names: set[str]) -> Figure:
             ax.legend(fontsize=8)
         if isinstance(values[0], str):
             ax.set_xticks(range(len(values)), values)
-        elif name in log_names or is_log_flag(name):
+        elif is_log(searched, name):
             ax.set_xscale("log")
         if not isinstance(values[0], str) and len(values) <= 8:  # a grid: tick exactly its values
             ax.set_xticks(values, [_short(v) for v in values], rotation=45)
@@ -116,10 +117,9 @@ def importance_figure(importance: dict[str, float]) -> Figure:
     return fig
 
 
-def sweep_importance(sweep_dir: Path) -> dict[str, float]:
+def sweep_importance(spec: SweepSpec, sweep_dir: Path) -> dict[str, float]:
     """fANOVA importance of each searched parameter for the validation accuracy of the sweep's complete
     trials (Optuna's FanovaImportanceEvaluator); empty when too few trials completed to tell."""
-    spec = SweepSpec.from_dict(json.loads((sweep_dir / "sweep.json").read_text()))
     study = load_study(spec, sweep_dir)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 3 or len(spec.params) < 2:  # one parameter explains everything by definition
@@ -138,14 +138,12 @@ def write_comparison(comparison: Comparison, out: Path) -> Comparison:
     fileio.write_csv(out / "compare.csv", table)
     fileio.write_text(out / "compare.md", markdown_table(table))
     pictures = [save_figure(curves_figure(comparison), out / "curves.png")]
-    log_names = set()
-    for sweep_dir in comparison.sweeps:
-        spec = json.loads((sweep_dir / "sweep.json").read_text())
-        log_names |= {p.split("=")[0] for p in spec["params"] if "=log:" in p}
+    specs = [SweepSpec.from_dict(json.loads((d / "sweep.json").read_text())) for d in comparison.sweeps]
     if comparison.flags:
-        pictures.append(save_figure(params_figure(comparison, log_names), out / "params.png"))
-    if len(comparison.sweeps) == 1:
-        comparison.importance = sweep_importance(comparison.sweeps[0])
+        searched = tuple(p for spec in specs for p in spec.params)
+        pictures.append(save_figure(params_figure(comparison, searched), out / "params.png"))
+    if len(specs) == 1:
+        comparison.importance = sweep_importance(specs[0], comparison.sweeps[0])
         if comparison.importance:
             pictures.append(save_figure(importance_figure(comparison.importance), out / "importance.png"))
     comparison.pictures = pictures

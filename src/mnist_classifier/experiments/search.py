@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import json
 import multiprocessing
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -26,12 +25,12 @@ from optuna.trial import TrialState
 
 from .. import fileio
 from ..config import TrainConfig
-from ..data import load_dataset
+from ..data import load_configured
 from ..device import free_cores, select_device, threads_per_job
 from ..errors import UserError
 from .report import SweepResult, redact, summarize
 from .space import Param, grid, grid_size, parse_param
-from .trials import WORKER_ATTR, run_trial
+from .trials import WORKER_ATTR, dead_here, run_trial
 
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
@@ -161,24 +160,11 @@ def _check_shared(study: optuna.Study, spec: SweepSpec) -> None:
                         f"settings; use another --study name")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def recover_dead(study: optuna.Study) -> list[int]:
     """Trials left running by a process of this host that is gone: marked failed, their points queued again."""
-    host = os.uname().nodename
     retried = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get(WORKER_ATTR, "")
-        name, _, pid = owner.rpartition(":")
-        if name == host and pid.isdigit() and not _pid_alive(int(pid)):
+        if dead_here(t.user_attrs.get(WORKER_ATTR, "")):
             study.tell(t.number, state=TrialState.FAIL)
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             retried.append(t.number)
@@ -236,8 +222,7 @@ def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCall
     study = load_study(spec, sweep_dir)
     base = spec.base
     device = select_device(base.device)
-    splits = load_dataset(base.dataset, base.data_dir, preprocess=base.preprocess, image_size=base.image_size,
-                          test_fraction=base.test_fraction)
+    splits = load_configured(base)
     done = 0
     while (trial := _take_trial(study, spec, sweep_dir)) is not None:
         t0 = time.perf_counter()

@@ -127,6 +127,7 @@ def grid_size(params: tuple[Param, ...]) -> int:
 
 
 def is_log(params: tuple[Param, ...], name: str) -> bool:
-    """Whether ``name`` is best plotted on a log axis: searched on a log range, or declared log-scaled."""
+    """Whether ``name`` is best plotted on a log axis: searched on a log range in ``params``, or declared
+    log-scaled (lr, batch size)."""
     found = next((p for p in params if p.name == name), None)
     return bool(found and found.log) or bool(field_meta(TrainConfig, name).get("log"))

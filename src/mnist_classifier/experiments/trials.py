@@ -28,7 +28,22 @@ WORKER_ATTR = "worker"  # "host:pid" of the process running a trial: a dead loca
 
 
 def worker_id() -> str:
+    """"host:pid" of this process, as recorded on each trial it runs."""
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def dead_here(worker: str) -> bool:
+    """Whether ``worker`` (a ``worker_id``) was a process of this host that no longer exists."""
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another machine's process: this one cannot tell
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, under another user
+        return False
+    return False
 
 
 class PruningReporter(Reporter):

@@ -26,7 +26,7 @@ import torch
 import uvicorn
 
 from ..config import ServeConfig
-from ..device import select_device
+from ..device import select_device, usable_cores
 from ..errors import UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
@@ -39,17 +39,10 @@ MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): mor
 EARLY_DEATH_S, MAX_EARLY_DEATHS = 10.0, 3  # this many workers in a row dying this soon after starting: give up
 
 
-def cpu_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may use (containers, taskset)
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def plan(cfg: ServeConfig) -> ServeConfig:
     """``cfg`` with every automatic setting decided: the checkpoint, workers, threads, decoders, backend."""
     device = select_device(cfg.device)
-    cores = cpu_cores()
+    cores = usable_cores()
     workers = cfg.workers or (min(cores, MAX_AUTO_WORKERS) if device.type == "cpu" else 1)
     threads = cfg.threads or max(1, cores // workers)
     return replace(cfg, checkpoint=str(cfg.checkpoint or latest_checkpoint()), workers=workers, threads=threads,
