@@ -329,6 +329,17 @@ class ServeConfig:
     header_timeout: float = _opt(10.0, "seconds a client may take to send its request headers before it is dropped",
                                  bounds=POSITIVE)
     keep_alive: float = _opt(5.0, "seconds an idle keep-alive connection stays open", bounds=POSITIVE)
+    body_timeout: float = _opt(60.0, "seconds a client may take to send a request body (longer: 408)",
+                               bounds=POSITIVE)
+    body_min_rate: int = _opt(1000, "bytes/s a request body must arrive at, over each 5 s (slower: 408); 0 = any",
+                              bounds=NON_NEGATIVE)
+    max_connections: int = _opt(256, "open connections per worker (beyond: 503); with --max-body-bytes it bounds the "
+                                     "memory bodies may hold", bounds=AT_LEAST_ONE)
+    max_url_bytes: int = _opt(8192, "longest request line, in bytes (longer: 414)", bounds=Bounds(64, None))
+    max_header_bytes: int = _opt(65536, "largest request header block, in bytes (larger: 431)", bounds=Bounds(256, None))
+    max_headers: int = _opt(100, "most request header lines (more: 431)", bounds=AT_LEAST_ONE)
+    max_queue: int = _opt(256, "most images waiting for the model per worker, announced or decoded (beyond: 503 with "
+                               "Retry-After)", bounds=AT_LEAST_ONE)
 
     def __post_init__(self) -> None:
         _check_all(self)

@@ -29,13 +29,15 @@ from ..device import select_device
 from ..models import load_model
 from .backends import onnx_runner, torch_runner
 from .batching import Batcher
+from .fleet import Fleet
 from .handlers import (BadRequest, ClientError, PayloadTooLarge, Served, UnsupportedMediaType, Unprocessable, answer,
                        parse_pixels, prepare_pixels, prepare_upload, probe_upload)
 from .limits import BodyLimit, HostGuard
 from .metrics import CONTENT_TYPE_LATEST, Metrics
 from .multipart import uploaded_files
 from .observe import Observe
-from .schemas import BatchResponse, HealthResponse, PixelsRequest, PredictionResponse, Problem, Status, pixels_request
+from .schemas import (BatchResponse, HealthResponse, PixelsRequest, PredictionResponse, Problem, Readiness, Status,
+                      pixels_request)
 
 PAGE = resources.files("mnist_classifier").joinpath("static/index.html")
 # Uploads of up to this many pixels in these formats are decoded and prepared on the event loop: at most
@@ -62,10 +64,13 @@ async def livez() -> dict[str, str]:
 
 
 async def readyz(request: Request) -> JSONResponse:
-    """Readiness: the model is loaded and warm, and the server is not draining for shutdown (then 503)."""
+    """Readiness: the model is loaded and warm, and the server is not draining for shutdown (then 503). With
+    several workers, how many of them are ready: a connection only ever reaches a ready one."""
+    fleet: Fleet | None = request.app.state.fleet
+    extra = fleet.readiness() if fleet is not None else {}
     if request.app.state.draining:
-        return JSONResponse({"status": "draining"}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "draining", **extra}, status_code=503)
+    return JSONResponse({"status": "ready", **extra})
 
 
 async def metrics(request: Request) -> Response:
@@ -173,8 +178,8 @@ def _routes(app: FastAPI, served: Served) -> None:
     app.add_api_route("/", index, methods=["GET"], response_class=HTMLResponse, include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], response_model=HealthResponse)
     app.add_api_route("/livez", livez, methods=["GET"], response_model=Status)
-    app.add_api_route("/readyz", readyz, methods=["GET"], response_model=Status,
-                      responses={503: {"model": Status, "description": "draining for shutdown"}})
+    app.add_api_route("/readyz", readyz, methods=["GET"], response_model=Readiness,
+                      responses={503: {"model": Readiness, "description": "draining for shutdown"}})
     app.add_api_route("/metrics", metrics, methods=["GET"], response_class=Response,
                       responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     problems = {c.status: {"model": Problem, "description": d} for c, d in (
@@ -189,12 +194,13 @@ def _routes(app: FastAPI, served: Served) -> None:
     app.add_exception_handler(Exception, _server_error)
 
 
-def create_app(cfg: ServeConfig, onnx_path: Path | None = None, threads: int = 1) -> FastAPI:
+def create_app(cfg: ServeConfig, onnx_path: Path | None = None, threads: int = 1, fleet: Fleet | None = None) -> FastAPI:
     """The app of one worker, with the model of ``cfg.checkpoint`` loaded once; ``onnx_path``: run its ONNX
-    export on onnxruntime instead of PyTorch, with ``threads`` threads."""
+    export on onnxruntime instead of PyTorch, with ``threads`` threads; ``fleet``: the supervisor's view of
+    all the workers, for /readyz and /metrics."""
     served = _load(cfg, onnx_path, threads)
     decoder = ThreadPoolExecutor(cfg.max_decodes, thread_name_prefix="decode")
-    metrics_ = Metrics(served.model_name, served.dataset, __version__, served.backend)
+    metrics_ = Metrics(served.model_name, served.dataset, __version__, served.backend, fleet)
     batcher = Batcher(served.run, cfg.max_batch, cfg.max_wait_ms / 1000.0, threaded=served.device.type != "cpu",
                       on_batch=lambda n: metrics_.observe_batch(n, batcher.queued))
 
@@ -209,7 +215,7 @@ def create_app(cfg: ServeConfig, onnx_path: Path | None = None, threads: int = 1
                               "loads its script from a CDN and needs internet; /openapi.json is served from here.")
     app.state.page = PAGE.read_text(encoding="utf-8")  # the only file served, read once
     app.state.served, app.state.batcher, app.state.decoder, app.state.metrics = served, batcher, decoder, metrics_
-    app.state.max_batch_files, app.state.draining = cfg.max_batch_files, False
+    app.state.max_batch_files, app.state.draining, app.state.fleet = cfg.max_batch_files, False, fleet
     _routes(app, served)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     hosts = {cfg.host, *filter(None, (h.strip() for h in cfg.allowed_hosts.split(",")))}

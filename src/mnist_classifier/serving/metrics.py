@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the route
 from prometheus_client import multiprocess
 
+from .fleet import Fleet, FleetCollector
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # seconds: from 1 ms (a cached 28x28 upload) to 10 s (the longest a slow upload may take)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
@@ -27,7 +29,8 @@ def multiprocess_mode() -> bool:
 class Metrics:
     """The server's counters, histograms and gauges."""
 
-    def __init__(self, model: str, dataset: str, version: str, backend: str) -> None:
+    def __init__(self, model: str, dataset: str, version: str, backend: str, fleet: Fleet | None = None) -> None:
+        self.fleet = fleet
         # several processes: values go to the shared folder and are collected at scrape time; one process:
         # a registry of its own, so that two apps in one process (tests) do not collide
         self.registry = None if multiprocess_mode() else CollectorRegistry()
@@ -41,6 +44,9 @@ class Metrics:
         self.queue = Gauge("mnist_queue_depth", "images waiting for a forward pass", multiprocess_mode="livesum", **reg)
         self.in_flight = Gauge("mnist_requests_in_flight", "requests being answered", multiprocess_mode="livesum",
                                **reg)
+        self.refusals = Counter("mnist_refused_connections", "connections refused at the edge before the app saw a "
+                                "request, by reason (timeouts, sizes, the connection cap)", ("reason",), **reg)
+        self.overloaded = Counter("mnist_overloaded_requests", "requests answered 503 because the queue was full", **reg)
         info = Gauge("mnist_model_info", "the model being served (value 1)", ("model", "dataset", "version", "backend"),
                      multiprocess_mode="max", **reg)
         info.labels(model, dataset, version, backend).set(1)
@@ -49,6 +55,9 @@ class Metrics:
         route = path if path in ROUTES else "other"  # bounded label values, whatever paths clients try
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def refused(self, reason: str) -> None:
+        self.refusals.labels(reason).inc()
 
     def observe_batch(self, size: int, queued: int) -> None:
         self.batch_size.observe(size)
@@ -60,4 +69,6 @@ class Metrics:
             return generate_latest(self.registry)
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
+        if self.fleet is not None:
+            registry.register(FleetCollector(self.fleet))
         return generate_latest(registry)

@@ -67,5 +67,10 @@ class Status(BaseModel):
     status: str
 
 
+class Readiness(Status):
+    workers_ready: int | None = None  # several workers: how many are ready (listening, model loaded)
+    workers: int | None = None  # ... of how many
+
+
 class Problem(BaseModel):
     detail: str

@@ -1,15 +1,28 @@
 """``mnist serve``: one supervisor, N worker processes, each an event loop with the model loaded once.
 
 The supervisor checks the checkpoint (a bad one is a one-line error before anything starts), exports it to
-ONNX once when onnxruntime runs it, binds the listening sockets and starts the workers. On Linux each worker
-gets a socket of its own on the same port (SO_REUSEPORT), so the kernel spreads connections over the workers;
-one shared socket lets a busy worker's keep-alive clients pile up on it (measured: 16 connections on one of
-two workers). SIGTERM or Ctrl-C drains: the workers stop accepting, answer what is in flight (up to
-``drain_timeout`` seconds) and exit. A worker that dies is started again.
+ONNX once when onnxruntime runs it, reserves the port and starts the workers. On Linux each worker opens a
+listening socket of its own on that port (SO_REUSEPORT) once its model is loaded, so the kernel spreads
+connections over the workers that are ready, and only over those: a worker that is starting or has died
+holds no socket that connections could queue on (they stalled for seconds there before). One shared socket
+would let a busy worker's keep-alive clients pile up on it (measured: 16 connections on one of two
+workers); where SO_REUSEPORT is missing, the workers share one socket anyway.
+
+SIGTERM or Ctrl-C drains, losing nothing already accepted: ``/readyz`` turns 503, each worker takes the
+connections waiting in its socket's backlog, closes the socket (new connections are then refused, not
+reset), answers every request in flight (up to ``drain_timeout`` seconds) and exits.
+
+A worker that dies is started again: at once if it had become ready (with a backoff once deaths come
+faster than ``FAST_DEATHS`` a minute), after a backoff of 1, 2, 4 ... ``MAX_BACKOFF_S`` seconds if it died
+while starting. The supervisor gives up (exit 2) only when no worker is ready and every worker has failed
+to start ``MAX_START_FAILURES`` times in a row: nothing is serving and starting again does not help.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import functools
 import gc
 import logging
 import multiprocessing
@@ -21,6 +34,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Callable, Union
 
 import torch
 import uvicorn
@@ -31,12 +45,18 @@ from ..errors import UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
 from .backends import export_for_serving, resolve_backend
+from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
-from .protocol import with_header_timeout
+from .protocol import EdgeLimits, edge_protocol
 
 log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
-EARLY_DEATH_S, MAX_EARLY_DEATHS = 10.0, 3  # this many workers in a row dying this soon after starting: give up
+MAX_START_FAILURES = 3  # starts in a row that died before becoming ready, per worker, before giving up
+MAX_BACKOFF_S = 30.0  # the longest wait before starting a worker again
+FAST_DEATHS = 5  # deaths of ready workers within a minute beyond which restarts back off too
+# A worker's listening socket: its own on (host, port), opened when it is ready (SO_REUSEPORT), or one
+# socket shared by all the workers (systems without SO_REUSEPORT, and the single-process server).
+Listen = Union[socket.socket, tuple]
 
 
 def plan(cfg: ServeConfig) -> ServeConfig:
@@ -49,55 +69,118 @@ def plan(cfg: ServeConfig) -> ServeConfig:
                    max_decodes=cfg.max_decodes or threads, backend=resolve_backend(cfg.backend, device))
 
 
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server, marking the app as draining (``/readyz`` -> 503) as soon as shutdown starts."""
+def edge_limits(cfg: ServeConfig) -> EdgeLimits:
+    return EdgeLimits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout,
+                      body_min_rate=cfg.body_min_rate, max_connections=cfg.max_connections,
+                      max_url_bytes=cfg.max_url_bytes, max_header_bytes=cfg.max_header_bytes,
+                      max_headers=cfg.max_headers)
 
-    def __init__(self, config: uvicorn.Config, app) -> None:  # noqa: ANN001 - the FastAPI app
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, marking the app as draining (``/readyz`` -> 503) as soon as shutdown starts, telling
+    ``on_ready`` when it listens, and taking its socket's backlog before closing it on shutdown (closing a
+    listening socket resets the connections the kernel accepted for it and nobody took yet)."""
+
+    def __init__(self, config: uvicorn.Config, app, on_ready: Callable[[], None] | None = None) -> None:  # noqa: ANN001
         super().__init__(config)
-        self.app = app
+        self.app, self.on_ready, self.listeners = app, on_ready, []
 
     def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
         self.app.state.draining = True
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        self.listeners = list(sockets or [])
+        if self.started and self.on_ready is not None:
+            self.on_ready()
 
-def run_worker(cfg: ServeConfig, sock: socket.socket, onnx_path: Path | None) -> None:
-    """One worker: load the model, then serve ``sock`` until told to stop."""
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        await self.take_backlog()
+        await super().shutdown(sockets)  # closes the sockets first thing, with no await before
+
+    async def take_backlog(self) -> int:
+        """Accept every connection waiting in the listening sockets' backlogs; the count taken."""
+        loop = asyncio.get_running_loop()
+        protocol = functools.partial(self.config.http_protocol_class, config=self.config,
+                                     server_state=self.server_state, app_state=self.lifespan.state)
+        taken = 0
+        while True:
+            waiting = [conn for sock in self.listeners for conn in _accept_waiting(sock)]
+            if not waiting:
+                return taken
+            for conn in waiting:
+                await loop.connect_accepted_socket(protocol, conn)
+            taken += len(waiting)
+
+
+def _accept_waiting(sock: socket.socket) -> list[socket.socket]:
+    """The connections in ``sock``'s backlog, accepted without blocking."""
+    taken = []
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return taken
+        except OSError:  # the socket is already closed
+            return taken
+        conn.setblocking(False)
+        taken.append(conn)
+
+
+def run_worker(cfg: ServeConfig, listen: Listen, onnx_path: Path | None, ready=None,  # noqa: ANN001 - an Event
+               fleet: Fleet | None = None) -> None:
+    """One worker: load the model, open its socket, then serve until told to stop. ``ready`` (a
+    multiprocessing Event) is set once it listens."""
     from .app import create_app  # imports FastAPI; after the thread settings below
 
     torch.set_num_threads(cfg.threads)
-    app = create_app(cfg, onnx_path, cfg.threads)
+    app = create_app(cfg, onnx_path, cfg.threads, fleet)
     # The ~1 M objects of torch, FastAPI and the model never become garbage; out of the collector's sight, a
     # full collection no longer walks them (it paused the worker for tens of ms: the p99 latency).
     gc.collect()
     gc.freeze()
-    config = uvicorn.Config(app, http=with_header_timeout(cfg.header_timeout), loop="auto", lifespan="on",
-                            log_level="info", access_log=False, timeout_keep_alive=cfg.keep_alive,
-                            timeout_graceful_shutdown=cfg.drain_timeout)
-    DrainingServer(config, app).run(sockets=[sock])
+    sock = listen if isinstance(listen, socket.socket) else open_listener(*listen, reuse_port=True)
+    protocol = edge_protocol(edge_limits(cfg), app.state.metrics.refused)
+    config = uvicorn.Config(app, http=protocol, loop="auto", lifespan="on", log_level="info", access_log=False,
+                            timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=cfg.drain_timeout)
+    DrainingServer(config, app, on_ready=ready.set if ready is not None else None).run(sockets=[sock])
 
 
-def bind(host: str, port: int, count: int) -> list[socket.socket]:
-    """``count`` listening sockets on one port (SO_REUSEPORT where the system has it), else one shared socket."""
-    reuse_port = hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux") and count > 1
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sockets: list[socket.socket] = []
+def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
-        for _ in range(count if reuse_port else 1):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            port = sock.getsockname()[1]  # port 0: the others join the port the first one got
-            sock.listen(2048)
-            sock.set_inheritable(True)
-            sockets.append(sock)
+        sock.bind((host, port))
     except OSError as exc:
-        for sock in sockets:
-            sock.close()
+        sock.close()
         raise UserError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return [sockets[i % len(sockets)] for i in range(count)]
+    return sock
+
+
+def open_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket on ``host:port`` (port 0: a free one)."""
+    sock = _socket(host, port, reuse_port)
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def can_reuse_port(workers: int) -> bool:
+    return workers > 1 and hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
+def listeners(host: str, port: int, workers: int) -> tuple[socket.socket, list[Listen]]:
+    """The supervisor's socket (it keeps the port: bound, and listening only when shared) and what each
+    worker listens on: its own socket on the same port where SO_REUSEPORT allows, else the shared one. A
+    bound socket that does not listen receives no connections."""
+    if not can_reuse_port(workers):
+        shared = open_listener(host, port)
+        return shared, [shared] * workers
+    keeper = _socket(host, port, reuse_port=True)
+    return keeper, [(host, keeper.getsockname()[1])] * workers
 
 
 def serve(cfg: ServeConfig) -> None:
@@ -106,20 +189,20 @@ def serve(cfg: ServeConfig) -> None:
     cfg = plan(cfg)
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
-    sockets = bind(cfg.host, cfg.port, cfg.workers)
-    port = sockets[0].getsockname()[1]
+    keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
+    port = keeper.getsockname()[1]
     with tempfile.TemporaryDirectory(prefix="mnist-serve-") as tmp:
         onnx_path, cfg = _onnx_export(cfg, payload, Path(tmp), fallback=requested == "auto")
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
               f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr,
               flush=True)
         if cfg.workers == 1:
-            run_worker(cfg, sockets[0], onnx_path)
+            run_worker(cfg, keeper, onnx_path)
             return
         metrics_dir = Path(tmp) / "metrics"
         metrics_dir.mkdir()
         os.environ[MULTIPROC_ENV] = str(metrics_dir)  # before the workers start: they import prometheus_client
-        Supervisor(cfg, sockets, onnx_path).run()
+        Supervisor(cfg, listen, onnx_path).run()
 
 
 def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) -> tuple[Path | None, ServeConfig]:
@@ -138,22 +221,29 @@ def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) 
 
 
 class Supervisor:
-    """Starts the workers, starts again any that die, and stops them all on SIGTERM/SIGINT."""
+    """Starts the workers, starts again any that die (see the module's notes), and stops them all on
+    SIGTERM/SIGINT. What it knows goes to the workers' ``/readyz`` and ``/metrics`` through a Fleet."""
 
-    def __init__(self, cfg: ServeConfig, sockets: list[socket.socket], onnx_path: Path | None) -> None:
-        self.cfg, self.sockets, self.onnx_path = cfg, sockets, onnx_path
+    def __init__(self, cfg: ServeConfig, listen: list[Listen], onnx_path: Path | None) -> None:
+        self.cfg, self.listen, self.onnx_path = cfg, listen, onnx_path
         self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
-        self.procs: list[multiprocessing.process.BaseProcess | None] = [None] * len(sockets)
-        self.started = [0.0] * len(sockets)  # time.monotonic() of each worker's latest start
-        self.early_deaths = 0  # workers in a row that died within EARLY_DEATH_S of starting
-        self.stopping = False
-        self.failed = False
+        n = len(listen)
+        self.fleet = Fleet(self.ctx, n)
+        self.procs: list[multiprocessing.process.BaseProcess | None] = [None] * n
+        self.ready_events: list = [None] * n
+        self.ready = [False] * n
+        self.failures = [0] * n  # starts in a row that died before becoming ready
+        self.due = [0.0] * n  # time.monotonic() at which an empty slot is started again
+        self.since = [0.0] * n  # when the slot's worker started, or became ready
+        self.deaths: collections.deque[float] = collections.deque()  # ready workers' deaths, last minute
+        self.stopping = self.failed = False
 
     def _start(self, i: int) -> None:
-        proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.sockets[i], self.onnx_path),
+        event = self.ctx.Event()
+        proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.listen[i], self.onnx_path, event, self.fleet),
                                 name=f"mnist-serve-worker-{i}", daemon=False)
         proc.start()
-        self.procs[i], self.started[i] = proc, time.monotonic()
+        self.procs[i], self.ready_events[i], self.ready[i], self.since[i] = proc, event, False, time.monotonic()
 
     def _stop(self, signum: int, _frame) -> None:  # noqa: ANN001 - signal handler signature
         self.stopping = True
@@ -167,29 +257,49 @@ class Supervisor:
         for i in range(len(self.procs)):
             self._start(i)
         while not self.stopping:
-            time.sleep(0.2)
-            self._restart_dead()
+            time.sleep(0.05)
+            self.tend()
         self._join()
         if self.failed:
-            raise UserError(f"workers kept dying within {EARLY_DEATH_S:g} s of starting; the lines above say why")
+            raise UserError(f"no worker is serving, and each failed to start {MAX_START_FAILURES} times in a row; "
+                            "the lines above say why")
 
-    def _restart_dead(self) -> None:
-        from prometheus_client import multiprocess  # the workers' metric files of a dead worker are dropped
-
+    def tend(self) -> None:
+        """One look at every worker: note the ones that became ready, bury the dead, start the due."""
+        now = time.monotonic()
         for i, proc in enumerate(self.procs):
-            if proc is None or proc.is_alive() or self.stopping:
-                continue
-            multiprocess.mark_process_dead(proc.pid)
-            early = time.monotonic() - self.started[i] < EARLY_DEATH_S
-            self.early_deaths = self.early_deaths + 1 if early else 0
-            if self.early_deaths >= MAX_EARLY_DEATHS:  # a crash loop: restarting will not help
-                self.failed = True
-                self._stop(signal.SIGTERM, None)
-                return
-            print(f"mnist serve: worker {i} (pid {proc.pid}) exited with code {proc.exitcode}; starting it again",
-                  file=sys.stderr, flush=True)
-            time.sleep(1.0 if early else 0.0)  # a worker that dies at start must not spin the CPU
-            self._start(i)
+            if proc is None:
+                if now >= self.due[i] and not self.stopping:
+                    self._start(i)
+            elif proc.is_alive():
+                if not self.ready[i] and self.ready_events[i].is_set():
+                    self.ready[i], self.failures[i], self.since[i] = True, 0, now
+            elif not self.stopping:
+                self._bury(i, proc, now)
+        self.fleet.set("ready", sum(self.ready))
+        if not any(self.ready) and min(self.failures) >= MAX_START_FAILURES:  # a crash loop with nothing serving
+            self.failed = True
+            self._stop(signal.SIGTERM, None)
+
+    def _bury(self, i: int, proc: multiprocessing.process.BaseProcess, now: float) -> None:
+        from prometheus_client import multiprocess  # the metric files of a dead worker are dropped
+
+        multiprocess.mark_process_dead(proc.pid)
+        if self.ready[i]:
+            self.fleet.add("died_serving")
+            self.deaths.append(now)
+            while self.deaths and now - self.deaths[0] > 60:
+                self.deaths.popleft()
+            delay = min(MAX_BACKOFF_S, 2.0 ** (len(self.deaths) - FAST_DEATHS)) if len(self.deaths) > FAST_DEATHS else 0
+            when = f"after {now - self.since[i]:.1f} s serving"
+        else:
+            self.fleet.add("died_starting")
+            self.failures[i] += 1
+            delay = min(MAX_BACKOFF_S, 2.0 ** (self.failures[i] - 1))
+            when = f"before it was ready ({self.failures[i]} in a row)"
+        self.procs[i], self.ready[i], self.due[i] = None, False, now + delay
+        print(f"mnist serve: worker {i} (pid {proc.pid}) exited with code {proc.exitcode} {when}; starting it "
+              f"again in {delay:g} s", file=sys.stderr, flush=True)
 
     def _join(self) -> None:
         deadline = time.monotonic() + self.cfg.drain_timeout + 5  # drain, then lifespan shutdown and exit
