@@ -20,7 +20,7 @@ from conftest import serving
 from mnist_classifier.data.images import open_image, prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
-from mnist_classifier.serving.batching import Batcher
+from mnist_classifier.serving.batching import Batcher, Overloaded
 from mnist_classifier.serving.multipart import uploaded_files
 from mnist_classifier.serving.handlers import BadRequest, Unprocessable
 
@@ -148,6 +148,57 @@ def test_batcher_waits_for_images_a_request_announced_and_not_for_withdrawn_ones
 
     waited = asyncio.run(main())
     assert sizes == [3, 1] and waited < 1.0
+
+
+def test_batcher_takes_images_round_robin_and_refuses_what_its_queue_cannot_hold():
+    """While a forward pass runs, a 10-image request and then a one-image request queue up: the one image
+    rides the very next pass (FIFO put it in the fourth). A request that would take the queue past
+    max_queue is refused at once."""
+    batches: list[list[int]] = []
+
+    def run(images):  # each image carries its request's number in its first pixel
+        batches.append(images[:, 0, 0, 0].tolist())
+        time.sleep(0.1)  # on the batcher's thread: the others queue meanwhile
+        return np.ones((len(images), 10), dtype=np.float32)
+
+    def image(request: int) -> torch.Tensor:
+        return torch.full((1, 28, 28), request, dtype=torch.uint8)
+
+    async def together(batcher, *images):  # a batch request: all its images submitted at once
+        with batcher.expect(len(images)) as submit:
+            return await asyncio.gather(*(submit(i) for i in images))
+
+    async def main():
+        batcher = Batcher(run, max_batch=4, max_wait=0.001, threaded=True, max_queue=12)
+        try:
+            first = asyncio.ensure_future(together(batcher, image(0)))
+            await asyncio.sleep(0.05)  # its pass is running
+            big = asyncio.ensure_future(together(batcher, *[image(1)] * 10))
+            await asyncio.sleep(0)
+            small = asyncio.ensure_future(together(batcher, image(2)))
+            await asyncio.sleep(0)
+            with pytest.raises(Overloaded), batcher.expect(2):  # 11 waiting + 2 > 12
+                pass
+            await asyncio.gather(first, big, small)
+            with batcher.expect(12):  # the queue is empty again: 12 fit
+                pass
+        finally:
+            batcher.close()
+
+    asyncio.run(main())
+    assert batches[0] == [0] and batches[1].count(2) == 1 and sorted(sum(batches, [])) == [0] + [1] * 10 + [2]
+
+
+def test_a_full_queue_answers_503_with_retry_after(trained_checkpoint, digits):
+    """A request whose images do not fit in the queue (--max-queue, per worker) is answered 503 at once with
+    Retry-After, and counted; one that fits is served as before."""
+    files = [("file", (f"{label}.png", png, "image/png")) for label, png in digits[:5]]
+    with serving(trained_checkpoint, "--workers", "1", "--max-queue", "4") as base:
+        busy = httpx.post(f"{base}/predict/batch", files=files)
+        fits = httpx.post(f"{base}/predict/batch", files=files[:4])
+        counted = _metrics(base)["mnist_overloaded_requests_total{}"]
+    assert busy.status_code == 503 and busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+    assert fits.status_code == 200 and len(fits.json()["predictions"]) == 4 and counted == 1
 
 
 def test_onnxruntime_backend_gives_the_answers_of_torch_on_the_test_set(trained_checkpoint, splits, tmp_path):
@@ -299,6 +350,21 @@ def test_batch_endpoint_answers_each_file_in_order(trained_checkpoint, digits):
 
 
 @pytest.mark.slow
+def _wait_dead(pid: int, timeout: float = 10) -> None:
+    """Until ``pid`` is gone or a zombie (the kernel has closed its sockets)."""
+    from pathlib import Path
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return
+        except OSError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not die")
+
+
 def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint, digits):
     (label, png), *_ = digits
     proc = []
@@ -314,6 +380,7 @@ def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint
         import os
 
         os.kill(victim, signal.SIGKILL)
+        _wait_dead(victim)  # a connection made while it was dying would be lost with it
         seen, slowest = set(), 0.0
         deadline = time.monotonic() + 60
         while len(seen) < 3 and time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from ..config import ServeConfig
 from ..device import select_device
 from ..models import load_model
 from .backends import onnx_runner, torch_runner
-from .batching import Batcher
+from .batching import Batcher, Overloaded
 from .fleet import Fleet
 from .handlers import (BadRequest, ClientError, PayloadTooLarge, Served, UnsupportedMediaType, Unprocessable, answer,
                        parse_pixels, prepare_pixels, prepare_upload, probe_upload)
@@ -81,13 +81,16 @@ async def _uploads(request: Request, max_files: int) -> list[bytes]:
     return uploaded_files(await request.body(), request.headers.get("content-type", ""), "file", max_files)
 
 
-async def _image(request: Request, data: bytes) -> torch.Tensor:
-    """An upload -> the model's uint8 input: probed here, decoded here when small, else on a decode thread."""
+async def _image(request: Request, data: bytes, turn: asyncio.Semaphore | None = None) -> torch.Tensor:
+    """An upload -> the model's uint8 input: probed here, decoded here when small, else on a decode thread
+    (one at a time per ``turn``: a batch request's images queue for the threads one by one, not all at once
+    ahead of everyone else's)."""
     served: Served = request.app.state.served
     img = probe_upload(served, data)
     if img.size[0] * img.size[1] <= INLINE_PIXELS and img.format in INLINE_FORMATS and not img.info.get("progressive"):
         return prepare_upload(served, img)
-    return await asyncio.get_running_loop().run_in_executor(request.app.state.decoder, prepare_upload, served, img)
+    async with turn or contextlib.nullcontext():
+        return await asyncio.get_running_loop().run_in_executor(request.app.state.decoder, prepare_upload, served, img)
 
 
 async def _classify(request: Request, data: bytes | None = None, pixels: bytes | None = None) -> dict[str, Any]:
@@ -113,21 +116,31 @@ async def predict(request: Request) -> JSONResponse:
     raise UnsupportedMediaType("send multipart/form-data with a 'file', an image body, or JSON {'pixels': [[...]]}")
 
 
-async def _batch_item(request: Request, submit, data: bytes) -> dict[str, Any]:  # noqa: ANN001 - the batcher's
+async def _batch_item(request: Request, submit, data: bytes, turn: asyncio.Semaphore) -> dict[str, Any]:  # noqa: ANN001
     try:
-        return answer(request.app.state.served, await submit(await _image(request, data)))
+        return answer(request.app.state.served, await submit(await _image(request, data, turn)))
     except ClientError as exc:
         return {"error": exc.detail, "status": exc.status}
 
 
 async def predict_batch(request: Request) -> JSONResponse:
     """Classify several uploaded images (repeated multipart field ``file``); one result per file, in order.
-    A bad image gets its own error in its place; the others are still classified."""
+    A bad image gets its own error in its place; the others are still classified. Its images start one per
+    turn of the event loop, so that other requests are read and decoded in between."""
     if request.headers.get("content-type", "").split(";")[0].strip().lower() != "multipart/form-data":
         raise UnsupportedMediaType("send multipart/form-data with one or more 'file' fields")
     datas = await _uploads(request, request.app.state.max_batch_files)
+    turn = asyncio.Semaphore(1)
     with request.app.state.batcher.expect(len(datas)) as submit:
-        results = await asyncio.gather(*(_batch_item(request, submit, d) for d in datas))
+        items: list[asyncio.Task] = []
+        try:
+            for data in datas:
+                items.append(asyncio.ensure_future(_batch_item(request, submit, data, turn)))
+                await asyncio.sleep(0)
+            results = await asyncio.gather(*items)
+        finally:
+            for item in items:
+                item.cancel()  # the client left: the images not classified yet are not
     return JSONResponse({"predictions": list(results)})
 
 
@@ -153,6 +166,12 @@ async def _client_error(_request: Request, exc: ClientError) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
     return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
+
+
+async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+    request.app.state.metrics.overloaded.inc()
+    return JSONResponse({"detail": f"the server is busy ({exc}); try again shortly"}, status_code=503,
+                        headers={"Retry-After": "1"})
 
 
 async def _server_error(request: Request, exc: Exception) -> JSONResponse:
@@ -185,11 +204,13 @@ def _routes(app: FastAPI, served: Served) -> None:
     problems = {c.status: {"model": Problem, "description": d} for c, d in (
         (BadRequest, "not a decodable image, or not JSON"), (PayloadTooLarge, "body or image too large"),
         (UnsupportedMediaType, "unsupported content type"), (Unprocessable, "no digit, or malformed pixels"))}
+    problems[503] = {"model": Problem, "description": "too many images waiting; retry after Retry-After seconds"}
     app.add_api_route("/predict", predict, methods=["POST"], response_model=PredictionResponse,
                       openapi_extra=_predict_openapi(served.pixels_model), responses=problems)
     app.add_api_route("/predict/batch", predict_batch, methods=["POST"], response_model=BatchResponse,
                       openapi_extra=_batch_openapi(), responses=problems)
     app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(Overloaded, _overloaded)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
 
@@ -202,7 +223,7 @@ def create_app(cfg: ServeConfig, onnx_path: Path | None = None, threads: int = 1
     decoder = ThreadPoolExecutor(cfg.max_decodes, thread_name_prefix="decode")
     metrics_ = Metrics(served.model_name, served.dataset, __version__, served.backend, fleet)
     batcher = Batcher(served.run, cfg.max_batch, cfg.max_wait_ms / 1000.0, threaded=served.device.type != "cpu",
-                      on_batch=lambda n: metrics_.observe_batch(n, batcher.queued))
+                      on_batch=lambda n: metrics_.observe_batch(n, batcher.queued), max_queue=cfg.max_queue)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
