@@ -40,7 +40,8 @@ except UserError as exc:
 CHILD = """
 import sys
 try:
-    from mnist_classifier.data.images import ImageError, open_image, prepare_image
+    from mnist_classifier.data.decode import ImageError, open_image
+    from mnist_classifier.data.images import prepare_image
 except ImportError:  # the layout before the pipeline packages
     from mnist_classifier.preprocess import ImageError, open_image, prepare_image
 try:

@@ -75,3 +75,73 @@ def inflating_checkpoint(source: Path, target: Path, inflated_bytes: int = 1_000
                     chunk = b"\0" * (1 << 24)
                     for _ in range(inflated_bytes // len(chunk)):
                         fh.write(chunk)
+
+
+# Header bombs (issue 23): files whose structure Pillow reads a chunk, marker or sub-block at a time in
+# Python, so that a few MB cost seconds of CPU while the file is only being opened.
+
+
+def _small_png_parts() -> tuple[bytes, bytes]:
+    """(signature + IHDR, IDAT + IEND) of a real 28x28 grey PNG."""
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(buf, format="PNG")
+    data = buf.getvalue()
+    idat = data.index(b"IDAT") - 4
+    return data[:idat], data[idat:]
+
+
+def png_iccp_chunks(count: int = 4648) -> bytes:
+    """A 28x28 PNG with ``count`` iCCP chunks, each deflating to 1 MiB (4.9 MB for the default count)."""
+    head, tail = _small_png_parts()
+    chunk = _png_chunk(b"iCCP", b"p\x00\x00" + zlib.compress(b"\x00" * (1 << 20), 9))
+    return head + chunk * count + tail
+
+
+def png_empty_chunks(count: int = 400_000) -> bytes:
+    """A 28x28 PNG with ``count`` empty private ancillary chunks before its image data."""
+    head, tail = _small_png_parts()
+    return head + _png_chunk(b"prVt", b"") * count + tail
+
+
+def _small_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def jpeg_fill_bytes(count: int = 4_000_000) -> bytes:
+    """A 28x28 JPEG with ``count`` 0xFF fill bytes before its first segment after SOI."""
+    data = _small_jpeg()
+    return data[:2] + b"\xff" * count + data[2:]
+
+
+def jpeg_comments(count: int = 1_200_000) -> bytes:
+    """A 28x28 JPEG with ``count`` empty comment (COM) segments before its frame."""
+    data = _small_jpeg()
+    return data[:2] + b"\xff\xfe\x00\x02" * count + data[2:]
+
+
+def _small_gif() -> tuple[bytes, bytes]:
+    """(header + screen + colour table, the rest) of a real 28x28 GIF."""
+    buf = io.BytesIO()
+    Image.new("L", (28, 28), 255).save(buf, format="GIF")
+    data = buf.getvalue()
+    table = 3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0
+    return data[:13 + table], data[13 + table:]
+
+
+def gif_sub_blocks(count: int = 2_400_000) -> bytes:
+    """A 28x28 GIF whose comment extension holds ``count`` one-byte sub-blocks."""
+    head, rest = _small_gif()
+    return head + b"\x21\xfe" + b"\x01x" * count + b"\x00" + rest
+
+
+def gif_control_extensions(count: int = 600_000) -> bytes:
+    """A 28x28 GIF with ``count`` graphic-control extensions before its image."""
+    head, rest = _small_gif()
+    return head + b"\x21\xf9\x04\x00\x00\x00\x00\x00" * count + rest
+
+
+HEADER_BOMBS = {"png_iccp_chunks": png_iccp_chunks, "png_empty_chunks": png_empty_chunks,
+                "jpeg_fill_bytes": jpeg_fill_bytes, "jpeg_comments": jpeg_comments,
+                "gif_sub_blocks": gif_sub_blocks, "gif_control_extensions": gif_control_extensions}

@@ -372,6 +372,7 @@ def test_no_tensorboard_writes_no_events(data_dir, splits, tmp_path):
 
 
 @pytest.mark.serial
+@pytest.mark.slow  # it needs a quiet machine: make test-fast runs serial tests beside others
 def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
     from mnist_classifier.device import threads_per_job, usable_cores
 

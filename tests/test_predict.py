@@ -8,7 +8,8 @@ from PIL import Image
 
 from conftest import REPO, run_cli
 from mnist_classifier.models import checkpoint
-from mnist_classifier.data.images import ImageError, open_image, prepare_digit
+from mnist_classifier.data.decode import ImageError, open_image
+from mnist_classifier.data.images import prepare_digit
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from printed_digits import render_set  # noqa: E402

@@ -17,7 +17,8 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import serving
-from mnist_classifier.data.images import open_image, prepare_digit
+from mnist_classifier.data.decode import open_image
+from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
 from mnist_classifier.serving.batching import Batcher, Overloaded

@@ -15,14 +15,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from .data.decode import MAX_PIXELS
+from .data.images import PREPROCESSES
 from .errors import UserError
 
-MAX_PIXELS = 16_000_000  # largest image accepted anywhere: a 16-megapixel photo (a bomb can declare 10^10 in a few bytes)
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
 SCHEDULES = ("constant", "onecycle", "cosine")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16")
-PREPROCESSES = ("digit", "resize")
 RECIPE_ALIASES = {"seed": "guide"}  # the guide's recipe was called "seed" before "seed" meant only --seed
 
 

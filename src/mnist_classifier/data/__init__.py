@@ -6,7 +6,8 @@ the device. A new data set goes in ``registry.py`` (an ``IdxSet`` entry for MNIS
 its own beside ``cifar.py``.
 """
 
-from .images import IMAGE_SUFFIXES, ImageError, model_input, normalize, open_image, prepare_image
+from .decode import ImageError, open_image
+from .images import IMAGE_SUFFIXES, model_input, normalize, prepare_image
 from .info import DatasetInfo, Splits
 from .registry import (DATASETS, check_name, ensure_mnist, load_configured, load_dataset, load_for, load_mnist, raw_dir,
                        verify_mnist)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from .images import IMAGE_SUFFIXES, ImageError, open_image, prepare_image
+from .decode import ImageError, open_image
+from .images import IMAGE_SUFFIXES, prepare_image
 from .info import DatasetInfo, Splits, channel_stats
 
 FOLDER_PREFIX = "folder:"

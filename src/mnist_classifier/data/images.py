@@ -1,7 +1,7 @@
 """Turning pixels into model inputs.
 
 Training, evaluation, prediction and serving all go through ``normalize`` (and ``model_input``, which also
-moves a batch to its device); images from people are decoded by ``open_image`` and prepared by
+moves a batch to its device); images from people are decoded by ``decode.open_image`` and prepared by
 ``prepare_image`` first, which makes them look like the training images (for MNIST: its own nine steps).
 """
 
@@ -15,12 +15,14 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
-from ..config import MAX_PIXELS
 from ..device import preferred_memory_format
+from .decode import NothingToSee, upright
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")  # what folders and predict pick up (ALLOWED_FORMATS)
+# How people's own images become inputs (``prepare_image``): MNIST's own nine steps, or a plain resize.
+PREPROCESSES = ("digit", "resize")
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -52,128 +54,6 @@ def model_input(images: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 MIN_CONTRAST = 40  # on 0-255: an image whose ink differs from its background by less than this has no digit
 INK_THRESHOLD = 0.2  # fraction of the ink's full strength that counts as part of the digit when cropping
-
-
-class ImageError(ValueError):
-    """An input that cannot be turned into a model input; the message says why (without the file name)."""
-
-
-class NotAnImage(ImageError):
-    """Unreadable, empty, not an image at all, or a broken one."""
-
-
-class ImageTooLarge(ImageError):
-    """Declares more pixels than the limit (checked before the pixels are decoded)."""
-
-
-class NothingToSee(ImageError):
-    """Decoded fine, but shows nothing to classify (blank, one shade, or no pixels)."""
-
-
-# What a photo, scan or drawing of a digit comes as. Everything else (ICO and ICNS, which decode an embedded
-# image while being opened; TIFF, PSD, ...) is refused before Pillow's plugin for it runs.
-ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
-MAX_FILE_BYTES = 20_000_000  # a file read from disk; uploads have the server's body limit
-MAX_JPEG_SCANS = 100  # a progressive JPEG has about 10; each scan costs a pass over every block of the image
-WORK_SIDE = 1024  # pixels per side an image is shrunk to (area averaging) before it is prepared
-_BMP_RLE = (1, 2)  # BI_RLE8, BI_RLE4: decoded in Python by Pillow, seconds per image
-
-
-def read_image_file(path: str | os.PathLike) -> bytes:
-    """The bytes of an image file, refusing folders, devices, FIFOs and anything over ``MAX_FILE_BYTES``
-    before reading (a FIFO would block the open; /dev/zero would never end)."""
-    try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
-    if stat.S_ISDIR(info.st_mode):
-        raise NotAnImage("is a folder")
-    if not stat.S_ISREG(info.st_mode):
-        raise NotAnImage("is not a regular file (a device, FIFO or socket)")
-    if info.st_size > MAX_FILE_BYTES:
-        raise ImageTooLarge(f"is too large: {info.st_size:,} bytes (the limit is {MAX_FILE_BYTES:,})")
-    try:
-        with open(path, "rb") as fh:
-            data = fh.read(MAX_FILE_BYTES + 1)  # a file that grows while it is read is cut off here
-    except OSError as exc:
-        raise NotAnImage(f"cannot read ({exc.strerror or exc})") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ImageTooLarge(f"is too large: over {MAX_FILE_BYTES:,} bytes")
-    return data
-
-
-def _refuse_costly(img: Image.Image, data: bytes) -> None:
-    """Encodings whose decoding costs far more than their pixels: many-scan JPEGs, run-length BMPs."""
-    if img.format == "JPEG" and data.count(b"\xff\xda") > MAX_JPEG_SCANS:  # SOS markers; 0xFF is escaped in scans
-        raise ImageTooLarge(f"is too costly to decode: a JPEG with more than {MAX_JPEG_SCANS} scans")
-    if img.format == "BMP" and img.info.get("compression") in _BMP_RLE:
-        raise NotAnImage("is a run-length-encoded BMP, which is not accepted; send PNG or JPEG")
-
-
-def probe_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Read an image's header and check everything that bounds the cost of decoding it, before any pixel is
-    decoded: the format, the declared size, the JPEG scan count and the BMP compression. Cheap (tens of
-    microseconds); ``decode_image`` does the rest."""
-    if len(data) == 0:
-        raise NotAnImage("is empty (0 bytes)")
-    with _image_errors(max_pixels):
-        img = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        width, height = img.size
-        if width * height > max_pixels:
-            raise ImageTooLarge(f"is too large: {width}x{height} pixels (the limit is {max_pixels:,})")
-        _refuse_costly(img, data)
-    return img
-
-
-def decode_image(img: Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Decode a probed image into at most ``WORK_SIDE`` pixels per side.
-
-    JPEGs are decoded at 1/2 to 1/8 scale where that still leaves ``WORK_SIDE`` pixels (draft mode), EXIF
-    orientation is applied, and the result is shrunk by area averaging. Animated images give their first frame.
-    """
-    with _image_errors(max_pixels):
-        width, height = img.size
-        if img.format == "JPEG":
-            img.draft(None, (min(width, WORK_SIDE), min(height, WORK_SIDE)))
-        img.seek(0)  # the first frame of an animation
-        img.load()
-        img = upright(img)
-        img.thumbnail((WORK_SIDE, WORK_SIDE), Image.Resampling.BOX)
-    return img
-
-
-def open_image(data: bytes | str | os.PathLike, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Probe and decode an image (path or bytes) of an accepted format: ``probe_image`` then ``decode_image``."""
-    if isinstance(data, (str, os.PathLike)):
-        data = read_image_file(data)
-    return decode_image(probe_image(data, max_pixels), max_pixels)
-
-
-@contextlib.contextmanager
-def _image_errors(max_pixels: int) -> Iterator[None]:
-    """Whatever Pillow raises on a bad file -> the ImageError it is."""
-    try:
-        yield
-    except ImageError:
-        raise
-    except Image.DecompressionBombError:
-        raise ImageTooLarge(f"is too large: it declares more pixels than the limit of {max_pixels:,}") from None
-    except UnidentifiedImageError:
-        raise NotAnImage(f"is not an image in an accepted format ({', '.join(ALLOWED_FORMATS)})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise NotAnImage(f"is a broken image ({str(exc)[:120]})") from None
-
-
-# Where Pillow looks for an orientation tag (ImageOps.exif_transpose -> Image.getexif): an image with none of
-# these has none, and skipping the lookup saves ~30 us per image (a third of preparing a 28x28 upload).
-_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
-
-
-def upright(img: Image.Image) -> Image.Image:
-    """The image turned as its EXIF/XMP orientation says (``ImageOps.exif_transpose``), at no cost without one."""
-    if not hasattr(img, "tag_v2") and not any(key in img.info for key in _ORIENTATION_KEYS):
-        return img
-    return ImageOps.exif_transpose(img)
 
 
 def _median(values: np.ndarray) -> float:

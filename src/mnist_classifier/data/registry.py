@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from ..config import TrainConfig
 from ..errors import UserError
 from .cifar import load_cifar10
 from .fetch import fetch_into, fetch_lock, remove_scratch
@@ -206,7 +205,22 @@ def load_for(info: DatasetInfo, data_dir: str | os.PathLike = "data") -> Splits:
     return splits
 
 
-def load_configured(cfg: TrainConfig) -> Splits:
+class DataSettings(Protocol):
+    """What a training config says about its data (config.TrainConfig, which sits above this stage)."""
+
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def data_dir(self) -> str: ...
+    @property
+    def preprocess(self) -> str: ...
+    @property
+    def image_size(self) -> int: ...
+    @property
+    def test_fraction(self) -> float: ...
+
+
+def load_configured(cfg: DataSettings) -> Splits:
     """The data set a training config names, prepared as it asks (``--preprocess``, ``--image-size`` and
     ``--test-fraction`` matter for folders only): what ``mnist train``, ``lr-find`` and each sweep worker load."""
     return load_dataset(cfg.dataset, cfg.data_dir, preprocess=cfg.preprocess, image_size=cfg.image_size,

@@ -15,7 +15,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ..data import DatasetInfo, prepare_image
-from ..data.images import ImageError, ImageTooLarge, NothingToSee, NotAnImage, decode_image, probe_image
+from ..data.decode import ImageError, ImageTooLarge, NothingToSee, NotAnImage, decode_image, probe_image
 from ..inference import to_prediction
 from .schemas import PixelsRequest
 
