@@ -174,6 +174,8 @@ class Edge:
             self._head_bytes = self._head_lines = self._line_bytes = 0
             if self._receiving_body():
                 self._start_body_clock()
+        elif not self._receiving_body():
+            self._cancel()  # the body is complete: its clock stops
         self._window_bytes += len(data)
 
     def shutdown(self) -> None:
