@@ -8,7 +8,6 @@ Abusers run in processes of their own (no GIL shared with the measuring client).
 """
 
 import argparse
-import asyncio
 import collections
 import io
 import json
@@ -26,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import attacks  # noqa: E402
-from conftest import serving  # noqa: E402
+from conftest import serving, sigterm_while_paused, worker_pids  # noqa: E402
 
 
 def png(side: int, seed: int = 0) -> bytes:
@@ -132,24 +131,9 @@ def slow_bodies(checkpoint: Path, count: int = 100, wait: float = 20) -> dict:
 
 def drain(checkpoint: Path, uploads: int = 32) -> dict:
     """SIGTERM with ``uploads`` sent while the workers were paused: how many were answered."""
-    image, proc = png(28), []
-    with serving(checkpoint, process=proc) as base:
-        pids = {httpx.get(f"{base}/health").json()["worker_pid"] for _ in range(50)}
-
-        async def race() -> list:
-            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=uploads)) as client:
-                for pid in pids:
-                    os.kill(pid, signal.SIGSTOP)
-                posts = [asyncio.create_task(client.post(f"{base}/predict", content=image,
-                                                         headers={"content-type": "image/png"})) for _ in range(uploads)]
-                await asyncio.sleep(0.5)
-                proc[0].send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                for pid in pids:
-                    os.kill(pid, signal.SIGCONT)
-                return await asyncio.gather(*posts, return_exceptions=True)
-
-        results = asyncio.run(race())
+    proc = []
+    with serving(checkpoint, "--workers", "2", process=proc) as base:
+        results = sigterm_while_paused(base, proc[0], worker_pids(base, 2), [png(28)] * uploads)
         proc[0].wait(30)
     answered = sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in results)
     return {"uploads": uploads, "answered": answered, "errors": uploads - answered}

@@ -155,3 +155,41 @@ def serving(checkpoint_path: Path, *flags: str, process: list | None = None):
 def server(trained_checkpoint):
     with serving(trained_checkpoint) as base:
         yield base
+
+
+def worker_pids(base: str, workers: int) -> list[int]:
+    """The pids of the ``workers`` workers answering on ``base``: each new connection lands on one of them."""
+    import httpx
+
+    seen: set[int] = set()
+    for _ in range(200):
+        seen.add(httpx.get(f"{base}/health", timeout=30).json()["worker_pid"])
+        if len(seen) == workers:
+            return sorted(seen)
+    raise AssertionError(f"only {len(seen)} of {workers} workers answered 200 connections")
+
+
+def sigterm_while_paused(base: str, server: subprocess.Popen, pids: list[int], uploads: list[bytes]) -> list:
+    """SIGTERM ``server`` with ``uploads`` waiting in its sockets' backlogs and buffers: its workers ``pids`` are
+    paused (SIGSTOP) while the uploads connect and are sent, as behind a busy event loop; then SIGTERM, then
+    the workers go on. Each upload's response, or the exception it got."""
+    import asyncio
+    import os
+    import signal
+
+    import httpx
+
+    async def race() -> list:
+        async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=len(uploads))) as client:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            posts = [asyncio.create_task(client.post(f"{base}/predict", files={"file": ("d.png", u, "image/png")}))
+                     for u in uploads]
+            await asyncio.sleep(0.5)  # connected (the kernel accepts into the backlog) and sent
+            server.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            for pid in pids:
+                os.kill(pid, signal.SIGCONT)
+            return await asyncio.gather(*posts, return_exceptions=True)
+
+    return asyncio.run(race())

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import serving
+from conftest import serving, sigterm_while_paused, worker_pids
 from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
@@ -441,7 +441,7 @@ def test_four_sigkills_of_ready_workers_leave_the_service_up(trained_checkpoint,
             deadline = time.monotonic() + 60
             while httpx.get(f"{base}/readyz").json()["workers_ready"] < 2 and time.monotonic() < deadline:
                 time.sleep(0.1)
-            os.kill(_worker_pids(base, 2)[0], signal.SIGKILL)
+            os.kill(worker_pids(base, 2)[0], signal.SIGKILL)
             time.sleep(1.0)
         stop.set()
         client.join(30)
@@ -464,22 +464,7 @@ def test_sigterm_with_32_uploads_in_flight_answers_all_32(trained_checkpoint, di
     uploads = ([png for _, png in digits] * 4)[:32]
     proc = []
     with serving(trained_checkpoint, "--workers", "2", process=proc) as base:
-        pids = _worker_pids(base, 2)
-
-        async def race() -> list:
-            async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=32)) as client:
-                for pid in pids:
-                    os.kill(pid, signal.SIGSTOP)
-                posts = [asyncio.create_task(client.post(f"{base}/predict", files={"file": ("d.png", u, "image/png")}))
-                         for u in uploads]
-                await asyncio.sleep(0.5)  # connected (the kernel accepts into the backlog) and sent
-                proc[0].send_signal(signal.SIGTERM)
-                await asyncio.sleep(0.2)
-                for pid in pids:
-                    os.kill(pid, signal.SIGCONT)
-                return await asyncio.gather(*posts, return_exceptions=True)
-
-        results = asyncio.run(race())
+        results = sigterm_while_paused(base, proc[0], worker_pids(base, 2), uploads)
         assert proc[0].wait(30) == 0
     outcomes = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in results]
     assert outcomes == [200] * 32
@@ -501,16 +486,6 @@ def test_the_dockerfile_starts_the_server_with_flags_that_exist(tmp_path):
     assert "/readyz" in text and "USER mnist" in text
 
 
-def _worker_pids(base: str, workers: int) -> list[int]:
-    """The pids of the workers answering on ``base``: each new connection lands on one of them."""
-    seen: set[int] = set()
-    for _ in range(200):
-        seen.add(httpx.get(f"{base}/health", timeout=30).json()["worker_pid"])
-        if len(seen) == workers:
-            return sorted(seen)
-    raise AssertionError(f"only {len(seen)} of {workers} workers answered 200 connections")
-
-
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_backs_off_while_the_others_serve_and_only_none_serving_stops_it(
         trained_checkpoint, tmp_path):
@@ -524,7 +499,7 @@ def test_a_worker_that_cannot_start_backs_off_while_the_others_serve_and_only_no
     shutil.copy(trained_checkpoint, ckpt)
     proc = []
     with serving(ckpt, "--workers", "2", "--backend", "torch", process=proc) as base:
-        first, second = _worker_pids(base, 2)
+        first, second = worker_pids(base, 2)
         ckpt.unlink()
         os.kill(first, signal.SIGKILL)
         time.sleep(0.5)
