@@ -23,6 +23,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Callable
 
 from uvicorn.config import Config
@@ -37,42 +38,41 @@ except ImportError:  # httptools missing: h11, pure Python
 RATE_WINDOW_S = 5.0  # a body must arrive at --body-min-rate over each window of this many seconds
 DRAIN_IDLE_S = 1.0  # on shutdown: how long a connection may take to deliver a request already on its way
 LINGER_S = 1.0  # after a refusal: read and drop what the client still sends, so that it reads the answer
-REASONS = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-           503: "Service Unavailable"}
 
 
 @dataclass(frozen=True)
 class EdgeLimits:
-    """What one connection may cost; each comes from a ``mnist serve`` flag (ServeConfig)."""
+    """What one connection may cost: the ``mnist serve`` flags of the same names (ServeConfig declares their
+    defaults and bounds)."""
 
-    header_timeout: float = 10.0  # seconds to send the request headers
-    body_timeout: float = 60.0  # seconds to send the whole body
-    body_min_rate: int = 1000  # bytes/s, over each RATE_WINDOW_S (0: no minimum)
-    max_connections: int = 256  # open connections per worker
-    max_url_bytes: int = 8192  # the request line
-    max_header_bytes: int = 65536  # the whole header block
-    max_headers: int = 100  # header lines
+    header_timeout: float  # seconds to send the request headers
+    body_timeout: float  # seconds to send the whole body
+    body_min_rate: int  # bytes/s, over each RATE_WINDOW_S (0: no minimum)
+    max_connections: int  # open connections per worker
+    max_url_bytes: int  # the request line
+    max_header_bytes: int  # the whole header block
+    max_headers: int  # header lines
 
 
 def refusal(status: int, detail: str, retry_after: int | None = None) -> bytes:
     """A complete HTTP/1.1 response that closes the connection, with a JSON body like the app's errors."""
     body = json.dumps({"detail": detail}).encode()
     extra = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
-    return (f"HTTP/1.1 {status} {REASONS[status]}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
+    return (f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}"
             f"\r\nconnection: close\r\n{extra}\r\n").encode() + body
 
 
 class Edge:
     """Mixed into a uvicorn HTTP protocol class (both keep the current request in ``self.cycle``)."""
 
-    limits = EdgeLimits()  # set per server by ``edge_protocol``
+    limits: EdgeLimits  # set per server by ``edge_protocol``
     on_refuse: Callable[[str], None] = staticmethod(lambda reason: None)
 
     def __init__(self, config: Config, server_state: ServerState, app_state: dict, _loop=None) -> None:  # noqa: ANN001
         super().__init__(config, server_state, app_state, _loop)
         self._timer: asyncio.TimerHandle | None = None  # the header deadline or the body's next check
         self._head_bytes = self._head_lines = self._line_bytes = 0  # of the request whose headers are arriving
-        self._body_bytes = self._window_bytes = 0
+        self._window_bytes = 0  # bytes received since the body's last rate check
         self._body_started = 0.0
         self._refused = self._draining = False
 

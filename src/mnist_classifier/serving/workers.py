@@ -32,7 +32,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Callable, Union
 
@@ -70,10 +70,8 @@ def plan(cfg: ServeConfig) -> ServeConfig:
 
 
 def edge_limits(cfg: ServeConfig) -> EdgeLimits:
-    return EdgeLimits(header_timeout=cfg.header_timeout, body_timeout=cfg.body_timeout,
-                      body_min_rate=cfg.body_min_rate, max_connections=cfg.max_connections,
-                      max_url_bytes=cfg.max_url_bytes, max_header_bytes=cfg.max_header_bytes,
-                      max_headers=cfg.max_headers)
+    """The edge's limits: the ServeConfig fields of the same names."""
+    return EdgeLimits(**{f.name: getattr(cfg, f.name) for f in fields(EdgeLimits)})
 
 
 class DrainingServer(uvicorn.Server):
@@ -99,19 +97,14 @@ class DrainingServer(uvicorn.Server):
         await self.take_backlog()
         await super().shutdown(sockets)  # closes the sockets first thing, with no await before
 
-    async def take_backlog(self) -> int:
-        """Accept every connection waiting in the listening sockets' backlogs; the count taken."""
+    async def take_backlog(self) -> None:
+        """Accept every connection waiting in the listening sockets' backlogs, until none is left."""
         loop = asyncio.get_running_loop()
         protocol = functools.partial(self.config.http_protocol_class, config=self.config,
                                      server_state=self.server_state, app_state=self.lifespan.state)
-        taken = 0
-        while True:
-            waiting = [conn for sock in self.listeners for conn in _accept_waiting(sock)]
-            if not waiting:
-                return taken
+        while waiting := [conn for sock in self.listeners for conn in _accept_waiting(sock)]:
             for conn in waiting:
                 await loop.connect_accepted_socket(protocol, conn)
-            taken += len(waiting)
 
 
 def _accept_waiting(sock: socket.socket) -> list[socket.socket]:
@@ -120,9 +113,7 @@ def _accept_waiting(sock: socket.socket) -> list[socket.socket]:
     while True:
         try:
             conn, _ = sock.accept()
-        except (BlockingIOError, InterruptedError):
-            return taken
-        except OSError:  # the socket is already closed
+        except OSError:  # nothing waiting (BlockingIOError), or the socket is already closed
             return taken
         conn.setblocking(False)
         taken.append(conn)
