@@ -36,6 +36,8 @@ CASES = {
     "fashion": (["--dataset", "fashion-mnist", "--epochs", "1"], 85.0),  # test_datasets: Fashion-MNIST, 1 epoch
     "guide-1-epoch": (["--epochs", "1"], 97.5),  # test_distributed (2 processes train the same model) and the notebook (95)
     "guide": ([], 98.4),  # test_train: the full default run
+    "fast": (["--recipe", "fast"], 98.8),  # test_recipes: the fast recipe, one epoch (auto precision)
+    "fast-fp32": (["--recipe", "fast", "--precision", "fp32"], 98.8),  # the same, as a CPU without native bf16 runs it
 }
 
 

@@ -135,11 +135,11 @@ def test_recipes_are_files_that_load_and_validate():
 
 def test_recipe_flag_with_overrides(data_dir, tmp_path):
     out = tmp_path / "fast"
-    proc = run_cli("train", "--recipe", "fast", "--epochs", "1", "--train-subset", "3000", "--device", "cpu",
+    proc = run_cli("train", "--recipe", "fast", "--epochs", "2", "--train-subset", "3000", "--device", "cpu",
                    "--data-dir", str(data_dir), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     config = json.loads((out / "config.json").read_text())["train"]
-    assert config["model"] == "fast-cnn" and config["recipe"] == "fast" and config["epochs"] == 1
+    assert config["model"] == "fast-cnn-deep" and config["recipe"] == "fast" and config["epochs"] == 2  # overridden
     assert config["batch_size"] == 256 and config["schedule"] == "onecycle"
 
 
@@ -242,3 +242,17 @@ def test_evaluate_with_tta_from_the_command_line(trained_checkpoint, data_dir):
     assert text.returncode == 0 and "averages 9 views" in text.stdout
     bad = run_cli(*args, "--tta-shift", "9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tta-shift" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.accuracy
+def test_the_fast_recipe_reaches_99_percent_in_one_epoch(splits, tmp_path):
+    """Issue 24's fast recipe: fast-cnn-deep, one epoch. Measured with benchmarks/test_margins.py --cases fast
+    fast-fp32 (seeds 0-4 x OMP_NUM_THREADS 1, 2, 3; AMD EPYC with AVX512-BF16): auto precision (bf16 there)
+    98.94-99.14 %, mean 99.05 +- 0.07; fp32 (what a CPU without native bf16 runs) 98.98-99.17 %, mean
+    99.08 +- 0.05. The floor is 0.14 points below the lowest of those 30 runs."""
+    cfg = TrainConfig.from_recipe("fast", device="cpu", seed=0, out=str(tmp_path / "fast"), tensorboard=False)
+    assert (cfg.model, cfg.epochs) == ("fast-cnn-deep", 1)
+    summary = fit(cfg, splits, CPU, tmp_path / "fast")
+    assert summary["test_accuracy"] >= 98.8
+

@@ -8,7 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .cnn import BNCNN, M5CNN, FastCNN, GuideCNN, GuideCNNDeep, ResCNN
+from .cnn import BNCNN, M5CNN, FastCNN, FastCNNDeep, GuideCNN, GuideCNNDeep, ResCNN
 from .config import ModelConfig
 from .efficientnet import EfficientNetLite0
 
@@ -17,6 +17,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "guide-cnn": GuideCNN,
     "guide-cnn-deep": GuideCNNDeep,
     "fast-cnn": FastCNN,
+    "fast-cnn-deep": FastCNNDeep,
     "bn-cnn": BNCNN,
     "res-cnn": ResCNN,
     "m5-cnn": M5CNN,
