@@ -256,3 +256,14 @@ def test_the_fast_recipe_reaches_99_percent_in_one_epoch(splits, tmp_path):
     summary = fit(cfg, splits, CPU, tmp_path / "fast")
     assert summary["test_accuracy"] >= 98.8
 
+
+def test_the_evaluation_batch_size_changes_no_prediction(trained_checkpoint, splits):
+    """The default evaluation batch went from 1,000 to 256 images for speed (issue 24); the predictions must
+    not depend on it beyond the last bits of fp32 (no argmax flips on the 10,000 test images, measured)."""
+    from mnist_classifier.config import EVAL_BATCH_SIZE
+    from mnist_classifier.evaluation import evaluate_checkpoints
+
+    assert TrainConfig().eval_batch_size == EVAL_BATCH_SIZE == 256
+    results = [evaluate_checkpoints([trained_checkpoint], splits=splits, batch_size=b) for b in (256, 1000, 10000)]
+    assert all(torch.equal(results[0].predictions, r.predictions) for r in results[1:])
+    assert len({r.accuracy for r in results}) == 1

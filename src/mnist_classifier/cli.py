@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import __version__
-from .config import DEVICES, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
+from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
 from .device import autocast_dtype, select_device, set_threads
 from .errors import Interrupted, UserError
@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default="data", help="folder holding the data sets, e.g. MNIST/raw/ (default: data); "
                    "the data set itself is the one the checkpoint was trained on")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where to compute (default: auto)")
-    p.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default: 1000)")
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE,
+                   help=f"images per forward pass (default: {EVAL_BATCH_SIZE})")
     p.add_argument("--precision", default="fp32", choices=PRECISIONS,
                    help="autocast dtype of the forward passes (default: fp32, the arithmetic predict, serve and the "
                         "ONNX export use, so all report the same accuracy; auto = bf16 where the hardware has it)")

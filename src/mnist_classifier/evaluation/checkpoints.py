@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import EVAL_BATCH_SIZE
 from ..data import DatasetInfo, Splits, load_for, model_input
 from ..errors import UserError
 from ..models import load_model
@@ -67,7 +68,7 @@ class EvalResult(Metrics):
 
 def checkpoint_scores(
     model: torch.nn.Module, info: DatasetInfo, images: torch.Tensor, device: torch.device, tta_shift: int = 0,
-    batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+    batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``(N, classes)`` scores of raw uint8 ``images``: logits, or log-probabilities averaged over the shifted
     views when ``tta_shift`` > 0. Raw logits without TTA keep the loss exactly the one training reported."""
@@ -94,7 +95,7 @@ def check_tta_shift(shift: int) -> None:
 
 def evaluate_checkpoints(
     paths: Sequence[str | os.PathLike], data_dir: str | os.PathLike = "data", device: torch.device | str = "cpu",
-    tta_shift: int = 0, batch_size: int = 1000, amp_dtype: torch.dtype | None = None, splits: Splits | None = None,
+    tta_shift: int = 0, batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, splits: Splits | None = None,
 ) -> EvalResult:
     """Test-set figures of one checkpoint, or of several as a soft-vote ensemble, on the test set of the data
     set they were trained on (``splits`` if given, else loaded from ``data_dir``)."""

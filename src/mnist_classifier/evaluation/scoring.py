@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import EVAL_BATCH_SIZE
 from .metrics import confusion_matrix, metric_sums, metrics_from_sums
 
 
 @torch.inference_mode()
 def predict_logits(
-    model: nn.Module, images: torch.Tensor, batch_size: int = 1000, amp_dtype: torch.dtype | None = None
+    model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """Logits ``(N, num_classes)`` float32 for normalised ``images`` ``(N, C, H, W)``, on the images' device.
 
-    Evaluation needs no gradients, so batches can be much larger than in training. ``amp_dtype`` (bf16)
+    Evaluation needs no gradients, so batches may be larger than in training. ``amp_dtype`` (bf16)
     runs the forward pass under autocast, as training did.
     """
     was_training = model.training
@@ -47,7 +48,7 @@ def shifted_views(images: torch.Tensor, radius: int) -> list[torch.Tensor]:
 
 def predict_log_probs(
     model: nn.Module, images: torch.Tensor, to_input: Callable[[torch.Tensor], torch.Tensor], shift: int = 0,
-    batch_size: int = 1000, amp_dtype: torch.dtype | None = None,
+    batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Log-probabilities ``(N, num_classes)`` of raw ``images`` (N, C, H, W), averaged in probability over
     the ``(2 * shift + 1) ** 2`` one-pixel-step shifts of test-time augmentation (``shift=0``: the plain
@@ -57,7 +58,7 @@ def predict_log_probs(
 
 
 def evaluate_model(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000,
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = EVAL_BATCH_SIZE,
     amp_dtype: torch.dtype | None = None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     confusion: bool = False,
 ) -> dict[str, Any]:
