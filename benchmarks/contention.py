@@ -8,7 +8,12 @@ sweep job does to a learner's laptop). Cases run in turn, --reps times, so that 
   busy-N         one spinner, OMP_NUM_THREADS=N (N = all cores: what torch does by default)
   busy-1         one spinner, OMP_NUM_THREADS=1
 
-Prints one JSON line per run (wall seconds of the whole command), then medians and ratios to alone-auto.
+A suffix sets OpenMP's wait policy (read by torch's libgomp when torch is imported): "-passive" sets
+OMP_WAIT_POLICY=PASSIVE (an idle thread sleeps at once), "-active" ACTIVE (it spins), and "-default" leaves
+the variable unset (libgomp spins a while, then sleeps). Without a suffix, the `mnist` command's own choice.
+--cases picks the cases, e.g. --cases alone-auto-default alone-auto-passive busy-2-default busy-2-passive.
+
+Prints one JSON line per run (wall seconds of the whole command), then medians and ratios to the first case.
 
     .venv/bin/python benchmarks/contention.py --data-dir data --reps 3
 """
@@ -27,10 +32,21 @@ import time
 from mnist_classifier.device import usable_cores
 
 
+def case_env(case: str) -> dict[str, str]:
+    """The environment for ``case`` (e.g. "busy-2-passive"): OMP_NUM_THREADS and OMP_WAIT_POLICY as it says."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    _, threads, *policy = case.split("-")
+    if threads != "auto":
+        env["OMP_NUM_THREADS"] = threads
+    if policy and policy[0] in ("passive", "active"):
+        env["OMP_WAIT_POLICY"] = policy[0].upper()
+    elif policy:  # "default": unset, and tell the command not to choose either
+        env["OMP_WAIT_POLICY"] = ""
+    return env
+
+
 def run(case: str, data_dir: str) -> float:
-    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    if case.startswith("busy-") and case != "busy-auto":
-        env["OMP_NUM_THREADS"] = case.split("-")[1]
+    env = case_env(case)
     spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if case.startswith("busy") else None
     try:
         time.sleep(0.5)  # the spinner is running before training starts, as a neighbour would be
@@ -50,14 +66,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--cases", nargs="+", default=["alone-auto", "busy-auto", f"busy-{usable_cores()}", "busy-1"])
     args = parser.parse_args()
-    cases = ["alone-auto", "busy-auto", f"busy-{usable_cores()}", "busy-1"]
+    cases = args.cases
     times: dict[str, list[float]] = {c: [] for c in cases}
     for rep in range(args.reps):
         for case in cases if rep % 2 == 0 else cases[::-1]:
             times[case].append(run(case, args.data_dir))
             print(json.dumps({"case": case, "seconds": round(times[case][-1], 2)}), flush=True)
-    base = statistics.median(times["alone-auto"])
+    base = statistics.median(times[cases[0]])
     print(json.dumps({"benchmark": "contention", "cores": usable_cores(),
                       "median_seconds": {c: round(statistics.median(t), 2) for c, t in times.items()},
                       "ratio_to_alone": {c: round(statistics.median(t) / base, 2) for c, t in times.items()}}))

@@ -1,0 +1,148 @@
+"""The training step, one change at a time: what each CPU speed-up buys on this machine.
+
+Every variant trains its own copy of the same network (same initial weights) on the real MNIST training
+images through the project's ``TrainStep``, with one setting changed from what `mnist train` does today
+("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32). The variants run in alternating
+chunks of --chunk steps for --rounds rounds, so machine noise hits all of them; each variant's figure is
+the median over rounds of its ms per step, and its ratio is kept's median divided by its own (> 1: faster).
+
+    .venv/bin/python benchmarks/step_variants.py --model guide-cnn --batch-size 64
+    .venv/bin/python benchmarks/step_variants.py --model fast-cnn --batch-size 256 --lr 0.02
+
+--keep-freed-memory first tells glibc (mallopt) to serve blocks up to 32 MB from its heap and keep up to 1 GB
+of freed memory instead of returning it to the kernel (tried for issue 24, not adopted); it holds for the whole process, so compare it across processes (--variants kept, alternating runs with and without it). Each
+line also reports the page faults per step (getrusage).
+
+Variants:
+  nchw            contiguous (NCHW) tensors instead of channels_last
+  adam-foreach    Adam's multi-tensor (foreach) kernels instead of the fused one
+  adam-for-loop   Adam's per-tensor Python loop
+  no-ftz          subnormal floats computed, not flushed to zero
+  no-onednn       oneDNN off (torch's own convolution kernels)
+  onednn-bf16     oneDNN may compute fp32 convolutions and matrix products in bf16 (native-bf16 CPUs only)
+  bf16-autocast   bf16 autocast, as `--precision bf16` (native-bf16 CPUs only)
+  bare            the step alone, without the epoch loop's per-step loss sums (Python-side work)
+  compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import resource
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from mnist_classifier.data import load_dataset
+from mnist_classifier.device import cpu_has_native_bf16
+from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.training.step import TrainStep
+
+MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
+
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[torch.Tensor], None]
+    context: Callable[[], contextlib.AbstractContextManager]
+    setup_seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def settings(ftz: bool = True, onednn: bool = True, onednn_fp32: str = "none") -> Iterator[None]:
+    torch.set_flush_denormal(ftz)
+    conv, mm = torch.backends.mkldnn.conv, torch.backends.mkldnn.matmul
+    old = conv.fp32_precision, mm.fp32_precision
+    conv.fp32_precision = mm.fp32_precision = onednn_fp32
+    try:
+        with torch.backends.mkldnn.flags(enabled=onednn):
+            yield
+    finally:
+        conv.fp32_precision, mm.fp32_precision = old
+        torch.set_flush_denormal(True)
+
+
+def keep_freed_memory() -> bool:
+    """glibc: blocks up to 32 MB from the heap (M_MMAP_THRESHOLD, -3), 1 GB of free heap kept (M_TRIM_THRESHOLD, -1)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
+
+
+def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
+    fmt = torch.contiguous_format if name == "nchw" else torch.channels_last
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=args.model)).to(memory_format=fmt).train()
+    adam = {"adam-foreach": {"foreach": True}, "adam-for-loop": {"foreach": False}}.get(name, {"fused": True})
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
+    net = torch.compile(model) if name == "compile" else model
+    x = images.contiguous(memory_format=fmt)
+    amp = torch.bfloat16 if name == "bf16-autocast" else None
+    train = TrainStep(net, optimizer, x, labels, amp_dtype=amp)
+    sums = [torch.zeros(()), torch.zeros(())]
+
+    def step(idx: torch.Tensor) -> None:
+        loss = train(idx)
+        if name != "bare":  # what EpochLoop.run adds per step: the running and the epoch's loss sums
+            sums[0] += loss
+            sums[1] += loss * len(idx)
+
+    ctx = {"no-ftz": lambda: settings(ftz=False), "no-onednn": lambda: settings(onednn=False),
+           "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(name, settings)
+    t0 = time.perf_counter()
+    with ctx():
+        step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
+    return Variant(name, step, ctx, time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="guide-cnn")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--chunk", type=int, default=40, help="steps per variant per round")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--keep-freed-memory", action="store_true")
+    args = parser.parse_args()
+    kept_memory = keep_freed_memory() if args.keep_freed_memory else False
+    names = args.variants or ["kept", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn", "bare",
+                              "compile"] + (["onednn-bf16", "bf16-autocast"] if cpu_has_native_bf16() else [])
+    splits = load_dataset("mnist", args.data_dir)
+    images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
+    labels = splits.train_labels
+    variants = [make_variant(n, args, images, labels) for n in names]
+    gen = torch.Generator().manual_seed(0)
+    ms: dict[str, list[float]] = {v.name: [] for v in variants}
+    faults: dict[str, int] = {v.name: 0 for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            batches = torch.randperm(len(labels), generator=gen)[: args.chunk * args.batch_size].view(args.chunk, -1)
+            with v.context():
+                f0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                for idx in batches:
+                    v.step(idx)
+                ms[v.name].append((time.perf_counter() - t0) / args.chunk * 1000)
+                faults[v.name] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+    kept = statistics.median(ms["kept"]) if "kept" in ms else None
+    for v in variants:
+        med = statistics.median(ms[v.name])
+        print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
+                          "threads": torch.get_num_threads(), "ms_per_step_median": round(med, 3),
+                          "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),
+                          "speed_vs_kept": round(kept / med, 3) if kept else None,
+                          "first_step_seconds": round(v.setup_seconds, 2),
+                          "page_faults_per_step": round(faults[v.name] / (args.rounds * args.chunk), 1),
+                          "keep_freed_memory": kept_memory}))
+
+
+if __name__ == "__main__":
+    main()
