@@ -47,6 +47,8 @@ def test_transfer_learning_notebook_runs_end_to_end(tmp_path):
     assert "Training photos: 96  Test photos: 24" in printed
     accuracy = {name: float(value) for name, value in re.findall(r"^\s*(frozen|fine-tuned|from scratch): +([\d.]+)%",
                                                                    printed, re.M)}
+    # benchmarks/test_margins.py --cases transfer-notebook, SEED 0-4, 1 thread, CPU-4: frozen and fine-tuned
+    # each 95.8-100 % of the 24 test photos (one photo wrong at worst); 90 % allows two
     assert accuracy["frozen"] >= 90 and accuracy["fine-tuned"] >= 90 and "from scratch" in accuracy
     assert "whole_cat.png: cat (" in printed
     assert images >= 2  # the photos, the predictions

@@ -103,7 +103,9 @@ def test_printed_digits_in_many_fonts_formats_and_polarities(trained_checkpoint,
     assert len(results) == len(items) == 120
     truth = {str(p): d for p, d in items}
     accuracy = sum(r["digit"] == truth[r["path"]] for r in results) / len(results)
-    assert accuracy >= 0.9, accuracy
+    # benchmarks/test_margins.py --cases checkpoint, seeds 0-4 x OMP_NUM_THREADS 1-3 on CPU-4: 90.83-98.33 %;
+    # seed 0, the shared checkpoint's, is the lowest (90.83 % with 1 and 3 threads): 85 % leaves 7 of 120 images
+    assert accuracy >= 0.85, accuracy
     for r in results:
         assert {"path", "digit", "confidence", "top_k"} <= set(r) and len(r["top_k"]) == 3
 

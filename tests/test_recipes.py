@@ -225,6 +225,7 @@ def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, split
              for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
     assert torch.allclose(tta.exp(), torch.stack(probs).mean(0), atol=1e-5)
     assert tta.exp().sum(1).sub(1).abs().max() < 1e-4
+    # benchmarks/test_margins.py --cases checkpoint, seeds 0-4 x OMP_NUM_THREADS 1-3, CPU-4: 98.6-99.6 %
     assert metrics_from_logits(tta, labels)["accuracy"] >= 95.0
 
 
