@@ -99,7 +99,8 @@ def recipe(name: str, seeds: list[int], data_dir: str, epochs: int | None) -> No
               f"({cost:.1f} % of the training loop)")
 
 
-def once(name: str, seeds: list[int], data_dir: str, epochs: int | None, n: int = 4096) -> None:
+def once(name: str, seeds: list[int], data_dir: str, epochs: int | None) -> None:
+    import dataclasses
     import time
 
     import torch
@@ -117,12 +118,13 @@ def once(name: str, seeds: list[int], data_dir: str, epochs: int | None, n: int 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:
-            cfg = TrainConfig.from_recipe(name, seed=seed, precise_bn=0, device="cpu", tensorboard=False,
+            cfg = TrainConfig.from_recipe(name, seed=seed, device="cpu", tensorboard=False,
                                           **({"epochs": epochs} if epochs else {}))
+            n = cfg.precise_bn  # the images the default recomputes from; training itself keeps the running averages
             if cfg.val_size or cfg.train_subset:
                 raise SystemExit("once: the recipe must train on all training images (no --val-size, no subset)")
             run = Path(tmp) / str(seed)
-            summary = fit(cfg, splits, cpu, run)
+            summary = fit(dataclasses.replace(cfg, precise_bn=0), splits, cpu, run)
             model, info, _ = load_model(run / "model.pt", cpu)
             train_x = model_input(splits.train_images, info.mean, info.std, cpu)  # (60000, 1, 28, 28) float32
             test_x = model_input(splits.test_images, info.mean, info.std, cpu)
