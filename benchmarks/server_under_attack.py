@@ -59,7 +59,8 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
 
     A request that got no answer is listed in ``dropped_ms`` by when it was sent, in ms relative to SIGTERM:
     uvicorn drains the requests it has started on and closes idle keep-alive connections at once, so a request
-    still in transit at that moment (or sent after it) is dropped; one sent well before it should never be."""
+    still in transit at that moment (or sent after it) is dropped; one sent well before it should never be.
+    Requests still running when the drain's time runs out get 503; ``503_before_sigterm`` counts any other."""
     bombs = {"jpeg-3000-scans": attacks.progressive_jpeg_many_scans(3900), "rle8-bmp": attacks.rle8_bmp(3900),
              "png-4000x4000": attacks.huge_png(4000), "ico-big-png": attacks.ico_with_big_png(13300),
              "png-6320x6320": attacks.huge_png(6320)}
@@ -68,6 +69,7 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
         proc = process[0]
         idle_mb = memory_mb(proc.pid, "VmRSS")
         stop, statuses, health, dropped, term_at = threading.Event(), collections.Counter(), [], [], []
+        early_503 = [0]
 
         def attacker(i: int) -> None:
             names = list(bombs)
@@ -78,6 +80,7 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
                     try:
                         r = client.post(f"{base}/predict", files={"file": (name, bombs[name], "image/png")})
                         statuses[f"{name} {r.status_code}"] += 1
+                        early_503[0] += r.status_code == 503 and not term_at  # busy, not shutting down
                     except httpx.ConnectError:
                         return  # the server has stopped listening
                     except httpx.HTTPError:  # no answer: when was it sent, relative to SIGTERM?
@@ -108,7 +111,7 @@ def attack(checkpoint: Path, seconds: float = 15, clients: int = 12) -> dict:
             stopped = None
         stop.set()
     return {"clients": clients, "seconds": seconds, "requests": sum(statuses.values()), "statuses": dict(statuses),
-            "dropped_ms": sorted(dropped),
+            "dropped_ms": sorted(dropped), "503_before_sigterm": early_503[0],
             "health_median_ms": round(1000 * statistics.median(health), 1), "health_max_ms": round(1000 * max(health), 1),
             "server_idle_mb": round(idle_mb), "server_peak_mb": round(peak), "stop_after_sigterm_s": stopped}
 

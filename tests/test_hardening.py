@@ -131,7 +131,10 @@ def test_bombs_in_parallel_leave_the_server_responsive_and_small(trained_checkpo
     """12 clients upload decode bombs for 15 s (benchmarks/server_under_attack.py), then SIGTERM."""
     seen = attack(trained_checkpoint, seconds=15, clients=12)
     codes = {key.rsplit(" ", 1)[1] for key in seen["statuses"]}
-    assert seen["requests"] > 50 and codes <= {"200", "400", "413", "422"}, seen
+    # 503: still queued for decoding when the 5 s drain ran out (a slower CPU got there: uvicorn's 500 until
+    # serving/drain.py), never before SIGTERM
+    assert seen["requests"] > 50 and codes <= {"200", "400", "413", "422", "503"}, seen
+    assert seen["503_before_sigterm"] == 0, seen
     # SIGTERM drains what the server has started on; only requests still in transit then (or sent after) go
     # unanswered, and none sent 200 ms or more before it (a decode takes at most ~0.7 s of CPU)
     assert all(ms > -200 for ms in seen["dropped_ms"]), seen

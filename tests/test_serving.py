@@ -13,7 +13,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import serving, sigterm_while_paused, worker_pids
@@ -412,6 +412,32 @@ def test_sigterm_answers_every_request_in_flight(trained_checkpoint, digits, wor
     assert [r.status_code for r in results] == [200] * 10
     assert [r.json()["index"] for r in results] == [label for label, _ in digits]
     assert took < 10
+
+
+def test_requests_the_drain_timeout_cuts_short_get_503_with_retry_after_not_500(trained_checkpoint):
+    """20 uploads of a 4000 x 4000 ring (~0.1 s to decode each, one at a time) outlive a 0.2 s drain: those
+    still waiting are told to retry (503, Retry-After), where uvicorn answered 500 with a traceback each
+    (seen in the bombs-in-parallel test on a slower CPU)."""
+    ring = Image.new("L", (4000, 4000), 255)
+    ImageDraw.Draw(ring).ellipse((1000, 800, 3000, 3200), outline=0, width=300)
+    buf = io.BytesIO()
+    ring.save(buf, format="PNG")
+    proc = []
+    with serving(trained_checkpoint, "--workers", "1", "--threads", "1", "--max-decodes", "1", "--drain-timeout", "0.2",
+                 process=proc) as base:
+        results: list = []
+        sender = threading.Thread(target=lambda: results.extend(asyncio.run(_post_all(base, [buf.getvalue()] * 20))))
+        sender.start()
+        time.sleep(0.3)  # all sent; a few decoded
+        proc[0].send_signal(signal.SIGTERM)
+        sender.join(30)
+        proc[0].wait(30)
+    log = proc[0].stdout.read()
+    codes = [r.status_code for r in results]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 5, (codes, log)
+    cut = [r for r in results if r.status_code == 503]
+    assert all(r.headers["retry-after"] == "1" and "shutting down" in r.json()["detail"] for r in cut)
+    assert log.count("requests still running are answered 503") == 1 and "Traceback" not in log, log
 
 
 def _fresh_posts(base: str, png: bytes, stop: threading.Event, log: list) -> None:

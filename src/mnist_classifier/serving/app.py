@@ -29,6 +29,7 @@ from ..device import select_device
 from ..models import load_model
 from .backends import onnx_runner, torch_runner
 from .batching import Batcher, Overloaded
+from .drain import DrainCutoff
 from .fleet import Fleet
 from .handlers import (BadRequest, ClientError, PayloadTooLarge, Served, UnsupportedMediaType, Unprocessable, answer,
                        parse_pixels, prepare_pixels, prepare_upload, probe_upload)
@@ -204,7 +205,8 @@ def _routes(app: FastAPI, served: Served) -> None:
     problems = {c.status: {"model": Problem, "description": d} for c, d in (
         (BadRequest, "not a decodable image, or not JSON"), (PayloadTooLarge, "body or image too large"),
         (UnsupportedMediaType, "unsupported content type"), (Unprocessable, "no digit, or malformed pixels"))}
-    problems[503] = {"model": Problem, "description": "too many images waiting; retry after Retry-After seconds"}
+    problems[503] = {"model": Problem, "description": "too many images waiting, or shutting down; retry after "
+                                                     "Retry-After seconds"}
     app.add_api_route("/predict", predict, methods=["POST"], response_model=PredictionResponse,
                       openapi_extra=_predict_openapi(served.pixels_model), responses=problems)
     app.add_api_route("/predict/batch", predict_batch, methods=["POST"], response_model=BatchResponse,
@@ -241,5 +243,6 @@ def create_app(cfg: ServeConfig, onnx_path: Path | None = None, threads: int = 1
     app.add_middleware(BodyLimit, max_bytes=cfg.max_body_bytes)
     hosts = {cfg.host, *filter(None, (h.strip() for h in cfg.allowed_hosts.split(",")))}
     app.add_middleware(HostGuard, hosts=hosts, origins={o.strip() for o in cfg.allowed_origins.split(",") if o.strip()})
+    app.add_middleware(DrainCutoff, draining=lambda: app.state.draining, drain_timeout=cfg.drain_timeout)
     app.add_middleware(Observe, metrics=metrics_, access_log=cfg.access_log)
     return app

@@ -20,10 +20,10 @@ log = logging.getLogger("uvicorn.error")  # uvicorn configures it: its lines app
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 
 
-async def send_json(send, status: int, detail: str) -> None:  # noqa: ANN001 - ASGI callable
+async def send_json(send, status: int, detail: str, headers: tuple = ()) -> None:  # noqa: ANN001 - ASGI callable
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]})
     await send({"type": "http.response.body", "body": body})
 
 
