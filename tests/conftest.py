@@ -126,7 +126,7 @@ def serving(checkpoint_path: Path, *flags: str, process: list | None = None):
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(checkpoint_path),
-         "--port", str(port), "--device", "cpu", *flags],
+         "--port", str(port), "--device", "cpu", "--export-cache", str(REPO / ".test-cache" / "onnx"), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     if process is not None:

@@ -69,3 +69,37 @@ def test_safetensors_round_trip_without_pickle(trained_checkpoint, tmp_path, dat
 def test_export_errors_are_one_line(tmp_path):
     proc = run_cli("export", "--checkpoint", str(tmp_path / "nope.pt"))
     assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_servers_export_is_cached_by_the_checkpoints_bytes_and_written_whole(trained_checkpoint, tmp_path, capsys):
+    """`mnist serve` exports a checkpoint once (~8 s) and loads that file on later starts; other bytes, another
+    file; only the most recently used are kept; an unusable cache folder costs one line, not the start."""
+    from dataclasses import replace
+
+    from mnist_classifier.config import ServeConfig
+    from mnist_classifier.serving import workers
+    from mnist_classifier.serving.backends import cached_export, export_cache_dir
+
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    scratch.mkdir()
+    first = cached_export(trained_checkpoint, cache, scratch)
+    inode, data = first.stat().st_ino, first.read_bytes()
+    again = cached_export(trained_checkpoint, cache, scratch)
+    assert again == first and again.stat().st_ino == inode and again.read_bytes() == data  # reused, not rewritten
+    onnx.checker.check_model(onnx.load(str(first)))
+    assert not list(cache.glob(".*"))  # no temporaries left beside it
+
+    other = tmp_path / "other.pt"  # the same weights, one more metadata entry: other bytes, so another export
+    payload = checkpoint.load(trained_checkpoint)
+    torch.save({**payload, "note": "retrained"}, other)
+    second = cached_export(other, cache, scratch, keep=1)
+    assert second != first and list(cache.glob("*.onnx")) == [second]  # keep=1: the older one went
+
+    assert export_cache_dir("off") is None and export_cache_dir("~/x") == export_cache_dir("~/x").expanduser()
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    cfg = replace(ServeConfig(checkpoint=str(trained_checkpoint)), export_cache=str(blocked / "cache"))
+    path = workers._export(cfg, payload, scratch)
+    assert path.parent == scratch and path.stat().st_size > 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot use the export cache" in err and "exporting for this start only" in err

@@ -319,6 +319,9 @@ class ServeConfig:
                            "the workers", bounds=Bounds(0, 1024))
     backend: str = _opt("auto", "what runs the network: torch, or onnxruntime on the model's ONNX export; auto = "
                                 "onnxruntime on a CPU where it is installed, else torch", ("auto", "torch", "onnxruntime"))
+    export_cache: str = _opt("", "folder keeping each checkpoint's ONNX export (onnxruntime backend) for the next "
+                                 "start, which then skips the export's ~8 s; '' = $XDG_CACHE_HOME/mnist-classifier/onnx "
+                                 "(~/.cache/...), 'off' = export at every start")
     max_batch: int = _opt(16, "most images in one forward pass (dynamic batching)", bounds=Bounds(1, 1024))
     max_wait_ms: float = _opt(2.0, "longest an image waits for others to share its forward pass, in ms (0: only "
                                    "requests read in the same turn of the event loop share one)", bounds=Bounds(0, 1000))

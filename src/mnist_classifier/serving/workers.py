@@ -44,7 +44,7 @@ from ..device import select_device, usable_cores
 from ..errors import UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
-from .backends import export_for_serving, resolve_backend
+from .backends import cached_export, export_cache_dir, export_for_serving, resolve_backend
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
@@ -202,13 +202,26 @@ def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) 
     if cfg.backend != "onnxruntime":
         return None, cfg
     try:
-        return export_for_serving(payload, folder), cfg
+        return _export(cfg, payload, folder), cfg
     except Exception as exc:  # noqa: BLE001 - whatever the exporter raises for a model it cannot trace
         if not fallback:
             raise UserError(f"--backend onnxruntime: the model does not export to ONNX ({str(exc)[:160]})") from None
         print(f"mnist serve: the model does not export to ONNX ({type(exc).__name__}); serving with torch",
               file=sys.stderr, flush=True)
         return None, replace(cfg, backend="torch")
+
+
+def _export(cfg: ServeConfig, payload: dict, scratch: Path) -> Path:
+    """The export from ``--export-cache`` (made there on the first start); in ``scratch`` when that folder
+    cannot be written, saying so in one line."""
+    cache = export_cache_dir(cfg.export_cache)
+    if cache is not None:
+        try:
+            return cached_export(Path(cfg.checkpoint), cache, scratch)
+        except OSError as exc:
+            print(f"mnist serve: cannot use the export cache {cache} ({exc.strerror or exc}); exporting for this "
+                  "start only", file=sys.stderr, flush=True)
+    return export_for_serving(payload, scratch)
 
 
 class Supervisor:
