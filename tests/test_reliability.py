@@ -98,39 +98,52 @@ def _check_run_folder(run: Path) -> None:
     torch.load(run / "last.pt", weights_only=True)
 
 
+def _kill_when(run: Path, proc: subprocess.Popen, during_save: bool, rng: random.Random) -> bool:
+    """SIGKILL ``proc`` once it trains (a checkpoint newer than when it started): inside its next checkpoint
+    write, or at a random moment within 0.6 s. Whether the kill landed inside a write."""
+    before = (run / "last.pt").stat().st_mtime_ns if (run / "last.pt").exists() else 0
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "last.pt").exists() and (run / "last.pt").stat().st_mtime_ns != before:
+            break
+        time.sleep(0.005)
+    if during_save:
+        while not list(run.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.0005)
+    else:
+        time.sleep(rng.uniform(0.0, 0.6))
+    landed = bool(list(run.glob(".*.tmp")))
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL  # killed mid-run, not already finished
+    return landed
+
+
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
-    """10 kills: 5 at random moments, 5 while a checkpoint is being written. Each run then resumes to the end.
-    A 500-image validation split is scored each epoch (and the test set once, at the end), so an epoch is mostly
-    the checkpoint writes the kills aim at, not 10,000 test images."""
+    """10 kills in two runs: each run is killed 5 times, alternately inside a checkpoint write and at a random
+    moment, each time resumed by `--resume` (the next kill's target), then resumed to its end. A 500-image
+    validation split is scored each epoch (and the test set once, at the end), so an epoch is mostly the
+    checkpoint writes the kills aim at, not 10,000 test images."""
     rng = random.Random(7)
-    args = ["train", "--epochs", "5", "--train-subset", "1280", "--val-size", "500", "--device", "cpu",
+    # 12 epochs: a life trains at most ~3 (the one the wait sees saved, then 0.6 s), so 5 lives end mid-run
+    args = ["--epochs", "12", "--train-subset", "1280", "--val-size", "500", "--device", "cpu",
             "--data-dir", str(data_dir), "--log-every", "1000"]
     during_save = 0
-    for trial in range(10):
+    for trial in range(2):
         run = tmp_path / f"run{trial}"
-        proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args, "--out", str(run)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
-        deadline = time.monotonic() + 120
-        while not (run / "last.pt").exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if trial < 5:
-            time.sleep(rng.uniform(0.0, 1.2))
-        else:  # wait for the next save to start, then kill inside it
-            while not list(run.glob(".*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.0005)
-            during_save += bool(list(run.glob(".*.tmp")))
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        _check_run_folder(run)
-        done = list(csv.DictReader((run / "metrics.csv").open()))
-        if len(done) < 5 or not (run / "summary.json").exists():
-            resumed = run_cli("train", "--resume", str(run))
-            assert resumed.returncode == 0, resumed.stderr
+        command = ["train", *args, "--out", str(run)]
+        for kill in range(5):
+            proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *command],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+            during_save += _kill_when(run, proc, kill % 2 == 0, rng)
+            _check_run_folder(run)
+            command = ["train", "--resume", str(run)]
+        resumed = run_cli(*command)
+        assert resumed.returncode == 0, resumed.stderr
         assert not list(run.glob(".*.tmp"))
-        assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 5
+        assert len(list(csv.DictReader((run / "metrics.csv").open()))) == 12
         json.loads((run / "summary.json").read_text())
-    assert during_save >= 3  # most of the save-time kills really landed inside a write
+    assert during_save >= 3  # most of the 6 save-time kills really landed inside a write
 
 
 @pytest.mark.slow
