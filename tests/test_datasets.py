@@ -243,7 +243,7 @@ def test_cifar10_trains_a_deeper_model_and_predicts_class_names(tmp_path, model)
     # serve: the class names of the checkpoint; colour models take images, not the grey 'pixels' array
     import httpx
 
-    with serving(run / "model.pt") as base:
+    with serving(run / "model.pt", "--backend", "torch") as base:  # onnxruntime ran the export above (26 s of it)
         health = httpx.get(f"{base}/health").json()
         assert health["dataset"] == "cifar10" and health["class_names"][0] == "airplane"
         reply = httpx.post(f"{base}/predict", files={"file": ("p.png", photo.read_bytes(), "image/png")})

@@ -116,7 +116,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 # What a resumed run must keep: the data it learns from and the network it trains.
-RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction", "val_size", "train_subset")
+RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction", "val_size", "train_subset",
+                "test_subset")
 
 
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
@@ -245,7 +246,7 @@ def _print_evaluation(result: EvalResult, tta_shift: int) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     device = select_device(args.device)
     result = evaluate_checkpoints(args.checkpoint, args.data_dir, device, args.tta_shift, args.batch_size,
-                                  autocast_dtype(args.precision, device))
+                                  autocast_dtype(args.precision, device), test_subset=args.test_subset)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta-shift", type=int, default=0, metavar="PX",
                    help="test-time augmentation: average each model's probabilities over the (2*PX+1)^2 copies of "
                         "every image shifted by whole pixels up to PX in each direction (default: 0, off)")
+    p.add_argument("--test-subset", type=int, default=0, metavar="N",
+                   help="score only the first N test images, as `mnist train --test-subset N` did (default: 0, all)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="classify your own images (files or folders)",

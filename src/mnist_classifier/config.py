@@ -187,6 +187,8 @@ class TrainConfig:
     overwrite: bool = _opt(False, "replace the run already in --out (its checkpoints are deleted first)", role="run")
     train_subset: int = _opt(0, "train on only the first N training images (0 = all 60,000); for smoke runs",
                              bounds=NON_NEGATIVE, role="data")
+    test_subset: int = _opt(0, "score only the first N test images (0 = all 10,000 of MNIST); for smoke runs of a "
+                            "slow model: every test figure is then of those N", bounds=NON_NEGATIVE, role="data")
     eval_batch_size: int = _opt(EVAL_BATCH_SIZE, "images per forward pass when evaluating (256: the feature "
                                 "maps stay near the CPU's caches; faster than 1,000)",
                                 bounds=AT_LEAST_ONE, role="run")

@@ -96,11 +96,15 @@ def check_tta_shift(shift: int) -> None:
 def evaluate_checkpoints(
     paths: Sequence[str | os.PathLike], data_dir: str | os.PathLike = "data", device: torch.device | str = "cpu",
     tta_shift: int = 0, batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, splits: Splits | None = None,
+    test_subset: int = 0,
 ) -> EvalResult:
     """Test-set figures of one checkpoint, or of several as a soft-vote ensemble, on the test set of the data
-    set they were trained on (``splits`` if given, else loaded from ``data_dir``)."""
+    set they were trained on (``splits`` if given, else loaded from ``data_dir``); its first ``test_subset``
+    images only, when given."""
     if batch_size <= 0:
         raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if test_subset < 0:
+        raise UserError(f"--test-subset must be 0 (all) or positive, got {test_subset}")
     check_tta_shift(tta_shift)
     device = torch.device(device)
     loaded = [load_model(p, device) for p in paths]
@@ -109,6 +113,7 @@ def evaluate_checkpoints(
         if (other.name, other.class_names) != (info.name, info.class_names):
             raise UserError(f"{path} was trained on {other.name}, but {paths[0]} on {info.name}; an ensemble needs one data set")
     splits = splits or load_for(info, data_dir)
-    scores = [checkpoint_scores(model, minfo, splits.test_images, device, tta_shift, batch_size, amp_dtype)
+    n = test_subset or len(splits.test_labels)
+    scores = [checkpoint_scores(model, minfo, splits.test_images[:n], device, tta_shift, batch_size, amp_dtype)
               for model, minfo, _ in loaded]
-    return combine(scores, splits.test_labels, info.class_names, [str(p) for p in paths], (2 * tta_shift + 1) ** 2)
+    return combine(scores, splits.test_labels[:n], info.class_names, [str(p) for p in paths], (2 * tta_shift + 1) ** 2)

@@ -217,7 +217,7 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     summary: dict[str, Any] = {
         "epochs": cfg.epochs, "params": count_parameters(s.learner.model), "device": str(spec.device),
         "precision": _precision(spec), "seed": cfg.seed, "model": cfg.model, "recipe": cfg.recipe,
-        "dataset": spec.info.name, "run_dir": str(run_dir),
+        "dataset": spec.info.name, "run_dir": str(run_dir), "test_images": len(s.data.test_y),
     }
     if cfg.val_size:
         summary.update(test_chosen(s, best_state, run_dir))

@@ -55,7 +55,8 @@ def prepare_data(cfg: TrainConfig, splits: Splits, info: DatasetInfo, device: to
     n_fit = n_total - cfg.val_size
     n_train = min(cfg.train_subset, n_fit) if cfg.train_subset else n_fit
     to_dev = lambda imgs: model_input(imgs, info.mean, info.std, device)  # noqa: E731
-    test_x, test_y = to_dev(splits.test_images), splits.test_labels.to(device)
+    n_test = cfg.test_subset or len(splits.test_labels)
+    test_x, test_y = to_dev(splits.test_images[:n_test]), splits.test_labels[:n_test].to(device)
     train_x, train_y = to_dev(splits.train_images[:n_train]), splits.train_labels[:n_train].to(device)
     if cfg.val_size:
         eval_x, eval_y = to_dev(splits.train_images[n_fit:]), splits.train_labels[n_fit:].to(device)
