@@ -87,7 +87,7 @@ def test_a_held_body_and_a_trickled_body_get_408_at_their_deadlines(edge_server)
     # its first 5 s window brought 100 KB, the second nothing: refused at 10 s
     assert status == 408 and b"bytes/s" in body and headers["connection"] == "close" and 9 < seconds < 15
     status, _, body, seconds = results["trickled"]
-    assert status == 408 and b"longer than 12 s" in body and 11 < seconds < 18
+    assert status == 408 and b"longer than 12 s" in body and 11 < seconds < 18, (body, seconds)
     after = _refused(edge_server)
     assert after["body_too_slow"] - before.get("body_too_slow", 0) == 1
     assert after["body_timeout"] - before.get("body_timeout", 0) == 1

@@ -73,7 +73,7 @@ class Edge:
         self._timer: asyncio.TimerHandle | None = None  # the header deadline or the body's next check
         self._head_bytes = self._head_lines = self._line_bytes = 0  # of the request whose headers are arriving
         self._window_bytes = 0  # bytes received since the body's last rate check
-        self._body_started = 0.0
+        self._body_started = self._window_started = 0.0  # time.monotonic() of the body's start, the window's
         self._refused = self._draining = False
 
     # -- where the connection is ------------------------------------------------------------------------
@@ -132,21 +132,25 @@ class Edge:
             self.transport.close()  # nothing was asked, so nothing is answered (as before)
 
     def _start_body_clock(self) -> None:
-        self._body_started, self._window_bytes = time.monotonic(), 0
+        self._body_started = self._window_started = time.monotonic()
+        self._window_bytes = 0
         self._timer = self.loop.call_later(min(RATE_WINDOW_S, self.limits.body_timeout), self._check_body)
 
     def _check_body(self) -> None:
         self._timer = None
         if not self._receiving_body() or self.transport.is_closing():
             return
-        lim, elapsed = self.limits, time.monotonic() - self._body_started
+        lim, now = self.limits, time.monotonic()
+        elapsed = now - self._body_started
         if elapsed >= lim.body_timeout:
             return self._refuse(408, "body_timeout", f"the request body took longer than {lim.body_timeout:g} s")
-        # reading paused: the app has not taken the bytes already here, which is not the client's fault
-        if not self.flow.read_paused and self._window_bytes < lim.body_min_rate * RATE_WINDOW_S:
+        # reading paused: the app has not taken the bytes already here, which is not the client's fault. The
+        # rate is over the window as it was: a timer may run late, and the last window before the deadline is
+        # shorter than RATE_WINDOW_S (a 2 s window once had to bring 5 s worth of bytes)
+        if not self.flow.read_paused and self._window_bytes < lim.body_min_rate * (now - self._window_started):
             return self._refuse(408, "body_too_slow", f"the request body arrived at under {lim.body_min_rate} "
                                                       f"bytes/s over {RATE_WINDOW_S:g} s")
-        self._window_bytes = 0
+        self._window_bytes, self._window_started = 0, now
         self._timer = self.loop.call_later(min(RATE_WINDOW_S, lim.body_timeout - elapsed), self._check_body)
 
     # -- uvicorn's callbacks --------------------------------------------------------------------------------
