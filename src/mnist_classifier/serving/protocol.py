@@ -145,11 +145,12 @@ class Edge:
         if elapsed >= lim.body_timeout:
             return self._refuse(408, "body_timeout", f"the request body took longer than {lim.body_timeout:g} s")
         # reading paused: the app has not taken the bytes already here, which is not the client's fault. The
-        # rate is over the window as it was: a timer may run late, and the last window before the deadline is
-        # shorter than RATE_WINDOW_S (a 2 s window once had to bring 5 s worth of bytes)
-        if not self.flow.read_paused and self._window_bytes < lim.body_min_rate * (now - self._window_started):
+        # rate is judged over the window as it really was (s): a timer may fire late, and the last window
+        # before the deadline is shorter than RATE_WINDOW_S
+        window = now - self._window_started
+        if not self.flow.read_paused and self._window_bytes < lim.body_min_rate * window:
             return self._refuse(408, "body_too_slow", f"the request body arrived at under {lim.body_min_rate} "
-                                                      f"bytes/s over {RATE_WINDOW_S:g} s")
+                                                      f"bytes/s over {window:.1f} s")
         self._window_bytes, self._window_started = 0, now
         self._timer = self.loop.call_later(min(RATE_WINDOW_S, lim.body_timeout - elapsed), self._check_body)
 
