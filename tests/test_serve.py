@@ -8,8 +8,6 @@ import httpx
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.serial  # a model server and a real browser
-
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--no-first-run"]

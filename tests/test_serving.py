@@ -25,7 +25,10 @@ from mnist_classifier.serving.batching import Batcher, Overloaded
 from mnist_classifier.serving.multipart import uploaded_files
 from mnist_classifier.serving.handlers import BadRequest, Unprocessable
 
-pytestmark = pytest.mark.serial  # model servers with several workers, under load and with time bounds
+# `serial` (both cores to themselves, in make test): the tests whose outcome rests on timing (simultaneous
+# requests, drains and backoffs measured in seconds, workers killed and restarted); the others run beside a
+# neighbour like the rest of the suite
+SERIAL = pytest.mark.serial
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -272,6 +275,7 @@ def _simultaneous_posts(base: str, uploads: list[bytes]) -> list[dict]:
     return answers
 
 
+@SERIAL
 def test_concurrent_requests_share_batches_without_cross_talk(trained_checkpoint, digits):
     """Ten different digits at once, five times: every client gets its own digit, and /metrics shows that
     requests shared forward passes.
@@ -350,7 +354,6 @@ def test_batch_endpoint_answers_each_file_in_order(trained_checkpoint, digits):
     assert too_many.status_code == 400 and "too many files" in too_many.json()["detail"]
 
 
-@pytest.mark.slow
 def _wait_dead(pid: int, timeout: float = 10) -> None:
     """Until ``pid`` is gone or a zombie (the kernel has closed its sockets)."""
     from pathlib import Path
@@ -366,6 +369,8 @@ def _wait_dead(pid: int, timeout: float = 10) -> None:
     raise AssertionError(f"process {pid} did not die")
 
 
+@SERIAL
+@pytest.mark.slow
 def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint, digits):
     (label, png), *_ = digits
     proc = []
@@ -393,6 +398,7 @@ def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint
     assert "starting it again" in proc[0].stdout.read()
 
 
+@SERIAL
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_answers_every_request_in_flight(trained_checkpoint, digits, workers):
@@ -414,6 +420,7 @@ def test_sigterm_answers_every_request_in_flight(trained_checkpoint, digits, wor
     assert took < 10
 
 
+@SERIAL
 def test_requests_the_drain_timeout_cuts_short_get_503_with_retry_after_not_500(trained_checkpoint):
     """20 uploads of a 4000 x 4000 ring (~0.1 s to decode each, one at a time) outlive a 0.2 s drain: those
     still waiting are told to retry (503, Retry-After), where uvicorn answered 500 with a traceback each
@@ -452,6 +459,7 @@ def _fresh_posts(base: str, png: bytes, stop: threading.Event, log: list) -> Non
         log.append((time.monotonic() - t0, outcome))
 
 
+@SERIAL
 @pytest.mark.slow
 def test_four_sigkills_of_ready_workers_leave_the_service_up(trained_checkpoint, digits):
     """Deaths count from readiness: workers killed while serving (four within ~20 s, which tripped the old
@@ -480,6 +488,7 @@ def test_four_sigkills_of_ready_workers_leave_the_service_up(trained_checkpoint,
     assert max(seconds for seconds, outcome in log if outcome == 200) < 2.0
 
 
+@SERIAL
 @pytest.mark.slow
 def test_sigterm_with_32_uploads_in_flight_answers_all_32(trained_checkpoint, digits):
     """The drain loses nothing. The workers are paused (SIGSTOP) while 32 uploads connect and are sent, so
@@ -512,6 +521,7 @@ def test_the_dockerfile_starts_the_server_with_flags_that_exist(tmp_path):
     assert "/readyz" in text and "USER mnist" in text
 
 
+@SERIAL
 @pytest.mark.slow
 def test_a_worker_that_cannot_start_backs_off_while_the_others_serve_and_only_none_serving_stops_it(
         trained_checkpoint, tmp_path):
