@@ -57,10 +57,33 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subpro
                           cwd=cwd or REPO, timeout=timeout)
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """`mnist ARGS` run by ``cli.main`` in this process: its exit code and what it printed, as ``run_cli`` gives.
+
+    For follow-up commands (evaluate, predict, export after a run) where a process of their own proves nothing
+    more: each process start costs 2-3 s of imports at one thread, ~30 times per suite. What only a real
+    process shows (no traceback at the top level, signals, time limits, hostile checkpoints) keeps ``run_cli``.
+    """
+    import io
+
+    from mnist_classifier import cli
+
+    out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = cli.main(list(args))
+        except SystemExit as exc:  # argparse's refusals
+            code = exc.code
+    torch.set_num_threads(threads)  # the command's thread policy must not outlive it
+    return subprocess.CompletedProcess(["mnist", *args], code, out.getvalue(), err.getvalue())
+
+
 def pytest_collection_modifyitems(config, items):
-    """The slow tests first: with pytest-xdist the run ends when its last test does, and a 2-minute test
-    handed out at the end would leave the other core idle that long."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
+    """Under pytest-xdist, the slow tests first: the run ends when its last test does, and a 2-minute test
+    handed out at the end would leave the other core idle that long. In one process (make test's serial
+    phase) file order is kept, so that a module's server fixture starts once, not once per slow test's turn."""
+    if hasattr(config, "workerinput"):  # an xdist worker (all workers collect and sort alike)
+        items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: file order otherwise
 
 
 @pytest.fixture(autouse=True)

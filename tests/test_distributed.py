@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, cli_in_process, free_port
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
@@ -52,15 +52,11 @@ def test_resume_a_two_process_run_and_evaluate_it_in_one(data_dir, tmp_path):
     assert "Resuming at epoch 2 of 2" in second.stdout
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + 2 epochs
-    from conftest import run_cli
-
-    ev = run_cli("evaluate", "--checkpoint", str(out / "model.pt"), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    ev = cli_in_process("evaluate", "--checkpoint", str(out / "model.pt"), "--data-dir", str(data_dir), "--json", "--device", "cpu")
     assert ev.returncode == 0 and json.loads(ev.stdout)["accuracy"] > 90
     # and the other way round: a single-process run resumed under torchrun
     single = tmp_path / "single"
-    from conftest import run_cli as cli
-
-    assert cli("train", "--epochs", "1", "--out", str(single), *common).returncode == 0
+    assert cli_in_process("train", "--epochs", "1", "--out", str(single), *common).returncode == 0
     assert torchrun("--resume", str(single), "--epochs", "2").returncode == 0
 
 

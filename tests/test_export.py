@@ -6,7 +6,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from mnist_classifier.inference import classify
 from mnist_classifier.models import checkpoint
 from mnist_classifier.evaluation import predict_logits
@@ -18,7 +18,7 @@ def test_one_accuracy_everywhere(trained_checkpoint, splits, data_dir, tmp_path)
     """All 10,000 test images: what training recorded, `mnist evaluate`, the classify step that predict and
     serve share, and onnxruntime on the exported model all count the same images correct."""
     summary = json.loads((trained_checkpoint.parent / "summary.json").read_text())
-    proc = run_cli("evaluate", "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu",
+    proc = cli_in_process("evaluate", "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu",
                    "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads(proc.stdout)
@@ -29,7 +29,7 @@ def test_one_accuracy_everywhere(trained_checkpoint, splits, data_dir, tmp_path)
     assert int(served.eq(splits.test_labels).sum()) == evaluated["correct"]
 
     out = tmp_path / "model.onnx"
-    proc = run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(out))
+    proc = cli_in_process("export", "--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     x = model_input(splits.test_images, info.mean, info.std, torch.device("cpu")).contiguous().numpy()
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
@@ -42,7 +42,7 @@ def test_one_accuracy_everywhere(trained_checkpoint, splits, data_dir, tmp_path)
 @pytest.mark.slow  # a whole ONNX export in its own process: 6-10 s
 def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
-    assert run_cli("export", "--checkpoint", str(trained_checkpoint), "--out", str(out)).returncode == 0
+    assert cli_in_process("export", "--checkpoint", str(trained_checkpoint), "--out", str(out)).returncode == 0
     proto = onnx.load(str(out))
     batch = proto.graph.input[0].type.tensor_type.shape.dim[0]
     assert batch.dim_param and not batch.dim_value
@@ -57,13 +57,13 @@ def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_safetensors_round_trip_without_pickle(trained_checkpoint, tmp_path, data_dir):
     out = tmp_path / "model.safetensors"
-    assert run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "safetensors", "--out", str(out)).returncode == 0
+    assert cli_in_process("export", "--checkpoint", str(trained_checkpoint), "--format", "safetensors", "--out", str(out)).returncode == 0
     assert out.read_bytes()[8:9] == b"{"  # a JSON header, not a pickle
     a = checkpoint.load(trained_checkpoint)["state_dict"]
     b = checkpoint.load(out)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    proc = run_cli("evaluate", "--checkpoint", str(out), "--data-dir", str(data_dir), "--json", "--device", "cpu")
-    ref = run_cli("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    proc = cli_in_process("evaluate", "--checkpoint", str(out), "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    ref = cli_in_process("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--json", "--device", "cpu")
     assert json.loads(proc.stdout)["accuracy"] == json.loads(ref.stdout)["accuracy"]
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from mnist_classifier.evaluation.plots import most_confused, plot_confusion, plot_samples, save_figure
 
 PNGS = ["samples.png", "predictions.png", "curves.png", "confusion.png", "mistakes.png"]
@@ -33,7 +33,7 @@ def test_plot_command_on_an_existing_run(data_dir, tmp_path, trained_checkpoint)
 
     run = tmp_path / "run"  # a copy of the suite's trained run folder: the plots are written into it
     shutil.copytree(trained_checkpoint.parent, run)
-    proc = run_cli("plot", "--run", str(run), "--data-dir", str(data_dir), "--device", "cpu")
+    proc = cli_in_process("plot", "--run", str(run), "--data-dir", str(data_dir), "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert all((run / n).is_file() for n in PNGS)
     assert not list(run.glob(".*.tmp"))

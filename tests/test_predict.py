@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 from mnist_classifier.models import checkpoint
 from mnist_classifier.data.decode import ImageError, open_image
 from mnist_classifier.data.images import prepare_digit
@@ -97,7 +97,7 @@ def test_blank_image_has_no_digit():
 @pytest.mark.accuracy
 def test_printed_digits_in_many_fonts_formats_and_polarities(trained_checkpoint, tmp_path):
     items = render_set(tmp_path / "digits", per_digit=12)
-    proc = run_cli("predict", str(tmp_path / "digits"), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
+    proc = cli_in_process("predict", str(tmp_path / "digits"), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     results = [json.loads(line) for line in proc.stdout.splitlines()]
     assert len(results) == len(items) == 120
@@ -116,7 +116,7 @@ def test_cli_keeps_going_after_bad_files_and_exits_nonzero(trained_checkpoint, t
     (tmp_path / "empty.png").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not an image")
     saved = tmp_path / "seen"
-    proc = run_cli("predict", str(tmp_path / "empty.png"), str(good), str(tmp_path / "notes.txt"),
+    proc = cli_in_process("predict", str(tmp_path / "empty.png"), str(good), str(tmp_path / "notes.txt"),
                    str(tmp_path / "missing.png"), "--checkpoint", str(trained_checkpoint), "--top-k", "2",
                    "--save-preprocessed", str(saved), "--device", "cpu")
     assert proc.returncode == 1
@@ -143,7 +143,7 @@ def test_low_confidence_is_flagged(trained_checkpoint, splits, tmp_path):
     unsure = tmp_path / "unsure.pt"
     checkpoint.save(unsure, payload)
     for ckpt, expect_flagged in ((unsure, True), (trained_checkpoint, False)):
-        proc = run_cli("predict", *map(str, paths), "--checkpoint", str(ckpt), "--json", "--device", "cpu")
+        proc = cli_in_process("predict", *map(str, paths), "--checkpoint", str(ckpt), "--json", "--device", "cpu")
         results = [json.loads(line) for line in proc.stdout.splitlines()]
         assert proc.returncode == 0 and len(results) == 4
         assert [r["low_confidence"] for r in results] == [expect_flagged] * 4

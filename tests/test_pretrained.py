@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, serving
+from conftest import cli_in_process, run_cli, serving
 from mnist_classifier.data.registry import DEBIAN_FASHION, FASHION_CLASSES, load_dataset
 from mnist_classifier.errors import UserError
 from mnist_classifier.models import ModelConfig, build_model, checkpoint
@@ -109,17 +109,17 @@ def test_a_frozen_pretrained_network_learns_mnist_from_100_images_per_class(data
     stem = imagenet_state_dict()["_conv_stem.weight"]
     assert torch.equal(payload["state_dict"]["net.conv_stem.weight"], stem)
 
-    proc = run_cli("evaluate", "--checkpoint", str(run / "model.pt"), "--data-dir", str(data_dir), "--json", "--device",
+    proc = cli_in_process("evaluate", "--checkpoint", str(run / "model.pt"), "--data-dir", str(data_dir), "--json", "--device",
                    "cpu", "--test-subset", "2000")
     evaluated = json.loads(proc.stdout)
     assert proc.returncode == 0 and evaluated["n"] == summary["test_images"] == 2000
     assert evaluated["accuracy"] == pytest.approx(summary["test_accuracy"])
     digit = tmp_path / "digit.png"
     Image.fromarray(255 - splits.test_images[0, 0].numpy()).resize((120, 120)).save(digit)
-    proc = run_cli("predict", str(digit), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
+    proc = cli_in_process("predict", str(digit), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
     assert proc.returncode == 0 and json.loads(proc.stdout)["label"] in [str(d) for d in range(10)]
 
-    proc = run_cli("export", "--checkpoint", str(run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
+    proc = cli_in_process("export", "--checkpoint", str(run / "model.pt"), "--out", str(tmp_path / "m.onnx"))
     assert proc.returncode == 0, proc.stderr
     model, info, _ = checkpoint.load_model(run / "model.pt")
     x = splits.test_images[:200].float() / 255  # (200, 1, 28, 28): this model's input, mean 0 and std 1
@@ -151,7 +151,7 @@ def test_a_pretrained_network_fine_tuned_on_fashion_mnist_is_served_with_the_ans
     folder.mkdir()
     for i in range(12):  # dark on light and larger, as people's photos of clothes would be
         Image.fromarray(255 - splits.test_images[i, 0].numpy()).resize((96, 96)).save(folder / f"{i:02d}.png")
-    proc = run_cli("predict", str(folder), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
+    proc = cli_in_process("predict", str(folder), "--checkpoint", str(run / "model.pt"), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     expected = [json.loads(line)["label"] for line in proc.stdout.splitlines()]
     with serving(run / "model.pt", "--workers", "1") as base:

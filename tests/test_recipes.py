@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import cli_in_process, run_cli
 from mnist_classifier.data.augment import AffineAugment
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import UserError
@@ -150,7 +150,7 @@ def test_ensemble_evaluation_reports_members_and_the_average(data_dir, small_cfg
         run = tmp_path / f"s{seed}"
         fit(dataclasses.replace(small_cfg, seed=seed, out=str(run)), splits, CPU, run)
         paths.append(str(run / "model.pt"))
-    proc = run_cli("evaluate", "--checkpoint", *paths, "--data-dir", str(data_dir), "--json", "--device", "cpu")
+    proc = cli_in_process("evaluate", "--checkpoint", *paths, "--data-dir", str(data_dir), "--json", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["ensemble_of"] == 2 and [m["checkpoint"] for m in result["members"]] == paths
@@ -237,15 +237,15 @@ def test_tta_log_probs_average_the_shifted_predictions(trained_checkpoint, split
 @pytest.mark.slow
 def test_evaluate_with_tta_from_the_command_line(trained_checkpoint, data_dir):
     args = ("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--device", "cpu")
-    plain = json.loads(run_cli(*args, "--json").stdout)
-    proc = run_cli(*args, "--json", "--tta-shift", "1")
+    plain = json.loads(cli_in_process(*args, "--json").stdout)
+    proc = cli_in_process(*args, "--json", "--tta-shift", "1")
     assert proc.returncode == 0, proc.stderr
     tta = json.loads(proc.stdout)
     assert plain["tta_views"] == 1 and tta["tta_views"] == 9 and tta["n"] == 10000
     assert abs(tta["accuracy"] - plain["accuracy"]) < 1.0  # small shifts keep a 2-epoch model near its own accuracy
-    text = run_cli(*args, "--tta-shift", "1", "--test-subset", "500")  # the wording, not the figure again
+    text = cli_in_process(*args, "--tta-shift", "1", "--test-subset", "500")  # the wording, not the figure again
     assert text.returncode == 0 and "averages 9 views" in text.stdout
-    bad = run_cli(*args, "--tta-shift", "9")
+    bad = cli_in_process(*args, "--tta-shift", "9")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--tta-shift" in bad.stderr
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 from mnist_classifier.data import load_mnist, raw_dir
 from mnist_classifier.data.idx import encode_idx
 from mnist_classifier.data.mnist import MNIST_FILES
@@ -312,7 +312,7 @@ def test_hostile_images_to_predict(trained_checkpoint, splits, tmp_path):
     files = hostile_images(splits.test_images[0, 0].numpy())
     for name, (data, _) in files.items():
         (tmp_path / name).write_bytes(data)
-    proc = run_cli("predict", str(tmp_path), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
+    proc = cli_in_process("predict", str(tmp_path), "--checkpoint", str(trained_checkpoint), "--json", "--device", "cpu")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     predicted = {Path(json.loads(line)["path"]).name: json.loads(line)["digit"] for line in proc.stdout.splitlines()}
     errors = {line.split(": ")[2].split("/")[-1]: line for line in proc.stderr.splitlines() if ": error: " in line}

@@ -111,7 +111,7 @@ def test_fp32_precision_path(small_cfg, splits):
 @pytest.mark.slow
 def test_full_default_run_reaches_98_4_percent(data_dir, tmp_path):
     """The guide recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
-    from conftest import run_cli
+    from conftest import cli_in_process, run_cli
 
     out = tmp_path / "full"
     proc = run_cli("train", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(out))
@@ -126,6 +126,6 @@ def test_full_default_run_reaches_98_4_percent(data_dir, tmp_path):
     assert sum(1 for line in lines if line.startswith("Epoch") and "Accuracy:" in line) == 5
     assert sum(1 for line in lines if "Loss:" in line) >= 5 * 9  # every 100 of the 938 batches
     assert lines[-1] == f"Run folder: {out}"
-    proc = run_cli("evaluate", "--checkpoint", str(out / "model.pt"), "--data-dir", str(data_dir), "--json")
+    proc = cli_in_process("evaluate", "--checkpoint", str(out / "model.pt"), "--data-dir", str(data_dir), "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["accuracy"] == summary["test_accuracy"]
