@@ -149,7 +149,8 @@ def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
-    common = ["--train-subset", "3000", "--device", "cpu", "--data-dir", str(data_dir), "--dropout", "0.2"]
+    common = ["--train-subset", "3000", "--device", "cpu", "--data-dir", str(data_dir), "--dropout", "0.2",
+              "--test-subset", "1000"]  # scored 8 times: what is compared is the weights and the metrics rows
     assert run_cli("train", "--epochs", "4", "--out", str(tmp_path / "a"), *common).returncode == 0
     assert run_cli("train", "--epochs", "2", "--out", str(tmp_path / "b"), *common).returncode == 0
     assert run_cli("train", "--resume", str(tmp_path / "b"), "--epochs", "4").returncode == 0
@@ -163,7 +164,8 @@ def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_dir, tmp_path):
     common = ["--epochs", "2", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir),
-              "--augment", "--schedule", "onecycle", "--ema", "0.99", "--dropout", "0.1", "--log-every", "20"]
+              "--augment", "--schedule", "onecycle", "--ema", "0.99", "--dropout", "0.1", "--log-every", "20",
+              "--test-subset", "1000"]
     assert run_cli("train", *common, "--out", str(tmp_path / "straight")).returncode == 0
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *common, "--out", str(run)],
