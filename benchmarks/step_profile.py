@@ -1,0 +1,90 @@
+"""Where the guide recipe's training step spends its time on this CPU, and one alternative for its costliest
+non-convolution part (issue 24).
+
+Part 1 profiles the step as `mnist train` runs it (channels_last, fused Adam, flush-to-zero, the precision
+`--precision auto` picks here) on the real MNIST training images, batch 64, and prints torch.profiler's ops by
+their own CPU time, in ms per step. Part 2 times the 2 x 2 max-pooling (forward and backward) at the guide
+CNN's two shapes against the same pooling written as a reshape and ``amax``, which needs no index scatter
+and no zero-filled gradient buffer. Because the ReLU before each pooling makes ties at 0 common, the two
+give different gradients at tied positions.
+
+    .venv/bin/python benchmarks/step_profile.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from mnist_classifier.data import load_dataset
+from mnist_classifier.device import cpu_has_native_bf16
+from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.training.step import TrainStep
+
+MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
+
+
+def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None, steps: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="guide-cnn")).to(memory_format=torch.channels_last).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=True)
+    step = TrainStep(model, optimizer, images.contiguous(memory_format=torch.channels_last), labels, amp_dtype=amp)
+    batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: 64 * (steps + 20)]
+    for idx in batches[: 64 * 20].view(20, 64):  # warm-up: oneDNN primitives, allocator
+        step(idx)
+    timed = batches[64 * 20:].view(steps, 64)
+    t0 = time.perf_counter()
+    for idx in timed:
+        step(idx)
+    ms_per_step = (time.perf_counter() - t0) / steps * 1000
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for idx in timed:
+            step(idx)
+    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    return {"precision": "bf16" if amp else "fp32", "ms_per_step": round(ms_per_step, 2),
+            "self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in ops}}
+
+
+def amax_pool(x: torch.Tensor) -> torch.Tensor:
+    b, c, h, w = x.shape
+    return x.unflatten(2, (h // 2, 2)).unflatten(4, (w // 2, 2)).amax((3, 5))
+
+
+def time_pooling(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
+    x0 = torch.randn(shape).relu().to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+    result = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
+    for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 2)), ("reshape_amax", amax_pool)):
+        x = x0.clone().requires_grad_()
+        for _ in range(10):
+            pool(x).sum().backward()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            y = pool(x)
+            y.backward(torch.ones_like(y))
+        result[f"{name}_us"] = round((time.perf_counter() - t0) / reps * 1e6)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--data-dir", default="data")
+    args = parser.parse_args()
+    torch.set_flush_denormal(True)
+    splits = load_dataset("mnist", args.data_dir)
+    images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
+    for amp in ([torch.bfloat16] if cpu_has_native_bf16() else []) + [None]:
+        print(json.dumps(profile_step(images, splits.train_labels, amp, args.steps)))
+    for dtype in ([torch.bfloat16] if cpu_has_native_bf16() else []) + [torch.float32]:
+        for shape in ((64, 16, 28, 28), (64, 32, 14, 14)):  # the outputs of the guide CNN's two convolutions
+            print(json.dumps(time_pooling(dtype, shape, args.reps)))
+
+
+if __name__ == "__main__":
+    main()
