@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -23,17 +24,14 @@ from torch.profiler import ProfilerActivity, profile
 
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_native_bf16
-from mnist_classifier.models import ModelConfig, build_model
-from mnist_classifier.training.step import TrainStep
-
-MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
+from step_variants import MEAN, STD, make_variant  # the same step as the one-change table's "kept" variant
 
 
 def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="guide-cnn")).to(memory_format=torch.channels_last).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.001, fused=True)
-    step = TrainStep(model, optimizer, images.contiguous(memory_format=torch.channels_last), labels, amp_dtype=amp)
+    """``steps`` of batch 64, timed and then profiled; the step is step_variants' "kept" (fp32) or
+    "bf16-autocast" variant: `mnist train`'s step with the epoch loop's loss sums."""
+    settings = SimpleNamespace(model="guide-cnn", lr=0.001, batch_size=64)
+    step = make_variant("bf16-autocast" if amp else "kept", settings, images, labels).step
     batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: 64 * (steps + 20)]
     for idx in batches[: 64 * 20].view(20, 64):  # warm-up: oneDNN primitives, allocator
         step(idx)

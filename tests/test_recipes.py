@@ -179,13 +179,9 @@ def test_compiled_training_saves_the_plain_module(small_cfg, splits):
 
 @pytest.mark.parametrize("flags", [["--schedule", "linear"], ["--ema", "1.5"], ["--val-size", "-1"],
                                     ["--label-smoothing", "1.2"], ["--aug-scale", "1"]])
-def test_bad_option_values(flags, tmp_path, capsys):
-    from mnist_classifier import cli  # in-process: a refusal in a real process is tests/test_cli.py's
-
-    with pytest.raises(SystemExit) as exited:  # argparse's own refusal, or the config's
-        raise SystemExit(cli.main(["train", *flags, "--out", str(tmp_path / "r")]))
-    err = capsys.readouterr().err
-    assert exited.value.code == 2 and err.count("\n") == 1 and not (tmp_path / "r").exists(), err
+def test_bad_option_values(flags, tmp_path):
+    proc = cli_in_process("train", *flags, "--out", str(tmp_path / "r"))  # a real process's refusal: test_cli.py
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists(), proc.stderr
 
 
 def test_shifted_views_move_the_image_and_fill_with_background():
