@@ -3,10 +3,13 @@ non-convolution part (issue 24).
 
 Part 1 profiles the step as `mnist train` runs it (channels_last, fused Adam, flush-to-zero, the precision
 `--precision auto` picks here) on the real MNIST training images, batch 64, and prints torch.profiler's ops by
-their own CPU time, in ms per step. Part 2 times the 2 x 2 max-pooling (forward and backward) at the guide
+their own CPU time, in ms per step, with the page faults per step outside and inside the profiler: the
+profiler's own bookkeeping makes the step take fresh pages (~450 per step on a Zen 4 VM, against 0-2
+without it), and the op that first touches them, the zero-fill of the first pooling's gradient, is charged
+for them. Part 2 times, outside the profiler, the 2 x 2 max-pooling (forward and backward) at the guide
 CNN's two shapes against the same pooling written as a reshape and ``amax``, which needs no index scatter
-and no zero-filled gradient buffer. Because the ReLU before each pooling makes ties at 0 common, the two
-give different gradients at tied positions.
+and no zero-filled gradient buffer (the two give different gradients where a window holds tied maxima), and
+the zero-fill alone.
 
     .venv/bin/python benchmarks/step_profile.py
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 from types import SimpleNamespace
 
@@ -36,16 +40,36 @@ def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | 
     for idx in batches[: 64 * 20].view(20, 64):  # warm-up: oneDNN primitives, allocator
         step(idx)
     timed = batches[64 * 20:].view(steps, 64)
-    t0 = time.perf_counter()
+    t0, faults = time.perf_counter(), page_faults()
     for idx in timed:
         step(idx)
-    ms_per_step = (time.perf_counter() - t0) / steps * 1000
+    ms_per_step, faults = (time.perf_counter() - t0) / steps * 1000, (page_faults() - faults) / steps
+    faults_profiled = page_faults()
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for idx in timed:
             step(idx)
+    faults_profiled = (page_faults() - faults_profiled) / steps
     ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     return {"precision": "bf16" if amp else "fp32", "ms_per_step": round(ms_per_step, 2),
+            "page_faults_per_step": round(faults, 1), "page_faults_per_step_profiled": round(faults_profiled, 1),
             "self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in ops}}
+
+
+def page_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh page the kernel had to map and zero."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_fill(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
+    """Zero-filling a buffer of the first pooling's input shape, as its backward does, outside the profiler."""
+    buf = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    for _ in range(10):
+        buf.zero_()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        buf.zero_()
+    return {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
+            "zero_fill_us": round((time.perf_counter() - t0) / reps * 1e6, 1)}
 
 
 def amax_pool(x: torch.Tensor) -> torch.Tensor:
@@ -82,6 +106,7 @@ def main() -> None:
     for dtype in ([torch.bfloat16] if cpu_has_native_bf16() else []) + [torch.float32]:
         for shape in ((64, 16, 28, 28), (64, 32, 14, 14)):  # the outputs of the guide CNN's two convolutions
             print(json.dumps(time_pooling(dtype, shape, args.reps)))
+        print(json.dumps(time_fill(dtype, (64, 16, 28, 28), args.reps)))
 
 
 if __name__ == "__main__":

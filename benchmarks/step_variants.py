@@ -23,6 +23,9 @@ Variants:
   bf16-autocast   bf16 autocast, as `--precision bf16` (native-bf16 CPUs only)
   bare            the step alone, without the epoch loop's per-step loss sums (Python-side work)
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
+  split-threads   each batch halved, the halves' forward and backward on two Python threads at one torch
+                  thread each (inter-op instead of intra-op parallelism), their gradients averaged; with
+                  -bf16 under bf16 autocast (native-bf16 CPUs only)
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+from concurrent.futures import ThreadPoolExecutor
 import ctypes.util
 import json
 import resource
@@ -76,6 +80,43 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """The split variants' setting: each Python thread computes alone (two of them fill the two cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with settings():
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def split_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor,
+               amp: torch.dtype | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """One optimizer step whose batch is halved: the second half's forward and backward run on a worker
+    thread while the calling thread does the first. The mean of the halves' mean-loss gradients is the whole
+    batch's gradient, summed in another order."""
+    params = list(model.parameters())
+    worker = ThreadPoolExecutor(1)
+
+    def half(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp is not None):  # autocast is per thread
+            loss = torch.nn.functional.cross_entropy(model(images[idx]), labels[idx])
+        return torch.autograd.grad(loss, params), loss.detach()
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        other = worker.submit(half, idx[len(idx) // 2:])
+        grads, loss = half(idx[: len(idx) // 2])
+        grads_b, loss_b = other.result()
+        for p, g, g_b in zip(params, grads, grads_b):
+            p.grad = g.add_(g_b).mul_(0.5)
+        optimizer.step()
+        return (loss + loss_b) * 0.5
+
+    return step
+
+
 def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
     fmt = torch.contiguous_format if name == "nchw" else torch.channels_last
     torch.manual_seed(0)
@@ -84,8 +125,9 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     net = torch.compile(model) if name == "compile" else model
     x = images.contiguous(memory_format=fmt)
-    amp = torch.bfloat16 if name == "bf16-autocast" else None
-    train = TrainStep(net, optimizer, x, labels, amp_dtype=amp)
+    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16") else None
+    train = (split_step(net, optimizer, x, labels, amp) if name.startswith("split-threads")
+             else TrainStep(net, optimizer, x, labels, amp_dtype=amp))
     sums = [torch.zeros(()), torch.zeros(())]
 
     def step(idx: torch.Tensor) -> None:
@@ -95,7 +137,8 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
             sums[1] += loss * len(idx)
 
     ctx = {"no-ftz": lambda: settings(ftz=False), "no-onednn": lambda: settings(onednn=False),
-           "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(name, settings)
+           "onednn-bf16": lambda: settings(onednn_fp32="bf16"), "split-threads": one_torch_thread,
+           "split-threads-bf16": one_torch_thread}.get(name, settings)
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
@@ -115,7 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
     names = args.variants or ["kept", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn", "bare",
-                              "compile"] + (["onednn-bf16", "bf16-autocast"] if cpu_has_native_bf16() else [])
+                              "compile", "split-threads"]
+    names += ["onednn-bf16", "bf16-autocast", "split-threads-bf16"] if cpu_has_native_bf16() and not args.variants else []
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
     labels = splits.train_labels
@@ -136,7 +180,8 @@ def main() -> None:
     for v in variants:
         med = statistics.median(ms[v.name])
         print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
-                          "threads": torch.get_num_threads(), "ms_per_step_median": round(med, 3),
+                          "threads": "1 in each of 2 Python threads" if v.name.startswith("split-threads")
+                          else torch.get_num_threads(), "ms_per_step_median": round(med, 3),
                           "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),
                           "speed_vs_kept": round(kept / med, 3) if kept else None,
                           "first_step_seconds": round(v.setup_seconds, 2),

@@ -1,0 +1,88 @@
+"""Cheaper designs for the fast recipe, judged on a validation split (issue 24's time-to-99 goal).
+
+The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14;
+that layer is most of its step. Each candidate below makes that layer cheaper. Every one trains with the fast
+recipe's settings (one epoch, batch 256, Adam 0.02 one-cycle, the precision `auto` picks) on the first
+60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
+its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,
+max) and the training loop's seconds.
+
+    .venv/bin/python benchmarks/fast_variants.py --seeds 0 1 2 3 4
+
+Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channels):
+  fast-cnn-deep     the recipe's: [24] 3x3 + pool to 7x7, [32], [48] + pool to 3x3
+  narrow-16         the same with 16 channels in the first layer
+  strided           the first layer a 3x3 convolution of stride 2 (14x14 -> 7x7, no pool): [32] s2, [32], [48] + pool
+  strided-wide      the same at 48 channels throughout
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+
+from torch import nn
+
+from mnist_classifier.config import TrainConfig, parse_overrides
+from mnist_classifier.data import load_dataset
+from mnist_classifier.device import select_device
+from mnist_classifier.experiments import run_seeds
+from mnist_classifier.models import registry
+from mnist_classifier.models.cnn import FastCNN, conv_bn
+
+
+def conv_bn_s2(c_in: int, c_out: int) -> nn.Sequential:
+    """3x3 convolution of stride 2 (halves H and W in place of a pool), batch norm, ReLU."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
+
+
+class Narrow16(FastCNN):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 48, pool=True)]
+
+
+class Strided(FastCNN):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn_s2(c_in, 32), conv_bn(32, 32), conv_bn(32, 48, pool=True)]
+
+
+class StridedWide(FastCNN):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn_s2(c_in, 48), conv_bn(48, 48), conv_bn(48, 48, pool=True)]
+
+
+CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--val-size", type=int, default=10_000)
+    parser.add_argument("--candidates", nargs="+", default=["fast-cnn-deep", *CANDIDATES])
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--set", default="", metavar="KEY=VALUE,...", help="other overrides of the recipe, e.g. lr=0.03")
+    args = parser.parse_args()
+    registry.MODELS.update(CANDIDATES)  # this process only: the candidates are not part of the package
+    device = select_device("auto")
+    splits = load_dataset("mnist", args.data_dir)
+    for name in args.candidates:
+        cfg = TrainConfig.from_recipe("fast", model=name, val_size=args.val_size, device=str(device),
+                                      data_dir=args.data_dir, log_every=10**9, **parse_overrides(TrainConfig, args.set))
+        with tempfile.TemporaryDirectory() as out:
+            runs = run_seeds(cfg, args.seeds, splits, device, out).summaries
+        val = [r["val_accuracy"] for r in runs]
+        secs = [r["train_seconds"] for r in runs]
+        print(json.dumps({"candidate": name, "set": args.set, "seeds": args.seeds, "val_images": args.val_size,
+                          "val_accuracy_mean": round(statistics.mean(val), 3), "val_min": min(val), "val_max": max(val),
+                          "train_seconds_mean": round(statistics.mean(secs), 2), "precision": runs[0]["precision"]}),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
