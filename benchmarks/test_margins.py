@@ -74,6 +74,22 @@ def transfer_notebook(seed: int, threads: int, tmp: Path) -> dict[str, float]:
     return {name: float(value) for name, value in found.items()}
 
 
+def speedups(seed: int, threads: int, tmp: Path) -> dict[str, float]:
+    """test_speedups: the guide CNN after 20,000 images through the plain step, and how far the kept step
+    (fp32, then bf16) lands from it, in points; in this process at ``threads`` torch threads. Its test
+    bounds each difference both ways (0.3 and 0.5 points); the table's floor is the lower side."""
+    import torch
+
+    from mnist_classifier.data import load_dataset
+    from test_speedups import train_and_score
+
+    torch.set_num_threads(threads)
+    splits = load_dataset("mnist", DATA_DIR)
+    plain = train_and_score(splits, "plain", seed, 20_000)
+    return {"plain": plain, "kept - plain": round(train_and_score(splits, "kept", seed, 20_000) - plain, 2),
+            "bf16 - plain": round(train_and_score(splits, "bf16", seed, 20_000) - plain, 2)}
+
+
 @dataclass(frozen=True)
 class Case:
     flags: list[str] | None  # `mnist train` flags beyond seed, device, data and output; None: ``run`` does all
@@ -108,6 +124,7 @@ CASES = {
     "pretrained-fashion": Case([*EFFICIENTNET, "--dataset", "fashion-mnist", "--train-subset", "500", "--epochs", "2",
                                 "--test-subset", "2000"], {ACC: 40.0}),
     "transfer-notebook": Case(None, {"frozen": 90.0, "fine-tuned": 90.0}, run=transfer_notebook),  # test_notebook
+    "speedups": Case(None, {"plain": 95.0, "kept - plain": -0.3, "bf16 - plain": -0.5}, run=speedups),  # test_speedups
 }
 
 
