@@ -82,7 +82,8 @@ def test_ten_kept_steps_follow_the_plain_steps(splits):
     """channels_last, fused Adam and flush-to-zero change only the order of sums: after 10 steps of 64 real
     images the losses agree to 2.4e-7 and the weights to 5.5e-6 (seeds 0-2, 1 and 2 threads, AMD EPYC Zen 4),
     while each Adam step moves a weight by up to the learning rate, 1e-3. A wrong optimizer setting (rate,
-    betas, eps, weight decay) would leave differences of that size; the bounds are ~20x what was measured."""
+    betas, eps, weight decay) would leave differences of that size. The bounds are ~20x (losses) and ~55x
+    (weights) what was measured, for CPUs whose kernels sum in other orders."""
     runs = {}
     try:
         for kind in ("plain", "kept"):
@@ -93,7 +94,7 @@ def test_ten_kept_steps_follow_the_plain_steps(splits):
         flush_denormals()
     (plain_losses, plain_weights), (kept_losses, kept_weights) = runs["plain"], runs["kept"]
     assert torch.allclose(kept_losses, plain_losses, rtol=0, atol=5e-6)
-    assert max((a - b).abs().max().item() for a, b in zip(kept_weights, plain_weights)) < 1e-4
+    assert max((a - b).abs().max().item() for a, b in zip(kept_weights, plain_weights)) < 3e-4
 
 
 @pytest.mark.slow
