@@ -66,7 +66,8 @@ def main() -> None:
     parser.add_argument("--val-size", type=int, default=10_000)
     parser.add_argument("--candidates", nargs="+", default=["fast-cnn-deep", *CANDIDATES])
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--set", default="", metavar="KEY=VALUE,...", help="other overrides of the recipe, e.g. lr=0.03")
+    parser.add_argument("--set", default="", metavar="KEY=VALUE,...",
+                        help="other overrides of the recipe, e.g. lr=0.03")
     args = parser.parse_args()
     registry.MODELS.update(CANDIDATES)  # this process only: the candidates are not part of the package
     device = select_device("auto")
