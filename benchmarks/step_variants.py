@@ -23,6 +23,8 @@ Variants:
   bf16-autocast   bf16 autocast, as `--precision bf16` (native-bf16 CPUs only)
   bare            the step alone, without the epoch loop's per-step loss sums (Python-side work)
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
+  one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
+                  thread buys in this process
   split-threads   each batch halved, the halves' forward and backward on two Python threads at one torch
                   thread each (inter-op instead of intra-op parallelism), their gradients averaged; with
                   -bf16 under bf16 autocast (native-bf16 CPUs only)
@@ -80,6 +82,9 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(-3, 32 << 20)) and bool(libc.mallopt(-1, 1 << 30))
 
 
+THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
+
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """The split variants' setting: each Python thread computes alone (two of them fill the two cores)."""
@@ -125,7 +130,7 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     net = torch.compile(model) if name == "compile" else model
     x = images.contiguous(memory_format=fmt)
-    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16") else None
+    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16", "one-thread-bf16") else None
     train = (split_step(net, optimizer, x, labels, amp) if name.startswith("split-threads")
              else TrainStep(net, optimizer, x, labels, amp_dtype=amp))
     sums = [torch.zeros(()), torch.zeros(())]
@@ -138,7 +143,8 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
 
     ctx = {"no-ftz": lambda: settings(ftz=False), "no-onednn": lambda: settings(onednn=False),
            "onednn-bf16": lambda: settings(onednn_fp32="bf16"), "split-threads": one_torch_thread,
-           "split-threads-bf16": one_torch_thread}.get(name, settings)
+           "split-threads-bf16": one_torch_thread, "one-thread": one_torch_thread,
+           "one-thread-bf16": one_torch_thread}.get(name, settings)
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
@@ -181,8 +187,8 @@ def main() -> None:
     for v in variants:
         med = statistics.median(ms[v.name])
         print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
-                          "threads": "1 in each of 2 Python threads" if v.name.startswith("split-threads")
-                          else torch.get_num_threads(), "ms_per_step_median": round(med, 3),
+                          "threads": THREADS.get(v.name.removesuffix("-bf16"), torch.get_num_threads()),
+                          "ms_per_step_median": round(med, 3),
                           "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),
                           "speed_vs_kept": round(kept / med, 3) if kept else None,
                           "first_step_seconds": round(v.setup_seconds, 2),
