@@ -1,7 +1,7 @@
 """Cheaper designs for the fast recipe, judged on a validation split (issue 24's time-to-99 goal).
 
-The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14;
-that layer is most of its step. Each candidate below makes that layer cheaper. Every one trains with the fast
+The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14,
+on maps 4x the size of its later ones. Each candidate below makes that layer cheaper. Every one trains with the fast
 recipe's settings (one epoch, batch 256, Adam 0.02 one-cycle, the precision `auto` picks) on the first
 60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
 its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,

@@ -3,10 +3,9 @@ non-convolution part (issue 24).
 
 Part 1 profiles the step as `mnist train` runs it (channels_last, fused Adam, flush-to-zero, the precision
 `--precision auto` picks here) on the real MNIST training images, batch 64, and prints torch.profiler's ops by
-their own CPU time, in ms per step, with the page faults per step outside and inside the profiler: the
-profiler's own bookkeeping makes the step take fresh pages (~450 per step on a Zen 4 VM, against 0-2
-without it), and the op that first touches them, the zero-fill of the first pooling's gradient, is charged
-for them. Part 2 times, outside the profiler, the 2 x 2 max-pooling (forward and backward) at the guide
+their own CPU time, in ms per step, with the page faults per step outside and inside the profiler: under
+the profiler the step takes fresh pages (~450 per step on a Zen 4 VM in bf16, against 0 without it), and
+the zero-fill of the first pooling's gradient is charged ~40x what it takes alone. Part 2 times, outside the profiler, the 2 x 2 max-pooling (forward and backward) at the guide
 CNN's two shapes against the same pooling written as a reshape and ``amax``, which needs no index scatter
 and no zero-filled gradient buffer (the two give different gradients where a window holds tied maxima), and
 the zero-fill alone.
@@ -62,7 +61,7 @@ def page_faults() -> int:
 
 def time_fill(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
     """Zero-filling a buffer of the first pooling's input shape, as its backward does, outside the profiler."""
-    buf = torch.empty(shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    buf = torch.empty(shape, dtype=dtype, memory_format=torch.channels_last)
     for _ in range(10):
         buf.zero_()
     t0 = time.perf_counter()

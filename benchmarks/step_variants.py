@@ -35,12 +35,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-from concurrent.futures import ThreadPoolExecutor
 import ctypes.util
 import json
 import resource
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -87,7 +87,7 @@ THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  #
 
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """The split variants' setting: each Python thread computes alone (two of them fill the two cores)."""
+    """The one-thread and split variants' setting: torch computes on one thread per Python thread."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -142,9 +142,9 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
             sums[1] += loss * len(idx)
 
     ctx = {"no-ftz": lambda: settings(ftz=False), "no-onednn": lambda: settings(onednn=False),
-           "onednn-bf16": lambda: settings(onednn_fp32="bf16"), "split-threads": one_torch_thread,
-           "split-threads-bf16": one_torch_thread, "one-thread": one_torch_thread,
-           "one-thread-bf16": one_torch_thread}.get(name, settings)
+           "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(name, settings)
+    if name.removesuffix("-bf16") in THREADS:  # the variants that run at one torch thread per Python thread
+        ctx = one_torch_thread
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation

@@ -33,9 +33,10 @@ def guide_order(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def guide_step(splits: Splits, kind: str, seed: int) -> tuple[TrainStep, torch.nn.Module]:
     """A fresh guide CNN (initialised from ``seed``) and its step: ``plain``, ``kept`` (fp32) or ``bf16``."""
     kept = kind != "plain"
-    torch.set_flush_denormal(False)  # the plain step computes subnormals; the kept one flushes them
     if kept:
         flush_denormals()
+    else:
+        torch.set_flush_denormal(False)  # the plain step computes subnormals (train_and_score restores FTZ)
     fmt = preferred_memory_format(CPU) if kept else torch.contiguous_format
     images = (model_input(splits.train_images, splits.info.mean, splits.info.std, CPU) if kept
               else normalize(splits.train_images, splits.info.mean, splits.info.std).contiguous())
