@@ -4,6 +4,8 @@ The plain step is the guide's: contiguous (NCHW) tensors, torch's default Adam, 
 fp32. The kept step is what `mnist train` runs on a CPU: channels_last (``preferred_memory_format``), the
 optimizer ``make_optimizer`` builds (fused Adam), flush-to-zero (``flush_denormals``), and bf16 autocast
 where ``--precision auto`` picks it. The model's pool-then-ReLU order replaces the guide's ReLU-then-pool.
+Under bf16, `mnist train` runs ``Bf16WeightsStep`` for a model without buffers: it must match the autocast
+step bit for bit, so what is measured of the autocast step holds for it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from mnist_classifier.device import flush_denormals, preferred_memory_format
 from mnist_classifier.evaluation.scoring import evaluate_model
 from mnist_classifier.models import ModelConfig, build_model
 from mnist_classifier.training.optim import make_optimizer
-from mnist_classifier.training.step import TrainStep
+from mnist_classifier.training.distributed import SINGLE
+from mnist_classifier.training.session import build_session
+from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
 CPU = torch.device("cpu")
 BATCH = 64  # the guide's
@@ -109,3 +113,35 @@ def test_the_kept_step_and_bf16_train_to_the_plain_steps_accuracy(splits):
     assert plain > 95.0  # the comparison means something only if the plain step learned
     assert abs(train_and_score(splits, "kept", 0, 20_000) - plain) <= 0.3
     assert abs(train_and_score(splits, "bf16", 0, 20_000) - plain) <= 0.5
+
+
+@pytest.mark.parametrize("dropout, smoothing", [(0.0, 0.0), (0.25, 0.1)])
+def test_the_bf16_weights_step_matches_autocast_bit_for_bit(splits, dropout, smoothing):
+    """The bf16 twin rounds the weights as autocast's casts do, draws dropout's masks from the same random
+    stream, and computes the loss on fp32 logits as autocast does: 10 steps on real images give the same
+    losses and the same fp32 weights, exactly, with and without dropout and label smoothing."""
+    flush_denormals()
+    images = model_input(splits.train_images[: 10 * BATCH], splits.info.mean, splits.info.std, CPU)
+    labels = splits.train_labels[: 10 * BATCH]
+    runs = []
+    for make in (lambda m, o: TrainStep(m, o, images, labels, torch.bfloat16, smoothing),
+                 lambda m, o: Bf16WeightsStep(m, o, images, labels, smoothing)):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(name="guide-cnn", dropout=dropout)).to(memory_format=preferred_memory_format(CPU))
+        step = make(model, make_optimizer(TrainConfig(), model.parameters(), CPU))
+        losses = torch.stack([step(torch.arange(i * BATCH, (i + 1) * BATCH)) for i in range(10)])
+        runs.append((losses, [p.detach().clone() for p in model.parameters()]))
+    (auto_losses, auto_weights), (twin_losses, twin_weights) = runs
+    assert torch.equal(auto_losses, twin_losses)
+    assert all(torch.equal(a, b) for a, b in zip(auto_weights, twin_weights))
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"precision": "bf16"}, Bf16WeightsStep),  # the guide CNN: no buffers
+    ({"precision": "fp32"}, TrainStep),
+    ({"precision": "bf16", "model": "fast-cnn-deep"}, TrainStep),  # batch norm's running statistics: autocast
+])
+def test_mnist_train_picks_the_bf16_weights_step_only_where_it_applies(splits, data_dir, overrides, expected):
+    cfg = TrainConfig(device="cpu", data_dir=str(data_dir), train_subset=256, **overrides)
+    step = build_session(cfg, splits, CPU, SINGLE).learner.loop.step
+    assert type(step) is expected

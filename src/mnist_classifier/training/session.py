@@ -23,7 +23,7 @@ from .distributed import DistContext
 from .epoch import EpochLoop, count_batches
 from .optim import EMA, group_lr, learning_rate, make_optimizer
 from .state import TrainState, set_rng_state
-from .step import CudaGraphStep, TrainStep
+from .step import Bf16WeightsStep, CudaGraphStep, TrainStep
 
 
 @dataclass
@@ -160,7 +160,16 @@ def make_step(cfg: TrainConfig, model: nn.Module, train_model: nn.Module, optimi
         background = model_input(torch.zeros(1, info.channels, 1, 1, dtype=torch.uint8), info.mean, info.std, device)
         aug_gen = torch.Generator(device=device)
         augment = lambda x: aug(x, background, aug_gen)  # noqa: E731
+    if bf16_weights(model, train_model, amp_dtype, data.train_x.device):
+        return Bf16WeightsStep(model, optimizer, data.train_x, data.train_y, cfg.label_smoothing, augment), aug_gen
     return TrainStep(train_model, optimizer, data.train_x, data.train_y, amp_dtype, cfg.label_smoothing, augment), aug_gen
+
+
+def bf16_weights(model: nn.Module, train_model: nn.Module, amp_dtype: torch.dtype | None, device: torch.device) -> bool:
+    """bf16 on a CPU without autocast (``Bf16WeightsStep``): its per-layer casts are a measurable share of
+    the guide CNN's ~4 ms step there (BENCHMARKS.md). Not under DDP or torch.compile, which wrap the model."""
+    return (amp_dtype == torch.bfloat16 and device.type == "cpu" and train_model is model
+            and Bf16WeightsStep.eligible(model))
 
 
 def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
