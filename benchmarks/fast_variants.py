@@ -14,6 +14,11 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   narrow-16         the same with 16 channels in the first layer
   strided           the first layer a 3x3 convolution of stride 2 (14x14 -> 7x7, no pool): [32] s2, [32], [48] + pool
   strided-wide      the same at 48 channels throughout
+  late-pool         the recipe's widths with the second pool moved up: [24] pool, [32] pool to 3x3, [48] at 3x3
+  slim-late         [16] pool, [32] pool to 3x3, [48] at 3x3
+
+Each line also gives the candidate's training FLOP per image (forward and backward of its convolutions and
+matrix products, counted by torch's FlopCounterMode), a cost that does not drift with the VM as seconds do.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import json
 import statistics
 import tempfile
 
+import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from mnist_classifier.config import TrainConfig, parse_overrides
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import select_device
 from mnist_classifier.experiments import run_seeds
-from mnist_classifier.models import registry
+from mnist_classifier.models import ModelConfig, build_model, registry
 from mnist_classifier.models.cnn import FastCNN, conv_bn
 
 
@@ -57,7 +64,29 @@ class StridedWide(FastCNN):
         return [conv_bn_s2(c_in, 48), conv_bn(48, 48), conv_bn(48, 48, pool=True)]
 
 
-CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide}
+class LatePool(FastCNN):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32, pool=True), conv_bn(32, 48)]  # 7x7, 3x3, 3x3
+
+
+class SlimLate(FastCNN):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32, pool=True), conv_bn(32, 48)]  # 7x7, 3x3, 3x3
+
+
+CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide, "late-pool": LatePool,
+              "slim-late": SlimLate}
+
+
+def train_mflop_per_image(name: str) -> float:
+    """Forward and backward FLOP of one training image through ``name`` (batch 2, fp32), in millions."""
+    model = build_model(ModelConfig(name=name))
+    x = torch.randn(2, 1, 28, 28)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops() / 2 / 1e6
 
 
 def main() -> None:
@@ -81,7 +110,8 @@ def main() -> None:
         secs = [r["train_seconds"] for r in runs]
         print(json.dumps({"candidate": name, "set": args.set, "seeds": args.seeds, "val_images": args.val_size,
                           "val_accuracy_mean": round(statistics.mean(val), 3), "val_min": min(val), "val_max": max(val),
-                          "train_seconds_mean": round(statistics.mean(secs), 2), "precision": runs[0]["precision"]}),
+                          "train_seconds_mean": round(statistics.mean(secs), 2),
+                          "train_mflop_per_image": round(train_mflop_per_image(name), 2), "precision": runs[0]["precision"]}),
               flush=True)
 
 

@@ -32,9 +32,10 @@ from step_variants import MEAN, STD, make_variant  # the same step as the one-ch
 
 def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None, steps: int) -> dict:
     """``steps`` of batch 64, timed and then profiled; the step is step_variants' "kept" (fp32) or
-    "bf16-autocast" variant: `mnist train`'s step with the epoch loop's loss sums."""
+    "bf16-weights" variant (bf16 as `mnist train` runs it since 2026-12-05; "bf16-autocast" before): `mnist
+    train`'s step with the epoch loop's loss sums."""
     settings = SimpleNamespace(model="guide-cnn", lr=0.001, batch_size=64)
-    step = make_variant("bf16-autocast" if amp else "kept", settings, images, labels).step
+    step = make_variant("bf16-weights" if amp else "kept", settings, images, labels).step
     batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: 64 * (steps + 20)]
     for idx in batches[: 64 * 20].view(20, 64):  # warm-up: oneDNN primitives, allocator
         step(idx)

@@ -21,7 +21,12 @@ Variants:
   no-onednn       oneDNN off (torch's own convolution kernels)
   onednn-bf16     oneDNN may compute fp32 convolutions and matrix products in bf16 (native-bf16 CPUs only)
   bf16-autocast   bf16 autocast, as `--precision bf16` (native-bf16 CPUs only)
-  bare            the step alone, without the epoch loop's per-step loss sums (Python-side work)
+  bare            the step alone, without the epoch loop's per-step loss sums (Python-side work); -bf16: under
+                  bf16 autocast
+  bf16-weights    bf16 without autocast (``Bf16WeightsStep``, what `mnist train` runs in bf16 for a model
+                  without buffers): a bf16 copy of the model computes, two foreach copies per step move the
+                  gradients to the fp32 weights and the stepped weights back; autocast's roundings, fewer
+                  calls (native-bf16 CPUs only)
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -49,7 +54,7 @@ import torch
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_native_bf16
 from mnist_classifier.models import ModelConfig, build_model
-from mnist_classifier.training.step import TrainStep
+from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
 
@@ -130,14 +135,18 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     net = torch.compile(model) if name == "compile" else model
     x = images.contiguous(memory_format=fmt)
-    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16", "one-thread-bf16") else None
-    train = (split_step(net, optimizer, x, labels, amp) if name.startswith("split-threads")
-             else TrainStep(net, optimizer, x, labels, amp_dtype=amp))
+    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16", "one-thread-bf16", "bare-bf16") else None
+    if name.startswith("split-threads"):
+        train = split_step(net, optimizer, x, labels, amp)
+    elif name == "bf16-weights":
+        train = Bf16WeightsStep(net, optimizer, x, labels)
+    else:
+        train = TrainStep(net, optimizer, x, labels, amp_dtype=amp)
     sums = [torch.zeros(()), torch.zeros(())]
 
     def step(idx: torch.Tensor) -> None:
         loss = train(idx)
-        if name != "bare":  # what EpochLoop.run adds per step: the running and the epoch's loss sums
+        if not name.startswith("bare"):  # what EpochLoop.run adds per step: the running and the epoch's loss sums
             sums[0] += loss
             sums[1] += loss * len(idx)
 
