@@ -108,6 +108,39 @@ def test_console_entry_runs_the_command_then_freezes_the_collector(monkeypatch, 
     assert "guide-cnn" in capsys.readouterr().out
 
 
+# Counts full (generation 2) collections in a fresh interpreter while `mnist --version` starts one way or the other.
+FULL_COLLECTIONS = """
+import gc, sys
+full = [0]
+gc.callbacks.append(lambda phase, info: full.__setitem__(0, full[0] + (phase == "stop" and info["generation"] == 2)))
+how, sys.argv = sys.argv[1], ["mnist", "--version"]  # argparse prints the version and exits: the import is the work
+try:
+    if how == "run":
+        from mnist_classifier.__main__ import run
+        run()
+    else:
+        from mnist_classifier.cli import entry
+        entry()
+except SystemExit as done:
+    print(full[0], gc.isenabled(), done.code)
+"""
+
+
+def test_the_mnist_script_imports_torch_without_full_collections():
+    """Importing the command line (torch among it) made the collector walk every object alive several times;
+    started through ``run``, as the `mnist` script and ``python -m mnist_classifier`` are, it makes none, and
+    the collector is on again for the command itself."""
+    import subprocess
+
+    counts = {}
+    for how in ("entry", "run"):
+        out = subprocess.run([sys.executable, "-c", FULL_COLLECTIONS, how], capture_output=True, text=True, check=True)
+        full, enabled, code = out.stdout.split()[-3:]  # after the version line
+        assert (enabled, code) == ("True", "0")
+        counts[how] = int(full)
+    assert counts["entry"] >= 1 and counts["run"] == 0
+
+
 def test_console_entry_keeps_the_exit_status(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["mnist", "evaluate", "--checkpoint", "/nonexistent/model.pt"])
     try:
