@@ -175,7 +175,7 @@ def main() -> None:
     names = args.variants or ["kept", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn", "bare",
                               "compile", "split-threads"]
     if cpu_has_native_bf16() and not args.variants:
-        names += ["onednn-bf16", "bf16-autocast", "split-threads-bf16"]
+        names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "split-threads-bf16"]
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
     labels = splits.train_labels

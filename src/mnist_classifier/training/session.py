@@ -166,8 +166,8 @@ def make_step(cfg: TrainConfig, model: nn.Module, train_model: nn.Module, optimi
 
 
 def bf16_weights(model: nn.Module, train_model: nn.Module, amp_dtype: torch.dtype | None, device: torch.device) -> bool:
-    """bf16 on a CPU without autocast (``Bf16WeightsStep``): its per-layer casts are a measurable share of
-    the guide CNN's ~4 ms step there (BENCHMARKS.md). Not under DDP or torch.compile, which wrap the model."""
+    """bf16 on a CPU without autocast (``Bf16WeightsStep``, 1.035-1.06x the autocast step of the guide CNN on a
+    Zen 4, BENCHMARKS.md). Not under DDP or torch.compile, which wrap the model."""
     return (amp_dtype == torch.bfloat16 and device.type == "cpu" and train_model is model
             and Bf16WeightsStep.eligible(model))
 

@@ -46,18 +46,29 @@ class TrainStep:
         x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,)
         if self.augment is not None:
             x = self.augment(x)
-        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
-                            cache_enabled=self.cache_casts):
-            loss = F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+        loss = self.criterion(x, y)
         loss.backward()
         return loss.detach()
+
+    def criterion(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The batch's mean cross-entropy, through the model (under autocast when ``amp_dtype`` is set)."""
+        with torch.autocast(x.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                            cache_enabled=self.cache_casts):
+            return F.cross_entropy(self.model(x), y, label_smoothing=self.label_smoothing)
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def update(self) -> None:
+        """The optimizer step, once the gradients are in."""
+        self.optimizer.step()
 
     def __call__(self, idx: torch.Tensor, lr: float | None = None) -> torch.Tensor:
         if lr is not None:
             self.set_lr(lr)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss = self.loss(idx)
-        self.optimizer.step()
+        self.update()
         return loss
 
 
@@ -85,32 +96,25 @@ class Bf16WeightsStep(TrainStep):
 
     @staticmethod
     def eligible(model: nn.Module) -> bool:
-        return not any(True for _ in model.buffers()) and all(p.requires_grad for p in model.parameters())
+        return next(model.buffers(), None) is None and all(p.requires_grad for p in model.parameters())
 
-    def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W) fp32, (B,)
-        if self.augment is not None:
-            x = self.augment(x)
+    def criterion(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.twin.training != self.model.training:
             self.twin.train(self.model.training)  # dropout follows the mode fit sets on the model
         # the logits in fp32 before the loss, as autocast runs log-softmax and the loss in fp32
-        loss = F.cross_entropy(self.twin(x.to(torch.bfloat16)).float(), y, label_smoothing=self.label_smoothing)
-        loss.backward()
-        return loss.detach()
+        return F.cross_entropy(self.twin(x.to(torch.bfloat16)).float(), y, label_smoothing=self.label_smoothing)
 
-    def __call__(self, idx: torch.Tensor, lr: float | None = None) -> torch.Tensor:
-        if lr is not None:
-            self.set_lr(lr)
+    def zero_grad(self) -> None:
         for p in self.twin_weights:
             p.grad = None
-        loss = self.loss(idx)
+
+    def update(self) -> None:
         with torch.no_grad():
             for p, g in zip(self.weights, self.grads):
-                p.grad = g  # attributes only: no op
+                p.grad = g  # attributes only, no op: fp32 buffers even if something set .grad to None
             torch._foreach_copy_(self.grads, [p.grad for p in self.twin_weights])  # bf16 -> fp32, exact
             self.optimizer.step()
             torch._foreach_copy_(self.twin_weights, self.weights)  # fp32 -> bf16, round to nearest even
-        return loss
 
 
 class CudaGraphStep(TrainStep):
