@@ -57,7 +57,8 @@ def test_resume_a_two_process_run_and_evaluate_it_in_one(data_dir, tmp_path):
     # and the other way round: a single-process run resumed under torchrun
     single = tmp_path / "single"
     assert cli_in_process("train", "--epochs", "1", "--out", str(single), *common).returncode == 0
-    assert torchrun("--resume", str(single), "--epochs", "2").returncode == 0
+    resumed = torchrun("--resume", str(single), "--epochs", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
 
 
 @pytest.mark.slow  # torchrun starts two processes: 6-10 s
