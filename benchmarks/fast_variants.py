@@ -16,6 +16,9 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   strided-wide      the same at 48 channels throughout
   late-pool         the recipe's widths with the second pool moved up: [24] pool, [32] pool to 3x3, [48] at 3x3
   slim-late         [16] pool, [32] pool to 3x3, [48] at 3x3
+  fast-cnn-centre   the package's model: fast-cnn-deep on the centre 24 x 24 of each image (12 x 12 after
+                    the unshuffle)
+  centre-narrow-16  narrow-16 on the centre 24 x 24
 
 Each line also gives the candidate's training FLOP per image (forward and backward of its convolutions and
 matrix products, counted by torch's FlopCounterMode), a cost that does not drift with the VM as seconds do.
@@ -37,7 +40,7 @@ from mnist_classifier.data import load_dataset
 from mnist_classifier.device import select_device
 from mnist_classifier.experiments import run_seeds
 from mnist_classifier.models import ModelConfig, build_model, registry
-from mnist_classifier.models.cnn import FastCNN, conv_bn
+from mnist_classifier.models.cnn import FastCNN, FastCNNCentre, conv_bn
 
 
 def conv_bn_s2(c_in: int, c_out: int) -> nn.Sequential:
@@ -76,8 +79,13 @@ class SlimLate(FastCNN):
         return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32, pool=True), conv_bn(32, 48)]  # 7x7, 3x3, 3x3
 
 
+class CentreNarrow16(FastCNNCentre):
+    blocks = staticmethod(Narrow16.blocks)
+
+
 CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide, "late-pool": LatePool,
-              "slim-late": SlimLate}
+              "slim-late": SlimLate,
+              "centre-narrow-16": CentreNarrow16}
 
 
 def train_mflop_per_image(name: str) -> float:
@@ -93,22 +101,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--val-size", type=int, default=10_000)
-    parser.add_argument("--candidates", nargs="+", default=["fast-cnn-deep", *CANDIDATES])
+    parser.add_argument("--candidates", nargs="+", default=["fast-cnn-deep", "fast-cnn-centre", *CANDIDATES])
+    parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--set", default="", metavar="KEY=VALUE,...",
                         help="other overrides of the recipe, e.g. lr=0.03")
     args = parser.parse_args()
     registry.MODELS.update(CANDIDATES)  # this process only: the candidates are not part of the package
     device = select_device("auto")
-    splits = load_dataset("mnist", args.data_dir)
+    splits = load_dataset(args.dataset, args.data_dir)
     for name in args.candidates:
-        cfg = TrainConfig.from_recipe("fast", model=name, val_size=args.val_size, device=str(device),
+        cfg = TrainConfig.from_recipe("fast", model=name, dataset=args.dataset, val_size=args.val_size, device=str(device),
                                       data_dir=args.data_dir, log_every=10**9, **parse_overrides(TrainConfig, args.set))
         with tempfile.TemporaryDirectory() as out:
             runs = run_seeds(cfg, args.seeds, splits, device, out).summaries
         val = [r["val_accuracy"] for r in runs]
         secs = [r["train_seconds"] for r in runs]
-        print(json.dumps({"candidate": name, "set": args.set, "seeds": args.seeds, "val_images": args.val_size,
+        print(json.dumps({"candidate": name, "dataset": args.dataset, "set": args.set, "seeds": args.seeds, "val_images": args.val_size,
                           "val_accuracy_mean": round(statistics.mean(val), 3), "val_min": min(val), "val_max": max(val),
                           "train_seconds_mean": round(statistics.mean(secs), 2),
                           "train_mflop_per_image": round(train_mflop_per_image(name), 2), "precision": runs[0]["precision"]}),

@@ -53,6 +53,25 @@ def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
         assert session.run(None, {"images": np.zeros((n, 1, 28, 28), np.float32)})[0].shape == (n, 10)
 
 
+def test_the_fast_recipes_centre_model_exports_its_crop_to_onnx(splits, data_dir, tmp_path):
+    """fast-cnn-centre slices its input's border off inside forward: the ONNX graph must do the same, so a
+    28x28 input still works and a changed border still changes nothing."""
+    run = tmp_path / "run"
+    proc = cli_in_process("train", "--recipe", "fast", "--train-subset", "2048", "--test-subset", "500",
+                          "--device", "cpu", "--data-dir", str(data_dir), "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "centre.onnx"
+    assert cli_in_process("export", "--checkpoint", str(run / "model.pt"), "--out", str(out)).returncode == 0
+    model, info, _ = checkpoint.load_model(run / "model.pt", "cpu")
+    x = model_input(splits.test_images[:500], info.mean, info.std, torch.device("cpu")).contiguous()
+    framed = x.clone()
+    framed[..., :2, :] = 3.0  # the top border, which the model drops
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"images": x.numpy()})[0]
+    assert np.abs(onnx_logits - predict_logits(model, x, 500).numpy()).max() < 1e-4
+    assert np.array_equal(session.run(None, {"images": framed.numpy()})[0], onnx_logits)
+
+
 @pytest.mark.slow
 def test_safetensors_round_trip_without_pickle(trained_checkpoint, tmp_path, data_dir):
     out = tmp_path / "model.safetensors"

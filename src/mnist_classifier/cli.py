@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
-from .data import ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
+from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
 from .device import autocast_dtype, select_device, set_threads
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
@@ -31,6 +31,8 @@ from .experiments.space import grid
 from .experiments.search import PRUNERS, SAMPLERS, default_jobs
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
+from .models.cnn import FastCNNCentre
+from .models.registry import CENTRED_ONLY, check_model
 from .models import checkpoint
 from .training import Reporter, check_config, fit, load_resume
 from . import runs
@@ -184,6 +186,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out, cfg.overwrite, resume is not None))
                                      if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
+        if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
+            print(note, file=sys.stderr)
         summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
     finally:
         distributed.teardown(ctx)
@@ -199,6 +203,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"Wrote {path}")
     print(f"Run folder: {run_dir}")
     return 0
+
+
+def border_warning(model: str, info: DatasetInfo) -> str | None:
+    """One line when a model that drops the image border trains on data not prepared as MNIST's digits."""
+    if check_model(model) not in CENTRED_ONLY or info.preprocess == "digit":
+        return None
+    return (f"warning: {model} drops a {FastCNNCentre.BORDER}-pixel border, made for centred digits; "
+            f"{info.name}'s images fill the frame: --model fast-cnn-deep keeps it")
 
 
 def final_drop_warning(drop: dict[str, Any]) -> str:

@@ -6,6 +6,8 @@ so the loss, the exporters and the server decide what to do with the scores.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import nn
 
@@ -107,8 +109,8 @@ class FastCNN(nn.Module):
 
 
 class FastCNNDeep(FastCNN):
-    """The fast recipe's network since issue 24 (``fast-cnn-deep``): ``fast-cnn`` with a narrower first layer and
-    one more 3x3 convolution at 7x7, so one epoch reaches 99 % where ``fast-cnn`` needs two.
+    """The fast recipe's network from issue 24 to 2026-12-05 (``fast-cnn-deep``): ``fast-cnn`` with a narrower
+    first layer and one more 3x3 convolution at 7x7, so one epoch reaches 99 % where ``fast-cnn`` needs two.
 
     The 14x14 layer is what costs on a CPU (its maps are 4x the 7x7 ones), so it shrinks to 24 channels and the
     added depth works at 7x7. Over seeds 0-4, one epoch of the fast recipe: 99.06 % mean against fast-cnn's
@@ -120,6 +122,33 @@ class FastCNNDeep(FastCNN):
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
         return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 48, pool=True)]  # 7x7, 7x7, 3x3
+
+
+class FastCNNCentre(FastCNNDeep):
+    """The fast recipe's network since 2026-12-05 (``fast-cnn-centre``): ``fast-cnn-deep`` on the centre of each
+    image, 2 pixels in from every side (28x28 -> 24x24), at 0.74x the FLOP per image and the same 26,138
+    parameters.
+
+    MNIST's digits are scaled into a 20x20 box and centred by their centre of mass, so the border it drops
+    holds 0.23 % of the training images' ink; on a validation split it matched ``fast-cnn-deep``'s accuracy
+    in 1.2-1.3x less time (BENCHMARKS.md). It keeps the 28x28 interface, so export, serving and prediction
+    see no difference. Not for data that fills the frame (Fashion-MNIST, CIFAR-10): use ``fast-cnn-deep``.
+
+    (B, C, S, S) -> centre (B, C, S-4, S-4) -> unshuffle (B, 4C, 12, 12) -> [24] pool (6x6) -> [32] -> [48]
+    pool (3x3) -> 432 -> classes.
+    """
+
+    BORDER = 2  # pixels dropped from each side
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        inner = cfg.image_size - 2 * self.BORDER
+        if inner < 8:
+            raise UserError(f"fast-cnn-centre needs images of at least 12 pixels per side, these have {cfg.image_size}")
+        super().__init__(dataclasses.replace(cfg, image_size=inner))  # the layers see the centre only
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.BORDER
+        return super().forward(x[..., b:-b, b:-b])  # (B, C, S-4, S-4): a view, which the unshuffle copies
 
 
 class M5CNN(nn.Module):

@@ -8,7 +8,7 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .cnn import BNCNN, M5CNN, FastCNN, FastCNNDeep, GuideCNN, GuideCNNDeep, ResCNN
+from .cnn import BNCNN, M5CNN, FastCNN, FastCNNCentre, FastCNNDeep, GuideCNN, GuideCNNDeep, ResCNN
 from .config import ModelConfig
 from .efficientnet import EfficientNetLite0
 
@@ -18,6 +18,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "guide-cnn-deep": GuideCNNDeep,
     "fast-cnn": FastCNN,
     "fast-cnn-deep": FastCNNDeep,
+    "fast-cnn-centre": FastCNNCentre,
     "bn-cnn": BNCNN,
     "res-cnn": ResCNN,
     "m5-cnn": M5CNN,
@@ -26,6 +27,10 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 # Models that take raw pixels in [0, 1] and normalise (and resize) inside: the data pipeline feeds them with
 # mean 0 and std 1, and --pretrained / --input-size apply to them.
 SELF_NORMALISING = {"efficientnet-lite0"}
+# Models that drop a border of every image: made for glyphs prepared as MNIST's (scaled into a 20x20 box and
+# centred in 28x28, the "digit" preparation). On data that fills the frame they lose accuracy (Fashion-MNIST:
+# 1.6 points on a validation split, BENCHMARKS.md).
+CENTRED_ONLY = {"fast-cnn-centre"}
 
 
 # Earlier names, still accepted by --model and found in checkpoints written before the rename.
