@@ -6,7 +6,8 @@ Rounds alternate the two, each a fresh process, seed r in round r:
     of the first epoch whose test reached 99 % (None when none did: then it is more than its whole run);
   - `mnist train --recipe fast`, the command as a user types it; its time to 99 % is the training loop's
     seconds (summed over epochs from metrics.csv) up to the first epoch whose test reached 99 %, and the whole
-    command's wall time is printed beside it.
+    command's wall time is printed beside it, and the seconds of the precise batch-norm pass that runs before
+    each epoch is scored (summary.json's precise_bn_seconds, all epochs), which the loop's seconds leave out.
 The ratio is the guide's median time to 99 % over the rounds that reached it, divided by the fast recipe's
 median training-loop time to 99 %. (That is the measure issue 24 states; the whole command's ratio is printed
 too.)
@@ -46,6 +47,7 @@ def fast(seed: int, data_dir: str) -> dict:
                         "--data-dir", data_dir, "--out", f"{tmp}/run"], capture_output=True, check=True)
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
+        bn = json.loads(open(f"{tmp}/run/summary.json").read())["precise_bn_seconds"]
     loop, to_99 = 0.0, None
     for row in rows:
         loop += float(row["seconds"])
@@ -53,7 +55,7 @@ def fast(seed: int, data_dir: str) -> dict:
             to_99 = round(loop, 2)
             break
     return {"side": "fast", "seed": seed, "accuracies": [float(r["test_accuracy"]) for r in rows],
-            "to_99_seconds": to_99, "command_seconds": round(wall, 2)}
+            "to_99_seconds": to_99, "command_seconds": round(wall, 2), "precise_bn_seconds": bn}
 
 
 def main() -> None:
@@ -80,7 +82,9 @@ def main() -> None:
     if g and f_loop:
         gm, fm = statistics.median(g), statistics.median(f_loop)
         wall = statistics.median(x["command_seconds"] for x in f)
+        bn = statistics.median(x["precise_bn_seconds"] for x in f)
         summary.update({"guide_to_99_median": gm, "fast_loop_to_99_median": fm, "ratio": round(gm / fm, 1),
+                        "fast_precise_bn_seconds_median": bn, "ratio_with_precise_bn": round(gm / (fm + bn), 1),
                         "fast_command_seconds_median": wall, "ratio_whole_command": round(gm / wall, 1)})
     print(json.dumps(summary))
 
