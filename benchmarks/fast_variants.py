@@ -22,6 +22,7 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
 
 Each line also gives the candidate's training FLOP per image (forward and backward of its convolutions and
 matrix products, counted by torch's FlopCounterMode), a cost that does not drift with the VM as seconds do.
+A first line gives the share of the training images' ink in the border fast-cnn-centre drops.
 """
 
 from __future__ import annotations
@@ -115,6 +116,14 @@ def train_mflop_per_image(name: str) -> float:
     return counter.get_total_flops() / 2 / 1e6
 
 
+def border_ink_percent(images: torch.Tensor, border: int = FastCNNCentre.BORDER) -> float:
+    """The share of all training pixels' intensity (uint8 ``(N, C, H, W)``) in the ``border`` pixels that
+    fast-cnn-centre drops, in percent."""
+    total = images.sum(dtype=torch.float64)
+    centre = images[..., border:-border, border:-border].sum(dtype=torch.float64)
+    return round(float(100 * (1 - centre / total)), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -128,6 +137,7 @@ def main() -> None:
     registry.MODELS.update(CANDIDATES)  # this process only: the candidates are not part of the package
     device = select_device("auto")
     splits = load_dataset(args.dataset, args.data_dir)
+    print(json.dumps({"dataset": args.dataset, "border_ink_percent": border_ink_percent(splits.train_images)}), flush=True)
     for name in args.candidates:
         cfg = TrainConfig.from_recipe("fast", model=name, dataset=args.dataset, val_size=args.val_size, device=str(device),
                                       data_dir=args.data_dir, log_every=10**9, **parse_overrides(TrainConfig, args.set))

@@ -11,6 +11,9 @@ and no zero-filled gradient buffer (the two give different gradients where a win
 the zero-fill alone.
 
     .venv/bin/python benchmarks/step_profile.py
+    .venv/bin/python benchmarks/step_profile.py --model fast-cnn-centre --batch-size 256 --lr 0.02
+
+With --model, part 1 profiles that network's step instead (the fast recipe's, above) and part 2 is skipped.
 """
 
 from __future__ import annotations
@@ -27,19 +30,26 @@ from torch.profiler import ProfilerActivity, profile
 
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_native_bf16
+from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.training.step import Bf16WeightsStep
 from step_variants import MEAN, STD, make_variant  # the same step as the one-change table's "kept" variant
 
 
-def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None, steps: int) -> dict:
-    """``steps`` of batch 64, timed and then profiled; the step is step_variants' "kept" (fp32) or
-    "bf16-weights" variant (bf16 as `mnist train` runs it since 2026-12-05; "bf16-autocast" before): `mnist
-    train`'s step with the epoch loop's loss sums."""
-    settings = SimpleNamespace(model="guide-cnn", lr=0.001, batch_size=64)
-    step = make_variant("bf16-weights" if amp else "kept", settings, images, labels).step
-    batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: 64 * (steps + 20)]
-    for idx in batches[: 64 * 20].view(20, 64):  # warm-up: oneDNN primitives, allocator
+def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | None, steps: int,
+                 settings: SimpleNamespace) -> dict:
+    """``steps`` of ``settings.batch_size`` through ``settings.model``, timed and then profiled; the step is
+    step_variants' "kept" (fp32) or, in bf16, the step `mnist train` runs: "bf16-weights" for a model without
+    buffers (since 2026-12-05; "bf16-autocast" before), "bf16-autocast" for one with batch norm. With the
+    epoch loop's loss sums. ``conv_share`` is the convolutions' share (forward and backward) of all ops' own
+    CPU time."""
+    twin = Bf16WeightsStep.eligible(build_model(ModelConfig(name=settings.model)))
+    variant = ("bf16-weights" if twin else "bf16-autocast") if amp else "kept"
+    step = make_variant(variant, settings, images, labels).step
+    b = settings.batch_size
+    batches = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[: b * (steps + 20)]
+    for idx in batches[: b * 20].view(20, b):  # warm-up: oneDNN primitives, allocator
         step(idx)
-    timed = batches[64 * 20:].view(steps, 64)
+    timed = batches[b * 20:].view(steps, b)
     t0, faults = time.perf_counter(), page_faults()
     for idx in timed:
         step(idx)
@@ -49,8 +59,11 @@ def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | 
         for idx in timed:
             step(idx)
     faults_profiled = (page_faults() - faults_profiled) / steps
-    ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
-    return {"precision": "bf16" if amp else "fp32", "ms_per_step": round(ms_per_step, 2),
+    every = prof.key_averages()
+    ops = sorted(every, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
+    conv = sum(e.self_cpu_time_total for e in every if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward"))
+    return {"model": settings.model, "batch_size": b, "step": variant, "ms_per_step": round(ms_per_step, 2),
+            "conv_share": round(conv / sum(e.self_cpu_time_total for e in every), 3),
             "page_faults_per_step": round(faults, 1), "page_faults_per_step_profiled": round(faults_profiled, 1),
             "self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in ops}}
 
@@ -97,12 +110,18 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--model", default="guide-cnn", help="e.g. fast-cnn-centre (then --batch-size 256 --lr 0.02)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.001)
     args = parser.parse_args()
+    settings = SimpleNamespace(model=args.model, lr=args.lr, batch_size=args.batch_size)
     torch.set_flush_denormal(True)
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
     for amp in ([torch.bfloat16] if cpu_has_native_bf16() else []) + [None]:
-        print(json.dumps(profile_step(images, splits.train_labels, amp, args.steps)))
+        print(json.dumps(profile_step(images, splits.train_labels, amp, args.steps, settings)))
+    if args.model != "guide-cnn":
+        return  # part 2 times the guide CNN's shapes
     for dtype in ([torch.bfloat16] if cpu_has_native_bf16() else []) + [torch.float32]:
         for shape in ((64, 16, 28, 28), (64, 32, 14, 14)):  # the outputs of the guide CNN's two convolutions
             print(json.dumps(time_pooling(dtype, shape, args.reps)))

@@ -53,7 +53,7 @@ def test_the_fast_recipe_warns_that_its_centre_model_drops_fashion_mnists_border
     proc = cli_in_process(*args, "--out", str(tmp_path / "centre"))
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: fast-cnn-centre drops a 2-pixel border, made for centred digits; "
+    assert warnings == ["warning: fast-cnn-centre drops the image border, made for centred digits; "
                         "fashion-mnist's images fill the frame: --model fast-cnn-deep keeps it"]
     proc = cli_in_process(*args, "--model", "fast-cnn-deep", "--out", str(tmp_path / "deep"))
     assert proc.returncode == 0 and "warning" not in proc.stderr

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from mnist_classifier.errors import UserError
 from mnist_classifier.models import MODELS, ModelConfig, build_model, count_parameters
 from mnist_classifier.models import checkpoint
-from mnist_classifier.models.cnn import GuideCNN
+from mnist_classifier.models.cnn import FastCNNCentre, GuideCNN
 
 
 def test_guide_cnn_has_the_guides_parameter_count_and_output_shape():
@@ -95,3 +95,12 @@ def test_fast_cnn_centre_sees_only_the_centre_24_pixels_and_keeps_the_28_pixel_i
     assert colour(torch.zeros(2, 3, 32, 32)).shape == (2, 7)
     with pytest.raises(UserError, match="at least 12 pixels"):
         build_model(ModelConfig(name="fast-cnn-centre", image_size=10))
+
+
+def test_the_border_fast_cnn_centre_drops_is_nearly_empty_on_mnist(splits):
+    """Why the model may drop it: MNIST centres each digit's 20x20 box in 28x28. Measured: 0.237 % of the
+    60,000 training images' ink lies in the 2-pixel border (Fashion-MNIST: 8.3 %)."""
+    b, images = FastCNNCentre.BORDER, splits.train_images
+    total = images.sum(dtype=torch.float64)
+    border = total - images[..., b:-b, b:-b].sum(dtype=torch.float64)
+    assert 0 < border / total < 0.003

@@ -31,7 +31,6 @@ from .experiments.space import grid
 from .experiments.search import PRUNERS, SAMPLERS, default_jobs
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
-from .models.cnn import FastCNNCentre
 from .models.registry import CENTRED_ONLY, check_model
 from .models import checkpoint
 from .training import Reporter, check_config, fit, load_resume
@@ -207,10 +206,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def border_warning(model: str, info: DatasetInfo) -> str | None:
     """One line when a model that drops the image border trains on data not prepared as MNIST's digits."""
-    if check_model(model) not in CENTRED_ONLY or info.preprocess == "digit":
+    keeps = CENTRED_ONLY.get(check_model(model))
+    if keeps is None or info.preprocess == "digit":
         return None
-    return (f"warning: {model} drops a {FastCNNCentre.BORDER}-pixel border, made for centred digits; "
-            f"{info.name}'s images fill the frame: --model fast-cnn-deep keeps it")
+    return (f"warning: {model} drops the image border, made for centred digits; "
+            f"{info.name}'s images fill the frame: --model {keeps} keeps it")
 
 
 def final_drop_warning(drop: dict[str, Any]) -> str:

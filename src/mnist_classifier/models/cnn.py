@@ -130,7 +130,7 @@ class FastCNNCentre(FastCNNDeep):
     parameters.
 
     MNIST's digits are scaled into a 20x20 box and centred by their centre of mass, so the border it drops
-    holds 0.23 % of the training images' ink; on a validation split it matched ``fast-cnn-deep``'s accuracy
+    holds 0.24 % of the training images' ink; on a validation split it matched ``fast-cnn-deep``'s accuracy
     in 1.2-1.3x less time (BENCHMARKS.md). It keeps the 28x28 interface, so export, serving and prediction
     see no difference. Not for data that fills the frame (Fashion-MNIST, CIFAR-10): use ``fast-cnn-deep``.
 

@@ -27,10 +27,10 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
 # Models that take raw pixels in [0, 1] and normalise (and resize) inside: the data pipeline feeds them with
 # mean 0 and std 1, and --pretrained / --input-size apply to them.
 SELF_NORMALISING = {"efficientnet-lite0"}
-# Models that drop a border of every image: made for glyphs prepared as MNIST's (scaled into a 20x20 box and
-# centred in 28x28, the "digit" preparation). On data that fills the frame they lose accuracy (Fashion-MNIST:
-# 1.6 points on a validation split, BENCHMARKS.md).
-CENTRED_ONLY = {"fast-cnn-centre"}
+# Models that drop a border of every image, each with the model that keeps it: made for glyphs prepared as
+# MNIST's (scaled into a 20x20 box and centred in 28x28, the "digit" preparation). On data that fills the frame
+# they lose accuracy (Fashion-MNIST: 1.6 points on a validation split, BENCHMARKS.md).
+CENTRED_ONLY = {"fast-cnn-centre": "fast-cnn-deep"}
 
 
 # Earlier names, still accepted by --model and found in checkpoints written before the rename.
