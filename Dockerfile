@@ -2,7 +2,10 @@
 #
 #   mnist train --out runs/ship && cp runs/ship/model.pt model.pt      # any checkpoint of this project
 #   docker build --build-arg TORCH_INDEX_URL=<PyTorch's CPU-only wheel index> -t mnist-serve .
-#   docker run --rm -p 8000:8000 mnist-serve                            # http://localhost:8000
+#   docker run --rm -p 8000:8000 --sysctl net.ipv4.tcp_migrate_req=1 mnist-serve   # http://localhost:8000
+#
+# The sysctl hands connections queued on a worker that dies to another worker instead of resetting them
+# (Linux 5.14+; README: How `mnist serve` runs).
 #
 # The server listens on 0.0.0.0 inside the container; put it behind a reverse proxy (README: Deployment)
 # and name the proxy's public host with MNIST_ALLOWED_HOSTS, e.g. -e MNIST_ALLOWED_HOSTS=digits.example.org.

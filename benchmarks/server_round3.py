@@ -25,7 +25,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import attacks  # noqa: E402
-from conftest import serving, sigterm_while_paused, worker_pids  # noqa: E402
+from conftest import serving, sigterm_while_paused, while_paused, worker_pids  # noqa: E402
 
 
 def png(side: int, seed: int = 0) -> bytes:
@@ -139,6 +139,18 @@ def drain(checkpoint: Path, uploads: int = 32) -> dict:
     return {"uploads": uploads, "answered": answered, "errors": uploads - answered}
 
 
+def kill_queued(checkpoint: Path, uploads: int = 32) -> dict:
+    """SIGKILL one of two workers while it is paused with its share of ``uploads`` waiting in its socket's
+    backlog: how many were answered, under the kernel's net.ipv4.tcp_migrate_req as it is set."""
+    with serving(checkpoint, "--workers", "2", "--backend", "torch") as base:
+        victim = worker_pids(base, 2)[0]
+        results = while_paused(base, [victim], [png(28)] * uploads, lambda: os.kill(victim, signal.SIGKILL))
+    answered = sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in results)
+    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
+    return {"uploads": uploads, "answered": answered, "errors": uploads - answered,
+            "tcp_migrate_req": migrate.read_text().strip() if migrate.exists() else None}
+
+
 def kills(checkpoint: Path, count: int = 4) -> dict:
     """SIGKILL a ready worker ``count`` times, 5 s apart: is the server still up, and the worst latency of a
     client posting on new connections all along."""
@@ -184,6 +196,7 @@ def main() -> None:
         "slow": lambda: slow_bodies(args.checkpoint),
         "drain": lambda: drain(args.checkpoint),
         "kills": lambda: kills(args.checkpoint),
+        "kill-queued": lambda: kill_queued(args.checkpoint),
         "header": lambda: big_header(args.checkpoint),
     }
     for name in args.cases:

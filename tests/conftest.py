@@ -196,8 +196,16 @@ def sigterm_while_paused(base: str, server: subprocess.Popen, pids: list[int], u
     """SIGTERM ``server`` with ``uploads`` waiting in its sockets' backlogs and buffers: its workers ``pids`` are
     paused (SIGSTOP) while the uploads connect and are sent, as behind a busy event loop; then SIGTERM, then
     the workers go on. Each upload's response, or the exception it got."""
+    import signal
+
+    return while_paused(base, pids, uploads, lambda: server.send_signal(signal.SIGTERM))
+
+
+def while_paused(base: str, pids: list[int], uploads: list[bytes], act) -> list:  # noqa: ANN001 - a callable
+    """Pause the workers ``pids`` (SIGSTOP), post ``uploads`` on fresh connections (those the kernel hands to
+    a paused worker wait in its socket's backlog), call ``act``, then let the workers still alive go on. Each
+    upload's response, or the exception it got."""
     import asyncio
-    import os
     import signal
 
     import httpx
@@ -209,10 +217,11 @@ def sigterm_while_paused(base: str, server: subprocess.Popen, pids: list[int], u
             posts = [asyncio.create_task(client.post(f"{base}/predict", files={"file": ("d.png", u, "image/png")}))
                      for u in uploads]
             await asyncio.sleep(0.5)  # connected (the kernel accepts into the backlog) and sent
-            server.send_signal(signal.SIGTERM)
+            act()
             await asyncio.sleep(0.2)
             for pid in pids:
-                os.kill(pid, signal.SIGCONT)
+                with contextlib.suppress(ProcessLookupError):  # ``act`` may have killed it
+                    os.kill(pid, signal.SIGCONT)
             return await asyncio.gather(*posts, return_exceptions=True)
 
     return asyncio.run(race())

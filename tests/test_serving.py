@@ -407,6 +407,42 @@ def test_several_workers_all_serve_and_a_dead_one_is_replaced(trained_checkpoint
     assert "starting it again" in proc[0].stdout.read()
 
 
+@pytest.fixture(params=["0", "1"], ids=["migrate-off", "migrate-on"])
+def tcp_migrate_req(request):
+    """net.ipv4.tcp_migrate_req set to the parameter for the test, and put back after it (root only)."""
+    from mnist_classifier.serving.workers import MIGRATE_SYSCTL
+
+    try:
+        before = MIGRATE_SYSCTL.read_text().strip()
+        MIGRATE_SYSCTL.write_text(request.param)
+    except OSError as exc:
+        pytest.skip(f"cannot set {MIGRATE_SYSCTL}: {exc}")  # not root, or a kernel before 5.14
+    yield request.param
+    MIGRATE_SYSCTL.write_text(before)
+
+
+@SERIAL
+@pytest.mark.slow
+def test_uploads_queued_on_a_worker_that_dies_are_answered_once_the_kernel_migrates_them(
+        trained_checkpoint, digits, tcp_migrate_req):
+    """One of two workers is paused while 16 uploads connect and are sent, so the kernel queues about half in
+    its socket's backlog, then it is killed. With net.ipv4.tcp_migrate_req=1 those go to the other worker and
+    all 16 are answered; with 0 they are reset, and the server's log said so when it started."""
+    from conftest import while_paused
+
+    uploads = [png for _, png in digits][:8] * 2
+    proc = []
+    with serving(trained_checkpoint, "--workers", "2", "--backend", "torch", process=proc) as base:
+        victim = worker_pids(base, 2)[0]
+        results = while_paused(base, [victim], uploads, lambda: os.kill(victim, signal.SIGKILL))
+    answered = [r.json()["index"] for r in results if isinstance(r, httpx.Response) and r.status_code == 200]
+    advice = "net.ipv4.tcp_migrate_req is 0" in proc[0].stdout.read()
+    if tcp_migrate_req == "1":
+        assert answered == [label for label, _ in digits][:8] * 2 and not advice
+    else:  # 2 ** -16: the chance that the kernel handed none of the 16 to the paused worker
+        assert 0 < len(uploads) - len(answered) < len(uploads) and advice
+
+
 @SERIAL
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", ["1", "2"])

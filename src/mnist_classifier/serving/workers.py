@@ -163,6 +163,25 @@ def can_reuse_port(workers: int) -> bool:
     return workers > 1 and hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
 
 
+MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # Linux 5.14+
+
+
+def migration_advice(workers: int) -> str | None:
+    """A line for the log when a worker that dies would reset the connections waiting in its socket's backlog:
+    Linux hands them to another worker's socket on the same port only with ``net.ipv4.tcp_migrate_req=1``
+    (off by default; a system setting, per network namespace, that the server does not change itself). None
+    when that is on, when the workers share one socket, or where the kernel has no such setting."""
+    if not can_reuse_port(workers):
+        return None
+    try:
+        if MIGRATE_SYSCTL.read_text().strip() != "0":
+            return None
+    except OSError:
+        return None
+    return ("mnist serve: net.ipv4.tcp_migrate_req is 0, so connections waiting for a worker that dies are reset; "
+            "`sysctl -w net.ipv4.tcp_migrate_req=1` (Docker: --sysctl) hands them to the other workers")
+
+
 def listeners(host: str, port: int, workers: int) -> tuple[socket.socket, list[Listen]]:
     """The supervisor's socket (it keeps the port: bound, and listening only when shared) and what each
     worker listens on: its own socket on the same port where SO_REUSEPORT allows, else the shared one. A
@@ -190,6 +209,9 @@ def serve(cfg: ServeConfig) -> None:
         if cfg.workers == 1:
             run_worker(cfg, keeper, onnx_path)
             return
+        advice = migration_advice(cfg.workers)
+        if advice:
+            print(advice, file=sys.stderr, flush=True)
         metrics_dir = Path(tmp) / "metrics"
         metrics_dir.mkdir()
         os.environ[MULTIPROC_ENV] = str(metrics_dir)  # before the workers start: they import prometheus_client
