@@ -19,6 +19,9 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   fast-cnn-centre   the package's model: fast-cnn-deep on the centre 24 x 24 of each image (12 x 12 after
                     the unshuffle)
   centre-narrow-16  narrow-16 on the centre 24 x 24
+  centre-patch4     the centre 24 x 24 unshuffled 4 x 4 to 6 x 6 x 16, no pool there: [24], [32], [48] + pool
+  centre-patch4-wide  the same with [32], [32], [48]
+  centre-strided    the centre model with a stride-2 first layer in place of its convolution + pool
 
 Each line also gives the candidate's training FLOP per image (forward and backward of its convolutions and
 matrix products, counted by torch's FlopCounterMode), a cost that does not drift with the VM as seconds do.
@@ -102,9 +105,32 @@ class Centre40(FastCNNCentre):
         return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 40, pool=True)]
 
 
+class CentrePatch4(FastCNNCentre):
+    """No pool at 12 x 12: a 4 x 4 pixel-unshuffle (24 x 24 -> 6 x 6 x 16), then [24], [32], [48] + pool to 3 x 3.
+    The same FLOP; the first convolution (4 input channels, the least efficient per FLOP) and its pool go."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.features = nn.Sequential(nn.PixelUnshuffle(4), conv_bn(16 * cfg.in_channels, 24), conv_bn(24, 32),
+                                      conv_bn(32, 48, pool=True))
+
+
+class CentrePatch4Wide(CentrePatch4):
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.features[1], self.features[2] = conv_bn(16 * cfg.in_channels, 32), conv_bn(32, 32)
+
+
+class CentreStrided(FastCNNCentre):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn_s2(c_in, 24), conv_bn(24, 32), conv_bn(32, 48, pool=True)]
+
+
 CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide, "late-pool": LatePool,
               "slim-late": SlimLate,
-              "centre-narrow-16": CentreNarrow16, "centre-narrow-20": CentreNarrow20, "centre-40": Centre40}
+              "centre-narrow-16": CentreNarrow16, "centre-narrow-20": CentreNarrow20, "centre-40": Centre40,
+              "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided}
 
 
 def train_mflop_per_image(name: str) -> float:

@@ -41,7 +41,7 @@ def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | 
     step_variants' "kept" (fp32) or, in bf16, the step `mnist train` runs: "bf16-weights" for a model without
     buffers (since 2026-12-05; "bf16-autocast" before), "bf16-autocast" for one with batch norm. With the
     epoch loop's loss sums. ``conv_share`` is the convolutions' share (forward and backward) of all ops' own
-    CPU time."""
+    CPU time; ``conv_forward_gflops`` the rate of each convolution's forward pass."""
     twin = Bf16WeightsStep.eligible(build_model(ModelConfig(name=settings.model)))
     variant = ("bf16-weights" if twin else "bf16-autocast") if amp else "kept"
     step = make_variant(variant, settings, images, labels).step
@@ -55,17 +55,32 @@ def profile_step(images: torch.Tensor, labels: torch.Tensor, amp: torch.dtype | 
         step(idx)
     ms_per_step, faults = (time.perf_counter() - t0) / steps * 1000, (page_faults() - faults) / steps
     faults_profiled = page_faults()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for idx in timed:
             step(idx)
     faults_profiled = (page_faults() - faults_profiled) / steps
     every = prof.key_averages()
+    by_shape = prof.key_averages(group_by_input_shape=True)
     ops = sorted(every, key=lambda e: e.self_cpu_time_total, reverse=True)[:12]
     conv = sum(e.self_cpu_time_total for e in every if e.key in ("aten::mkldnn_convolution", "aten::convolution_backward"))
     return {"model": settings.model, "batch_size": b, "step": variant, "ms_per_step": round(ms_per_step, 2),
             "conv_share": round(conv / sum(e.self_cpu_time_total for e in every), 3),
             "page_faults_per_step": round(faults, 1), "page_faults_per_step_profiled": round(faults_profiled, 1),
-            "self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in ops}}
+            "self_ms_per_step": {e.key: round(e.self_cpu_time_total / 1000 / steps, 3) for e in ops},
+            "conv_forward_gflops": conv_forward_rates(by_shape)}
+
+
+def conv_forward_rates(by_shape) -> dict:  # noqa: ANN001 - the profiler's grouped averages
+    """GFLOP/s of each convolution's forward pass (3 x 3, stride 1, padding 1: H and W kept), keyed
+    ``"C_in->C_out at HxW"``: 2 * B * H * W * C_out * C_in * k * k FLOP per call, over its own CPU time."""
+    rates = {}
+    for e in by_shape:
+        if e.key != "aten::mkldnn_convolution" or not e.count:
+            continue
+        (b, c_in, h, w), (c_out, _, kh, kw) = e.input_shapes[0], e.input_shapes[1]
+        flop = 2 * b * h * w * c_out * c_in * kh * kw
+        rates[f"{c_in}->{c_out} at {h}x{w}"] = round(flop * e.count / (e.self_cpu_time_total * 1e-6) / 1e9)
+    return rates
 
 
 def page_faults() -> int:
