@@ -355,7 +355,7 @@ def test_batch_endpoint_answers_each_file_in_order(trained_checkpoint, digits):
     assert too_many.status_code == 400 and "too many files" in too_many.json()["detail"]
 
 
-def _listening_inodes(pid: int) -> set[str]:
+def _socket_inodes(pid: int) -> set[str]:
     """The inodes of the sockets ``pid`` holds open."""
     from pathlib import Path
 
@@ -369,7 +369,7 @@ def _kill_and_wait_closed(pid: int, timeout: float = 10) -> None:
     kernel hands to the dying socket then is reset (seen once in CI)."""
     from pathlib import Path
 
-    inodes = _listening_inodes(pid)
+    inodes = _socket_inodes(pid)
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
