@@ -46,14 +46,15 @@ def test_fashion_mnist_loads_from_debian_with_its_own_statistics(tmp_path):
 
 @needs_fashion
 def test_the_fast_recipe_warns_that_its_centre_model_drops_fashion_mnists_border(tmp_path):
-    """fast-cnn-centre drops a 2-pixel border: made for MNIST's centred digits, it lost 1.6 points on
-    Fashion-MNIST's validation split (BENCHMARKS.md). The run goes ahead, with one line saying what to use."""
+    """The fast recipe's fast-cnn-centre-16 drops a 2-pixel border: made for MNIST's centred digits
+    (fast-cnn-centre, which drops the same, lost 1.6 points on Fashion-MNIST's validation split,
+    BENCHMARKS.md). The run goes ahead, with one line saying what to use."""
     args = ("train", "--recipe", "fast", "--dataset", "fashion-mnist", "--data-dir", str(tmp_path / "data"),
             "--train-subset", "512", "--test-subset", "256", "--device", "cpu")
     proc = cli_in_process(*args, "--out", str(tmp_path / "centre"))
     assert proc.returncode == 0, proc.stderr
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
-    assert warnings == ["warning: fast-cnn-centre drops the image border, made for centred digits; "
+    assert warnings == ["warning: fast-cnn-centre-16 drops the image border, made for centred digits; "
                         "fashion-mnist's images fill the frame: --model fast-cnn-deep keeps it"]
     proc = cli_in_process(*args, "--model", "fast-cnn-deep", "--out", str(tmp_path / "deep"))
     assert proc.returncode == 0 and "warning" not in proc.stderr

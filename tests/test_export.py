@@ -54,8 +54,8 @@ def test_onnx_has_dynamic_batch_and_metadata(trained_checkpoint, tmp_path):
 
 
 def test_the_fast_recipes_centre_model_exports_its_crop_to_onnx(splits, data_dir, tmp_path):
-    """fast-cnn-centre slices its input's border off inside forward: the ONNX graph must do the same, so a
-    28x28 input still works and a changed border still changes nothing."""
+    """The fast recipe's model (fast-cnn-centre-16) slices its input's border off inside forward: the ONNX
+    graph must do the same, so a 28x28 input still works and a changed border still changes nothing."""
     run = tmp_path / "run"
     proc = cli_in_process("train", "--recipe", "fast", "--train-subset", "2048", "--test-subset", "500",
                           "--device", "cpu", "--data-dir", str(data_dir), "--out", str(run))

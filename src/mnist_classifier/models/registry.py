@@ -8,7 +8,8 @@ from typing import Callable
 from torch import nn
 
 from ..errors import UserError
-from .cnn import BNCNN, M5CNN, FastCNN, FastCNNCentre, FastCNNDeep, GuideCNN, GuideCNNDeep, ResCNN
+from .cnn import (BNCNN, M5CNN, FastCNN, FastCNNCentre, FastCNNCentre16, FastCNNDeep, GuideCNN, GuideCNNDeep,
+                  ResCNN)
 from .config import ModelConfig
 from .efficientnet import EfficientNetLite0
 
@@ -19,6 +20,7 @@ MODELS: dict[str, Callable[[ModelConfig], nn.Module]] = {
     "fast-cnn": FastCNN,
     "fast-cnn-deep": FastCNNDeep,
     "fast-cnn-centre": FastCNNCentre,
+    "fast-cnn-centre-16": FastCNNCentre16,
     "bn-cnn": BNCNN,
     "res-cnn": ResCNN,
     "m5-cnn": M5CNN,
@@ -30,7 +32,7 @@ SELF_NORMALISING = {"efficientnet-lite0"}
 # Models that drop a border of every image, each with the model that keeps it: made for glyphs prepared as
 # MNIST's (scaled into a 20x20 box and centred in 28x28, the "digit" preparation). On data that fills the frame
 # they lose accuracy (Fashion-MNIST: 1.6 points on a validation split, BENCHMARKS.md).
-CENTRED_ONLY = {"fast-cnn-centre": "fast-cnn-deep"}
+CENTRED_ONLY = {"fast-cnn-centre": "fast-cnn-deep", "fast-cnn-centre-16": "fast-cnn-deep"}
 
 
 # Earlier names, still accepted by --model and found in checkpoints written before the rename.
