@@ -47,7 +47,7 @@ def fast(seed: int, data_dir: str) -> dict:
                         "--data-dir", data_dir, "--out", f"{tmp}/run"], capture_output=True, check=True)
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
-        bn = json.loads(open(f"{tmp}/run/summary.json").read())["precise_bn_seconds"]
+        bn = json.loads(Path(f"{tmp}/run/summary.json").read_text())["precise_bn_seconds"]
     loop, to_99 = 0.0, None
     for row in rows:
         loop += float(row["seconds"])

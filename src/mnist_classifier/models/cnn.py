@@ -139,12 +139,11 @@ class FastCNNCentre(FastCNNDeep):
     """
 
     BORDER = 2  # pixels dropped from each side
-    NAME = "fast-cnn-centre"  # the registry's name, for the error below
 
     def __init__(self, cfg: ModelConfig) -> None:
         inner = cfg.image_size - 2 * self.BORDER
         if inner < 8:
-            raise UserError(f"{self.NAME} needs images of at least 12 pixels per side, these have {cfg.image_size}")
+            raise UserError(f"{cfg.name} needs images of at least 12 pixels per side, these have {cfg.image_size}")
         super().__init__(dataclasses.replace(cfg, image_size=inner))  # the layers see the centre only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,15 +156,13 @@ class FastCNNCentre16(FastCNNCentre):
     ``fast-cnn-centre`` with 16 channels in its first layer instead of 24, 23,530 parameters.
 
     Its first layer, with 4 input channels, is what oneDNN computes least efficiently per FLOP; narrowed, the
-    model trains 1.2-1.35x faster. Alone it lost 0.11 points of validation accuracy, but with label smoothing
-    0.05 (which the fast recipe adds) it scored 98.946 % over ten seeds against the previous recipe's 98.874 %
-    (BENCHMARKS.md). Like ``fast-cnn-centre``, it drops a 2-pixel border: for centred digits only.
+    model trained 1.1-1.35x faster in the same processes. Alone it lost 0.11 points of validation accuracy,
+    but with label smoothing 0.05 (which the fast recipe adds) it scored 98.946 % over ten seeds against the
+    previous recipe's 98.874 % (BENCHMARKS.md). Like ``fast-cnn-centre``, it drops a 2-pixel border: for centred digits only.
 
     (B, C, S, S) -> centre (B, C, S-4, S-4) -> unshuffle (B, 4C, 12, 12) -> [16] pool (6x6) -> [32] -> [48]
     pool (3x3) -> 432 -> classes.
     """
-
-    NAME = "fast-cnn-centre-16"
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
