@@ -47,7 +47,8 @@ def fast(seed: int, data_dir: str) -> dict:
                         "--data-dir", data_dir, "--out", f"{tmp}/run"], capture_output=True, check=True)
         wall = time.perf_counter() - t0
         rows = list(csv.DictReader(open(f"{tmp}/run/metrics.csv")))
-        bn = json.loads(Path(f"{tmp}/run/summary.json").read_text())["precise_bn_seconds"]
+        summary = json.loads(Path(f"{tmp}/run/summary.json").read_text())
+    bn = summary["precise_bn_seconds"]
     loop, to_99 = 0.0, None
     for row in rows:
         loop += float(row["seconds"])
@@ -55,7 +56,8 @@ def fast(seed: int, data_dir: str) -> dict:
             to_99 = round(loop, 2)
             break
     return {"side": "fast", "seed": seed, "accuracies": [float(r["test_accuracy"]) for r in rows],
-            "to_99_seconds": to_99, "command_seconds": round(wall, 2), "precise_bn_seconds": bn}
+            "to_99_seconds": to_99, "command_seconds": round(wall, 2), "precise_bn_seconds": bn,
+            "threads": summary["threads"]}
 
 
 def main() -> None:

@@ -46,7 +46,7 @@ def main():
         guide_acc.append(guide["accuracy"]); ours_acc.append(summary["test_accuracy"])
         print(json.dumps({"round": r, "guide_seconds": round(seconds, 2), "guide_accuracy": guide["accuracy"],
                           "mnist_train_seconds": round(seconds_ours, 2), "mnist_train_accuracy": summary["test_accuracy"],
-                          "mnist_train_loop_seconds": summary["train_seconds"]}), flush=True)
+                          "mnist_train_loop_seconds": summary["train_seconds"], "threads": summary["threads"]}), flush=True)
     g, o = statistics.median(guide_t), statistics.median(ours_t)
     print(json.dumps({
         "benchmark": "train_speed", "epochs": args.epochs, "rounds": args.rounds,

@@ -373,7 +373,7 @@ def test_no_tensorboard_writes_no_events(data_dir, splits, tmp_path):
 
 @pytest.mark.serial
 @pytest.mark.slow  # it needs a quiet machine: make test-fast runs serial tests beside others
-def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
+def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch, data_dir, tmp_path):
     from mnist_classifier.device import threads_per_job, usable_cores
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
@@ -387,6 +387,13 @@ def test_threads_leave_out_the_cores_that_other_work_keeps_busy(monkeypatch):
     try:
         time.sleep(0.5)
         assert threads_per_job(1) == 1  # every core but one is busy: one thread, never more threads than cores free
+        # the same through a real `mnist train`, whose summary.json records what torch trained with
+        for flags, threads in (((), 1), (("--threads", "2"), 2)):  # --threads overrides the policy
+            run = tmp_path / f"run{threads}"
+            proc = run_cli("train", "--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "256",
+                           "--test-subset", "256", "--epochs", "1", "--out", str(run), *flags)
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads((run / "summary.json").read_text())["threads"] == threads
         monkeypatch.setenv("OMP_NUM_THREADS", "3")
         assert threads_per_job(1) == 3  # the user's override wins
     finally:

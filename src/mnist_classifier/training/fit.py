@@ -228,7 +228,8 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     if drop is not None:
         summary["final_drop"] = drop
     summary.update({"train_seconds": round(s.state.train_seconds, 3), "precise_bn_seconds": round(s.state.bn_seconds, 3),
-                    "total_seconds": round(time.perf_counter() - t_start, 3), "world_size": ctx.world_size})
+                    "total_seconds": round(time.perf_counter() - t_start, 3), "world_size": ctx.world_size,
+                    "threads": torch.get_num_threads()})  # what the thread policy (or --threads) gave torch
     if ctx.enabled:
         summary["weights_identical_across_ranks"] = same_on_all_ranks(list(s.learner.model.state_dict().values()), ctx)
     if ctx.is_main:
