@@ -22,6 +22,8 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
                     the unshuffle)
   centre-narrow-16  narrow-16 on the centre 24 x 24: the package's fast-cnn-centre-16, the fast recipe's
                     network since the fourth session of 2026-12-05 (with label smoothing 0.05)
+  centre-16-last-40  centre-narrow-16 with its last convolution at 40 channels: [16] pool, [32], [40] + pool
+  centre-narrow-12  the centre model with 12 channels in the first layer
   centre-patch4     the centre 24 x 24 unshuffled 4 x 4 to 6 x 6 x 16, no pool there: [24], [32], [48] + pool
   centre-patch4-wide  the same with [32], [32], [48]
   centre-strided    the centre model with a stride-2 first layer in place of its convolution + pool
@@ -104,6 +106,24 @@ class Centre40(FastCNNCentre):
         return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 40, pool=True)]
 
 
+class Centre16Last40(FastCNNCentre16):
+    """The fast recipe's network with its last convolution (the most FLOP) at 40 channels instead of 48."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.head[-1] = nn.Linear(40 * 3 * 3, cfg.num_classes)
+
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 40, pool=True)]
+
+
+class CentreNarrow12(FastCNNCentre):
+    @staticmethod
+    def blocks(c_in: int) -> list[nn.Module]:
+        return [conv_bn(c_in, 12, pool=True), conv_bn(12, 32), conv_bn(32, 48, pool=True)]
+
+
 class CentrePatch4(FastCNNCentre):
     """No pool at 12 x 12: a 4 x 4 pixel-unshuffle (24 x 24 -> 6 x 6 x 16), then [24], [32], [48] + pool to 3 x 3.
     The same FLOP; the first convolution (4 input channels, the least efficient per FLOP) and its pool go."""
@@ -129,6 +149,7 @@ class CentreStrided(FastCNNCentre):
 CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide, "late-pool": LatePool,
               "slim-late": SlimLate,
               "centre-narrow-16": FastCNNCentre16, "centre-narrow-20": CentreNarrow20, "centre-40": Centre40,
+              "centre-16-last-40": Centre16Last40, "centre-narrow-12": CentreNarrow12,
               "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided}
 
 
