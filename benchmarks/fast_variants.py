@@ -3,8 +3,9 @@
 The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14,
 on maps 4x the size of its later ones. Each candidate below makes that layer cheaper. Every one trains with the fast
 recipe's settings as they are now (one epoch, batch 256, Adam 0.02 one-cycle, label smoothing 0.05 since the
-fourth session of 2026-12-05, the precision `auto` picks; the figures measured before that ran without label
-smoothing: add `--set label_smoothing=0` to rerun them) on the first
+fourth session of 2026-12-05, the whitening start of the first layer since the fifth, the precision `auto`
+picks; the figures measured before those ran without them: add `--set label_smoothing=0,whiten_init=false`,
+or `--set whiten_init=false`, to rerun them) on the first
 60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
 its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,
 max) and the training loop's seconds.

@@ -20,6 +20,7 @@ from mnist_classifier.cli import entry, main
         (["--optimizer", "lbfgs"], "invalid choice"),
         (["--epochs", "two"], "invalid int value"),
         (["--resume", "/nonexistent/run"], "no such run folder"),
+        (["--model", "efficientnet-lite0", "--pretrained", "--whiten-init"], "--whiten-init would overwrite"),
     ],
 )
 def test_train_rejects_bad_values_with_one_line(flags, fragment, capsys, tmp_path):

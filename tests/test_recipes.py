@@ -99,7 +99,7 @@ def test_validation_split_is_the_end_of_the_training_set(small_cfg, splits):
 @pytest.mark.slow
 def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
     cfg = dataclasses.replace(small_cfg, epochs=2, train_subset=800, val_size=500, schedule="onecycle", augment=True,
-                              ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100)
+                              ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100, whiten_init=True)
     a, b = tmp_path / "a", tmp_path / "b"
     fit(dataclasses.replace(cfg, out=str(a)), splits, CPU, a)
     from mnist_classifier.training import Reporter, load_resume
@@ -142,6 +142,9 @@ def test_recipe_flag_with_overrides(data_dir, tmp_path):
     assert config["model"] == "fast-cnn-centre-16" and config["recipe"] == "fast" and config["epochs"] == 2  # overridden
     assert "warning" not in proc.stderr  # MNIST's digits are centred: the border the model drops is empty
     assert config["batch_size"] == 256 and config["schedule"] == "onecycle" and config["label_smoothing"] == 0.05
+    assert config["whiten_init"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert 0 < summary["whiten_seconds"] < summary["total_seconds"]
 
 
 @pytest.mark.slow

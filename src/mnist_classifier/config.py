@@ -162,6 +162,9 @@ class TrainConfig:
                           "(default: keep ImageNet's, which fine-tuned better on 1,000 MNIST images: 84 %% vs 57 %%)")
     input_size: int = _opt(0, "efficientnet-lite0: pixels per side it resizes its input to, 16-512 "
                            "(0 = 64, which a CPU trains on; ImageNet's own is 224)", bounds=Bounds(0, 512))
+    whiten_init: bool = _opt(False, "start the first convolution as a whitening of its input: the principal "
+                             "components of its patches in the first 2,000 training images, scaled to unit "
+                             "variance, and their negatives (not with --pretrained)")
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees", bounds=Bounds(0, 180))
     aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side", bounds=FRACTION)

@@ -57,6 +57,8 @@ def check_config(cfg: TrainConfig) -> TrainConfig:
     name = check_model(cfg.model)
     if (cfg.pretrained or cfg.input_size) and name not in SELF_NORMALISING:
         raise UserError(f"--pretrained and --input-size are for {', '.join(sorted(SELF_NORMALISING))}, not {cfg.model}")
+    if cfg.whiten_init and cfg.pretrained:
+        raise UserError("--whiten-init would overwrite the pretrained first layer; use one or the other")
     return cfg
 
 
@@ -228,6 +230,7 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     if drop is not None:
         summary["final_drop"] = drop
     summary.update({"train_seconds": round(s.state.train_seconds, 3), "precise_bn_seconds": round(s.state.bn_seconds, 3),
+                    "whiten_seconds": round(s.state.whiten_seconds, 3),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "world_size": ctx.world_size,
                     "threads": torch.get_num_threads()})  # what the thread policy (or --threads) gave torch
     if ctx.enabled:

