@@ -141,3 +141,20 @@ def test_whitening_refuses_a_model_without_a_convolution():
 
     with pytest.raises(UserError, match="no convolution"):
         whiten_first_conv(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10)), torch.zeros(4, 1, 28, 28))
+
+
+def test_whitening_counts_a_bounded_number_of_patches_whatever_the_image_size(splits):
+    """EfficientNet-Lite0 at 512 px sees 256 x 256 = 65,536 patches per image in its stride-2 stem: the start
+    then reads 64 images (MAX_PATCHES), 8 at a time (CHUNK_PATCHES), not 2,000 at 500 (~12 GB of patches)."""
+    from mnist_classifier.data import model_input
+    from mnist_classifier.models.whiten import CHUNK_PATCHES, MAX_PATCHES, first_conv, whiten_first_conv
+
+    model = build_model(ModelConfig(name="efficientnet-lite0", input_size=512))
+    seen = []
+    first_conv(model).register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape))
+    images = model_input(splits.train_images[:2000], (0.1307,), (0.3081,), torch.device("cpu"))
+    assert 0 < whiten_first_conv(model, images) <= 32
+    per_image = seen[0][-1] * seen[0][-2] // 4  # stride 2, padding keeps the half
+    assert per_image == 65_536 and seen[0][0] == 1  # one image first, to learn the patch count
+    assert max(s[0] for s in seen[1:]) == CHUNK_PATCHES // per_image == 8
+    assert sum(s[0] for s in seen[1:]) == MAX_PATCHES // per_image == 64

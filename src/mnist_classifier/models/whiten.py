@@ -18,7 +18,9 @@ from ..errors import UserError
 
 SAMPLE_IMAGES = 2000  # images whose patches are counted (the first ones of the training split): 288,000 patches
 # of the fast recipe's 36 values, ample for a 36 x 36 covariance
-CHUNK = 500  # images per forward pass: bounded memory whatever the image size
+MAX_PATCHES = 1 << 22  # fewer images where they are large (EfficientNet at 512 px: 64): bounded time
+CHUNK_IMAGES = 500  # images per forward pass, and fewer where they are large:
+CHUNK_PATCHES = 1 << 19  # at most this many patches at once: bounded memory (~75 MB at 36 values)
 EPS = 1e-3  # added to each eigenvalue, as a share of their mean: near-flat directions do not blow up
 
 
@@ -62,11 +64,14 @@ def conv_inputs(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) -> torc
 
 def patch_covariance(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
     """The covariance (D, D) of ``conv``'s input patches, D = in_channels x kernel height x kernel width, over
-    ``images``: each chunk's sums in float32 on the images' device, added up in float64 on the CPU."""
+    ``images``, at most MAX_PATCHES of them: each chunk's sums in float32 on the images' device, added up in
+    float64 on the CPU."""
+    patches = lambda x: F.unfold(x.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # noqa: E731
+    per_image = patches(conv_inputs(model, conv, images[:1])).shape[-1]  # L patches per image
+    n, chunk = max(1, MAX_PATCHES // per_image), max(1, min(CHUNK_IMAGES, CHUNK_PATCHES // per_image))
     total, outer, count = None, None, 0
-    for chunk in images.split(CHUNK):
-        x = conv_inputs(model, conv, chunk).float()
-        p = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # (B, D, L)
+    for batch in images[:n].split(chunk):
+        p = patches(conv_inputs(model, conv, batch))  # (B, D, L)
         p = p.transpose(1, 2).reshape(-1, p.shape[1])  # (B * L, D)
         s, pp = p.sum(0).cpu().double(), (p.T @ p).cpu().double()  # float64 on the CPU: MPS has none
         total, outer = (s, pp) if total is None else (total + s, outer + pp)
@@ -78,7 +83,7 @@ def patch_covariance(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) ->
 @torch.no_grad()
 def whiten_first_conv(model: nn.Module, images: torch.Tensor, sample: int = SAMPLE_IMAGES) -> int:
     """Set the first convolution's filters from the first ``sample`` of ``images`` (the training split, as the
-    model is fed: normalised, on the model's device). Filter i and i + k are +-v_i / sqrt(lambda_i + eps) for
+    model is fed: normalised, on the model's device; fewer where large images exceed MAX_PATCHES). Filter i and i + k are +-v_i / sqrt(lambda_i + eps) for
     the top k principal components: out_channels // 2 of them, or fewer where fewer directions have a
     variance above eps (grey images copied to 3 channels vary in a third of them). Any filters beyond 2k,
     and the bias, keep their initial values. Returns 2k, the number of filters set."""
