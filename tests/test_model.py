@@ -145,7 +145,8 @@ def test_whitening_refuses_a_model_without_a_convolution():
 
 def test_whitening_counts_a_bounded_number_of_patches_whatever_the_image_size(splits):
     """EfficientNet-Lite0 at 512 px sees 256 x 256 = 65,536 patches per image in its stride-2 stem: the start
-    then reads 64 images (MAX_PATCHES), 8 at a time (CHUNK_PATCHES), not 2,000 at 500 (~12 GB of patches)."""
+    then reads 64 images (MAX_PATCHES), 8 at a time (CHUNK_PATCHES), not 2,000 at 500 (7 MB of patches per
+    image: 3.5 GB per pass)."""
     from mnist_classifier.data import model_input
     from mnist_classifier.models.whiten import CHUNK_PATCHES, MAX_PATCHES, first_conv, whiten_first_conv
 
