@@ -107,12 +107,8 @@ class Centre40(FastCNNCentre):
         return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 40, pool=True)]
 
 
-class Centre16Last40(FastCNNCentre16):
-    """The fast recipe's network with its last convolution (the most FLOP) at 40 channels instead of 48."""
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.head[-1] = nn.Linear(40 * 3 * 3, cfg.num_classes)
+class Centre16Last40(Centre40):
+    """The fast recipe's network (16 channels first) with ``centre-40``'s last convolution at 40 channels."""
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:

@@ -26,6 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import attacks  # noqa: E402
 from conftest import serving, sigterm_while_paused, while_paused, worker_pids  # noqa: E402
+from mnist_classifier.serving.workers import MIGRATE_SYSCTL  # noqa: E402
 
 
 def png(side: int, seed: int = 0) -> bytes:
@@ -146,9 +147,8 @@ def kill_queued(checkpoint: Path, uploads: int = 32) -> dict:
         victim = worker_pids(base, 2)[0]
         results = while_paused(base, [victim], [png(28)] * uploads, lambda: os.kill(victim, signal.SIGKILL))
     answered = sum(isinstance(r, httpx.Response) and r.status_code == 200 for r in results)
-    migrate = Path("/proc/sys/net/ipv4/tcp_migrate_req")
     return {"uploads": uploads, "answered": answered, "errors": uploads - answered,
-            "tcp_migrate_req": migrate.read_text().strip() if migrate.exists() else None}
+            "tcp_migrate_req": MIGRATE_SYSCTL.read_text().strip() if MIGRATE_SYSCTL.exists() else None}
 
 
 def kills(checkpoint: Path, count: int = 4) -> dict:

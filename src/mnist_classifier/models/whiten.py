@@ -69,26 +69,27 @@ def patch_covariance(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) ->
     patches = lambda x: F.unfold(x.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # noqa: E731
     per_image = patches(conv_inputs(model, conv, images[:1])).shape[-1]  # L patches per image
     n, chunk = max(1, MAX_PATCHES // per_image), max(1, min(CHUNK_IMAGES, CHUNK_PATCHES // per_image))
-    total, outer, count = None, None, 0
+    total, outer, count = 0.0, 0.0, 0
     for batch in images[:n].split(chunk):
         p = patches(conv_inputs(model, conv, batch))  # (B, D, L)
         p = p.transpose(1, 2).reshape(-1, p.shape[1])  # (B * L, D)
-        s, pp = p.sum(0).cpu().double(), (p.T @ p).cpu().double()  # float64 on the CPU: MPS has none
-        total, outer = (s, pp) if total is None else (total + s, outer + pp)
+        total = total + p.sum(0).cpu().double()  # float64 on the CPU: MPS has none
+        outer = outer + (p.T @ p).cpu().double()
         count += len(p)
     mean = total / count
     return outer / count - torch.outer(mean, mean)
 
 
 @torch.no_grad()
-def whiten_first_conv(model: nn.Module, images: torch.Tensor, sample: int = SAMPLE_IMAGES) -> int:
-    """Set the first convolution's filters from the first ``sample`` of ``images`` (the training split, as the
-    model is fed: normalised, on the model's device; fewer where large images exceed MAX_PATCHES). Filter i and i + k are +-v_i / sqrt(lambda_i + eps) for
-    the top k principal components: out_channels // 2 of them, or fewer where fewer directions have a
-    variance above eps (grey images copied to 3 channels vary in a third of them). Any filters beyond 2k,
-    and the bias, keep their initial values. Returns 2k, the number of filters set."""
+def whiten_first_conv(model: nn.Module, images: torch.Tensor) -> int:
+    """Set the first convolution's filters from the first SAMPLE_IMAGES of ``images`` (the training split, as
+    the model is fed: normalised, on the model's device; fewer where large images exceed MAX_PATCHES).
+    Filter i and i + k are +-v_i / sqrt(lambda_i + eps) for the top k principal components: out_channels // 2
+    of them, or fewer where fewer directions have a variance above eps (grey images copied to 3 channels vary
+    in a third of them). Any filters beyond 2k, and the bias, keep their initial values. Returns 2k, the
+    number of filters set."""
     conv = first_conv(model)
-    cov = patch_covariance(model, conv, images[:sample])
+    cov = patch_covariance(model, conv, images[:SAMPLE_IMAGES])
     lam, vec = torch.linalg.eigh(cov)  # ascending
     lam, vec = lam.flip(0).clamp_min(0), vec.flip(1)
     # an eigenvector's sign is LAPACK's choice: fix it (largest entry positive) so every machine orders +-v alike
