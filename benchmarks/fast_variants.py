@@ -3,12 +3,14 @@
 The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14,
 on maps 4x the size of its later ones. Each candidate below makes that layer cheaper. Every one trains with the fast
 recipe's settings as they are now (one epoch, batch 256, Adam 0.02 one-cycle, label smoothing 0.05 since the
-fourth session of 2026-12-05, the whitening start of the first layer since the fifth, the precision `auto`
-picks; the figures measured before those ran without them: add `--set label_smoothing=0,whiten_init=false`,
-or `--set whiten_init=false`, to rerun them) on the first
+fourth session of 2026-12-05, the whitening start of the first layer since the fifth, the first 90 % of the
+epoch's batches since the sixth, the precision `auto` picks; the figures measured before those ran without
+them: add `--set label_smoothing=0,whiten_init=false,epoch_fraction=1`, `--set whiten_init=false,epoch_fraction=1`
+or `--set epoch_fraction=1` to rerun them) on the first
 60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
 its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,
-max) and the training loop's seconds.
+max, standard deviation, and each seed's, in --seeds order, for paired comparisons) and the training loop's
+seconds.
 
     .venv/bin/python benchmarks/fast_variants.py --seeds 0 1 2 3 4
 
@@ -190,6 +192,7 @@ def main() -> None:
         secs = [r["train_seconds"] for r in runs]
         print(json.dumps({"candidate": name, "dataset": args.dataset, "set": args.set, "seeds": args.seeds, "val_images": args.val_size,
                           "val_accuracy_mean": round(statistics.mean(val), 3), "val_min": min(val), "val_max": max(val),
+                          "val_sd": round(statistics.stdev(val), 3) if len(val) > 1 else None, "val_per_seed": val,
                           "train_seconds_mean": round(statistics.mean(secs), 2),
                           "train_mflop_per_image": round(train_mflop_per_image(name), 2), "precision": runs[0]["precision"]}),
               flush=True)

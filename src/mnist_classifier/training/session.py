@@ -4,6 +4,7 @@ epoch loop with its step. ``fit`` builds one ``Session`` and then only runs epoc
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -120,12 +121,16 @@ class Session:
     state: TrainState
 
 
-def plan_batches(n_train: int, batch_size: int, ctx: DistContext) -> tuple[int, int]:
-    """(batches per epoch, this process's images per epoch); every process must get images in every batch."""
+def plan_batches(n_train: int, batch_size: int, ctx: DistContext, fraction: float = 1.0) -> tuple[int, int]:
+    """(batches per epoch, this process's images per epoch); every process must get images in every batch.
+    With ``fraction`` < 1 an epoch is the first ceil(fraction x batches) batches of its shuffle."""
     n_batches = count_batches(n_train, batch_size)
-    if ctx.enabled and 0 < n_train % batch_size < ctx.world_size:
+    if fraction < 1:
+        n_batches = max(1, math.ceil(fraction * n_batches))
+    n_used = min(n_train, n_batches * batch_size)  # the images those batches hold
+    if ctx.enabled and 0 < n_used % batch_size < ctx.world_size:
         n_batches -= 1  # a last batch smaller than the process count would leave a process without images
-    local = sum(len(range(ctx.rank, min(batch_size, n_train - b * batch_size), ctx.world_size)) for b in range(n_batches))
+    local = sum(len(range(ctx.rank, min(batch_size, n_used - b * batch_size), ctx.world_size)) for b in range(n_batches))
     return n_batches, local
 
 
@@ -212,7 +217,7 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
     info = input_info(cfg, splits.info)
     data = prepare_data(cfg, splits, info, device)
     mcfg = model_config(cfg, info)
-    n_batches, local_count = plan_batches(len(data.train_y), cfg.batch_size, ctx)
+    n_batches, local_count = plan_batches(len(data.train_y), cfg.batch_size, ctx, cfg.epoch_fraction)
     amp_dtype = autocast_dtype(cfg.precision, device)
     torch.manual_seed(cfg.seed)  # weight init and dropout
     model = build_model(mcfg)
