@@ -128,7 +128,8 @@ def test_an_epoch_fraction_shortens_every_epoch_and_the_schedule_with_it(small_c
 @pytest.mark.slow
 def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
     cfg = dataclasses.replace(small_cfg, epochs=2, train_subset=800, val_size=500, schedule="onecycle", augment=True,
-                              ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100, whiten_init=True)
+                              ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100, whiten_init=True,
+                              epoch_fraction=0.8)
     a, b = tmp_path / "a", tmp_path / "b"
     fit(dataclasses.replace(cfg, out=str(a)), splits, CPU, a)
     from mnist_classifier.training import Reporter, load_resume
