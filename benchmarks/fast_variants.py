@@ -61,10 +61,25 @@ def conv_bn_s2(c_in: int, c_out: int) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
-class Narrow16(FastCNN):
-    @staticmethod
-    def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 48, pool=True)]
+def widths(name: str, base: type[nn.Module], first: int, last: int = 48) -> type[nn.Module]:
+    """``base`` with its convolutions after the unshuffle at [first] + pool, [32], [last] + pool to 3 x 3, and
+    a head that reads ``last`` channels; ``name`` is the class's name in the model's printout."""
+
+    class Widths(base):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            if last != 48:  # base built its head for 48 channels
+                self.head[-1] = nn.Linear(last * 3 * 3, cfg.num_classes)
+
+        @staticmethod
+        def blocks(c_in: int) -> list[nn.Module]:
+            return [conv_bn(c_in, first, pool=True), conv_bn(first, 32), conv_bn(32, last, pool=True)]
+
+    Widths.__name__ = Widths.__qualname__ = name
+    return Widths
+
+
+Narrow16 = widths("Narrow16", FastCNN, 16)
 
 
 class Strided(FastCNN):
@@ -91,36 +106,10 @@ class SlimLate(FastCNN):
         return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32, pool=True), conv_bn(32, 48)]  # 7x7, 3x3, 3x3
 
 
-class CentreNarrow20(FastCNNCentre):
-    @staticmethod
-    def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 20, pool=True), conv_bn(20, 32), conv_bn(32, 48, pool=True)]
-
-
-class Centre40(FastCNNCentre):
-    """The last convolution, 57 % of the centre model's FLOP, at 40 channels instead of 48."""
-
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.head[-1] = nn.Linear(40 * 3 * 3, cfg.num_classes)
-
-    @staticmethod
-    def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 40, pool=True)]
-
-
-class Centre16Last40(Centre40):
-    """The fast recipe's network (16 channels first) with ``centre-40``'s last convolution at 40 channels."""
-
-    @staticmethod
-    def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 40, pool=True)]
-
-
-class CentreNarrow12(FastCNNCentre):
-    @staticmethod
-    def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 12, pool=True), conv_bn(12, 32), conv_bn(32, 48, pool=True)]
+CentreNarrow20 = widths("CentreNarrow20", FastCNNCentre, 20)
+Centre40 = widths("Centre40", FastCNNCentre, 24, last=40)  # the last convolution: 57 % of the centre model's FLOP
+Centre16Last40 = widths("Centre16Last40", FastCNNCentre, 16, last=40)  # the fast recipe's first layer, centre-40's last
+CentreNarrow12 = widths("CentreNarrow12", FastCNNCentre, 12)
 
 
 class CentrePatch4(FastCNNCentre):
