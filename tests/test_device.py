@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,68 @@ def test_flushed_denormals_become_zero_on_every_thread():
         pytest.skip("this CPU cannot flush denormals")
     assert int(nonzero_flushed) == 0, f"{nonzero_flushed} subnormal results with {threads} threads"
     assert int(nonzero_plain) > 0  # the main thread's share at least: the mode was what made them zero
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# How busy the cores are (cpuload), read over the command's start-up
+
+
+def _readable() -> bool:
+    from mnist_classifier import cpuload
+
+    return bool(cpuload.affinity()) and cpuload.read(cpuload.affinity()) is not None
+
+
+def test_a_start_mark_is_the_window_of_the_next_reading_only():
+    from mnist_classifier import cpuload
+
+    if not _readable():
+        pytest.skip("no /proc here")
+    cpuload.mark_start()
+    time.sleep(cpuload.MIN_WINDOW_S)  # the start-up, long enough to be the whole window
+    t = time.monotonic()
+    cpuload.busy_cores()
+    assert time.monotonic() - t < 0.09  # read at once: no 0.1 s wait
+    t = time.monotonic()
+    cpuload.busy_cores()
+    assert time.monotonic() - t >= cpuload.MIN_WINDOW_S  # the mark was used up: a fresh window, waited for
+
+
+def test_a_mark_just_taken_still_gets_the_whole_window():
+    from mnist_classifier import cpuload
+
+    if not _readable():
+        pytest.skip("no /proc here")
+    cpuload.mark_start()
+    t = time.monotonic()
+    cpuload.busy_cores()
+    assert time.monotonic() - t >= cpuload.MIN_WINDOW_S * 0.9  # waits out the rest of the 0.1 s
+
+
+@pytest.mark.serial
+@pytest.mark.slow  # it needs a quiet machine: make test-fast runs serial tests beside others
+def test_the_start_up_reading_leaves_out_this_process_and_sees_the_others(monkeypatch):
+    from mnist_classifier import cpuload
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = cpuload.usable_cores()
+    if cores < 2 or not _readable():
+        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+
+    def threads_after_own_work() -> int:
+        cpuload.mark_start()
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:  # this process keeps a core busy, as importing torch does
+            pass
+        return device.threads_per_job(1)
+
+    # this process's own work is not other work: all cores (once any blip of a finishing neighbour has passed)
+    assert any(threads_after_own_work() == cores for _ in range(5))
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    try:
+        time.sleep(0.5)
+        assert threads_after_own_work() == 1  # every core but one is busy with other work
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 
+from .cpuload import busy_cores, usable_cores
 from .errors import UserError
 
 
@@ -85,45 +85,6 @@ def flush_denormals() -> bool:
     return bool(torch.set_flush_denormal(True))
 
 
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask: what a container or taskset allows)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS and Windows have no affinity mask
-        return os.cpu_count() or 1
-
-
-def _cpu_times(cpus: set[int]) -> tuple[int, int] | None:
-    """(idle, total) jiffies summed over ``cpus`` from /proc/stat (Linux); None where there is none."""
-    try:
-        lines = open("/proc/stat").read().splitlines()
-    except OSError:
-        return None
-    idle = total = 0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
-            idle += ticks[3] + ticks[4]
-            total += sum(ticks)
-    return idle, total
-
-
-def busy_cores(interval: float = 0.1) -> float:
-    """How many of this process's cores other work keeps busy, measured over ``interval`` seconds (0 where
-    the system does not say, or before this process computes anything, as at start-up)."""
-    try:
-        cpus = os.sched_getaffinity(0)
-    except AttributeError:
-        return 0.0
-    before = _cpu_times(cpus)
-    time.sleep(interval)
-    after = _cpu_times(cpus)
-    if before is None or after is None or after[1] <= before[1]:
-        return 0.0
-    return len(cpus) * (1.0 - (after[0] - before[0]) / (after[1] - before[1]))
-
-
 def threads_per_job(jobs: int = 1, sample: bool = True) -> int:
     """Torch threads for each of ``jobs`` processes about to compute here: the cores that other work leaves
     free, split evenly, at least one. ``OMP_NUM_THREADS``, when set, decides instead.
@@ -131,7 +92,8 @@ def threads_per_job(jobs: int = 1, sample: bool = True) -> int:
     Torch's CPU kernels slow badly when their threads outnumber the free cores: every parallel region waits
     for its slowest thread, and a thread that shares its core runs at half speed or less. On the 2-core VM,
     one epoch of the guide's CNN beside a busy process took 3x its time alone with 2 threads and 1.5x with 1
-    (BENCHMARKS.md). So a core that is busy (more than half of it, over ``busy_cores``' 0.1 s) is left out.
+    (BENCHMARKS.md). So a core that is busy (more than half of it, measured by ``cpuload.busy_cores``: over the
+    command's start-up when the ``mnist`` command marked it, else over 0.1 s) is left out.
     """
     given = os.environ.get("OMP_NUM_THREADS", "")
     if given.isdigit() and int(given) > 0:
