@@ -79,9 +79,11 @@ def busy_cores(interval: float = MIN_WINDOW_S) -> float:
     global _start
     cpus = affinity()
     before, _start = _start, None
-    if before is None or before.cpus != cpus:
+    if not cpus:
+        return 0.0
+    if before is None or before.cpus != cpus:  # no mark, or the affinity changed since: a fresh window
         before = read(cpus)
-    if not cpus or before is None:
+    if before is None:
         return 0.0
     time.sleep(max(0.0, interval - (time.monotonic() - before.at)))
     after = read(cpus)
