@@ -13,9 +13,10 @@ benchmark in its own process, with nothing else of ours running:
 Before each it measures, over 2 s, how many cores other work keeps busy (the thread policy's own reading),
 so a noisy start is on record. It writes OUT/cpu.json (the CPU's name, family and model, whether it has
 AVX2, AVX-512, AVX512-BF16 and AMX, its cores, torch's version), OUT/NAME.txt (what each benchmark printed)
-and OUT/report.jsonl (one line per benchmark: the busy cores before it, its seconds, its last JSON line).
-Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. About 25 minutes on a 2-core Zen 4
-at --rounds 3; the guide's pipeline takes 200 s a round on a 2-core Zen 3, so allow an hour there.
+and OUT/report.jsonl (one line per benchmark: the busy cores before it, its seconds, the JSON rows it
+printed, its summary last).
+Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. At --rounds 3 it took 13.5 minutes on
+a 2-core Zen 4 (2026-12-05). Expect about twice that on a 2-core Zen 3, whose guide pipeline took 200 s a round.
 
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report --only roofline contention
@@ -66,15 +67,16 @@ def cpu_info() -> dict:
             **{name: flag in flags for flag, name in FLAGS.items()}, "torch": torch.__version__}
 
 
-def last_json(text: str) -> dict | None:
-    """The last line of ``text`` that is a JSON object: each benchmark's summary."""
-    for line in reversed(text.splitlines()):
+def json_rows(text: str) -> list[dict]:
+    """Every line of ``text`` that is a JSON object: a benchmark's rows, its summary last."""
+    rows = []
+    for line in text.splitlines():
         if line.startswith("{"):
             try:
-                return json.loads(line)
+                rows.append(json.loads(line))
             except json.JSONDecodeError:
                 continue
-    return None
+    return rows
 
 
 def run_one(name: str, argv: list[str], out: Path) -> dict:
@@ -85,7 +87,7 @@ def run_one(name: str, argv: list[str], out: Path) -> dict:
     (out / f"{name}.txt").write_text(proc.stdout + proc.stderr)
     return {"benchmark": name, "command": " ".join(["benchmarks/" + argv[0], *argv[1:]]),
             "busy_cores_before": round(busy, 2), "seconds": round(seconds, 1), "exit": proc.returncode,
-            "summary": last_json(proc.stdout)}
+            "rows": json_rows(proc.stdout)}
 
 
 def main() -> None:
