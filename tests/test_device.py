@@ -127,3 +127,15 @@ def test_the_start_up_reading_leaves_out_this_process_and_sees_the_others(monkey
         for p in spinners:
             p.kill()
             p.wait()
+
+
+def test_proc_texts_of_another_layout_give_no_reading():
+    from mnist_classifier.cpuload import parse
+
+    own = "4242 (python x) R 1 2 3 4 5 6 7 8 9 10 11 12 13 14"  # utime 11 + stime 12 ticks (fields 14, 15)
+    good = "cpu  9 9 9 9 9 9 9 9\ncpu0 1 0 2 10 3 0 0 0 0 0\ncpu1 5 5 5 5 5 5 5 5\nintr 1 2\n"
+    assert parse(good, own, frozenset({0})) == (13, 16, 23)  # idle + iowait, all eight states, own
+    assert parse(good, own, frozenset({0, 1})) == (23, 56, 23)
+    for stat in ("cpu0 1 2\n", "cpu0 a b c d e f g h\n"):  # too few fields; not numbers
+        assert parse(stat, own, frozenset({0})) is None
+    assert parse(good, "4242 (python) R 1", frozenset({0})) is None  # /proc/self/stat cut short

@@ -45,23 +45,33 @@ def usable_cores() -> int:
 
 
 def read(cpus: frozenset[int]) -> CpuSample | None:
-    """A reading over ``cpus`` now, or None where /proc is missing or unreadable."""
+    """A reading over ``cpus`` now, or None where /proc is missing, unreadable or laid out otherwise."""
     try:
         with open("/proc/stat") as f:
-            lines = f.read().splitlines()
+            stat = f.read()
         with open("/proc/self/stat") as f:
-            own_fields = f.read().rpartition(")")[2].split()  # after the command name, which may hold spaces
+            own_stat = f.read()
     except OSError:
         return None
+    ticks = parse(stat, own_stat, cpus)
+    return None if ticks is None else CpuSample(time.monotonic(), cpus, *ticks)
+
+
+def parse(stat: str, own_stat: str, cpus: frozenset[int]) -> tuple[int, int, int] | None:
+    """(idle, total, own) jiffies from the texts of /proc/stat and /proc/self/stat; None for another layout."""
     idle = total = 0
-    for line in lines:
-        name, *fields = line.split()
-        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
-            ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
-            idle += ticks[3] + ticks[4]
-            total += sum(ticks)
-    own = int(own_fields[11]) + int(own_fields[12])  # utime, stime: fields 14 and 15 of proc(5)
-    return CpuSample(time.monotonic(), cpus, idle, total, own)
+    try:
+        for line in stat.splitlines():
+            name, _, rest = line.partition(" ")
+            if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+                ticks = [int(f) for f in rest.split()[:8]]  # user nice system idle iowait irq softirq steal
+                idle += ticks[3] + ticks[4]
+                total += sum(ticks)
+        own_fields = own_stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+        own = int(own_fields[11]) + int(own_fields[12])  # utime, stime: fields 14 and 15 of proc(5)
+    except (IndexError, ValueError):
+        return None
+    return idle, total, own
 
 
 def mark_start() -> None:
