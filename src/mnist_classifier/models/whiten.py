@@ -66,7 +66,9 @@ def patch_covariance(model: nn.Module, conv: nn.Conv2d, images: torch.Tensor) ->
     """The covariance (D, D) of ``conv``'s input patches, D = in_channels x kernel height x kernel width, over
     ``images``, at most MAX_PATCHES of them: each chunk's sums in float32 on the images' device, added up in
     float64 on the CPU."""
-    patches = lambda x: F.unfold(x.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # noqa: E731
+    def patches(x: torch.Tensor) -> torch.Tensor:  # (B, D, L): every kernel-sized window of conv's input
+        return F.unfold(x.float(), conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+
     per_image = patches(conv_inputs(model, conv, images[:1])).shape[-1]  # L patches per image
     n, chunk = max(1, MAX_PATCHES // per_image), max(1, min(CHUNK_IMAGES, CHUNK_PATCHES // per_image))
     total, outer, count = 0.0, 0.0, 0
