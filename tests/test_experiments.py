@@ -224,7 +224,11 @@ def test_two_workers_share_one_postgresql_storage_and_reach_exactly_n_trials(pos
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     study = optuna.load_study(study_name="shared", storage=postgres)
-    assert states(study) == {"COMPLETE": 6}
+    # Asking at once for the last trial, each machine gets one (their locks are per folder): the one numbered
+    # past the count is told FAIL and marked surplus (search._take_trial), never run, and left out of reports.
+    surplus = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("surplus")]
+    assert all(t.state.name == "FAIL" and t.number >= 6 for t in surplus), surplus
+    assert states(study) == {"COMPLETE": 6, **({"FAIL": len(surplus)} if surplus else {})}
     ran = {name: {int(d.name.split("-")[1]) for d in (tmp_path / name).glob("trial-*")} for name in ("machine-a", "machine-b")}
     assert ran["machine-a"] and ran["machine-b"], ran  # both worked
     assert ran["machine-a"].isdisjoint(ran["machine-b"])
@@ -263,6 +267,28 @@ def test_a_worker_loads_the_data_once_for_all_its_trials(data_dir, tmp_path, mon
     spec = SweepSpec(params=parse_space(["lr=0.001,0.002,0.003"]), base=base, trials=3, sampler="grid", pruner="none")
     result = sweep(spec, tmp_path / "sweep", jobs=1)
     assert result.counts()["complete"] == 3 and len(loads) == 1
+
+
+
+def test_a_trial_asked_for_past_the_count_is_dropped_as_surplus_and_left_out_of_the_result(tmp_path):
+    """Two machines (two folders, so two locks) asking at once for the last trial: the other machine's ask lands
+    between this one's count and its own. Its trial runs; this one's, numbered past --trials, is told FAIL and
+    marked surplus without running, and the sweep's result does not count it as a failure."""
+    from mnist_classifier.experiments.report import summarize
+
+    base = TrainConfig(val_size=100, device="cpu")
+    spec = SweepSpec(params=parse_space(["lr=log:1e-4..1e-2"]), base=base, trials=1, sampler="random",
+                     pruner="none", study="race", storage=f"sqlite:///{tmp_path / 'shared.db'}")
+    here = tmp_path / "here"
+    here.mkdir()
+    study = search.load_study(spec, here)
+    real_ask = study.ask
+    study.ask = lambda: (real_ask(), real_ask())[1]  # the other machine's trial 0 first, then ours
+    assert search._take_trial(study, spec, here) is None
+    got = [(t.number, t.state.name, bool(t.user_attrs.get("surplus"))) for t in study.get_trials(deepcopy=False)]
+    assert got == [(0, "RUNNING", False), (1, "FAIL", True)]
+    study.tell(0, 98.0)  # the other machine's trial completes
+    assert summarize(study, spec, here).counts() == {"complete": 1, "pruned": 0, "failed": 0, "running": 0}
 
 
 # ---------------------------------------------------------------------------------------------------------------
