@@ -7,12 +7,14 @@ regression to seconds or gigabytes, not a slow machine.
 import io
 import os
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 import attacks
@@ -351,6 +353,66 @@ def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
     blown = run_cli("train", *common, "--overwrite", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1")
     assert blown.returncode == 2 and "no epoch had finished, so no checkpoint was written" in blown.stderr
     assert not (out / "model.pt").exists() and not (out / "last.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writes the system refuses: one line naming the file, exit 2, and nothing half-written
+
+
+def test_an_output_that_cannot_be_written_is_a_one_line_error(trained_checkpoint, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    ckpt, run = str(trained_checkpoint), str(trained_checkpoint.parent)
+    cases = [
+        (("export", "--checkpoint", ckpt, "--format", "onnx", "--out", str(blocker / "sub" / "m.onnx")),
+         f"cannot create the folder {blocker / 'sub'}: Not a directory"),
+        (("export", "--checkpoint", ckpt, "--format", "safetensors", "--out", str(folder)),
+         f"cannot write {folder}: Is a directory"),
+        (("predict", str(REPO / "docs" / "samples.png"), "--checkpoint", ckpt,
+          "--save-preprocessed", str(blocker / "seen")),
+         f"cannot create the folder {blocker / 'seen'}: Not a directory"),
+        (("compare", run, "--out", str(blocker / "cmp")),
+         f"cannot create the comparison folder {blocker / 'cmp'}: Not a directory"),
+        (("sweep", "--param", "lr=0.001,0.01", "--out", str(blocker / "sweep")),
+         f"cannot create the sweep folder {blocker / 'sweep'}: Not a directory"),
+    ]
+    for args, message in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"mnist {args[0]}: error: {message}", (args, proc.stderr)
+    assert blocker.read_text() == "not a folder" and list(folder.iterdir()) == []  # no temporary file left
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A real 64 KiB tmpfs (mounting needs root, as the CI machine and this VM run): writes past it get ENOSPC."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)  # detached even if a failed write left a file open
+
+
+def test_a_full_disk_leaves_the_old_file_whole_and_says_so_in_one_line(trained_checkpoint, full_disk):
+    from mnist_classifier import fileio
+    from mnist_classifier.errors import UserError
+
+    old = full_disk / "model.pt"
+    old.write_bytes(b"the old checkpoint")
+    with pytest.raises(UserError, match=f"^cannot write {old}: No space left on device$"):
+        fileio.torch_save(old, {"weights": torch.zeros(100_000)})  # 400 KB into 64 KiB
+    assert old.read_bytes() == b"the old checkpoint" and [p.name for p in full_disk.iterdir()] == ["model.pt"]
+    target = full_disk / "m.onnx"
+    proc = run_cli("export", "--checkpoint", str(trained_checkpoint), "--format", "onnx", "--out", str(target))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"mnist export: error: cannot write {target}: No space left on device"
+    assert sorted(p.name for p in full_disk.iterdir()) == ["model.pt"]
 
 
 # ---------------------------------------------------------------------------------------------------------------

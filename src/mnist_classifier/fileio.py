@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
 
 A rename within one filesystem is atomic, so a reader (or a run killed mid-write) sees either the old
-file or the new one, never half of one.
+file or the new one, never half of one. A write the system refuses (a folder that cannot be made, a full
+disk, a target that is a folder) is a ``UserError`` naming the file, shown as one line by the command.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+
+from .errors import UserError
 
 
 def _file_mode() -> int:
@@ -32,22 +35,41 @@ _FILE_MODE = _file_mode()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on failure removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot("write", path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _FILE_MODE)
     try:
+        os.chmod(tmp_path, _FILE_MODE)
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:  # ENOSPC mid-write, or ``path`` is a folder: the old file, if any, is untouched
+        raise _cannot("write", path, exc) from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """``mkdir -p path``; a refusal (not a folder, no such file system, read-only) is a one-line UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot("create the " + what, path, exc) from None
+    return path
+
+
+def _cannot(action: str, path: Path, exc: OSError) -> UserError:
+    return UserError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
@@ -71,8 +93,11 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
 
 
 def torch_save(path: str | os.PathLike, obj: Any) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    # Serialised in memory first (a checkpoint is MBs): torch.save's own file writer reports a full disk as a
+    # RuntimeError from C++, a plain write as the OSError that atomic_path turns into a one-line error.
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    write_bytes(path, buf.getbuffer())
 
 
 def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import __version__
+from . import __version__, fileio
 from .errors import UserError
 
 RUNS_ROOT = Path("runs")
@@ -43,11 +43,7 @@ def new_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) 
                             f"choose another --out, or pass --overwrite to replace it")
         for name in existing:
             (path / name).unlink()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create the run folder {path}: {exc.strerror or exc}") from None
-    return path
+    return fileio.make_dir(path, "run folder")
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:

@@ -133,7 +133,7 @@ def sweep_importance(spec: SweepSpec, sweep_dir: Path) -> dict[str, float]:
 
 def write_comparison(comparison: Comparison, out: Path) -> Comparison:
     """compare.csv and compare.md (the table), curves.png, params.png and, for a sweep, importance.png."""
-    out.mkdir(parents=True, exist_ok=True)
+    fileio.make_dir(out, "comparison folder")
     table = comparison.table()
     fileio.write_csv(out / "compare.csv", table)
     fileio.write_text(out / "compare.md", markdown_table(table))

@@ -9,6 +9,7 @@ from typing import Any, Callable
 
 import torch
 
+from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits
 from ..training import Reporter, fit
@@ -35,7 +36,7 @@ def run_seeds(cfg: TrainConfig, seeds: list[int], splits: Splits, device: torch.
     summaries = []
     for seed in seeds:
         run_dir = Path(out_dir) / f"seed{seed}"
-        run_dir.mkdir(parents=True, exist_ok=True)
+        fileio.make_dir(run_dir, "run folder")
         summary = fit(dataclasses.replace(cfg, seed=seed, out=str(run_dir)), splits, device, run_dir, Reporter())
         summaries.append(summary)
         if on_run is not None:

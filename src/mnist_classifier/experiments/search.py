@@ -93,7 +93,7 @@ def default_val_size(train_subset: int) -> int:
 def open_storage(url: str, sweep_dir: Path) -> optuna.storages.BaseStorage:
     """The journal file in the sweep folder by default; an RDB URL (sqlite:///, postgresql://) when given."""
     if not url:
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fileio.make_dir(sweep_dir, "sweep folder")
         backend = optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
         return optuna.storages.JournalStorage(backend)
     for attempt in range(STORAGE_ATTEMPTS):
@@ -184,7 +184,7 @@ def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
     elif resume:
         raise UserError(f"--resume {sweep_dir}: no sweep there ({SPEC_FILE} is missing)")
     study = load_study(spec, sweep_dir)  # an RDB --storage is reached before anything is written
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    fileio.make_dir(sweep_dir, "sweep folder")
     with _locked(sweep_dir):
         _check_shared(study, spec)
         if not spec_path.exists() and spec.sampler == "grid" and not study.trials:

@@ -91,7 +91,7 @@ def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig,
         trial.set_user_attr("run_dirs", dirs)
         try:
             cfg = trial_config(base, values, k, run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
+            fileio.make_dir(run_dir, "run folder")
             summary = fit(cfg, splits, device, run_dir, PruningReporter(trial) if k == 0 else Reporter())
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("pruned_at", str(pruned))

@@ -240,9 +240,10 @@ def _export(cfg: ServeConfig, payload: dict, scratch: Path) -> Path:
     if cache is not None:
         try:
             return cached_export(Path(cfg.checkpoint), cache, scratch)
-        except OSError as exc:
-            print(f"mnist serve: cannot use the export cache {cache} ({exc.strerror or exc}); exporting for this "
-                  "start only", file=sys.stderr, flush=True)
+        except (OSError, UserError) as exc:  # UserError: a write fileio refused, naming the file and why
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            print(f"mnist serve: cannot use the export cache {cache} ({reason}); exporting for this start only",
+                  file=sys.stderr, flush=True)
     return export_for_serving(payload, scratch)
 
 
