@@ -163,6 +163,27 @@ def test_recipes_are_files_that_load_and_validate():
         TrainConfig.from_recipe("no-such-recipe")
 
 
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "must be a JSON object of settings"),
+    (b"epochs: 5", "is not valid JSON"),
+    (b"\xff\xfe", "is not valid JSON"),
+    (b'{"epochs": "five"}', "--epochs must be a whole number, got 'five'"),
+    (b'{"colour": 1}', "sets unknown fields: colour"),
+    (b" " * 70_000 + b"{}", "is larger than 65,536 bytes"),
+])
+def test_a_recipe_file_that_is_not_a_short_object_of_settings_is_one_line(tmp_path, content, message):
+    recipe = tmp_path / "r.json"
+    recipe.write_bytes(content)
+    proc = cli_in_process("train", "--recipe", str(recipe), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_endless_recipe_is_refused_after_its_first_64_kib():
+    with pytest.raises(UserError, match="larger than 65,536 bytes"):
+        TrainConfig.from_recipe("/dev/zero")  # read whole, it filled 9 GB before a MemoryError
+
+
 def test_recipe_flag_with_overrides(data_dir, tmp_path):
     out = tmp_path / "fast"
     proc = run_cli("train", "--recipe", "fast", "--epochs", "2", "--train-subset", "3000", "--device", "cpu",

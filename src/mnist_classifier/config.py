@@ -27,6 +27,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # stay near the caches. The guide's CNN on the 10,000 test images (AMD EPYC, 2 threads): 0.24 s at 256,
 # 0.46 s at 1,000, 0.80 s at 10,000 (BENCHMARKS.md).
 EVAL_BATCH_SIZE = 256
+MAX_RECIPE_BYTES = 65_536  # the packaged recipes are under 1 KB each
 RECIPE_ALIASES = {"seed": "guide"}  # the guide's recipe was called "seed" before "seed" meant only --seed
 
 
@@ -233,15 +234,7 @@ class TrainConfig:
         """The config a recipe describes (``recipes/<name>.json`` in the package, or a JSON file), with
         ``overrides`` (field=value) laid over it; checked once, as built."""
         names = {f.name for f in dataclasses.fields(cls)}
-        packaged = resources.files("mnist_classifier").joinpath(f"recipes/{RECIPE_ALIASES.get(name, name)}.json")
-        path = Path(name)
-        try:
-            text = packaged.read_text() if packaged.is_file() else path.read_text()
-            values = json.loads(text)
-        except (OSError, ValueError) as exc:
-            known = sorted(p.name.removesuffix(".json") for p in resources.files("mnist_classifier").joinpath("recipes").iterdir()
-                           if p.name.endswith(".json"))
-            raise UserError(f"unknown recipe {name!r} ({exc.__class__.__name__}); choose one of {', '.join(known)} or a JSON file") from None
+        values = read_recipe(name)
         unknown = sorted((set(values) - {"description"} | set(overrides)) - names)
         if unknown:
             raise UserError(f"recipe {name!r} sets unknown fields: {', '.join(unknown)}")
@@ -253,6 +246,33 @@ class TrainConfig:
         """Rebuild from a saved dict, ignoring keys this version does not know."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def read_recipe(name: str) -> dict[str, Any]:
+    """The settings of recipe ``name``: a packaged one (``recipes/<name>.json``) or a JSON file of settings.
+
+    A file is read only up to ``MAX_RECIPE_BYTES``: ``--recipe /dev/zero`` must not fill the memory."""
+    packaged = resources.files("mnist_classifier").joinpath(f"recipes/{RECIPE_ALIASES.get(name, name)}.json")
+    try:
+        if packaged.is_file():
+            data = packaged.read_bytes()
+        else:
+            with open(name, "rb") as fh:
+                data = fh.read(MAX_RECIPE_BYTES + 1)
+    except OSError as exc:
+        known = sorted(p.name.removesuffix(".json") for p in resources.files("mnist_classifier").joinpath("recipes").iterdir()
+                       if p.name.endswith(".json"))
+        raise UserError(f"unknown recipe {name!r} ({exc.strerror or exc}); choose one of {', '.join(known)} or a JSON "
+                        "file") from None
+    if len(data) > MAX_RECIPE_BYTES:
+        raise UserError(f"recipe {name} is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a short JSON object")
+    try:
+        values = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UserError(f"recipe {name} is not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {name} must be a JSON object of settings, e.g. {{\"epochs\": 5, \"lr\": 0.001}}")
+    return values
 
 
 def parse_value(cls: type, name: str, text: str) -> Any:
