@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -139,3 +140,19 @@ def test_proc_texts_of_another_layout_give_no_reading():
     for stat in ("cpu0 1 2\n", "cpu0 a b c d e f g h\n"):  # too few fields; not numbers
         assert parse(stat, own, frozenset({0})) is None
     assert parse(good, "4242 (python) R 1", frozenset({0})) is None  # /proc/self/stat cut short
+
+
+def test_more_threads_than_cores_are_honoured_with_one_warning(data_dir, tmp_path):
+    """An override is an override, but 1,000 threads on 2 cores took 40x as long: the user is told once."""
+    from conftest import run_cli
+
+    cores = device.usable_cores()
+    assert device.oversubscribed(cores) is None and device.oversubscribed(1) is None
+    assert f"--threads {cores + 1} is more than the {cores} core" in device.oversubscribed(cores + 1)
+    run = tmp_path / "run"
+    proc = run_cli("train", "--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "256", "--test-subset",
+                   "256", "--epochs", "1", "--out", str(run), "--threads", str(cores + 1))
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert warnings == [f"mnist train: warning: {device.oversubscribed(cores + 1)}"]
+    assert json.loads((run / "summary.json").read_text())["threads"] == cores + 1

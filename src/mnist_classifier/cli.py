@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, select_device, set_threads
+from .device import autocast_dtype, oversubscribed, select_device, set_threads
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -170,9 +170,15 @@ def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Pat
                         f"resume with --resume {run_dir}") from None
 
 
+def _set_threads(command: str, requested: int) -> None:
+    set_threads(requested)
+    if note := oversubscribed(requested):
+        print(f"mnist {command}: warning: {note}", file=sys.stderr)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     cfg, resume = _train_config(args)
-    set_threads(cfg.threads)
+    _set_threads("train", cfg.threads)
     ctx = distributed.SINGLE
     if distributed.launched_by_torchrun():
         ctx, device = distributed.setup(cfg.device, cfg.dist_timeout)
@@ -386,7 +392,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
 
     cfg = _flags_config(args)
     device = select_device(cfg.device)
-    set_threads(cfg.threads)
+    _set_threads("lr-find", cfg.threads)
     splits = load_configured(cfg)
     result = lr_find(cfg, splits, device, args.start, args.end, args.steps, args.rule)
     plot = save_figure(lr_find_figure(result), args.plot)

@@ -111,3 +111,15 @@ def set_threads(requested: int = 0) -> int:
     threads = requested or threads_per_job(1)
     torch.set_num_threads(threads)
     return threads
+
+
+def oversubscribed(requested: int) -> str | None:
+    """What to tell a user whose ``--threads`` exceeds the cores this process may use, else None. Honoured all
+    the same (an override is an override), but extra threads only queue for a core, and every step then waits
+    for the last of them: ``mnist train --epoch-fraction 0.01 --threads 1000`` on 2 cores took 111 s, 40x its 2.7 s
+    with 2 threads."""
+    cores = usable_cores()
+    if requested <= cores:
+        return None
+    return (f"--threads {requested} is more than the {cores} core{'s' * (cores > 1)} this process may use; the "
+            f"extra threads only wait for a core and slow every step (0 = one per free core)")
