@@ -64,6 +64,7 @@ def states(study: optuna.Study) -> dict[str, int]:
     (["--param", "lr=0.001,0.01", "--storage", "postgresql://u:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql://u:***@"),
     (["--trials", "3"], "without --param a sweep has one point"),
     (["--param", "lr=0.001,0.01", "--val-size", "0"], "a sweep chooses on a validation split"),
+    (["--param", "lr=0.001,0.01", "--jobs", "-1"], "--jobs must be 0 (one worker per free core) or more, got -1"),
 ])
 def test_sweep_refuses_bad_input_with_one_line_and_writes_nothing(extra, fragment, data_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -249,6 +250,21 @@ def test_jobs_2_runs_two_worker_processes_that_share_the_trials(data_dir, tmp_pa
     workers = {t.user_attrs["worker"] for t in study_of(out).trials}
     assert len(workers) == 2  # two processes took trials
     assert sorted(t.params["lr"] for t in study_of(out).trials) == [0.001, 0.002, 0.003, 0.004]
+
+
+@pytest.mark.slow
+def test_more_jobs_than_cores_still_finish_the_sweep_after_one_warning(data_dir, tmp_path):
+    from mnist_classifier.device import usable_cores
+
+    jobs = usable_cores() + 1
+    out = tmp_path / "sweep"
+    grid_points = ",".join(str(0.001 * (k + 1)) for k in range(jobs))
+    proc = run_cli("sweep", "--out", str(out), *tiny(data_dir), "--param", f"lr={grid_points}", "--sampler", "grid",
+                   "--pruner", "none", "--jobs", str(jobs), "--json")
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and f"--jobs {jobs} is more than the {jobs - 1} cores" in warnings[0]
+    assert json.loads(proc.stdout)["trials"]["complete"] == jobs
 
 
 def test_a_sweep_without_params_repeats_one_config_over_seeds(data_dir, tmp_path, capsys):

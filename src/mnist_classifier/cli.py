@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, oversubscribed, select_device, set_threads
+from .device import autocast_dtype, oversubscribed, select_device, set_threads, usable_cores
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -362,6 +362,9 @@ def _cell(value: Any) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = _sweep_spec(args)
     jobs = args.jobs or default_jobs()
+    if min(jobs, spec.trials) > usable_cores():
+        print(f"mnist sweep: warning: --jobs {jobs} is more than the {usable_cores()} cores this process may use; "
+              "the workers take turns on them, each a process with its own torch and data", file=sys.stderr)
     result = sweep(spec, args.out, jobs=jobs, resume=args.resume, on_trial=print_trial)
     if args.json:
         print(json.dumps(result.to_dict()))

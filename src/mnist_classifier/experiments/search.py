@@ -271,7 +271,10 @@ def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallbac
 
 def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = False,
           on_trial: TrialCallback | None = None) -> SweepResult:
-    """Run (or continue, or join) the sweep ``spec`` in the folder ``out``; return its result."""
+    """Run (or continue, or join) the sweep ``spec`` in the folder ``out`` with ``jobs`` worker processes here
+    (no more than its trials); return its result."""
+    if jobs < 1:
+        raise UserError(f"--jobs must be 0 (one worker per free core) or more, got {jobs}")
     sweep_dir = Path(out) if out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
