@@ -313,10 +313,25 @@ def test_metrics_health_routes_request_ids_and_access_log(trained_checkpoint, di
     assert after["mnist_request_duration_seconds_count{route=/predict}"] >= 4
     assert after["mnist_model_info{backend=onnxruntime,dataset=mnist,model=guide-cnn,version=%s}" % _version()] == 1
     assert "mnist_queue_depth{}" in after
-    log = [json.loads(line) for line in proc[0].stdout.read().splitlines() if line.startswith("{")]
+    out = proc[0].stdout.read()
+    assert "warning" not in out  # the automatic plan never oversubscribes the cores
+    log = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert {"request_id": "proxy-id.42", "path": "/livez", "status": 200} in [
         {k: e[k] for k in ("request_id", "path", "status")} for e in log]
     assert sum(e["path"] == "/predict" for e in log) == 4 and all(e["ms"] > 0 for e in log)
+
+
+def test_more_threads_than_cores_still_serve_after_one_warning(trained_checkpoint, digits):
+    from mnist_classifier.device import usable_cores
+
+    (label, png), *_ = digits
+    proc, threads = [], usable_cores() + 1
+    with serving(trained_checkpoint, "--workers", "1", "--threads", str(threads), process=proc) as base:
+        answer = httpx.post(f"{base}/predict", files={"file": ("d.png", png, "image/png")})
+        assert answer.status_code == 200 and answer.json()["digit"] == label
+    warnings = [line for line in proc[0].stdout.read().splitlines() if "warning" in line]
+    assert warnings == [f"mnist serve: warning: 1 worker(s) x {threads} thread(s) is more than the {threads - 1} "
+                        "cores this process may use; they take turns, each worker a process with its own model"]
 
 
 def test_readiness_turns_503_when_shutdown_starts(trained_checkpoint):

@@ -206,6 +206,10 @@ def serve(cfg: ServeConfig) -> None:
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
               f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr,
               flush=True)
+        if cfg.workers * cfg.threads > usable_cores():  # only an explicit --workers or --threads gets here
+            print(f"mnist serve: warning: {cfg.workers} worker(s) x {cfg.threads} thread(s) is more than the "
+                  f"{usable_cores()} cores this process may use; they take turns, each worker a process with its "
+                  "own model", file=sys.stderr, flush=True)
         if cfg.workers == 1:
             run_worker(cfg, keeper, onnx_path)
             return
