@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -353,6 +354,64 @@ def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
     blown = run_cli("train", *common, "--overwrite", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1")
     assert blown.returncode == 2 and "no epoch had finished, so no checkpoint was written" in blown.stderr
     assert not (out / "model.pt").exists() and not (out / "last.pt").exists()
+
+
+@pytest.fixture(scope="module")
+def resumable_run(data_dir, tmp_path_factory):
+    """A run folder whose last.pt a resume accepts: 1 epoch of 640 images, then a Ctrl-C-style position inside
+    epoch 2 is what some cases damage."""
+    out = tmp_path_factory.mktemp("resumable") / "run"
+    proc = run_cli("train", "--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "640", "--test-subset",
+                   "256", "--epochs", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _partial(batches_done: Any = 3, seen: Any = 192, loss_sum: Any = 100.0) -> dict:
+    return {"batches_done": batches_done, "loss_sum": loss_sum, "seen": seen, "aug_rng": torch.zeros(0, dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"epoch": "x"}, "its epoch is 'x', not a count of epochs"),
+    ({"epoch": -5}, "its epoch is -5"),
+    ({"epoch": 10**9}, "its metrics are not 1000000000 rows"),  # a resume would have run no epoch at all
+    ({"metrics": [{"nope": 1}]}, "its metrics rows are not epochs 1-1 with the columns"),
+    ({"train_config": [1, 2]}, "its train_config is not a mapping"),
+    ({"train_seconds": "abc"}, "its times, best epoch or EMA count are not numbers in range"),
+    ({"best_epoch": 7}, "its times, best epoch or EMA count are not numbers in range"),
+    ({"rng": {"torch": torch.zeros(3, dtype=torch.uint8)}}, "do not fit this run (Expected a CPUGeneratorImplState"),
+    ({"rng": [1]}, "its random-number state is not a byte tensor"),
+    ({"optimizer": {"state": {}, "param_groups": []}}, "do not fit this run (loaded state dict has a different number"),
+    ({"partial": [1, 2]}, "its position inside the interrupted epoch is not batches"),
+    ({"partial": _partial(batches_done=-3)}, "its position inside the interrupted epoch is not batches"),
+    ({"partial": _partial(batches_done=10**9)}, "its epoch stopped after batch 1000000000, but an epoch of this run has 10"),
+])
+def test_a_damaged_last_pt_is_refused_in_one_line_and_the_run_is_left_as_it_was(resumable_run, tmp_path, change, fragment):
+    """Each of these crashed a resume with a traceback (TypeError, ValueError, ZeroDivisionError, ...), ran it
+    from a negative epoch, or trained to a NaN loss, before 2026-12-05."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(resumable_run, run)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**payload, **change}, run / "last.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    proc = run_cli("train", "--resume", str(run), "--epochs", "2")
+    assert proc.returncode == 2 and fragment in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("mnist train: error: ")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written, nothing half-written
+
+
+def test_a_resume_from_within_an_epoch_still_continues(resumable_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(resumable_run, run)
+    payload = torch.load(run / "last.pt", weights_only=True)
+    torch.save({**payload, "partial": _partial()}, run / "last.pt")  # as a Ctrl-C after batch 3 of epoch 2 saves it
+    proc = run_cli("train", "--resume", str(run), "--epochs", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert [row["epoch"] for row in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------

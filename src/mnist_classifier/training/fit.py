@@ -241,6 +241,17 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     return summary
 
 
+def resumed_progress(resume: dict[str, Any] | None, n_batches: int) -> Progress | None:
+    """Where inside an epoch a resumed last.pt stopped (Ctrl-C), or None; refused past this run's epoch."""
+    if resume is None or not resume.get("partial"):
+        return None
+    partial = Progress.from_payload(resume["partial"])
+    if partial.batches_done >= n_batches:
+        raise UserError(f"last.pt says its epoch stopped after batch {partial.batches_done}, but an epoch of this run "
+                        f"has {n_batches}; it was damaged or written by another run")
+    return partial
+
+
 def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, reporter: Reporter | None = None,
         resume: dict[str, Any] | None = None, ctx: DistContext = SINGLE) -> dict[str, Any]:
     """Train ``cfg.model`` on ``splits`` and write the run folder; return the summary dict.
@@ -254,6 +265,7 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     if device.type == "cpu":
         flush_denormals()  # subnormal arithmetic slows late epochs by ~10 %; before the first parallel op
     s = build_session(cfg, splits, device, ctx, resume)
+    partial = resumed_progress(resume, s.learner.loop.n_batches)
     run_dir = Path(run_dir)
     files = RunFiles(run_dir, cfg, s.spec.mcfg, s.spec.info, device)
     if ctx.is_main:
@@ -262,8 +274,7 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))
-        partial = resume.get("partial") if resume is not None else None
-        best_state = run_epochs(s, files, reporter, Progress.from_payload(partial) if partial else None)
+        best_state = run_epochs(s, files, reporter, partial)
         summary = finish(s, best_state, run_dir, t_start)
         if log:
             log.finish(cfg, summary, s.state.confusion)

@@ -136,17 +136,23 @@ def plan_batches(n_train: int, batch_size: int, ctx: DistContext, fraction: floa
 
 def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
             ema: EMA | None, device: torch.device) -> TrainState:
-    """Load a last.pt payload into the freshly built pieces; flags given with --resume win over saved values."""
-    model.load_state_dict(payload["state_dict"])
-    optimizer.load_state_dict(payload["optimizer"])
+    """Load a last.pt payload into the freshly built pieces; flags given with --resume win over saved values.
+    Its plain fields were checked by ``load_resume``; what does not load here is a one-line UserError."""
+    try:
+        model.load_state_dict(payload["state_dict"])
+        optimizer.load_state_dict(payload["optimizer"])
+        if ema is not None:
+            ema.model.load_state_dict(payload["ema_state_dict"])
+            ema.updates = int(payload["ema_updates"])
+        set_rng_state(payload["rng"], device)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"last.pt cannot be resumed: its weights, optimizer or RNG state do not fit this run "
+                        f"({first})") from None
     for group in optimizer.param_groups:
         group["lr"], group["weight_decay"] = group_lr(cfg.lr, group), cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum
-    if ema is not None:
-        ema.model.load_state_dict(payload["ema_state_dict"])
-        ema.updates = int(payload["ema_updates"])
-    set_rng_state(payload["rng"], device)
     return TrainState.from_payload(payload)
 
 

@@ -6,6 +6,7 @@ the optimizer, RNG state, epoch and metrics), each replaced atomically; ``--resu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,59 @@ def load_resume(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
     for key in RESUME_KEYS:
         if key not in payload:
             raise UserError(f"{path} is not a resumable checkpoint (no {key!r}); it may be a model.pt")
+    problem = resume_problem(payload)
+    if problem:
+        raise UserError(f"{path} cannot be resumed: {problem}; it was damaged or not written by `mnist train`")
     return TrainConfig.from_dict(payload["train_config"]), payload
+
+
+def _count(value: Any, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _number(value: Any) -> bool:
+    return _real(value) and math.isfinite(value)
+
+
+def _bytes_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.dim() == 1
+
+
+def resume_problem(payload: dict[str, Any]) -> str | None:
+    """What is wrong with a last.pt's training state (its plain fields: epoch, metrics, times, RNG, the position
+    inside an epoch), or None. The weights and the optimizer are checked by loading them (``restore``)."""
+    epoch, rows = payload["epoch"], payload["metrics"]
+    if not isinstance(payload["train_config"], dict):
+        return "its train_config is not a mapping"
+    if not _count(epoch):
+        return f"its epoch is {epoch!r}, not a count of epochs"
+    if not (isinstance(rows, list) and len(rows) == epoch and all(isinstance(r, dict) for r in rows)):
+        return f"its metrics are not {epoch} rows, one per epoch"
+    split = "val" if payload["train_config"].get("val_size") else "test"
+    columns = {"epoch", "train_loss", f"{split}_loss", f"{split}_accuracy", "lr", "seconds"}  # fit.score_epoch's
+    if any(set(r) != columns or not all(_real(v) for v in r.values()) or r["epoch"] != i for i, r in enumerate(rows, 1)):
+        return f"its metrics rows are not epochs 1-{epoch} with the columns {', '.join(sorted(columns))}"
+    times = [payload.get(k, 0.0) for k in ("train_seconds", "bn_seconds", "whiten_seconds", "best_val")]
+    if not all(_number(t) for t in times) or not _count(payload.get("best_epoch", 0)) \
+            or payload.get("best_epoch", 0) > epoch or not _count(payload.get("ema_updates", 0)):
+        return "its times, best epoch or EMA count are not numbers in range"
+    if not (isinstance(payload["rng"], dict) and _bytes_tensor(payload["rng"].get("torch"))):
+        return "its random-number state is not a byte tensor"
+    return _partial_problem(payload.get("partial"))
+
+
+def _partial_problem(partial: Any) -> str | None:
+    """The position inside an epoch that a Ctrl-C saved (``Progress.to_payload``), when there is one."""
+    if partial is None:
+        return None
+    if not (isinstance(partial, dict) and _count(partial.get("batches_done")) and _count(partial.get("seen"))
+            and _number(partial.get("loss_sum")) and _bytes_tensor(partial.get("aug_rng"))):
+        return "its position inside the interrupted epoch is not batches, images, a loss sum and an RNG state"
+    return None
 
 
 @dataclass
