@@ -414,6 +414,49 @@ def test_a_resume_from_within_an_epoch_still_continues(resumable_run, tmp_path):
     assert [row["epoch"] for row in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
 
 
+@pytest.mark.parametrize("name, content, commands, fragment", [
+    ("metrics.csv", "epoch,lr\n1,abc\n", "plot compare", "metrics.csv is not a metrics table written by `mnist train` ("),
+    ("metrics.csv", "epoch\n1,2,3\n", "plot compare", "metrics.csv is not a metrics table written by `mnist train`"),
+    ("metrics.csv", "epoch,lr\n1,0.1\n", "plot", "the metrics rows lack one of the columns epoch, train_loss, test_loss"),
+    ("config.json", "x", "compare", "config.json is not valid JSON"),
+    ("config.json", '{"train": 5}', "compare", "is not a run folder written by `mnist train` (TypeError"),
+    ("summary.json", "[]", "compare", "is not a run folder written by `mnist train` (TypeError"),
+])
+def test_a_damaged_file_in_a_run_folder_is_one_line_for_plot_and_compare(trained_checkpoint, tmp_path, name, content,
+                                                                           commands, fragment):
+    """Each was a KeyError, ValueError or JSONDecodeError traceback before 2026-12-05; `mnist plot` had also written
+    its first pictures before it failed."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_checkpoint.parent, run, ignore=shutil.ignore_patterns("*.png"))
+    (run / name).write_text(content)
+    every = {"compare": ("compare", str(run), "--out", str(tmp_path / "cmp")),
+             "plot": ("plot", "--run", str(run), "--device", "cpu")}  # plot reads the model and metrics.csv only
+    for args in (every[c] for c in commands.split()):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not list(run.glob("*.png")) and not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("garbage", "sweep.json is not valid JSON"),
+    ("[1, 2]", "sweep.json is not a sweep written by `mnist sweep` (TypeError"),
+    ("{}", "sweep.json is not a sweep written by `mnist sweep` (KeyError: 'params')"),
+])
+def test_a_damaged_sweep_json_is_one_line_for_resume_and_compare(trained_checkpoint, tmp_path, content, fragment):
+    import shutil
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(trained_checkpoint.parent, sweep / "trial-0000-seed0", ignore=shutil.ignore_patterns("*.png"))
+    (sweep / "sweep.json").write_text(content)
+    for args in (("sweep", "--resume", "--out", str(sweep)), ("compare", str(sweep), "--out", str(tmp_path / "c"))):
+        proc = run_cli(*args)
+        assert proc.returncode == 2 and fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["sweep.json", "trial-0000-seed0"]
+    assert (sweep / "sweep.json").read_text() == content and not (tmp_path / "c").exists()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writes the system refuses: one line naming the file, exit 2, and nothing half-written
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from .data.decode import MAX_PIXELS
 from .data.images import PREPROCESSES
+from . import fileio
 from .errors import UserError
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
@@ -253,23 +254,14 @@ def read_recipe(name: str) -> dict[str, Any]:
 
     A file is read only up to ``MAX_RECIPE_BYTES``: ``--recipe /dev/zero`` must not fill the memory."""
     packaged = resources.files("mnist_classifier").joinpath(f"recipes/{RECIPE_ALIASES.get(name, name)}.json")
-    try:
-        if packaged.is_file():
-            data = packaged.read_bytes()
-        else:
-            with open(name, "rb") as fh:
-                data = fh.read(MAX_RECIPE_BYTES + 1)
-    except OSError as exc:
+    if packaged.is_file():
+        values = json.loads(packaged.read_bytes())
+    elif Path(name).exists():
+        values = fileio.read_json(name, limit=MAX_RECIPE_BYTES)
+    else:
         known = sorted(p.name.removesuffix(".json") for p in resources.files("mnist_classifier").joinpath("recipes").iterdir()
                        if p.name.endswith(".json"))
-        raise UserError(f"unknown recipe {name!r} ({exc.strerror or exc}); choose one of {', '.join(known)} or a JSON "
-                        "file") from None
-    if len(data) > MAX_RECIPE_BYTES:
-        raise UserError(f"recipe {name} is larger than {MAX_RECIPE_BYTES:,} bytes; a recipe is a short JSON object")
-    try:
-        values = json.loads(data)
-    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
-        raise UserError(f"recipe {name} is not valid JSON ({exc})") from None
+        raise UserError(f"unknown recipe {name!r}; choose one of {', '.join(known)} or a JSON file")
     if not isinstance(values, dict):
         raise UserError(f"recipe {name} must be a JSON object of settings, e.g. {{\"epochs\": 5, \"lr\": 0.001}}")
     return values

@@ -1,4 +1,4 @@
-"""Atomic file writes: write to a temporary name in the same folder, fsync, then rename.
+"""Atomic file writes (write to a temporary name in the same folder, fsync, then rename), and bounded JSON reads.
 
 A rename within one filesystem is atomic, so a reader (or a run killed mid-write) sees either the old
 file or the new one, never half of one. A write the system refuses (a folder that cannot be made, a full
@@ -67,6 +67,26 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
 
 def _cannot(action: str, path: Path, exc: OSError) -> UserError:
     return UserError(f"cannot {action} {path}: {exc.strerror or exc}")
+
+
+MAX_JSON_BYTES = 16 * 2**20  # the JSON files the tool writes (configs, summaries, sweeps) are kilobytes
+
+
+def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
+    """The JSON value in ``path``, read up to ``limit`` bytes: a file that cannot be read, is larger, or is not
+    JSON is a one-line UserError naming it (a damaged or foreign file, never a traceback or a memory blow-up)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(limit + 1)
+    except OSError as exc:
+        raise _cannot("read", path, exc) from None
+    if len(data) > limit:
+        raise UserError(f"{path} is larger than {limit:,} bytes")
+    try:
+        return json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UserError(f"{path} is not valid JSON ({exc})") from None
 
 
 def write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:

@@ -1,12 +1,27 @@
-"""Metrics from scores: additive sums that shards can add up, then loss, accuracy and accuracy per class."""
+"""Metrics from scores: additive sums that shards can add up, then loss, accuracy and accuracy per class; and a
+run's metrics.csv read back as numbers."""
 
 from __future__ import annotations
 
+import csv
 import math
+import os
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from ..errors import UserError
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, float]]:
+    """The rows of a run's metrics.csv as numbers (empty cells left out); a file that is not such a table (text
+    in a cell, a row longer than the header) is a one-line UserError naming it."""
+    try:
+        with open(path, newline="") as fh:
+            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+    except (OSError, ValueError, TypeError, csv.Error) as exc:  # TypeError: the extra cells of a long row
+        raise UserError(f"{path} is not a metrics table written by `mnist train` ({exc})") from None
 
 
 def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:

@@ -6,7 +6,6 @@ global changes; a notebook shows a returned Figure inline, the CLI writes it as 
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 from pathlib import Path
@@ -17,7 +16,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from .. import fileio
-from .metrics import confusion_matrix
+from ..errors import UserError
+from .metrics import confusion_matrix, read_metrics
 from .scoring import predict_logits
 
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green and red that stay readable on white
@@ -79,8 +79,11 @@ def plot_predictions(
 
 def plot_curves(rows: Sequence[dict[str, Any]], title: str = "Training curves") -> Figure:
     """Train and test loss, and test accuracy, per epoch (rows as in metrics.csv)."""
-    epochs = [int(r["epoch"]) for r in rows]
     split = "val" if rows and "val_loss" in rows[0] else "test"  # runs with --val-size never test per epoch
+    columns = ("epoch", "train_loss", f"{split}_loss", f"{split}_accuracy")
+    if any(c not in r for r in rows for c in columns):
+        raise UserError(f"the metrics rows lack one of the columns {', '.join(columns)}; not a table of `mnist train`")
+    epochs = [int(r["epoch"]) for r in rows]
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(epochs, [float(r["train_loss"]) for r in rows], "o-", label="train loss")
@@ -153,11 +156,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, dpi: int = 110) -> Path:
     return path
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run_plots(
     run_dir: str | os.PathLike, model: torch.nn.Module, test_x: torch.Tensor, splits, amp_dtype=None,
     n_show: int = 10, n_mistakes: int = 18, seed: int = 0,
@@ -167,6 +165,8 @@ def run_plots(
     ``test_x`` is the normalised test set on the model's device; ``splits`` supplies the raw images for display.
     """
     run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.csv"  # read first: a damaged table is refused before any picture is written
+    curves = plot_curves(read_metrics(metrics_path)) if metrics_path.exists() else None
     names = splits.info.class_names
     gen = torch.Generator().manual_seed(seed)
     written = []
@@ -184,9 +184,8 @@ def run_plots(
         shown[-min(2, len(wrong)):] = wrong[torch.randperm(len(wrong), generator=gen)[:2]][: min(2, len(wrong))]
     written.append(save_figure(plot_predictions(splits.test_images[shown], labels[shown], preds[shown], names),
                                run_dir / "predictions.png"))
-    metrics_path = run_dir / "metrics.csv"
-    if metrics_path.exists():
-        written.append(save_figure(plot_curves(read_metrics(metrics_path)), run_dir / "curves.png"))
+    if curves is not None:
+        written.append(save_figure(curves, run_dir / "curves.png"))
     cm = confusion_matrix(preds, labels, len(names))
     written.append(save_figure(plot_confusion(cm, names), run_dir / "confusion.png"))
     losses = F.cross_entropy(logits, labels, reduction="none")

@@ -3,16 +3,18 @@ group, shown as mean ± sd; the table's columns are exactly the settings that di
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import fileio
 from ..config import TrainConfig
+from ..evaluation.metrics import read_metrics
 from ..errors import UserError
 from .report import mean_sd
+from .search import load_spec
 
 # Settings that say where or how a run happened (role "run", and the data's folder), not what it computed:
 # never a reason to tell runs apart.
@@ -67,18 +69,22 @@ class Comparison:
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+    return read_metrics(path) if path.is_file() else []
 
 
 def read_run(path: Path, sweep: str = "") -> Run:
-    config = json.loads((path / "config.json").read_text())["train"]
+    """A run folder's config, summary, trial state and metrics; a damaged file there is a one-line UserError."""
     summary_path, trial_path = path / "summary.json", path / "trial.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    state = json.loads(trial_path.read_text())["state"] if trial_path.is_file() else (
-        "complete" if summary else "unfinished")
+    config = fileio.read_json(path / "config.json")
+    summary = fileio.read_json(summary_path) if summary_path.is_file() else None
+    trial = fileio.read_json(trial_path) if trial_path.is_file() else None
+    try:
+        config, state = config["train"], trial["state"] if trial is not None else (
+            "complete" if summary else "unfinished")
+        if not (isinstance(config, dict) and isinstance(summary, (dict, type(None))) and isinstance(state, str)):
+            raise TypeError("a config, summary or trial state of the wrong kind")
+    except (KeyError, TypeError) as exc:
+        raise UserError(f"{path} is not a run folder written by `mnist train` ({type(exc).__name__}: {exc})") from None
     return Run(path, config, _read_rows(path / "metrics.csv"), summary, state, sweep)
 
 
@@ -88,6 +94,7 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
+            load_spec(path)  # a damaged sweep.json is refused now, before anything is written
             sweeps.append(path)
             runs += [read_run(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
         elif (path / "config.json").is_file():

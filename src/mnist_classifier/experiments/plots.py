@@ -4,7 +4,6 @@ parameters' importance."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from .. import fileio
 from ..evaluation.plots import save_figure
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
-from .search import SweepSpec, load_study
+from .search import SweepSpec, load_spec, load_study
 from .space import Param, is_log
 
 
@@ -138,7 +137,7 @@ def write_comparison(comparison: Comparison, out: Path) -> Comparison:
     fileio.write_csv(out / "compare.csv", table)
     fileio.write_text(out / "compare.md", markdown_table(table))
     pictures = [save_figure(curves_figure(comparison), out / "curves.png")]
-    specs = [SweepSpec.from_dict(json.loads((d / "sweep.json").read_text())) for d in comparison.sweeps]
+    specs = [load_spec(d) for d in comparison.sweeps]
     if comparison.flags:
         searched = tuple(p for spec in specs for p in spec.params)
         pictures.append(save_figure(params_figure(comparison, searched), out / "params.png"))

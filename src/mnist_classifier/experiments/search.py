@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import multiprocessing
 import random
 import time
@@ -84,6 +83,16 @@ class SweepSpec:
     def same_search(self, other: "SweepSpec") -> bool:
         """Whether ``other`` searches the same thing (the trial count may grow on --resume)."""
         return dataclasses.replace(other, trials=self.trials).to_dict() == self.to_dict()
+
+
+def load_spec(sweep_dir: str | Path) -> SweepSpec:
+    """The sweep.json of ``sweep_dir``; a damaged or foreign one is a one-line UserError naming it."""
+    path = Path(sweep_dir) / SPEC_FILE
+    saved = fileio.read_json(path)
+    try:
+        return SweepSpec.from_dict(saved)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path} is not a sweep written by `mnist sweep` ({type(exc).__name__}: {exc})") from None
 
 
 def default_val_size(train_subset: int) -> int:
@@ -175,7 +184,7 @@ def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
     """Check the folder against ``spec``, write sweep.json, create (or reopen) the study, queue the grid."""
     spec_path = sweep_dir / SPEC_FILE
     if spec_path.exists():
-        saved = SweepSpec.from_dict(json.loads(spec_path.read_text()))
+        saved = load_spec(sweep_dir)
         if not saved.same_search(spec):
             raise UserError(f"{sweep_dir} holds another sweep ({', '.join(p.spec() for p in saved.params)}); "
                             f"choose another --out")
@@ -216,7 +225,7 @@ TrialCallback = Callable[[dict[str, Any]], None]
 
 def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None) -> int:
     """One worker: load the data once, then take and run trials until there are none left; returns how many."""
-    spec = SweepSpec.from_dict(json.loads((sweep_dir / SPEC_FILE).read_text()))
+    spec = load_spec(sweep_dir)
     if threads:
         torch.set_num_threads(threads)
     study = load_study(spec, sweep_dir)
