@@ -1,11 +1,12 @@
 import gc
 import json
+import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import REPO, run_cli
 from mnist_classifier.cli import entry, main
 
 
@@ -149,3 +150,25 @@ def test_console_entry_keeps_the_exit_status(monkeypatch, capsys):
     finally:
         gc.unfreeze()
     assert "error" in capsys.readouterr().err
+
+
+def test_a_reader_that_leaves_early_stops_the_command_quietly(trained_checkpoint, splits, tmp_path):
+    """`mnist predict DIR | head -1`: a BrokenPipeError traceback before 2026-12-05; now status 141 and no output
+    on stderr, as Unix tools end. 1,500 files print ~100 KB, more than a pipe holds, so the write must fail."""
+    import shutil
+
+    from PIL import Image
+
+    folder = tmp_path / "digits"
+    folder.mkdir()
+    Image.fromarray(splits.test_images[0, 0].numpy()).save(folder / "0.png")
+    for i in range(1, 1500):
+        shutil.copyfile(folder / "0.png", folder / f"{i}.png")
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "predict", str(folder), "--checkpoint",
+                                 str(trained_checkpoint), "--device", "cpu"], stdout=subprocess.PIPE, stderr=err, cwd=REPO)
+        first = proc.stdout.readline()
+        proc.stdout.close()  # the reader leaves, as `head -1` does
+        code = proc.wait(timeout=120)
+    assert first.startswith(str(folder).encode()) and code == 141
+    assert (tmp_path / "stderr").read_text() == ""

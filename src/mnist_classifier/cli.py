@@ -554,8 +554,16 @@ def entry() -> int:
     command here. ``gc.freeze()`` moves them out of the collector's view first; objects are still freed
     as usual, so files, pipes and exit handlers behave the same. Only for a whole process: in-process
     callers of :func:`main` (tests) keep their garbage collection.
+
+    When the reader of the output goes away (``mnist predict DIR | head``), the command stops quietly with
+    status 141 (128 + SIGPIPE), as Unix tools do, instead of a BrokenPipeError traceback.
     """
-    code = main()
+    try:
+        code = main()
+    except BrokenPipeError:
+        # stdout onto /dev/null: the interpreter's flush of stdout at exit must not raise the same error again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE (13): what a shell reports for a writer whose reader left
     gc.freeze()
     return code
 
