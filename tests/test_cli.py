@@ -165,8 +165,9 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(trained_checkpoint
     for i in range(1, 1500):
         shutil.copyfile(folder / "0.png", folder / f"{i}.png")
     with open(tmp_path / "stderr", "w") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "predict", str(folder), "--checkpoint",
-                                 str(trained_checkpoint), "--device", "cpu"], stdout=subprocess.PIPE, stderr=err, cwd=REPO)
+        command = [sys.executable, "-m", "mnist_classifier", "predict", str(folder), "--checkpoint",
+                   str(trained_checkpoint), "--device", "cpu"]
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, cwd=REPO)
         first = proc.stdout.readline()
         proc.stdout.close()  # the reader leaves, as `head -1` does
         code = proc.wait(timeout=120)
