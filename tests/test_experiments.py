@@ -181,6 +181,34 @@ def test_a_sweep_killed_mid_trial_resumes_to_exactly_n_trials_none_repeated(data
     assert json.loads(again.stdout)["trials"]["complete"] == 4
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_ctrl_c_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(data_dir, tmp_path, jobs):
+    """Before 2026-12-05 a Ctrl-C stopped only the running trial (recorded as failed, with advice to resume it as
+    a plain run) and the sweep went on to the next. Now the sweep ends with status 130 and says how to continue;
+    the stopped point runs again on --resume. A terminal's Ctrl-C reaches the whole process group."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "3", "--param",
+            "lr=0.001,0.002,0.003,0.004", "--sampler", "grid", "--pruner", "none", "--jobs", jobs]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("trial-*/metrics.csv")):  # inside a trial: its first epoch written
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1].endswith(f"continue with: mnist sweep --resume --out {out}")
+    complete_before = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
+    assert len(complete_before) < 4  # it stopped: no trial was started after the Ctrl-C
+
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    complete = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["lr"] for t in complete) == [0.001, 0.002, 0.003, 0.004]  # each point once, all of them
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two workers, one PostgreSQL
 

@@ -26,7 +26,7 @@ from .. import fileio
 from ..config import TrainConfig
 from ..data import load_configured
 from ..device import free_cores, select_device, threads_per_job
-from ..errors import UserError
+from ..errors import Interrupted, UserError
 from .report import SweepResult, redact, summarize
 from .space import Param, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
@@ -36,6 +36,7 @@ PRUNERS = ("median", "hyperband", "none")
 DEFAULT_VAL_SIZE = 5000  # 1/12 of MNIST's training set: a validation accuracy with a standard error near 0.14 pt
 SPEC_FILE = "sweep.json"
 STORAGE_ATTEMPTS = 3
+STOP_WAIT_S = 30.0  # after Ctrl-C, how long a worker may take to finish its step and save before it is stopped
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI reports trials itself
@@ -235,7 +236,14 @@ def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCall
     done = 0
     while (trial := _take_trial(study, spec, sweep_dir)) is not None:
         t0 = time.perf_counter()
-        state, value = run_trial(trial, spec.params, base, spec.seeds, splits, device, sweep_dir, spec.study)
+        try:
+            state, value = run_trial(trial, spec.params, base, spec.seeds, splits, device, sweep_dir, spec.study)
+        except Interrupted:
+            trial.set_user_attr("error", "interrupted (Ctrl-C); the point was queued again")
+            study.tell(trial, state=TrialState.FAIL)  # as --resume treats a trial whose worker died: tried again
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            raise Interrupted(f"interrupted in trial {trial.number}, which will run again; {_resume_hint(sweep_dir)}") \
+                from None
         if state == "complete":
             study.tell(trial, value)
         else:
@@ -247,10 +255,14 @@ def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCall
     return done
 
 
+def _resume_hint(sweep_dir: Path) -> str:
+    return f"continue with: mnist sweep --resume --out {sweep_dir}"
+
+
 def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None) -> None:
     try:
         work(Path(sweep_dir), worker, threads, on_trial)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):  # the parent says how to continue
         pass
 
 
@@ -268,6 +280,11 @@ def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallbac
     try:
         for p in procs:
             p.join()
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the workers too: each stops after its step and saves
+        for p in procs:
+            p.join(timeout=STOP_WAIT_S)
+        raise Interrupted(f"interrupted; the trials that were running will run again; {_resume_hint(sweep_dir)}") \
+            from None
     finally:
         for p in procs:
             if p.is_alive():
@@ -288,7 +305,10 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
     spec = prepare(spec, sweep_dir, resume)
-    run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
+    try:
+        run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
+    except KeyboardInterrupt:  # outside a trial's epochs (loading the data, between trials): nothing to save
+        raise Interrupted(f"interrupted; {_resume_hint(sweep_dir)}") from None
     return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
 
 

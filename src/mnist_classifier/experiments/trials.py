@@ -20,7 +20,7 @@ import torch
 from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits
-from ..errors import DivergedError, UserError
+from ..errors import DivergedError, Interrupted, UserError
 from ..training import Reporter, fit
 from .space import Param
 
@@ -97,6 +97,9 @@ def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig,
             trial.set_user_attr("pruned_at", str(pruned))
             _write_trial(run_dir, trial, study, "pruned", values, {"reason": str(pruned)})
             return "pruned", None
+        except Interrupted:  # Ctrl-C stops the sweep, not just this trial: the worker requeues its point
+            _write_trial(run_dir, trial, study, "interrupted", values, {})
+            raise
         except DivergedError as exc:  # a hopeless point: stopped early, as the pruner would have
             trial.set_user_attr("pruned_at", f"diverged: {exc}")
             _write_trial(run_dir, trial, study, "pruned", values, {"reason": f"diverged: {exc}"})
