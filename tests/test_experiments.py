@@ -181,12 +181,29 @@ def test_a_sweep_killed_mid_trial_resumes_to_exactly_n_trials_none_repeated(data
     assert json.loads(again.stdout)["trials"]["complete"] == 4
 
 
+def _group_members(pgid: int) -> list[int]:
+    """Live processes (zombies aside) of process group ``pgid``: the sweep's spawned workers stay in its group."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("jobs", ["1", "2"])
-def test_ctrl_c_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(data_dir, tmp_path, jobs):
+@pytest.mark.parametrize("jobs, signum, to_group", [
+    ("1", signal.SIGINT, True), ("2", signal.SIGINT, True),  # a terminal's Ctrl-C reaches the whole process group
+    ("1", signal.SIGTERM, False), ("2", signal.SIGTERM, False),  # a scheduler's SIGTERM, to the command alone
+])
+def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(data_dir, tmp_path, jobs,
+                                                                                         signum, to_group):
     """Before 2026-12-05 a Ctrl-C stopped only the running trial (recorded as failed, with advice to resume it as
-    a plain run) and the sweep went on to the next. Now the sweep ends with status 130 and says how to continue;
-    the stopped point runs again on --resume. A terminal's Ctrl-C reaches the whole process group."""
+    a plain run) and the sweep went on to the next; a SIGTERM to a sweep with workers left them running. Now the
+    sweep ends with status 128 + the signal and says how to continue; the stopped point runs again on --resume."""
     out = tmp_path / "sweep"
     args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "3", "--param",
             "lr=0.001,0.002,0.003,0.004", "--sampler", "grid", "--pruner", "none", "--jobs", jobs]
@@ -196,9 +213,13 @@ def test_ctrl_c_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(da
     while not list(out.glob("trial-*/metrics.csv")):  # inside a trial: its first epoch written
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    if to_group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert proc.returncode == 128 + signum and "Traceback" not in err, err
+    assert _group_members(proc.pid) == [], "a worker outlived the sweep"
     assert err.strip().splitlines()[-1].endswith(f"continue with: mnist sweep --resume --out {out}")
     complete_before = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
     assert len(complete_before) < 4  # it stopped: no trial was started after the Ctrl-C

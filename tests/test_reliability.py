@@ -189,6 +189,27 @@ def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_
     assert strip(a["metrics"]) == strip(b["metrics"])
 
 
+@pytest.mark.slow
+def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(data_dir, tmp_path):
+    """A scheduler's preemption, `timeout` or `docker stop` sends SIGTERM: before 2026-12-05 training died at once
+    and lost the epoch in flight; now it saves its place like Ctrl-C and exits 143 (128 + SIGTERM)."""
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir), "--log-every",
+            "20", "--test-subset", "1000", "--out", str(run)]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in proc.stdout:
+        if line.startswith("Epoch 1 [") and "2624/" in line:  # batch 40 of epoch 1
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "interrupted at epoch 1, batch" in err and "Traceback" not in err, err
+    assert torch.load(run / "last.pt", weights_only=True)["partial"]["batches_done"] > 40
+    resumed = run_cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Training faults
 

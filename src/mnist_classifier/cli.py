@@ -575,7 +575,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except Interrupted as exc:
         print(f"mnist {args.command}: {exc}", file=sys.stderr)
-        return 130
+        return exc.status
     except UserError as exc:
         print(f"mnist {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -15,4 +15,9 @@ class DivergedError(UserError):
 
 
 class Interrupted(UserError):
-    """Training was stopped with Ctrl-C after saving a resumable last.pt (exit status 130)."""
+    """Work was stopped by Ctrl-C (SIGINT) or SIGTERM after saving what resumes it; ``status`` is the exit status
+    a shell expects of a command that a signal stopped: 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+
+    def __init__(self, message: str, status: int = 130) -> None:
+        super().__init__(message)
+        self.status = status

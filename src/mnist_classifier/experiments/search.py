@@ -12,7 +12,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import multiprocessing
+import os
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -238,12 +241,12 @@ def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCall
         t0 = time.perf_counter()
         try:
             state, value = run_trial(trial, spec.params, base, spec.seeds, splits, device, sweep_dir, spec.study)
-        except Interrupted:
-            trial.set_user_attr("error", "interrupted (Ctrl-C); the point was queued again")
+        except Interrupted as stopped:
+            trial.set_user_attr("error", "interrupted (Ctrl-C or SIGTERM); the point was queued again")
             study.tell(trial, state=TrialState.FAIL)  # as --resume treats a trial whose worker died: tried again
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            raise Interrupted(f"interrupted in trial {trial.number}, which will run again; {_resume_hint(sweep_dir)}") \
-                from None
+            raise Interrupted(f"interrupted in trial {trial.number}, which will run again; {_resume_hint(sweep_dir)}",
+                              stopped.status) from None
         if state == "complete":
             study.tell(trial, value)
         else:
@@ -266,6 +269,34 @@ def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback 
         pass
 
 
+def _wait_for(procs: list, sweep_dir: Path) -> None:
+    """Join the worker processes. A terminal's Ctrl-C reaches them too; a SIGTERM sent to this process alone is
+    passed on to them. Either way each worker stops after its step and saves (up to STOP_WAIT_S), then the
+    sweep says how to continue."""
+    received: list[int] = []
+
+    def pass_on(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+        received.append(signum)
+        for p in procs:
+            if p.is_alive():
+                os.kill(p.pid, signum)
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, pass_on) if in_main else None
+    try:
+        for p in procs:
+            p.join()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=STOP_WAIT_S)
+        raise Interrupted(f"interrupted; the trials that were running will run again; {_resume_hint(sweep_dir)}",
+                          128 + (received[0] if received else signal.SIGINT)) from None
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallback | None) -> None:
     """``jobs`` worker processes (or this process for one), each with ``threads`` torch threads (0: its share
     of the cores that other work leaves free, measured once before they start)."""
@@ -278,13 +309,7 @@ def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallbac
     for p in procs:
         p.start()
     try:
-        for p in procs:
-            p.join()
-    except KeyboardInterrupt:  # a terminal's Ctrl-C reached the workers too: each stops after its step and saves
-        for p in procs:
-            p.join(timeout=STOP_WAIT_S)
-        raise Interrupted(f"interrupted; the trials that were running will run again; {_resume_hint(sweep_dir)}") \
-            from None
+        _wait_for(procs, sweep_dir)
     finally:
         for p in procs:
             if p.is_alive():

@@ -141,23 +141,32 @@ def train_epoch(
 
 
 class StopFlag:
-    """Turns the first Ctrl-C (SIGINT) into a request to stop after the current step, so the saved state is
-    consistent; a second Ctrl-C interrupts at once. Only in the main thread of a single-process run."""
+    """Turns the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) into a
+    request to stop after the current step, so the saved state is consistent; a second one stops at once.
+    Only in the main thread of a single-process run."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # for the second
 
     def __init__(self, install: bool = True) -> None:
-        self._set = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
         if install and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
-        self._set = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        self.signum = signum
+        for sig, handler in self.AT_ONCE.items():
+            signal.signal(sig, handler)
 
     def is_set(self) -> bool:
-        return self._set
+        return self.signum is not None
+
+    def exit_status(self) -> int:
+        """128 + the signal received, as a shell reports a command a signal stopped (130 for Ctrl-C)."""
+        return 128 + (self.signum or signal.SIGINT)
 
     def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}

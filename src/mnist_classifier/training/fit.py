@@ -148,7 +148,7 @@ def score_epoch(s: Session, epoch: int, train_loss: float, seconds: float) -> di
             "lr": lr_value(s.learner.optimizer.param_groups[0]["lr"]), "seconds": round(seconds, 3)}
 
 
-def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested) -> Interrupted:
+def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested, status: int) -> Interrupted:
     """Save the state inside the epoch (last.pt with its ``Progress``) and say how to continue."""
     s.state.train_seconds += halt.seconds
     learner = s.learner
@@ -156,7 +156,7 @@ def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested) -
         files.save_epoch(learner.model, None, learner.optimizer, s.state, learner.ema, partial=halt.progress)
     return Interrupted(
         f"interrupted at epoch {epoch}, batch {halt.progress.batches_done} of {learner.loop.n_batches}; saved "
-        f"{files.run_dir / 'last.pt'}. Continue with: mnist train --resume {files.run_dir}")
+        f"{files.run_dir / 'last.pt'}. Continue with: mnist train --resume {files.run_dir}", status)
 
 
 def _diverged(exc: DivergedError, files: RunFiles) -> DivergedError:
@@ -177,7 +177,7 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress 
             try:
                 train_loss, seconds = train_one_epoch(learner, spec, epoch, perm, start)
             except StopRequested as halt:
-                raise _interrupted(s, files, epoch, halt) from None
+                raise _interrupted(s, files, epoch, halt, stop.exit_status()) from None
             except DivergedError as exc:
                 raise _diverged(exc, files) from None
             start = None
