@@ -181,16 +181,18 @@ def test_a_sweep_killed_mid_trial_resumes_to_exactly_n_trials_none_repeated(data
     assert json.loads(again.stdout)["trials"]["complete"] == 4
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live processes (zombies aside) of process group ``pgid``: the sweep's spawned workers stay in its group."""
-    found = []
+def _group_members(pgid: int) -> dict[int, str]:
+    """pid -> command line of the live processes (zombies aside) of process group ``pgid``: the sweep's spawned
+    workers, and multiprocessing's resource tracker, stay in its group."""
+    found = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:  # gone meanwhile
             continue
         if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(int(stat.parent.name))
+            found[int(stat.parent.name)] = cmdline
     return found
 
 
@@ -219,7 +221,12 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_poi
         proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signum and "Traceback" not in err, err
-    assert _group_members(proc.pid) == [], "a worker outlived the sweep"
+    workers = [c for c in _group_members(proc.pid).values() if "spawn_main" in c]
+    assert workers == [], f"a worker outlived the sweep: {workers}"
+    deadline = time.monotonic() + 30  # the resource tracker leaves on its own once the sweep has gone
+    while _group_members(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group_members(proc.pid) == {}
     assert err.strip().splitlines()[-1].endswith(f"continue with: mnist sweep --resume --out {out}")
     complete_before = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
     assert len(complete_before) < 4  # it stopped: no trial was started after the Ctrl-C
