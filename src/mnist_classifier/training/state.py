@@ -119,8 +119,10 @@ def _partial_problem(partial: Any) -> str | None:
     """The position inside an epoch that a Ctrl-C saved (``Progress.to_payload``), when there is one."""
     if partial is None:
         return None
+    # The loss sum may be NaN: a run stopped between two read-backs of its loss can have diverged unnoticed,
+    # and the resumed run then says so; that is not damage.
     if not (isinstance(partial, dict) and _count(partial.get("batches_done")) and _count(partial.get("seen"))
-            and _number(partial.get("loss_sum")) and _bytes_tensor(partial.get("aug_rng"))):
+            and _real(partial.get("loss_sum")) and _bytes_tensor(partial.get("aug_rng"))):
         return "its position inside the interrupted epoch is not batches, images, a loss sum and an RNG state"
     return None
 
