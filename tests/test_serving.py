@@ -331,7 +331,7 @@ def test_more_threads_than_cores_still_serve_after_one_warning(trained_checkpoin
         assert answer.status_code == 200 and answer.json()["digit"] == label
     warnings = [line for line in proc[0].stdout.read().splitlines() if "warning" in line]
     assert warnings == [f"mnist serve: warning: 1 worker(s) x {threads} thread(s) is more than the {threads - 1} "
-                        "cores this process may use; they take turns, each worker a process with its own model"]
+                        "cores this process may use; they only take turns on them"]
 
 
 def test_readiness_turns_503_when_shutdown_starts(trained_checkpoint):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import __version__
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, oversubscribed, select_device, set_threads, usable_cores
+from .device import autocast_dtype, oversubscribed, select_device, set_threads
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -172,7 +172,7 @@ def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Pat
 
 def _set_threads(command: str, requested: int) -> None:
     set_threads(requested)
-    if note := oversubscribed(requested):
+    if note := oversubscribed(requested, f"--threads {requested}"):
         print(f"mnist {command}: warning: {note}", file=sys.stderr)
 
 
@@ -362,9 +362,8 @@ def _cell(value: Any) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = _sweep_spec(args)
     jobs = args.jobs or default_jobs()
-    if min(jobs, spec.trials) > usable_cores():
-        print(f"mnist sweep: warning: --jobs {jobs} is more than the {usable_cores()} cores this process may use; "
-              "the workers take turns on them, each a process with its own torch and data", file=sys.stderr)
+    if note := oversubscribed(min(jobs, spec.trials), f"--jobs {jobs}"):  # each a process with its torch and data
+        print(f"mnist sweep: warning: {note}", file=sys.stderr)
     result = sweep(spec, args.out, jobs=jobs, resume=args.resume, on_trial=print_trial)
     if args.json:
         print(json.dumps(result.to_dict()))

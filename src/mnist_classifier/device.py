@@ -113,13 +113,13 @@ def set_threads(requested: int = 0) -> int:
     return threads
 
 
-def oversubscribed(requested: int) -> str | None:
-    """What to tell a user whose ``--threads`` exceeds the cores this process may use, else None. Honoured all
-    the same (an override is an override), but extra threads only queue for a core, and every step then waits
-    for the last of them: ``mnist train --epoch-fraction 0.01 --threads 1000`` on 2 cores took 111 s, 40x its 2.7 s
-    with 2 threads."""
+def oversubscribed(count: int, what: str) -> str | None:
+    """What to tell a user who asked for ``count`` threads or processes computing at once (``what``: the flags
+    that asked, e.g. "--threads 8"), when that is more than the cores this process may use; else None. It is
+    honoured all the same (an override is an override), but the extra ones only take turns on the cores, and
+    every parallel step waits for the last of them: ``mnist train --epoch-fraction 0.01 --threads 1000`` on 2
+    cores took 111 s, 40x its 2.7 s with 2 threads."""
     cores = usable_cores()
-    if requested <= cores:
+    if count <= cores:
         return None
-    return (f"--threads {requested} is more than the {cores} core{'s' * (cores > 1)} this process may use; the "
-            f"extra threads only wait for a core and slow every step (0 = one per free core)")
+    return f"{what} is more than the {cores} core{'s' * (cores > 1)} this process may use; they only take turns on them"

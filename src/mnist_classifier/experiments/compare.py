@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..evaluation.metrics import read_metrics
 from ..errors import UserError
 from .report import mean_sd
-from .search import load_spec
+from .search import SweepSpec, load_spec
 
 # Settings that say where or how a run happened (role "run", and the data's folder), not what it computed:
 # never a reason to tell runs apart.
@@ -56,7 +56,7 @@ class Group:
 class Comparison:
     flags: list[str]  # settings that differ between runs (the seed aside)
     groups: list[Group]
-    sweeps: list[Path]
+    sweeps: dict[Path, SweepSpec]  # each sweep folder named, with its sweep.json
     pictures: list[Path] = field(default_factory=list)
     importance: dict[str, float] = field(default_factory=dict)
 
@@ -88,14 +88,14 @@ def read_run(path: Path, sweep: str = "") -> Run:
     return Run(path, config, _read_rows(path / "metrics.csv"), summary, state, sweep)
 
 
-def collect(paths: list[str | Path]) -> tuple[list[Run], list[Path]]:
-    """Every run named: a run folder, or a sweep folder (its trials' runs)."""
-    runs, sweeps = [], []
+def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
+    """Every run named: a run folder, or a sweep folder (its trials' runs, and its spec). Every file is read
+    here, so a damaged one is refused before anything is written."""
+    runs, sweeps = [], {}
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
-            load_spec(path)  # a damaged sweep.json is refused now, before anything is written
-            sweeps.append(path)
+            sweeps[path] = load_spec(path)
             runs += [read_run(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
         elif (path / "config.json").is_file():
             runs.append(read_run(path))

@@ -15,7 +15,7 @@ from .. import fileio
 from ..evaluation.plots import save_figure
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
-from .search import SweepSpec, load_spec, load_study
+from .search import SweepSpec, load_study
 from .space import Param, is_log
 
 
@@ -137,12 +137,12 @@ def write_comparison(comparison: Comparison, out: Path) -> Comparison:
     fileio.write_csv(out / "compare.csv", table)
     fileio.write_text(out / "compare.md", markdown_table(table))
     pictures = [save_figure(curves_figure(comparison), out / "curves.png")]
-    specs = [load_spec(d) for d in comparison.sweeps]
+    specs = list(comparison.sweeps.values())
     if comparison.flags:
         searched = tuple(p for spec in specs for p in spec.params)
         pictures.append(save_figure(params_figure(comparison, searched), out / "params.png"))
     if len(specs) == 1:
-        comparison.importance = sweep_importance(specs[0], comparison.sweeps[0])
+        comparison.importance = sweep_importance(specs[0], next(iter(comparison.sweeps)))
         if comparison.importance:
             pictures.append(save_figure(importance_figure(comparison.importance), out / "importance.png"))
     comparison.pictures = pictures

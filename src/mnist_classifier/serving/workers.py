@@ -40,7 +40,7 @@ import torch
 import uvicorn
 
 from ..config import ServeConfig
-from ..device import select_device, usable_cores
+from ..device import oversubscribed, select_device, usable_cores
 from ..errors import UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
@@ -206,10 +206,9 @@ def serve(cfg: ServeConfig) -> None:
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
               f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr,
               flush=True)
-        if cfg.workers * cfg.threads > usable_cores():  # only an explicit --workers or --threads gets here
-            print(f"mnist serve: warning: {cfg.workers} worker(s) x {cfg.threads} thread(s) is more than the "
-                  f"{usable_cores()} cores this process may use; they take turns, each worker a process with its "
-                  "own model", file=sys.stderr, flush=True)
+        # only an explicit --workers or --threads gets here: the automatic plan shares out the cores
+        if note := oversubscribed(cfg.workers * cfg.threads, f"{cfg.workers} worker(s) x {cfg.threads} thread(s)"):
+            print(f"mnist serve: warning: {note}", file=sys.stderr, flush=True)
         if cfg.workers == 1:
             run_worker(cfg, keeper, onnx_path)
             return

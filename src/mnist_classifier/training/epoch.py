@@ -145,14 +145,13 @@ class StopFlag:
     request to stop after the current step, so the saved state is consistent; a second one stops at once.
     Only in the main thread of a single-process run."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # for the second
+    AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # the second one's
 
     def __init__(self, install: bool = True) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         if install and threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.AT_ONCE}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
         self.signum = signum
