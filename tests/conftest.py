@@ -139,9 +139,10 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(checkpoint_path: Path, *flags: str, process: list | None = None):
+def serving(checkpoint_path: Path, *flags: str, process: list | None = None, env: dict[str, str] | None = None):
     """`mnist serve` as a real process on a free loopback port; yields its base URL. ``process``, if given,
-    receives the Popen object (to signal it, or to read its output after it has stopped)."""
+    receives the Popen object (to signal it, or to read its output after it has stopped); ``env`` is added to
+    its environment."""
     import time
 
     import httpx
@@ -150,7 +151,7 @@ def serving(checkpoint_path: Path, *flags: str, process: list | None = None):
     proc = subprocess.Popen(
         [sys.executable, "-m", "mnist_classifier", "serve", "--checkpoint", str(checkpoint_path),
          "--port", str(port), "--device", "cpu", "--export-cache", str(REPO / ".test-cache" / "onnx"), *flags],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
     )
     if process is not None:
         process.append(proc)
