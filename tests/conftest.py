@@ -51,10 +51,11 @@ def small_cfg(data_dir, tmp_path) -> TrainConfig:
     return TrainConfig(epochs=1, train_subset=2000, device="cpu", data_dir=str(data_dir), out=str(tmp_path / "run"))
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m mnist_classifier ARGS` as a real process."""
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m mnist_classifier ARGS` as a real process (``env``: added to its environment)."""
     return subprocess.run([sys.executable, "-m", "mnist_classifier", *args], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=timeout)
+                          cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def cli_in_process(*args: str) -> subprocess.CompletedProcess:

@@ -517,6 +517,47 @@ def test_a_full_disk_leaves_the_old_file_whole_and_says_so_in_one_line(trained_c
     assert sorted(p.name for p in full_disk.iterdir()) == ["model.pt"]
 
 
+def test_serve_says_its_temporary_folder_is_full_not_that_the_model_does_not_export(trained_checkpoint, full_disk,
+                                                                                    capsys):
+    """The ONNX export is written into the server's temporary folder. When that was full, the automatic backend
+    said "the model does not export to ONNX (OSError)" and an explicit one "... ([Errno 28] ...)", and a
+    truncated model.onnx was left there."""
+    from mnist_classifier.config import ServeConfig
+    from mnist_classifier.errors import UserError
+    from mnist_classifier.models import checkpoint
+    from mnist_classifier.serving.workers import _onnx_export
+
+    cfg = ServeConfig(backend="onnxruntime", checkpoint=str(trained_checkpoint), export_cache="off")
+    payload = checkpoint.load(trained_checkpoint)
+    cause = f"cannot write {full_disk / 'model.onnx'}: No space left on device"  # the guide CNN's export: ~0.8 MB
+    path, chosen = _onnx_export(cfg, payload, full_disk, fallback=True)
+    assert path is None and chosen.backend == "torch"
+    assert capsys.readouterr().err == f"mnist serve: {cause}; serving with torch\n"
+    with pytest.raises(UserError, match=f"^--backend onnxruntime: {cause}$"):
+        _onnx_export(cfg, payload, full_disk, fallback=False)
+    assert list(full_disk.iterdir()) == []  # no partial export left behind
+
+
+def test_serve_refuses_a_temporary_folder_without_room_for_its_workers_metric_files(trained_checkpoint, full_disk):
+    """Each worker maps its metric files in the server's temporary folder. On a full disk both workers were
+    killed by SIGBUS as they started, three times each, and the server gave up saying "the lines above say
+    why" under lines that only gave the exit code -7."""
+    from mnist_classifier.serving.workers import ended
+
+    proc = run_cli("serve", "--checkpoint", str(trained_checkpoint), "--port", "0", "--device", "cpu", "--workers", "2",
+                   "--export-cache", "off", timeout=120, env={"TMPDIR": str(full_disk)})
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"mnist serve: error: the temporary folder {full_disk} has ") and last.endswith(
+        "KiB free, and 2 workers' metric files need 2,048 KiB there; free some space or set TMPDIR elsewhere"), last
+    assert "Traceback" not in proc.stderr and "worker 0" not in proc.stderr  # refused before any worker started
+    assert list(full_disk.iterdir()) == []  # the temporary folder is gone too
+    # a worker that dies of it anyway (the disk filled while serving) is logged with the likely cause
+    assert ended(-7) == ("was killed by SIGBUS (a memory-mapped file could not grow: is the temporary folder's "
+                         "disk full?)")
+    assert (ended(-9), ended(3)) == ("was killed by SIGKILL", "exited with code 3")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The rest
 

@@ -617,7 +617,7 @@ def test_a_worker_that_cannot_start_backs_off_while_the_others_serve_and_only_no
         os.kill(second, signal.SIGKILL)
         assert proc[0].wait(90) == 2  # a user error, as for any other refused command
     out = proc[0].stdout.read()
-    assert "exited with code -9 after" in out and "starting it again in 0 s" in out
+    assert "was killed by SIGKILL after" in out and "starting it again in 0 s" in out
     assert "before it was ready (2 in a row); starting it again in 2 s" in out
     assert "no worker is serving, and each failed to start 3 times in a row" in out
 

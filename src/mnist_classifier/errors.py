@@ -1,5 +1,5 @@
-"""The exceptions the CLI turns into one line on stderr: ``UserError`` (exit status 2) and its two kinds,
-``DivergedError`` (2) and ``Interrupted`` (130)."""
+"""The exceptions the CLI turns into one line on stderr: ``UserError`` (exit status 2) and its kinds,
+``DivergedError`` (2), ``CannotWrite`` (2) and ``Interrupted`` (130)."""
 
 
 class UserError(Exception):
@@ -12,6 +12,12 @@ class UserError(Exception):
 
 class DivergedError(UserError):
     """The training loss became NaN or infinite."""
+
+
+class CannotWrite(UserError):
+    """A file or folder could not be written: a full disk, a read-only file system, a file in the way. Its own
+    kind, so a caller with a fallback can tell the place from the content (serve: the temporary folder is
+    full, not "the model does not export")."""
 
 
 class Interrupted(UserError):

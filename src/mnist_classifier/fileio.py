@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import UserError
+from .errors import CannotWrite, UserError
 
 
 def _file_mode() -> int:
@@ -66,7 +66,8 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
 
 
 def _cannot(action: str, path: Path, exc: OSError) -> UserError:
-    return UserError(f"cannot {action} {path}: {exc.strerror or exc}")
+    kind = UserError if action == "read" else CannotWrite
+    return kind(f"cannot {action} {path}: {exc.strerror or exc}")
 
 
 MAX_JSON_BYTES = 16 * 2**20  # the JSON files the tool writes (configs, summaries, sweeps) are kilobytes

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
+from .. import __version__, fileio
 from ..data import DatasetInfo
 from ..data.images import normalize
 from ..errors import UserError
@@ -75,7 +75,7 @@ def export_for_serving(payload: dict[str, Any], folder: Path) -> Path:
     from ..inference.export import onnx_bytes  # the exporter imports onnx: only this backend needs it
 
     path = folder / "model.onnx"
-    path.write_bytes(onnx_bytes(payload))
+    fileio.write_bytes(path, onnx_bytes(payload))  # a full temporary folder: CannotWrite, and no partial file
     return path
 
 
@@ -113,7 +113,7 @@ def cached_export(checkpoint_path: Path, cache: Path, scratch: Path, keep: int =
         os.utime(path)  # most recently used
     else:
         copy = scratch / Path(checkpoint_path).name  # the suffix decides the reader (.pt or .safetensors)
-        copy.write_bytes(data)
+        fileio.write_bytes(copy, data)
         export_onnx(checkpoint.load(copy), path)
     for old in sorted(cache.glob("*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)[keep:]:
         old.unlink(missing_ok=True)

@@ -28,6 +28,7 @@ import gc
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -40,9 +41,10 @@ from typing import Callable, Union
 import torch
 import uvicorn
 
+from .. import fileio
 from ..config import ServeConfig
 from ..device import oversubscribed, select_device, usable_cores
-from ..errors import UserError
+from ..errors import CannotWrite, UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
 from .backends import cached_export, export_cache_dir, export_for_serving, resolve_backend
@@ -54,6 +56,7 @@ log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
 MAX_START_FAILURES = 3  # starts in a row that died before becoming ready, per worker, before giving up
 MAX_BACKOFF_S = 30.0  # the longest wait before starting a worker again
+METRICS_ROOM = 2**20  # bytes of free space per worker for its metric files: 4 x 64 KiB, and its restarts'
 FAST_DEATHS = 5  # deaths of ready workers within a minute beyond which restarts back off too
 # A worker's listening socket: its own on (host, port), opened when it is ready (SO_REUSEPORT), or one
 # socket shared by all the workers (systems without SO_REUSEPORT, and the single-process server).
@@ -202,8 +205,9 @@ def serve(cfg: ServeConfig) -> None:
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
     port = keeper.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="mnist-serve-") as tmp:
+    with sigterm_unwinds(), scratch_folder() as tmp:  # a SIGTERM while exporting also removes the folder
         onnx_path, cfg = _onnx_export(cfg, payload, Path(tmp), fallback=requested == "auto")
+        metrics = metrics_folder(Path(tmp), cfg.workers) if cfg.workers > 1 else None
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
               f"thread(s) each, batches of up to {cfg.max_batch} within {cfg.max_wait_ms:g} ms", file=sys.stderr,
               flush=True)
@@ -211,20 +215,41 @@ def serve(cfg: ServeConfig) -> None:
         if note := oversubscribed(cfg.workers * cfg.threads, f"{cfg.workers} worker(s) x {cfg.threads} thread(s)"):
             print(f"mnist serve: warning: {note}", file=sys.stderr, flush=True)
         if cfg.workers == 1:
-            with sigterm_unwinds():
-                run_worker(cfg, keeper, onnx_path)
+            run_worker(cfg, keeper, onnx_path)
             return
         advice = migration_advice(cfg.workers)
         if advice:
             print(advice, file=sys.stderr, flush=True)
-        metrics_dir = Path(tmp) / "metrics"
-        metrics_dir.mkdir()
-        os.environ[MULTIPROC_ENV] = str(metrics_dir)  # before the workers start: they import prometheus_client
+        os.environ[MULTIPROC_ENV] = str(metrics)  # before the workers start: they import prometheus_client
         Supervisor(cfg, listen, onnx_path).run()
 
 
-class _Stopped(Exception):
-    """SIGTERM reached the single-process server."""
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """The server's temporary folder (the ONNX export, the workers' metric files), removed when it stops."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="mnist-serve-")
+    except OSError as exc:  # TMPDIR full, read-only, or none of tempfile's candidates usable
+        raise UserError(f"cannot create a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
+                        "set TMPDIR to a folder with room") from None
+
+
+def metrics_folder(tmp: Path, workers: int) -> Path:
+    """The folder where the workers' prometheus_client files go, with room for them.
+
+    Each worker maps 4 files of 64 KiB there (counters, histograms, two gauges; sparse, filled as values
+    come) and a restarted worker adds new ones. A worker that touches a page of a file the file system has
+    no room for is killed by SIGBUS, before it could log why, so the room is checked first."""
+    folder = fileio.make_dir(tmp / "metrics", "metrics folder")
+    free, need = shutil.disk_usage(folder).free, workers * METRICS_ROOM
+    if free < need:
+        raise UserError(f"the temporary folder {tmp.parent} has {free // 1024:,} KiB free, and {workers} workers' "
+                        f"metric files need {need // 1024:,} KiB there; free some space or set TMPDIR elsewhere")
+    return folder
+
+
+class _Stopped(BaseException):
+    """SIGTERM reached the server before the supervisor took the signal over, or in the single-process
+    server. Not an Exception: the exporter's catch-all (``_onnx_export``) must not take it for a failed export."""
 
 
 def _raise_stopped(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
@@ -233,7 +258,8 @@ def _raise_stopped(signum: int, frame) -> None:  # noqa: ANN001 - signal handler
 
 @contextlib.contextmanager
 def sigterm_unwinds():
-    """A SIGTERM inside ends the block as a normal return (exit status 0, as the supervisor's own stop).
+    """A SIGTERM inside ends the block as a normal return (exit status 0, as the supervisor's own stop, which
+    installs its own handler inside).
 
     uvicorn drains on SIGTERM, then raises the signal again to end the process as the signal would. Under
     the default action that killed the single-process server before its temporary folder (the ONNX export
@@ -251,11 +277,16 @@ def sigterm_unwinds():
 
 def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) -> tuple[Path | None, ServeConfig]:
     """The ONNX file for an onnxruntime backend. When onnxruntime was only the automatic choice and the model
-    does not export, say so in one line and serve with torch instead."""
+    does not export, or the export cannot be written, say which in one line and serve with torch instead."""
     if cfg.backend != "onnxruntime":
         return None, cfg
     try:
         return _export(cfg, payload, folder), cfg
+    except CannotWrite as exc:  # the temporary folder is full or read-only: the model is not at fault
+        if not fallback:
+            raise UserError(f"--backend onnxruntime: {exc}") from None
+        print(f"mnist serve: {exc}; serving with torch", file=sys.stderr, flush=True)
+        return None, replace(cfg, backend="torch")
     except Exception as exc:  # noqa: BLE001 - whatever the exporter raises for a model it cannot trace
         if not fallback:
             raise UserError(f"--backend onnxruntime: the model does not export to ONNX ({str(exc)[:160]})") from None
@@ -276,6 +307,16 @@ def _export(cfg: ServeConfig, payload: dict, scratch: Path) -> Path:
             print(f"mnist serve: cannot use the export cache {cache} ({reason}); exporting for this start only",
                   file=sys.stderr, flush=True)
     return export_for_serving(payload, scratch)
+
+
+def ended(exitcode: int) -> str:
+    """How a worker process ended, for the log: its exit code, or the signal that killed it, by name."""
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    name = signal.Signals(-exitcode).name
+    if name == "SIGBUS":  # what a worker gets for a page of a mapped metric file that has no room on disk
+        return "was killed by SIGBUS (a memory-mapped file could not grow: is the temporary folder's disk full?)"
+    return f"was killed by {name}"
 
 
 class Supervisor:
@@ -356,8 +397,8 @@ class Supervisor:
             delay = min(MAX_BACKOFF_S, 2.0 ** (self.failures[i] - 1))
             when = f"before it was ready ({self.failures[i]} in a row)"
         self.procs[i], self.ready[i], self.due[i] = None, False, now + delay
-        print(f"mnist serve: worker {i} (pid {proc.pid}) exited with code {proc.exitcode} {when}; starting it "
-              f"again in {delay:g} s", file=sys.stderr, flush=True)
+        print(f"mnist serve: worker {i} (pid {proc.pid}) {ended(proc.exitcode)} {when}; starting it again in "
+              f"{delay:g} s", file=sys.stderr, flush=True)
 
     def _join(self) -> None:
         deadline = time.monotonic() + self.cfg.drain_timeout + 5  # drain, then lifespan shutdown and exit
