@@ -479,6 +479,12 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error(trained_checkpoint
          f"cannot create the comparison folder {blocker / 'cmp'}: Not a directory"),
         (("sweep", "--param", "lr=0.001,0.01", "--out", str(blocker / "sweep")),
          f"cannot create the sweep folder {blocker / 'sweep'}: Not a directory"),
+        # refused before the search: a data folder that is a file would be the error if the search ran first
+        (("lr-find", "--plot", str(blocker / "lr.png"), "--data-dir", str(blocker)),
+         f"cannot create the folder {blocker}: File exists"),
+        (("lr-find", "--plot", str(folder), "--data-dir", str(blocker)), f"cannot write {folder}: Is a directory"),
+        (("export", "--checkpoint", str(blocker), "--format", "onnx", "--out", str(folder)),  # before reading it
+         f"cannot write {folder}: Is a directory"),
     ]
     for args, message in cases:
         proc = run_cli(*args)

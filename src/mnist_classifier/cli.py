@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 from tqdm import tqdm
 
-from . import __version__
+from . import __version__, fileio
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
 from .device import autocast_dtype, oversubscribed, select_device, set_threads
@@ -298,6 +298,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from .inference.export import export  # onnx and safetensors are the export extra; only export needs them
 
+    if args.out:
+        fileio.check_writable(args.out)  # before the export (seconds for ONNX), not after it
     print(f"Wrote {export(args.checkpoint, args.format, args.out)}")
     return 0
 
@@ -393,6 +395,7 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     from .evaluation.plots import save_figure
 
     cfg = _flags_config(args)
+    fileio.check_writable(args.plot)  # before the search, not after it
     device = select_device(cfg.device)
     _set_threads("lr-find", cfg.threads)
     splits = load_configured(cfg)

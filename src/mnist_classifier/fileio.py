@@ -35,13 +35,7 @@ _FILE_MODE = _file_mode()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on failure removed."""
     path = Path(path)
-    make_dir(path.parent)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise _cannot("write", path, exc) from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = _temporary_beside(path)
     try:
         os.chmod(tmp_path, _FILE_MODE)
         yield tmp_path
@@ -63,6 +57,28 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     except OSError as exc:
         raise _cannot("create the " + what, path, exc) from None
     return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse now, in one line, a ``path`` that could not be written later: a folder in its place, or a folder
+    that cannot be made or written. For outputs written only after the work (lr-find's plot, an export), so a
+    typo does not cost the search first. Makes the parent folder; writes and removes one empty file there."""
+    path = Path(path)
+    if path.is_dir():
+        raise CannotWrite(f"cannot write {path}: Is a directory")
+    _temporary_beside(path).unlink()
+    return path
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A new empty file ``.NAME.XXXX.tmp`` in ``path``'s folder (made if need be), or a one-line CannotWrite."""
+    make_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _cannot("write", path, exc) from None
+    os.close(fd)
+    return Path(tmp)
 
 
 def _cannot(action: str, path: Path, exc: OSError) -> UserError:
