@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import attacks
-from conftest import REPO, run_cli, serving
+from conftest import REPO, cli_in_process, run_cli, serving
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 from server_under_attack import attack  # noqa: E402
@@ -566,6 +566,17 @@ def test_serve_refuses_a_temporary_folder_without_room_for_its_workers_metric_fi
 
 # ---------------------------------------------------------------------------------------------------------------
 # The rest
+
+
+def test_a_setting_refused_after_the_run_folder_was_made_leaves_no_empty_folder(tmp_path):
+    """`--val-size 60000` is refused once the data is loaded, after the run folder was made: an empty
+    runs/<timestamp> was left for each such try. A folder the user made stays."""
+    made, mine = tmp_path / "new-run", tmp_path / "mine"
+    mine.mkdir()
+    for out in (made, mine):
+        proc = cli_in_process("train", "--epochs", "1", "--val-size", "60000", "--out", str(out))
+        assert proc.returncode == 2 and "leaves no training images" in proc.stderr, proc.stderr
+    assert not made.exists() and mine.is_dir()
 
 
 def test_saved_preprocessed_images_never_overwrite_each_other(trained_checkpoint, tmp_path):

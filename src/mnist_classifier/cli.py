@@ -187,13 +187,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         # an flock lets one process fetch while the others wait
         splits = load_configured(cfg)
+        fresh = ctx.is_main and not (cfg.out and Path(cfg.out).expanduser().exists())
         # Only rank 0 creates the run folder; the others learn its name.
         run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out, cfg.overwrite, resume is not None))
                                      if ctx.is_main else None))
         reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
         if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
             print(note, file=sys.stderr)
-        summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
+        try:
+            summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
+        except UserError:
+            if fresh:  # a setting refused before anything was written: no empty run folder is left behind
+                runs.discard_if_empty(run_dir)
+            raise
     finally:
         distributed.teardown(ctx)
     if not ctx.is_main:

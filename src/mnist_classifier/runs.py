@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -44,6 +45,12 @@ def new_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) 
         for name in existing:
             (path / name).unlink()
     return fileio.make_dir(path, "run folder")
+
+
+def discard_if_empty(run_dir: Path) -> None:
+    """Remove the run folder this command made if it is still empty (its run was refused before writing)."""
+    with contextlib.suppress(OSError):  # not empty (a file was written), or already gone
+        run_dir.rmdir()
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
