@@ -8,7 +8,9 @@ the profiler the step takes fresh pages (~450 per step on a Zen 4 VM in bf16, ag
 the zero-fill of the first pooling's gradient is charged ~40x what it takes alone. Part 2 times, outside the profiler, the 2 x 2 max-pooling (forward and backward) at the guide
 CNN's two shapes against the same pooling written as a reshape and ``amax``, which needs no index scatter
 and no zero-filled gradient buffer (the two give different gradients where a window holds tied maxima), and
-the zero-fill alone.
+the zero-fill alone, and against the same pooling as elementwise ops on the input's four strided quarters with
+max_pool2d's own gradient (``ElementwisePool``; its ``elementwise_exact`` says whether output and gradient
+equal max_pool2d's on an input with many tied maxima).
 
     .venv/bin/python benchmarks/step_profile.py
     .venv/bin/python benchmarks/step_profile.py --model fast-cnn-centre --batch-size 256 --lr 0.02
@@ -105,10 +107,58 @@ def amax_pool(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(2, (h // 2, 2)).unflatten(4, (w // 2, 2)).amax((3, 5))
 
 
+class ElementwisePool(torch.autograd.Function):
+    """2 x 2 max-pooling of a channels_last (B, C, H, W) tensor as elementwise ops on its four strided quarters,
+    with max_pool2d's own gradient: at tied maxima, all of it to the first in the window (row by row).
+
+    Forward: two maxima of pairs and one of the pairs' maxima, each with a ``>`` mask of who won (ties keep
+    the first). Backward: the masks route the gradient into the four quarters of a fresh buffer; no zero-fill
+    and no index scatter. Tried for issue 24 (2026-12-05, a ninth session): exact, but slower."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 - autograd's context
+        b, c, h, w = x.shape
+        q = x.permute(0, 2, 3, 1).view(b, h // 2, 2, w // 2, 2, c)  # channels_last memory is (B, H, W, C)
+        top, bottom = (q[:, :, 0, :, 0], q[:, :, 0, :, 1]), (q[:, :, 1, :, 0], q[:, :, 1, :, 1])
+        right_won, bottom_right_won = top[1] > top[0], bottom[1] > bottom[0]
+        upper, lower = torch.maximum(*top), torch.maximum(*bottom)  # (B, H/2, W/2, C)
+        lower_won = lower > upper
+        ctx.save_for_backward(right_won, bottom_right_won, lower_won)
+        return torch.maximum(upper, lower).permute(0, 3, 1, 2)  # (B, C, H/2, W/2), channels_last
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+        right_won, bottom_right_won, lower_won = ctx.saved_tensors
+        g = grad.permute(0, 2, 3, 1)  # (B, H/2, W/2, C)
+        b, h2, w2, c = g.shape
+        out = torch.empty((b, h2 * 2, w2 * 2, c), dtype=g.dtype)
+        q = out.view(b, h2, 2, w2, 2, c)
+        zero = torch.zeros((), dtype=g.dtype)
+        upper = torch.where(lower_won, zero, g)
+        lower = g - upper
+        for row, (won, part) in enumerate(((right_won, upper), (bottom_right_won, lower))):
+            torch.where(won, zero, part, out=q[:, :, row, :, 0])
+            torch.where(won, part, zero, out=q[:, :, row, :, 1])
+        return out.permute(0, 3, 1, 2)
+
+
+def same_as_max_pool2d(dtype: torch.dtype, shape: tuple[int, ...]) -> bool:
+    """ElementwisePool's output and gradient equal max_pool2d's, on whole numbers (many tied maxima)."""
+    x = torch.randn(shape).round().to(dtype).contiguous(memory_format=torch.channels_last)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = F.max_pool2d(a, 2), ElementwisePool.apply(b)
+    g = torch.randn_like(ya)
+    ya.backward(g)
+    yb.backward(g)
+    return torch.equal(ya, yb) and torch.equal(a.grad, b.grad)
+
+
 def time_pooling(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
     x0 = torch.randn(shape).relu().to(dtype).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
-    result = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape)}
-    for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 2)), ("reshape_amax", amax_pool)):
+    result = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
+              "elementwise_exact": same_as_max_pool2d(dtype, shape)}
+    for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 2)), ("reshape_amax", amax_pool),
+                       ("elementwise", ElementwisePool.apply)):
         x = x0.clone().requires_grad_()
         for _ in range(10):
             pool(x).sum().backward()
