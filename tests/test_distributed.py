@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -16,10 +17,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 
 
 def torchrun(*args, nproc=2, cwd=None, timeout=600, env=None):
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "mnist_classifier", "train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    # torchrun's log folder: without --log-dir it makes /tmp/torchelastic_* per run and never removes it
+    with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:
+        cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+               str(free_port()), "--log-dir", logs, "-m", "mnist_classifier", "train", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
+                              env={**os.environ, **(env or {})})
 
 
 @pytest.mark.accuracy
@@ -82,7 +85,7 @@ def test_wrong_rendezvous_fails_clearly_instead_of_hanging(tmp_path):
 @pytest.mark.slow
 def test_a_rank_dying_mid_run_ends_the_job(data_dir, tmp_path):
     cmd = [*TORCHRUN, "--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
-           "-m", "mnist_classifier", "train", "--epochs", "3", "--device", "cpu", "--data-dir", str(data_dir),
+           "--log-dir", str(tmp_path / "logs"), "-m", "mnist_classifier", "train", "--epochs", "3", "--device", "cpu", "--data-dir", str(data_dir),
            "--dist-timeout", "30", "--out", str(tmp_path / "r")]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
     seen = []
@@ -106,7 +109,7 @@ def test_two_nodes_rendezvous_over_c10d(data_dir, tmp_path):
     agents = [
         subprocess.Popen([*TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
                           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "mnist-test", "--node-rank", str(node),
-                          "-m", "mnist_classifier", "train", "--epochs", "1", "--train-subset", "4000", "--device", "cpu",
+                          "--log-dir", str(tmp_path / f"logs-{node}"), "-m", "mnist_classifier", "train", "--epochs", "1", "--train-subset", "4000", "--device", "cpu",
                           "--data-dir", str(data_dir), "--out", str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO)
         for node in (0, 1)
