@@ -237,6 +237,41 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_poi
     assert sorted(t.params["lr"] for t in complete) == [0.001, 0.002, 0.003, 0.004]  # each point once, all of them
 
 
+@pytest.mark.slow
+def test_a_sweep_killed_outright_stops_its_workers_and_resume_runs_every_point_once(data_dir, tmp_path):
+    """SIGKILL to `mnist sweep --jobs 2` alone (the OOM killer, `kill -9`): its two workers went on through the
+    remaining trials, unwatched. Now each notices its parent is gone and stops as on SIGTERM (a trial inside its
+    epochs saves its place and is queued again), and --resume runs each point once."""
+    out = tmp_path / "sweep"
+    # 30 epochs of 400 images: trials of a few seconds, so both workers are inside one when the parent dies
+    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "30", "--param",
+            "lr=0.001,0.002,0.003,0.004", "--sampler", "grid", "--pruner", "none", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("trial-*/metrics.csv")):  # inside a trial: its first epoch written
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    workers = lambda: [pid for pid, c in _group_members(proc.pid).items() if "spawn_main" in c]  # noqa: E731
+    try:
+        deadline = time.monotonic() + 60  # noticed within 0.5 s, then the step in flight and the save
+        while workers() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert workers() == [], "a sweep worker outlived its parent by 60 s"
+    finally:
+        for pid in workers():
+            os.kill(pid, signal.SIGKILL)
+    # they stopped: before, the orphaned workers trained on through every remaining point
+    assert len([t for t in study_of(out).trials if t.state.name == "COMPLETE"]) < 4
+
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    complete = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["lr"] for t in complete) == [0.001, 0.002, 0.003, 0.004]  # each point once, all of them
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Two workers, one PostgreSQL
 

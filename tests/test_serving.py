@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -494,6 +495,36 @@ def test_a_sigterm_stop_exits_0_and_leaves_no_temporary_folder(trained_checkpoin
         proc[0].send_signal(signal.SIGTERM)
         assert proc[0].wait(30) == 0, proc[0].stdout.read()
     assert made() == []
+
+
+def _running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's exit is reaped by whatever runs as pid 1)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_the_workers_stop_when_their_supervisor_is_killed(trained_checkpoint):
+    """SIGKILL to the supervisor (the OOM killer, `kill -9`): its workers served on, unwatched, still saying
+    2 of 2 ready, and shared the port (SO_REUSEPORT) with the next server started on it, answering part of its
+    requests with the old model. Now each notices within 0.5 s, drains and exits."""
+    proc = []
+    with serving(trained_checkpoint, "--workers", "2", process=proc) as base:
+        pids = worker_pids(base, 2)
+        proc[0].kill()
+        proc[0].wait(10)
+        try:
+            deadline = time.monotonic() + 30
+            while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not any(_running(pid) for pid in pids), "a worker outlived its supervisor by 30 s"
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"{base}/health", timeout=2)
 
 
 @SERIAL

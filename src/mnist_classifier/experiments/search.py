@@ -30,6 +30,7 @@ from ..config import TrainConfig
 from ..data import load_configured
 from ..device import free_cores, select_device, threads_per_job
 from ..errors import Interrupted, UserError
+from ..supervision import follow_parent
 from .report import SweepResult, redact, summarize
 from .space import Param, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
@@ -262,7 +263,8 @@ def _resume_hint(sweep_dir: Path) -> str:
     return f"continue with: mnist sweep --resume --out {sweep_dir}"
 
 
-def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None) -> None:
+def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None, parent: int) -> None:
+    follow_parent(parent)  # a sweep killed outright: its workers stop as on SIGTERM, not train on unwatched
     try:
         work(Path(sweep_dir), worker, threads, on_trial)
     except (KeyboardInterrupt, Interrupted):  # the parent says how to continue
@@ -305,7 +307,8 @@ def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallbac
         work(sweep_dir, 0, threads, on_trial)
         return
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    procs = [ctx.Process(target=_spawned, args=(str(sweep_dir), i, threads, on_trial)) for i in range(jobs)]
+    procs = [ctx.Process(target=_spawned, args=(str(sweep_dir), i, threads, on_trial, os.getpid()))
+             for i in range(jobs)]
     for p in procs:
         p.start()
     try:

@@ -47,6 +47,7 @@ from ..device import oversubscribed, select_device, usable_cores
 from ..errors import CannotWrite, UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
+from ..supervision import follow_parent
 from .backends import cached_export, export_cache_dir, export_for_serving, resolve_backend
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
@@ -124,11 +125,13 @@ def _accept_waiting(sock: socket.socket) -> list[socket.socket]:
 
 
 def run_worker(cfg: ServeConfig, listen: Listen, onnx_path: Path | None, ready=None,  # noqa: ANN001 - an Event
-               fleet: Fleet | None = None) -> None:
+               fleet: Fleet | None = None, supervisor: int | None = None) -> None:
     """One worker: load the model, open its socket, then serve until told to stop. ``ready`` (a
-    multiprocessing Event) is set once it listens."""
+    multiprocessing Event) is set once it listens; under a ``supervisor`` (its pid) it stops when that dies."""
     from .app import create_app  # imports FastAPI; after the thread settings below
 
+    if supervisor is not None:  # a supervisor killed outright cannot stop its workers: they stop themselves
+        follow_parent(supervisor)
     torch.set_num_threads(cfg.threads)
     app = create_app(cfg, onnx_path, cfg.threads, fleet)
     # The ~1 M objects of torch, FastAPI and the model never become garbage; out of the collector's sight, a
@@ -339,8 +342,8 @@ class Supervisor:
 
     def _start(self, i: int) -> None:
         event = self.ctx.Event()
-        proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.listen[i], self.onnx_path, event, self.fleet),
-                                name=f"mnist-serve-worker-{i}", daemon=False)
+        proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.listen[i], self.onnx_path, event, self.fleet,
+                                                         os.getpid()), name=f"mnist-serve-worker-{i}", daemon=False)
         proc.start()
         self.procs[i], self.ready_events[i], self.ready[i], self.since[i] = proc, event, False, time.monotonic()
 
