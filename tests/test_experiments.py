@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -276,8 +278,22 @@ def test_a_sweep_killed_outright_stops_its_workers_and_resume_runs_every_point_o
 # Two workers, one PostgreSQL
 
 
+@dataclass
+class Postgres:
+    """A throw-away PostgreSQL cluster: ``url`` of its ``sweeps`` database; ``stop`` and ``start`` it again."""
+
+    url: str
+    pg_ctl: list[str]  # the pg_ctl command line up to its action, run as the postgres user
+
+    def stop(self) -> None:
+        subprocess.run([*self.pg_ctl, "-m", "immediate", "stop"], check=True, capture_output=True)
+
+    def start(self) -> None:
+        subprocess.run([*self.pg_ctl, "-w", "start"], check=True, capture_output=True)
+
+
 @pytest.fixture
-def postgres():
+def postgres_server():
     """A real PostgreSQL server from Debian's package, on a free port, in a throw-away cluster."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not bins:
@@ -293,19 +309,61 @@ def postgres():
         port = s.getsockname()[1]
     subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres"],
                    check=True, capture_output=True)
-    subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"), "-w", "start",
-                    "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"], check=True, capture_output=True)
+    server = Postgres(f"postgresql://postgres@127.0.0.1:{port}/sweeps",
+                      [*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
+                       "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"])
+    server.start()
     try:
         subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
                         "sweeps"], check=True, capture_output=True)
-        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+        yield server
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-m", "immediate", "stop"],
-                       capture_output=True)
+        subprocess.run([*server.pg_ctl, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def postgres(postgres_server):
+    return postgres_server.url
+
+
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_a_database_that_stops_answering_ends_the_sweep_in_one_line_and_resume_finishes_it(postgres_server, data_dir,
+                                                                                          tmp_path, jobs):
+    """PostgreSQL stopped mid-trial (a restart, a failover): the sweep died with SQLAlchemy's traceback, which Optuna
+    words as "invalid data in the commit". Now one line says the storage stopped answering and how to continue;
+    once it answers again, --resume runs every point once."""
+    out = tmp_path / "sweep"
+    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "30", "--param",
+            "lr=0.001,0.002,0.003,0.004", "--sampler", "grid", "--pruner", "none", "--jobs", jobs,
+            "--storage", postgres_server.url, "--study", "stopped"]
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(out.glob("trial-*/metrics.csv")):  # inside a trial: its first epoch reported
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    postgres_server.stop()
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err, err
+    said = [line for line in err.strip().splitlines() if "error:" in line]
+    worker = "" if jobs == "1" else r"worker \d: "  # each worker says it in one line, then the sweep
+    assert all(re.fullmatch(rf"mnist sweep: {worker}error: the sweep's storage stopped answering \(.+\); the trials "
+                            rf"that were running will run again; continue with: mnist sweep --resume --out "
+                            rf"{re.escape(str(out))} once it answers", line) for line in said[:int(jobs)]), said
+    if jobs == "2":
+        assert said[-1] == "mnist sweep: error: 2 of 2 sweep workers failed (exit 2); continue with --resume", said
+
+    postgres_server.start()
+    resumed = run_cli(*args, "--resume", "--json")
+    assert resumed.returncode == 0, resumed.stderr
+    study = optuna.load_study(study_name="stopped", storage=postgres_server.url)
+    complete = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(t.params["lr"] for t in complete) == [0.001, 0.002, 0.003, 0.004]  # each point once, all of them
+
+
 def test_two_workers_share_one_postgresql_storage_and_reach_exactly_n_trials(postgres, data_dir, tmp_path):
     args = [*TINY, "--data-dir", str(data_dir), "--param", "lr=log:1e-4..1e-2", "--sampler", "random",
             "--pruner", "none", "--trials", "6", "--jobs", "1", "--storage", postgres, "--study", "shared"]

@@ -15,6 +15,7 @@ import multiprocessing
 import os
 import random
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -228,8 +229,29 @@ def _take_trial(study: optuna.Study, spec: SweepSpec, sweep_dir: Path) -> optuna
 TrialCallback = Callable[[dict[str, Any]], None]
 
 
+@contextlib.contextmanager
+def storage_answers(sweep_dir: Path) -> Iterator[None]:
+    """A storage that stops answering mid-sweep (its database restarted, or unreachable) ends the sweep in one
+    line instead of SQLAlchemy's traceback, which Optuna words as "invalid data in the commit". The trials that
+    were running stay marked running; --resume finds their workers gone and runs their points again."""
+    import sqlalchemy.exc  # Optuna's RDB storage is built on it
+
+    try:
+        yield
+    except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as exc:
+        cause = exc.__cause__ or exc
+        reason = (str(cause).strip().splitlines() or [type(cause).__name__])[0][:200]
+        raise UserError(f"the sweep's storage stopped answering ({reason}); the trials that were running will run "
+                        f"again; {_resume_hint(sweep_dir)} once it answers") from None
+
+
 def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None) -> int:
     """One worker: load the data once, then take and run trials until there are none left; returns how many."""
+    with storage_answers(sweep_dir):
+        return _work(sweep_dir, worker, threads, on_trial)
+
+
+def _work(sweep_dir: Path, worker: int, threads: int, on_trial: TrialCallback | None) -> int:
     spec = load_spec(sweep_dir)
     if threads:
         torch.set_num_threads(threads)
@@ -269,6 +291,9 @@ def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback 
         work(Path(sweep_dir), worker, threads, on_trial)
     except (KeyboardInterrupt, Interrupted):  # the parent says how to continue
         pass
+    except UserError as exc:  # one line, as the command itself would print it, not multiprocessing's traceback
+        print(f"mnist sweep: worker {worker}: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def _wait_for(procs: list, sweep_dir: Path) -> None:
@@ -332,12 +357,13 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
     sweep_dir = Path(out) if out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
-    spec = prepare(spec, sweep_dir, resume)
-    try:
-        run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
-    except KeyboardInterrupt:  # outside a trial's epochs (loading the data, between trials): nothing to save
-        raise Interrupted(f"interrupted; {_resume_hint(sweep_dir)}") from None
-    return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
+    with storage_answers(sweep_dir):
+        spec = prepare(spec, sweep_dir, resume)
+        try:
+            run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
+        except KeyboardInterrupt:  # outside a trial's epochs (loading the data, between trials): nothing to save
+            raise Interrupted(f"interrupted; {_resume_hint(sweep_dir)}") from None
+        return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
 
 
 def default_jobs() -> int:
