@@ -481,15 +481,19 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error(trained_checkpoint
          f"cannot create the sweep folder {blocker / 'sweep'}: Not a directory"),
         # refused before the search: a data folder that is a file would be the error if the search ran first
         (("lr-find", "--plot", str(blocker / "lr.png"), "--data-dir", str(blocker)),
-         f"cannot create the folder {blocker}: File exists"),
+         f"cannot write {blocker / 'lr.png'}: Not a directory"),
         (("lr-find", "--plot", str(folder), "--data-dir", str(blocker)), f"cannot write {folder}: Is a directory"),
         (("export", "--checkpoint", str(blocker), "--format", "onnx", "--out", str(folder)),  # before reading it
          f"cannot write {folder}: Is a directory"),
+        # the checkpoint is refused after the check, which made no folder for the export
+        (("export", "--checkpoint", str(blocker), "--format", "onnx", "--out", str(tmp_path / "new" / "m.onnx")),
+         f"checkpoint {blocker} is corrupt or truncated (not a torch zip archive: File is not a zip file)"),
     ]
     for args, message in cases:
         proc = run_cli(*args)
         assert proc.returncode == 2 and proc.stderr.strip() == f"mnist {args[0]}: error: {message}", (args, proc.stderr)
     assert blocker.read_text() == "not a folder" and list(folder.iterdir()) == []  # no temporary file left
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.fixture

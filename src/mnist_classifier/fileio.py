@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
@@ -60,13 +61,23 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
 
 
 def check_writable(path: str | os.PathLike) -> Path:
-    """Refuse now, in one line, a ``path`` that could not be written later: a folder in its place, or a folder
-    that cannot be made or written. For outputs written only after the work (lr-find's plot, an export), so a
-    typo does not cost the search first. Makes the parent folder; writes and removes one empty file there."""
+    """Refuse now, in one line, a ``path`` that could not be written later: a folder in its place, a file where
+    a folder must be, a folder that cannot be written. For outputs written only after the work (lr-find's plot,
+    an export), so a typo does not cost the search first. Creates nothing that stays: where the folder exists,
+    one empty file is made there and removed; where it does not, the nearest folder above must be writable."""
     path = Path(path)
     if path.is_dir():
         raise CannotWrite(f"cannot write {path}: Is a directory")
-    _temporary_beside(path).unlink()
+    parent = path.absolute().parent
+    nearest = next(p for p in (parent, *parent.parents) if p.exists())  # "/" at worst
+    if nearest != parent:  # folders to make later: the nearest existing one must be a folder we may write in
+        if not nearest.is_dir() or not os.access(nearest, os.W_OK | os.X_OK):
+            code = errno.EACCES if nearest.is_dir() else errno.ENOTDIR
+            raise CannotWrite(f"cannot create the folder {path.parent}: {os.strerror(code)}")
+    elif not parent.is_dir():
+        raise CannotWrite(f"cannot write {path}: {os.strerror(errno.ENOTDIR)}")
+    else:
+        _temporary_beside(path).unlink()  # the real test: permissions, a read-only file system, no inodes left
     return path
 
 
