@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import serving, sigterm_while_paused, worker_pids
+from conftest import REPO, run_cli, serving, sigterm_while_paused, worker_pids
 from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
@@ -495,6 +495,21 @@ def test_a_sigterm_stop_exits_0_and_leaves_no_temporary_folder(trained_checkpoin
         proc[0].send_signal(signal.SIGTERM)
         assert proc[0].wait(30) == 0, proc[0].stdout.read()
     assert made() == []
+
+
+def test_a_second_server_on_the_same_port_is_refused_not_given_a_share_of_it(trained_checkpoint):
+    """SO_REUSEPORT lets any process of the same user join the workers' port: a second `mnist serve --workers 2`
+    on it started without a word and took a share of the connections (12 requests went to both servers' 4
+    workers), so a server left running by mistake answered part of the traffic with its own model."""
+    with serving(trained_checkpoint, "--workers", "2") as base:
+        pids = worker_pids(base, 2)
+        port = base.rsplit(":", 1)[1]
+        second = run_cli("serve", "--checkpoint", str(trained_checkpoint), "--port", port, "--device", "cpu",
+                         "--workers", "2", "--export-cache", str(REPO / ".test-cache" / "onnx"), timeout=60)
+        assert second.returncode == 2 and second.stderr.strip().splitlines()[-1] == (
+            f"mnist serve: error: port {port} is already served by another mnist serve; stop it first or choose "
+            "another --port"), second.stderr
+        assert {httpx.get(f"{base}/health").json()["worker_pid"] for _ in range(20)} <= set(pids)
 
 
 def _running(pid: int) -> bool:

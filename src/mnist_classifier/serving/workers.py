@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
 import torch
 import uvicorn
@@ -200,6 +200,32 @@ def listeners(host: str, port: int, workers: int) -> tuple[socket.socket, list[L
     return keeper, [(host, keeper.getsockname()[1])] * workers
 
 
+@contextlib.contextmanager
+def port_claim(port: int, workers: int) -> Iterator[None]:
+    """Hold ``port`` for this server alone while the block runs.
+
+    Several workers share the port through SO_REUSEPORT, which lets any process of the same user join: a second
+    ``mnist serve --workers 2`` on the same port started without a word and took a share of the connections
+    (seen: 12 requests spread over the 4 workers of two servers), so a server left running by mistake kept
+    answering part of the traffic with its own model. The claim is a name in Linux's abstract socket
+    namespace (per network namespace, like ports), which the kernel frees when the process ends, even by
+    SIGKILL. Where the port is not shared (one worker, or no SO_REUSEPORT) the port itself is exclusive."""
+    if not can_reuse_port(workers):
+        yield
+        return
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0mnist-serve-port-{port}")
+    except OSError:
+        claim.close()
+        raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose another "
+                        "--port") from None
+    try:
+        yield
+    finally:
+        claim.close()
+
+
 def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
     requested = cfg.backend
@@ -208,7 +234,7 @@ def serve(cfg: ServeConfig) -> None:
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
     port = keeper.getsockname()[1]
-    with sigterm_unwinds(), scratch_folder() as tmp:  # a SIGTERM while exporting also removes the folder
+    with sigterm_unwinds(), port_claim(port, cfg.workers), scratch_folder() as tmp:  # SIGTERM: the folder goes too
         onnx_path, cfg = _onnx_export(cfg, payload, Path(tmp), fallback=requested == "auto")
         metrics = metrics_folder(Path(tmp), cfg.workers) if cfg.workers > 1 else None
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
