@@ -210,6 +210,37 @@ def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(data_dir, tmp_pa
     assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
 
 
+def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_nothing(data_dir, tmp_path):
+    """Two `mnist train` processes in one folder wrote their files into it in turn: a --resume of a run still
+    training, the same --out again, an --overwrite (which deleted the running run's files). The folder is now
+    held by the run writing it; the kernel lets go when that process ends, even by SIGKILL."""
+    from mnist_classifier import runs
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", "--epochs", "50", "--train-subset",
+                             "6400", "--test-subset", "1000", "--device", "cpu", "--data-dir", str(data_dir), "--out",
+                             str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run / "model.pt").exists():  # its first epoch saved
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        common = ["--device", "cpu", "--data-dir", str(data_dir), "--train-subset", "640", "--test-subset", "100"]
+        for args in (["--resume", str(run), "--epochs", "51"], ["--out", str(run), "--overwrite", *common],
+                     ["--out", str(run), *common]):
+            second = cli_in_process("train", *args)
+            assert second.returncode == 2 and second.stderr.strip() == (
+                f"mnist train: error: {run} is being written by another mnist train; wait for it to finish, or "
+                "choose another --out"), (args, second.stderr)
+        assert proc.poll() is None  # still training, its files in place
+        assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 50 and (run / "model.pt").exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    with runs.claimed_run_dir(str(run), resuming=True) as held:  # free again once the process is gone
+        assert held == run
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Training faults
 

@@ -7,6 +7,7 @@ Errors the user can fix are raised as UserError and shown as one line on stderr 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -188,22 +189,35 @@ def cmd_train(args: argparse.Namespace) -> int:
         # an flock lets one process fetch while the others wait
         splits = load_configured(cfg)
         fresh = ctx.is_main and not (cfg.out and Path(cfg.out).expanduser().exists())
-        # Only rank 0 creates the run folder; the others learn its name.
-        run_dir = Path(ctx.broadcast(str(runs.new_run_dir(cfg.out, cfg.overwrite, resume is not None))
-                                     if ctx.is_main else None))
-        reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
-        if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
-            print(note, file=sys.stderr)
-        try:
-            summary = _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
-        except UserError:
-            if fresh:  # a setting refused before anything was written: no empty run folder is left behind
-                runs.discard_if_empty(run_dir)
-            raise
+        # Only rank 0 makes and holds the run folder; the others learn its name.
+        with (runs.claimed_run_dir(cfg.out, cfg.overwrite, resume is not None) if ctx.is_main
+              else contextlib.nullcontext()) as made:
+            run_dir = Path(ctx.broadcast(str(made) if ctx.is_main else None))
+            summary = _train_in(run_dir, fresh, cfg, splits, device, resume, ctx)
+            if ctx.is_main:
+                _report_run(run_dir, summary, cfg, splits, device)
     finally:
         distributed.teardown(ctx)
-    if not ctx.is_main:
-        return 0
+    return 0
+
+
+def _train_in(run_dir: Path, fresh: bool, cfg: TrainConfig, splits, device: torch.device,  # noqa: ANN001 - Splits
+              resume: dict[str, Any] | None, ctx: distributed.DistContext) -> dict[str, Any]:
+    """``fit`` into ``run_dir``; a run refused before it wrote anything removes the folder it made (``fresh``)."""
+    reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
+    if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
+        print(note, file=sys.stderr)
+    try:
+        return _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
+    except UserError:
+        if fresh:  # a setting refused before anything was written: no empty run folder is left behind
+            runs.discard_if_empty(run_dir)
+        raise
+
+
+def _report_run(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig, splits,  # noqa: ANN001 - Splits
+                device: torch.device) -> None:
+    """The end of `mnist train`: the accuracy line, the pictures, the folder."""
     if "final_drop" in summary:
         print(final_drop_warning(summary["final_drop"]), file=sys.stderr)
     chosen = f" (epoch {summary['best_epoch']}, chosen on validation)" if "best_epoch" in summary else ""
@@ -213,7 +227,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         for path in _write_plots(run_dir, splits, device, "fp32"):
             print(f"Wrote {path}")
     print(f"Run folder: {run_dir}")
-    return 0
 
 
 def border_warning(model: str, info: DatasetInfo) -> str | None:

@@ -9,7 +9,7 @@ import platform
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -22,29 +22,57 @@ RUNS_ROOT = Path("runs")
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt")  # what marks a folder as a run
 
 
-def new_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) -> Path:
-    """``out`` if given, else ``runs/<YYYYmmdd-HHMMSS>`` (with a suffix if that already exists).
-
-    A folder that already holds a run is refused, unless the run is being resumed, or ``overwrite`` asks
-    for its files to be removed first (so no old checkpoint is left beside the new run's config).
-    """
+def run_dir_path(out: str = "") -> Path:
+    """``out`` if given, else ``runs/<YYYYmmdd-HHMMSS>`` (with a suffix if that already exists)."""
     if out:
-        path = Path(out).expanduser()
-    else:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        path = RUNS_ROOT / stamp
-        suffix = 2
-        while path.exists():
-            path = RUNS_ROOT / f"{stamp}-{suffix}"
-            suffix += 1
-    existing = [name for name in RUN_FILES if (path / name).exists()]
-    if existing and not resuming:
-        if not overwrite:
-            raise UserError(f"{path} already holds a run ({existing[0]}); continue it with --resume {path}, "
-                            f"choose another --out, or pass --overwrite to replace it")
-        for name in existing:
-            (path / name).unlink()
-    return fileio.make_dir(path, "run folder")
+        return Path(out).expanduser()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path, suffix = RUNS_ROOT / stamp, 2
+    while path.exists():
+        path = RUNS_ROOT / f"{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
+@contextlib.contextmanager
+def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) -> Iterator[Path]:
+    """The run folder (``run_dir_path``), made if need be and held for this process alone while the block runs.
+
+    A folder that already holds a run is refused, unless the run is being resumed, or ``overwrite`` asks for
+    its files to be removed first (so no old checkpoint is left beside the new run's config). The hold is an
+    flock on the folder itself: a second ``mnist train`` on it (the same --out, a --resume of a run still
+    training, an --overwrite of one) is refused, where before the two wrote their files into one folder
+    (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL."""
+    path = run_dir_path(out)
+    fileio.make_dir(path, "run folder")
+    with _folder_lock(path):
+        existing = [name for name in RUN_FILES if (path / name).exists()]
+        if existing and not resuming:
+            if not overwrite:
+                raise UserError(f"{path} already holds a run ({existing[0]}); continue it with --resume {path}, "
+                                f"choose another --out, or pass --overwrite to replace it")
+            for name in existing:
+                (path / name).unlink()
+        yield path
+
+
+@contextlib.contextmanager
+def _folder_lock(path: Path) -> Iterator[None]:
+    try:
+        import fcntl  # POSIX only: elsewhere two runs in one folder are the user's problem
+    except ImportError:
+        yield
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{path} is being written by another mnist train; wait for it to finish, or choose "
+                            "another --out") from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def discard_if_empty(run_dir: Path) -> None:
