@@ -50,6 +50,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def exclusive(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
+    """Hold an exclusive flock on ``path`` (a folder, or a lock file made if missing) while the block runs;
+    yields True once held, or with ``wait=False`` False at once when another process holds it. The kernel
+    drops it when the process ends, even by SIGKILL. Without flock (Windows) it yields True: one process at a
+    time is then the user's care."""
+    try:
+        import fcntl  # POSIX only
+    except ImportError:
+        yield True
+        return
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY if path.is_dir() else os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     """``mkdir -p path``; a refusal (not a folder, no such file system, read-only) is a one-line UserError."""
     path = Path(path)

@@ -45,7 +45,10 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
     (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL."""
     path = run_dir_path(out)
     fileio.make_dir(path, "run folder")
-    with _folder_lock(path):
+    with fileio.exclusive(path, wait=False) as held:
+        if not held:
+            raise UserError(f"{path} is being written by another mnist train; wait for it to finish, or choose "
+                            "another --out")
         existing = [name for name in RUN_FILES if (path / name).exists()]
         if existing and not resuming:
             if not overwrite:
@@ -54,25 +57,6 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
             for name in existing:
                 (path / name).unlink()
         yield path
-
-
-@contextlib.contextmanager
-def _folder_lock(path: Path) -> Iterator[None]:
-    try:
-        import fcntl  # POSIX only: elsewhere two runs in one folder are the user's problem
-    except ImportError:
-        yield
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{path} is being written by another mnist train; wait for it to finish, or choose "
-                            "another --out") from None
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def discard_if_empty(run_dir: Path) -> None:

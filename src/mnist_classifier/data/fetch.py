@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from .. import fileio
 from ..errors import UserError
 from .idx import find_file, md5, read_file_bytes
 
@@ -22,17 +23,8 @@ SCRATCH_PREFIX = ".fetch-"  # scratch folders inside the data folder; a killed f
 @contextlib.contextmanager
 def fetch_lock(folder: Path) -> Iterator[None]:
     """Serialise fetches between processes (parallel test workers, torchrun ranks) with an flock."""
-    try:
-        import fcntl  # POSIX only: on Windows concurrent first fetches are the user's problem
-    except ImportError:
+    with fileio.exclusive(folder / ".fetch.lock"):
         yield
-        return
-    with open(folder / ".fetch.lock", "a+") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def remove_scratch(folder: Path) -> None:
