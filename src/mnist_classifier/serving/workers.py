@@ -201,8 +201,8 @@ def listeners(host: str, port: int, workers: int) -> tuple[socket.socket, list[L
 
 
 @contextlib.contextmanager
-def port_claim(port: int, workers: int) -> Iterator[None]:
-    """Hold ``port`` for this server alone while the block runs.
+def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
+    """Hold ``address`` (the bound IP and port) for this server alone while the block runs.
 
     Several workers share the port through SO_REUSEPORT, which lets any process of the same user join: a second
     ``mnist serve --workers 2`` on the same port started without a word and took a share of the connections
@@ -213,9 +213,10 @@ def port_claim(port: int, workers: int) -> Iterator[None]:
     if not can_reuse_port(workers):
         yield
         return
+    host, port = address
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        claim.bind(f"\0mnist-serve-port-{port}")
+        claim.bind(f"\0mnist-serve-{host}-{port}")
     except OSError:
         claim.close()
         raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose another "
@@ -233,8 +234,9 @@ def serve(cfg: ServeConfig) -> None:
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
-    port = keeper.getsockname()[1]
-    with sigterm_unwinds(), port_claim(port, cfg.workers), scratch_folder() as tmp:  # SIGTERM: the folder goes too
+    address = keeper.getsockname()[:2]  # (IP, port): the port chosen when --port is 0
+    port = address[1]
+    with sigterm_unwinds(), port_claim(address, cfg.workers), scratch_folder() as tmp:  # SIGTERM: the folder goes too
         onnx_path, cfg = _onnx_export(cfg, payload, Path(tmp), fallback=requested == "auto")
         metrics = metrics_folder(Path(tmp), cfg.workers) if cfg.workers > 1 else None
         print(f"mnist serve: http://{cfg.host}:{port} with {cfg.workers} worker(s), {cfg.backend}, {cfg.threads} "
