@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import functools
 import gc
 import logging
@@ -217,14 +218,17 @@ def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
     claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         claim.bind(f"\0mnist-serve-{host}-{port}")
-    except OSError:
+    except OSError as exc:
         claim.close()
-        raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose another "
-                        "--port") from None
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose "
+                            "another --port") from None
+        claim = None  # no abstract sockets here (a sandbox): serve unclaimed, as before
     try:
         yield
     finally:
-        claim.close()
+        if claim is not None:
+            claim.close()
 
 
 def serve(cfg: ServeConfig) -> None:
