@@ -23,26 +23,22 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import functools
 import gc
 import logging
 import multiprocessing
 import os
-import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Union
 
 import torch
 import uvicorn
 
-from .. import fileio
 from ..config import ServeConfig
 from ..device import oversubscribed, select_device, usable_cores
 from ..errors import CannotWrite, UserError
@@ -53,12 +49,12 @@ from .backends import cached_export, export_cache_dir, export_for_serving, resol
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
+from .resources import can_reuse_port, metrics_folder, port_claim, scratch_folder
 
 log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
 MAX_START_FAILURES = 3  # starts in a row that died before becoming ready, per worker, before giving up
 MAX_BACKOFF_S = 30.0  # the longest wait before starting a worker again
-METRICS_ROOM = 2**20  # bytes of free space per worker for its metric files: 4 x 64 KiB, and its restarts'
 FAST_DEATHS = 5  # deaths of ready workers within a minute beyond which restarts back off too
 # A worker's listening socket: its own on (host, port), opened when it is ready (SO_REUSEPORT), or one
 # socket shared by all the workers (systems without SO_REUSEPORT, and the single-process server).
@@ -167,10 +163,6 @@ def open_listener(host: str, port: int, reuse_port: bool = False) -> socket.sock
     return sock
 
 
-def can_reuse_port(workers: int) -> bool:
-    return workers > 1 and hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
-
-
 MIGRATE_SYSCTL = Path("/proc/sys/net/ipv4/tcp_migrate_req")  # Linux 5.14+
 
 
@@ -201,36 +193,6 @@ def listeners(host: str, port: int, workers: int) -> tuple[socket.socket, list[L
     return keeper, [(host, keeper.getsockname()[1])] * workers
 
 
-@contextlib.contextmanager
-def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
-    """Hold ``address`` (the bound IP and port) for this server alone while the block runs.
-
-    Several workers share the port through SO_REUSEPORT, which lets any process of the same user join: a second
-    ``mnist serve --workers 2`` on the same port started without a word and took a share of the connections
-    (seen: 12 requests spread over the 4 workers of two servers), so a server left running by mistake kept
-    answering part of the traffic with its own model. The claim is a name in Linux's abstract socket
-    namespace (per network namespace, like ports), which the kernel frees when the process ends, even by
-    SIGKILL. Where the port is not shared (one worker, or no SO_REUSEPORT) the port itself is exclusive."""
-    if not can_reuse_port(workers):
-        yield
-        return
-    host, port = address
-    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        claim.bind(f"\0mnist-serve-{host}-{port}")
-    except OSError as exc:
-        claim.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose "
-                            "another --port") from None
-        claim = None  # no abstract sockets here (a sandbox): serve unclaimed, as before
-    try:
-        yield
-    finally:
-        if claim is not None:
-            claim.close()
-
-
 def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
     requested = cfg.backend
@@ -257,29 +219,6 @@ def serve(cfg: ServeConfig) -> None:
             print(advice, file=sys.stderr, flush=True)
         os.environ[MULTIPROC_ENV] = str(metrics)  # before the workers start: they import prometheus_client
         Supervisor(cfg, listen, onnx_path).run()
-
-
-def scratch_folder() -> tempfile.TemporaryDirectory:
-    """The server's temporary folder (the ONNX export, the workers' metric files), removed when it stops."""
-    try:
-        return tempfile.TemporaryDirectory(prefix="mnist-serve-")
-    except OSError as exc:  # TMPDIR full, read-only, or none of tempfile's candidates usable
-        raise UserError(f"cannot create a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
-                        "set TMPDIR to a folder with room") from None
-
-
-def metrics_folder(tmp: Path, workers: int) -> Path:
-    """The folder where the workers' prometheus_client files go, with room for them.
-
-    Each worker maps 4 files of 64 KiB there (counters, histograms, two gauges; sparse, filled as values
-    come) and a restarted worker adds new ones. A worker that touches a page of a file the file system has
-    no room for is killed by SIGBUS, before it could log why, so the room is checked first."""
-    folder = fileio.make_dir(tmp / "metrics", "metrics folder")
-    free, need = shutil.disk_usage(folder).free, workers * METRICS_ROOM
-    if free < need:
-        raise UserError(f"the temporary folder {tmp.parent} has {free // 1024:,} KiB free, and {workers} workers' "
-                        f"metric files need {need // 1024:,} KiB there; free some space or set TMPDIR elsewhere")
-    return folder
 
 
 class _Stopped(BaseException):

@@ -1,0 +1,76 @@
+"""What a server holds while it runs: its address, claimed against a second server, and a temporary folder
+with room for what the workers keep there (the ONNX export, their metric files). Each is given back when
+the server stops, and the kernel takes back the claim even from a server killed outright."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import shutil
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from .. import fileio
+from ..errors import UserError
+
+METRICS_ROOM = 2**20  # bytes of free space per worker for its metric files: 4 x 64 KiB, and its restarts'
+
+
+def can_reuse_port(workers: int) -> bool:
+    return workers > 1 and hasattr(socket, "SO_REUSEPORT") and sys.platform.startswith("linux")
+
+
+@contextlib.contextmanager
+def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
+    """Hold ``address`` (the bound IP and port) for this server alone while the block runs.
+
+    Several workers share the port through SO_REUSEPORT, which lets any process of the same user join: a second
+    ``mnist serve --workers 2`` on the same port started without a word and took a share of the connections
+    (seen: 12 requests spread over the 4 workers of two servers), so a server left running by mistake kept
+    answering part of the traffic with its own model. The claim is a name in Linux's abstract socket
+    namespace (per network namespace, like ports), which the kernel frees when the process ends, even by
+    SIGKILL. Where the port is not shared (one worker, or no SO_REUSEPORT) the port itself is exclusive."""
+    if not can_reuse_port(workers):
+        yield
+        return
+    host, port = address
+    claim = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        claim.bind(f"\0mnist-serve-{host}-{port}")
+    except OSError as exc:
+        claim.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} is already served by another mnist serve; stop it first or choose "
+                            "another --port") from None
+        claim = None  # no abstract sockets here (a sandbox): serve unclaimed, as before
+    try:
+        yield
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def scratch_folder() -> tempfile.TemporaryDirectory:
+    """The server's temporary folder (the ONNX export, the workers' metric files), removed when it stops."""
+    try:
+        return tempfile.TemporaryDirectory(prefix="mnist-serve-")
+    except OSError as exc:  # TMPDIR full, read-only, or none of tempfile's candidates usable
+        raise UserError(f"cannot create a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
+                        "set TMPDIR to a folder with room") from None
+
+
+def metrics_folder(tmp: Path, workers: int) -> Path:
+    """The folder where the workers' prometheus_client files go, with room for them.
+
+    Each worker maps 4 files of 64 KiB there (counters, histograms, two gauges; sparse, filled as values
+    come) and a restarted worker adds new ones. A worker that touches a page of a file the file system has
+    no room for is killed by SIGBUS, before it could log why, so the room is checked first."""
+    folder = fileio.make_dir(tmp / "metrics", "metrics folder")
+    free, need = shutil.disk_usage(folder).free, workers * METRICS_ROOM
+    if free < need:
+        raise UserError(f"the temporary folder {tmp.parent} has {free // 1024:,} KiB free, and {workers} workers' "
+                        f"metric files need {need // 1024:,} KiB there; free some space or set TMPDIR elsewhere")
+    return folder
