@@ -241,6 +241,26 @@ def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_not
         assert held == run
 
 
+def test_a_file_system_without_flock_leaves_the_run_folder_unguarded_not_refused(tmp_path, monkeypatch):
+    """Some network mounts answer flock with ENOLCK: the run goes on unguarded (as on Windows), not with a
+    traceback; a lock held by another process is still told apart (EWOULDBLOCK)."""
+    import errno
+    import fcntl
+
+    from mnist_classifier import fileio
+
+    def no_locks(fd, op):  # noqa: ANN001
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    with fileio.exclusive(tmp_path, wait=False) as held:
+        assert held
+        with fileio.exclusive(tmp_path, wait=False) as second:  # another open file description: refused
+            assert not second
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with fileio.exclusive(tmp_path, wait=False) as held:
+        assert held
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Training faults
 

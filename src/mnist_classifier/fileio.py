@@ -54,8 +54,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 def exclusive(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
     """Hold an exclusive flock on ``path`` (a folder, or a lock file made if missing) while the block runs;
     yields True once held, or with ``wait=False`` False at once when another process holds it. The kernel
-    drops it when the process ends, even by SIGKILL. Without flock (Windows) it yields True: one process at a
-    time is then the user's care."""
+    drops it when the process ends, even by SIGKILL. Without flock (Windows, some network file systems) it
+    yields True: one process at a time is then the user's care."""
     try:
         import fcntl  # POSIX only
     except ImportError:
@@ -69,6 +69,8 @@ def exclusive(path: str | os.PathLike, wait: bool = True) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
+        except OSError:  # a file system without flock (some network mounts: ENOLCK): unguarded, as without fcntl
+            pass
         yield True
     finally:
         os.close(fd)  # releases the lock
