@@ -287,7 +287,10 @@ def ended(exitcode: int) -> str:
     """How a worker process ended, for the log: its exit code, or the signal that killed it, by name."""
     if exitcode >= 0:
         return f"exited with code {exitcode}"
-    name = signal.Signals(-exitcode).name
+    try:
+        name = signal.Signals(-exitcode).name
+    except ValueError:  # a real-time signal between SIGRTMIN and SIGRTMAX has no name of its own
+        return f"was killed by signal {-exitcode}"
     if name == "SIGBUS":  # what a worker gets for a page of a mapped metric file that has no room on disk
         return "was killed by SIGBUS (a memory-mapped file could not grow: is the temporary folder's disk full?)"
     return f"was killed by {name}"
