@@ -222,7 +222,7 @@ def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_not
                              str(run)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
     try:
         deadline = time.monotonic() + 120
-        while not (run / "model.pt").exists():  # its first epoch saved
+        while not (run / "last.pt").exists():  # its first epoch saved (last.pt is written after model.pt)
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.1)
         common = ["--device", "cpu", "--data-dir", str(data_dir), "--train-subset", "640", "--test-subset", "100"]
