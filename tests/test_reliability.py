@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import random
+import re
 import shlex
 import signal
 import subprocess
@@ -208,6 +209,8 @@ def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(data_dir, tmp_pa
     resumed = run_cli("train", "--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
     assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
+    # its loop time counts epoch 1's part from before the stop; its other figure is this process's alone
+    assert re.search(r"\(training loop [\d.]+ s, this resumed process [\d.]+ s\)", resumed.stdout), resumed.stdout
 
 
 def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_nothing(data_dir, tmp_path):

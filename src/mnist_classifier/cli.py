@@ -195,7 +195,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             run_dir = Path(ctx.broadcast(str(made) if ctx.is_main else None))
             summary = _train_in(run_dir, fresh, cfg, splits, device, resume, ctx)
             if ctx.is_main:
-                _report_run(run_dir, summary, cfg, splits, device)
+                _report_run(run_dir, summary, cfg, splits, device, resumed=resume is not None)
     finally:
         distributed.teardown(ctx)
     return 0
@@ -216,13 +216,15 @@ def _train_in(run_dir: Path, fresh: bool, cfg: TrainConfig, splits, device: torc
 
 
 def _report_run(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig, splits,  # noqa: ANN001 - Splits
-                device: torch.device) -> None:
+                device: torch.device, resumed: bool = False) -> None:
     """The end of `mnist train`: the accuracy line, the pictures, the folder."""
     if "final_drop" in summary:
         print(final_drop_warning(summary["final_drop"]), file=sys.stderr)
     chosen = f" (epoch {summary['best_epoch']}, chosen on validation)" if "best_epoch" in summary else ""
+    # a resumed run's loop time counts the epochs before the resume too; its total is this process's alone
+    total = "this resumed process" if resumed else "total"
     print(f"Test accuracy: {summary['test_accuracy']:.2f}%{chosen}  (training loop {summary['train_seconds']:.1f} s, "
-          f"total {summary['total_seconds']:.1f} s)")
+          f"{total} {summary['total_seconds']:.1f} s)")
     if cfg.plots:
         for path in _write_plots(run_dir, splits, device, "fp32"):
             print(f"Wrote {path}")
