@@ -188,12 +188,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         # an flock lets one process fetch while the others wait
         splits = load_configured(cfg)
-        fresh = ctx.is_main and not (cfg.out and Path(cfg.out).expanduser().exists())
         # Only rank 0 makes and holds the run folder; the others learn its name.
         with (runs.claimed_run_dir(cfg.out, cfg.overwrite, resume is not None) if ctx.is_main
               else contextlib.nullcontext()) as made:
             run_dir = Path(ctx.broadcast(str(made) if ctx.is_main else None))
-            summary = _train_in(run_dir, fresh, cfg, splits, device, resume, ctx)
+            summary = _train_in(run_dir, cfg, splits, device, resume, ctx)
             if ctx.is_main:
                 _report_run(run_dir, summary, cfg, splits, device, resumed=resume is not None)
     finally:
@@ -201,18 +200,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_in(run_dir: Path, fresh: bool, cfg: TrainConfig, splits, device: torch.device,  # noqa: ANN001 - Splits
+def _train_in(run_dir: Path, cfg: TrainConfig, splits, device: torch.device,  # noqa: ANN001 - Splits
               resume: dict[str, Any] | None, ctx: distributed.DistContext) -> dict[str, Any]:
-    """``fit`` into ``run_dir``; a run refused before it wrote anything removes the folder it made (``fresh``)."""
+    """``fit`` into ``run_dir``, with this process's console output."""
     reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
     if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
         print(note, file=sys.stderr)
-    try:
-        return _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
-    except UserError:
-        if fresh:  # a setting refused before anything was written: no empty run folder is left behind
-            runs.discard_if_empty(run_dir)
-        raise
+    return _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
 
 
 def _report_run(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig, splits,  # noqa: ANN001 - Splits

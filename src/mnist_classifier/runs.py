@@ -42,8 +42,10 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
     its files to be removed first (so no old checkpoint is left beside the new run's config). The hold is an
     flock on the folder itself: a second ``mnist train`` on it (the same --out, a --resume of a run still
     training, an --overwrite of one) is refused, where before the two wrote their files into one folder
-    (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL."""
+    (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL.
+    A folder made here that the block leaves empty (a setting refused before anything was written) is removed."""
     path = run_dir_path(out)
+    made = not path.exists()
     fileio.make_dir(path, "run folder")
     with fileio.exclusive(path, wait=False) as held:
         if not held:
@@ -56,13 +58,13 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
                                 f"choose another --out, or pass --overwrite to replace it")
             for name in existing:
                 (path / name).unlink()
-        yield path
-
-
-def discard_if_empty(run_dir: Path) -> None:
-    """Remove the run folder this command made if it is still empty (its run was refused before writing)."""
-    with contextlib.suppress(OSError):  # not empty (a file was written), or already gone
-        run_dir.rmdir()
+        try:
+            yield path
+        except BaseException:
+            if made:
+                with contextlib.suppress(OSError):  # not empty (a file was written): kept
+                    path.rmdir()
+            raise
 
 
 def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:

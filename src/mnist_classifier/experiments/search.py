@@ -247,11 +247,6 @@ def storage_answers(sweep_dir: Path) -> Iterator[None]:
 
 def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None) -> int:
     """One worker: load the data once, then take and run trials until there are none left; returns how many."""
-    with storage_answers(sweep_dir):
-        return _work(sweep_dir, worker, threads, on_trial)
-
-
-def _work(sweep_dir: Path, worker: int, threads: int, on_trial: TrialCallback | None) -> int:
     spec = load_spec(sweep_dir)
     if threads:
         torch.set_num_threads(threads)
@@ -288,7 +283,8 @@ def _resume_hint(sweep_dir: Path) -> str:
 def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None, parent: int) -> None:
     follow_parent(parent)  # a sweep killed outright: its workers stop as on SIGTERM, not train on unwatched
     try:
-        work(Path(sweep_dir), worker, threads, on_trial)
+        with storage_answers(Path(sweep_dir)):
+            work(Path(sweep_dir), worker, threads, on_trial)
     except (KeyboardInterrupt, Interrupted):  # the parent says how to continue
         pass
     except UserError as exc:  # one line, as the command itself would print it, not multiprocessing's traceback
@@ -357,7 +353,7 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
     sweep_dir = Path(out) if out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)
-    with storage_answers(sweep_dir):
+    with storage_answers(sweep_dir):  # here; a spawned worker has its own (_spawned)
         spec = prepare(spec, sweep_dir, resume)
         try:
             run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
