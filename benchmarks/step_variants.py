@@ -2,9 +2,10 @@
 
 Every variant trains its own copy of the same network (same initial weights) on the real MNIST training
 images through the project's ``TrainStep``, with one setting changed from what `mnist train` does today
-("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32). The variants run in alternating
-chunks of --chunk steps for --rounds rounds, so machine noise hits all of them; each variant's figure is
-the median over rounds of its ms per step, and its ratio is kept's median divided by its own (> 1: faster).
+("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32, the package's pooling kernel). The
+variants run in alternating chunks of --chunk steps for --rounds rounds, so machine noise hits all of them;
+each variant's figure is the median over rounds of its ms per step, and its ratio is kept's median divided by
+its own (> 1: faster).
 
     .venv/bin/python benchmarks/step_variants.py --model guide-cnn --batch-size 64
     .venv/bin/python benchmarks/step_variants.py --model fast-cnn --batch-size 256 --lr 0.02
@@ -27,6 +28,9 @@ Variants:
                   without buffers): a bf16 copy of the model computes, two foreach copies per step move the
                   gradients to the fp32 weights and the stepped weights back; autocast's roundings, fewer
                   calls (native-bf16 CPUs only)
+  V+aten-pool     variant V with torch's max_pool2d (and ReLU) instead of the package's pooling kernel
+                  (models/pooling.py), which every other variant runs where it applies: kept+aten-pool,
+                  bf16-weights+aten-pool, ...
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -54,6 +58,7 @@ import torch
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_native_bf16
 from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.models.pooling import MaxPool2x2
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
 MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
@@ -128,17 +133,21 @@ def split_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 
 def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
-    fmt = torch.contiguous_format if name == "nchw" else torch.channels_last
+    base = name.removesuffix("+aten-pool")  # the variant it changes, with torch's pooling instead of the package's
+    fmt = torch.contiguous_format if base == "nchw" else torch.channels_last
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model)).to(memory_format=fmt).train()
-    adam = {"adam-foreach": {"foreach": True}, "adam-for-loop": {"foreach": False}}.get(name, {"fused": True})
+    for module in model.modules():
+        if isinstance(module, MaxPool2x2):
+            module.native = base == name
+    adam = {"adam-foreach": {"foreach": True}, "adam-for-loop": {"foreach": False}}.get(base, {"fused": True})
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
-    net = torch.compile(model) if name == "compile" else model
+    net = torch.compile(model) if base == "compile" else model
     x = images.contiguous(memory_format=fmt)
-    amp = torch.bfloat16 if name in ("bf16-autocast", "split-threads-bf16", "one-thread-bf16", "bare-bf16") else None
-    if name.startswith("split-threads"):
+    amp = torch.bfloat16 if base in ("bf16-autocast", "split-threads-bf16", "one-thread-bf16", "bare-bf16") else None
+    if base.startswith("split-threads"):
         train = split_step(net, optimizer, x, labels, amp)
-    elif name == "bf16-weights":
+    elif base == "bf16-weights":
         train = Bf16WeightsStep(net, optimizer, x, labels)
     else:
         train = TrainStep(net, optimizer, x, labels, amp_dtype=amp)
@@ -146,13 +155,13 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
 
     def step(idx: torch.Tensor) -> None:
         loss = train(idx)
-        if not name.startswith("bare"):  # what EpochLoop.run adds per step: the running and the epoch's loss sums
+        if not base.startswith("bare"):  # what EpochLoop.run adds per step: the running and the epoch's loss sums
             sums[0] += loss
             sums[1] += loss * len(idx)
 
     ctx = {"no-ftz": lambda: settings(ftz=False), "no-onednn": lambda: settings(onednn=False),
-           "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(name, settings)
-    if name.removesuffix("-bf16") in THREADS:  # the variants that run at one torch thread per Python thread
+           "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(base, settings)
+    if base.removesuffix("-bf16") in THREADS:  # the variants that run at one torch thread per Python thread
         ctx = one_torch_thread
     t0 = time.perf_counter()
     with ctx():
@@ -172,10 +181,11 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
-    names = args.variants or ["kept", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn", "bare",
-                              "compile", "split-threads"]
+    names = args.variants or ["kept", "kept+aten-pool", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn",
+                              "bare", "compile", "split-threads"]
     if cpu_has_native_bf16() and not args.variants:
-        names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "split-threads-bf16"]
+        names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+aten-pool",
+                  "split-threads-bf16"]
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
     labels = splits.train_labels
@@ -196,7 +206,8 @@ def main() -> None:
     for v in variants:
         med = statistics.median(ms[v.name])
         print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
-                          "threads": THREADS.get(v.name.removesuffix("-bf16"), torch.get_num_threads()),
+                          "threads": THREADS.get(v.name.removesuffix("+aten-pool").removesuffix("-bf16"),
+                                                 torch.get_num_threads()),
                           "ms_per_step_median": round(med, 3),
                           "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),
                           "speed_vs_kept": round(kept / med, 3) if kept else None,

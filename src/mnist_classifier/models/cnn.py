@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
+from .pooling import MaxPool2x2
 
 
 class GuideCNN(nn.Module):
@@ -26,7 +27,7 @@ class GuideCNN(nn.Module):
         super().__init__()
         self.conv1 = nn.Conv2d(cfg.in_channels, 16, kernel_size=3, padding=1)  # padding 1 keeps H, W
         self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
-        self.pool = nn.MaxPool2d(2, 2)  # halves H and W
+        self.pool = MaxPool2x2()  # halves H and W; on a CPU, the package's kernel (models/pooling.py)
         self.relu = nn.ReLU()
         side = cfg.image_size // 4  # two pools: 28 -> 14 -> 7
         self.flat_features = 32 * side * side  # 32 * 7 * 7 = 1568 for MNIST
@@ -36,9 +37,9 @@ class GuideCNN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The guide applies ReLU then pool; pool then ReLU is the same function with the same gradients
-        # (ReLU is monotonic, so max and ReLU commute, ties included) and runs ReLU on 4x fewer values.
-        x = self.relu(self.pool(self.conv1(x)))  # (B, 16, 14, 14)
-        x = self.relu(self.pool(self.conv2(x)))  # (B, 32, 7, 7)
+        # (ReLU is monotonic, so max and ReLU commute, ties included), and the pool applies it in one pass.
+        x = self.pool(self.conv1(x), relu=True)  # (B, 16, 14, 14)
+        x = self.pool(self.conv2(x), relu=True)  # (B, 32, 7, 7)
         x = torch.flatten(x, 1)  # (B, 1568)
         x = self.dropout(self.relu(self.fc1(x)))  # (B, 128)
         return self.fc2(x)  # (B, 10) logits
@@ -52,7 +53,7 @@ def conv_bn(c_in: int, c_out: int, pool: bool = False) -> nn.Sequential:
     """
     layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
     if pool:
-        layers.append(nn.MaxPool2d(2))
+        layers.append(MaxPool2x2())
     return nn.Sequential(*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
@@ -239,8 +240,8 @@ class GuideCNNDeep(GuideCNN):
         self.conv3 = nn.Conv2d(32, 32, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.pool(self.conv1(x)))  # (B, 16, 14, 14)
+        x = self.pool(self.conv1(x), relu=True)  # (B, 16, 14, 14)
         x = self.relu(self.conv2(x))  # (B, 32, 14, 14)
-        x = self.relu(self.pool(self.conv3(x)))  # (B, 32, 7, 7)
+        x = self.pool(self.conv3(x), relu=True)  # (B, 32, 7, 7)
         x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))
         return self.fc2(x)

@@ -1,0 +1,104 @@
+"""C++ kernels, built on first use by the system's compiler for this CPU and cached, loaded through ctypes.
+
+``load(source)`` compiles a ``.cpp`` file of the package into a shared library under
+``$XDG_CACHE_HOME/mnist-classifier/native`` (``~/.cache/...``) and returns it, or None where it cannot: no
+compiler, a failed build, or ``MNIST_NATIVE=0``. ``why_not(source)`` then says why. Callers keep torch's
+own path for that case, so a machine without a compiler runs the same code, only slower.
+
+The library's name is a hash of everything it depends on: the source, the flags, the compiler and this CPU
+(``-march=native`` code must not run on another CPU that shares the home folder). A build is written
+beside its final name and renamed into place, so two processes building at once, or a build killed
+midway, never leave a half-written library to load.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+from . import fileio
+from .errors import UserError
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+BUILD_SECONDS = 120  # a kernel file builds in ~1 s; a compiler that hangs is given up on
+DISABLE = "MNIST_NATIVE"  # MNIST_NATIVE=0: never build or load, torch's own kernels everywhere
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-classifier" / "native"
+
+
+def compiler() -> str | None:
+    """The C++ compiler: $CXX, else c++ or g++ on the PATH."""
+    named = os.environ.get("CXX")
+    return shutil.which(named) if named else shutil.which("c++") or shutil.which("g++")
+
+
+def cpu_identity() -> str:
+    """What -march=native depends on: the CPU's model and instruction-set flags (Linux), else the platform."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("vendor_id", "model name", "flags", "Features", "CPU part")
+    lines = [line for line in text.split("\n\n")[0].splitlines() if line.split(":")[0].strip() in wanted]
+    return "\n".join(lines) or platform.machine()
+
+
+def library_path(source: Path, cxx: str) -> Path:
+    key = hashlib.sha256(source.read_bytes())
+    for part in (" ".join(FLAGS), cxx, cpu_identity()):
+        key.update(b"\0" + part.encode())
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:24]}.so"
+
+
+class BuildFailed(Exception):
+    pass
+
+
+def build(source: Path, target: Path, cxx: str) -> None:
+    """Compile ``source`` into ``target`` (written beside it, then renamed): BuildFailed with the compiler's
+    last line if it fails."""
+    def compile_into(tmp: Path) -> None:
+        try:
+            proc = subprocess.run([cxx, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True,
+                                  timeout=BUILD_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise BuildFailed(f"{cxx} took over {BUILD_SECONDS} s") from None
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            raise BuildFailed(f"{cxx} failed: {last}")
+
+    fileio.write_with(target, compile_into)
+
+
+@functools.cache
+def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    if os.environ.get(DISABLE, "1") == "0":
+        return None, f"{DISABLE}=0"
+    cxx = compiler()
+    if cxx is None:
+        return None, "no C++ compiler (c++, g++ or $CXX) on the PATH"
+    target = library_path(source, cxx)
+    try:
+        if not target.exists():
+            build(source, target, cxx)
+        return ctypes.CDLL(str(target)), None
+    except (BuildFailed, UserError, OSError) as exc:  # UserError: the cache folder cannot be written
+        return None, str(exc)
+
+
+def load(source: Path) -> ctypes.CDLL | None:
+    """The library built from ``source`` for this CPU, built now if not cached; None if it cannot be."""
+    return _load(source)[0]
+
+
+def why_not(source: Path) -> str | None:
+    """Why ``load(source)`` gives None (None if it loads)."""
+    return _load(source)[1]
