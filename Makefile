@@ -26,7 +26,7 @@ setup: $(STAMP)
 # Debian packages the tests use: chromium for the browser test (driven by Playwright, never downloaded),
 # dataset-fashion-mnist for the Fashion-MNIST tests (its IDX files in /usr/share/datasets/fashion-mnist),
 # postgresql for the test of a sweep shared by two workers (the test starts its own server), g++ to build the
-# package's CPU pooling kernel on first use (models/pool2x2.cpp, ~0.2 s; without a compiler torch's pooling runs).
+# package's CPU kernels on first use (models/*.cpp, ~0.2 s each; without a compiler torch's layers run).
 APT_PACKAGES := chromium dataset-fashion-mnist postgresql g++
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \

@@ -2,7 +2,7 @@
 
 Every variant trains its own copy of the same network (same initial weights) on the real MNIST training
 images through the project's ``TrainStep``, with one setting changed from what `mnist train` does today
-("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32, the package's pooling kernel). The
+("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32, the package's CPU kernels). The
 variants run in alternating chunks of --chunk steps for --rounds rounds, so machine noise hits all of them;
 each variant's figure is the median over rounds of its ms per step, and its ratio is kept's median divided by
 its own (> 1: faster).
@@ -28,9 +28,9 @@ Variants:
                   without buffers): a bf16 copy of the model computes, two foreach copies per step move the
                   gradients to the fp32 weights and the stepped weights back; autocast's roundings, fewer
                   calls (native-bf16 CPUs only)
-  V+aten-pool     variant V with torch's max_pool2d (and ReLU) instead of the package's pooling kernel
-                  (models/pooling.py), which every other variant runs where it applies: kept+aten-pool,
-                  bf16-weights+aten-pool, ...
+  V+no-native     variant V on torch's layers instead of the package's kernels (models/pooling.py: the 2x2
+                  pool + ReLU, and the first convolution fused with them), which every other variant runs
+                  where they apply: kept+no-native, bf16-weights+no-native, ...
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -133,7 +133,7 @@ def split_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 
 def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
-    base = name.removesuffix("+aten-pool")  # the variant it changes, with torch's pooling instead of the package's
+    base = name.removesuffix("+no-native")  # the variant it changes, on torch's layers instead of the kernels
     fmt = torch.contiguous_format if base == "nchw" else torch.channels_last
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model)).to(memory_format=fmt).train()
@@ -181,10 +181,10 @@ def main() -> None:
     parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
-    names = args.variants or ["kept", "kept+aten-pool", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn",
+    names = args.variants or ["kept", "kept+no-native", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn",
                               "bare", "compile", "split-threads"]
     if cpu_has_native_bf16() and not args.variants:
-        names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+aten-pool",
+        names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+no-native",
                   "split-threads-bf16"]
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
@@ -206,7 +206,7 @@ def main() -> None:
     for v in variants:
         med = statistics.median(ms[v.name])
         print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
-                          "threads": THREADS.get(v.name.removesuffix("+aten-pool").removesuffix("-bf16"),
+                          "threads": THREADS.get(v.name.removesuffix("+no-native").removesuffix("-bf16"),
                                                  torch.get_num_threads()),
                           "ms_per_step_median": round(med, 3),
                           "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),

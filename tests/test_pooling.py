@@ -1,5 +1,6 @@
-"""Issue 24: the package's 2x2 max-pooling kernel (models/pooling.py, built by native.py) is torch's pooling,
-bit for bit, wherever it runs; torch's runs everywhere else, including on a machine whose build fails."""
+"""Issue 24: the package's kernels (models/pooling.py, built by native.py) compute what torch's layers do: the
+2x2 max-pooling bit for bit, the fused first layer (3x3 convolution + pool + ReLU) to rounding. Wherever they
+do not apply, or a machine cannot build them, torch's layers run."""
 
 from __future__ import annotations
 
@@ -16,16 +17,18 @@ import torch.nn.functional as F
 from mnist_classifier import native
 from mnist_classifier.data import model_input
 from mnist_classifier.models import ModelConfig, build_model
-from mnist_classifier.models.pooling import SOURCE, MaxPool2x2, max_pool2x2, native_applies
+from mnist_classifier.models.pooling import (CONV_SOURCE, SOURCE, MaxPool2x2, fused_conv_applies, max_pool2x2,
+                                            native_applies)
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
 CPU = torch.device("cpu")
 
 
-def test_the_kernel_builds_and_loads_on_this_machine():
-    """`make` installs a C++ compiler (g++), so the suite's machine must build it: else every CPU test below
-    would pass on torch's pooling alone."""
-    assert native.load(SOURCE) is not None, native.why_not(SOURCE)
+@pytest.mark.parametrize("source", [SOURCE, CONV_SOURCE], ids=lambda p: p.name)
+def test_the_kernels_build_and_load_on_this_machine(source):
+    """`make` installs a C++ compiler (g++), so the suite's machine must build them: else every CPU test below
+    would pass on torch's layers alone."""
+    assert native.load(source) is not None, native.why_not(source)
 
 
 def hostile_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
@@ -77,6 +80,50 @@ def test_torchs_pooling_where_the_kernel_does_not_apply():
     assert traced == [False]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_first_layer_gives_torchs_outputs_and_gradients(splits, dtype):
+    """conv1 + pool + ReLU of the guide CNN on 64 real images, against torch's conv2d and max_pool2d: outputs
+    and weight and bias gradients agree to the rounding of sums taken in another order. Measured on a Zen 4:
+    in fp32, 381 of 200,704 outputs differ, by at most 4.8e-7; in bf16 none. The bounds: 1e-5 relative
+    plus 1e-6 (fp32), one bf16 rounding (bf16); gradients within 4 roundings of the largest."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="guide-cnn")).to(dtype=dtype, memory_format=torch.channels_last)
+    x = model_input(splits.train_images[:64], splits.info.mean, splits.info.std, CPU).to(dtype)
+    assert fused_conv_applies(model.conv1, x)
+    grad = torch.randn(64, 16, 14, 14, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for native_ok in (True, False):
+        model.pool.native = native_ok
+        model.zero_grad(set_to_none=True)
+        y = model.pool.after_conv(model.conv1, x, relu=True)
+        y.backward(grad.contiguous(memory_format=torch.channels_last))
+        results.append((y.detach().float(), model.conv1.weight.grad.float(), model.conv1.bias.grad.float()))
+    (y, gw, gb), (y_ref, gw_ref, gb_ref) = results
+    rounding = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y, y_ref, rtol=rounding, atol=rounding if dtype == torch.bfloat16 else 1e-6)
+    for ours, ref in ((gw, gw_ref), (gb, gb_ref)):
+        assert (ours - ref).abs().max() <= 4 * rounding * ref.abs().max() + 1e-6
+
+
+def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
+    conv = torch.nn.Conv2d(1, 16, 3, padding=1)
+    x = torch.randn(4, 1, 8, 8)
+    assert fused_conv_applies(conv, x)
+    assert fused_conv_applies(conv, x.contiguous(memory_format=torch.channels_last))  # one channel: the same
+    assert not fused_conv_applies(conv, x.requires_grad_())  # not a first layer: its input needs a gradient
+    x = x.detach()
+    assert not fused_conv_applies(torch.nn.Conv2d(1, 16, 3, padding=1, bias=False), x)
+    assert not fused_conv_applies(torch.nn.Conv2d(1, 16, 3, padding=1, stride=2), x)
+    assert not fused_conv_applies(torch.nn.Conv2d(1, 8, 3, padding=1), x)
+    assert not fused_conv_applies(torch.nn.Conv2d(1, 16, 5, padding=2), x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's dtype
+        assert not fused_conv_applies(conv, x)
+    handle = conv.register_forward_pre_hook(lambda _m, _a: None)  # --whiten-init reads conv1's input this way
+    assert not fused_conv_applies(conv, x)
+    handle.remove()
+    assert fused_conv_applies(conv, x)
+
+
 def guide_step(images: torch.Tensor, labels: torch.Tensor, native_ok: bool, bf16: bool) -> TrainStep:
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="guide-cnn")).to(memory_format=torch.channels_last)
@@ -88,9 +135,12 @@ def guide_step(images: torch.Tensor, labels: torch.Tensor, native_ok: bool, bf16
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_the_guide_cnn_trains_to_the_same_weights_with_either_pooling(splits, bf16):
+def test_the_guide_cnn_trains_alike_on_the_packages_kernels_and_torchs(splits, bf16):
     """Ten of the guide recipe's steps on real images, as `mnist train` runs them (fp32, or bf16 without
-    autocast): the same losses and weights, bit for bit, with the kernel and with torch's pooling."""
+    autocast), with the kernels and with torch's layers. Measured (1 and 2 threads, Zen 4): losses within
+    1.2e-7 and weights within 5.5e-6 in fp32, 0 and 2.1e-7 in bf16; the bounds are the ones the kept step
+    meets against the guide's plain step (tests/test_speedups.py), while one Adam step moves a weight by up to
+    its learning rate, 1e-3."""
     images = model_input(splits.train_images[:640], splits.info.mean, splits.info.std, CPU)
     labels = splits.train_labels[:640]
     steps = [guide_step(images, labels, native_ok, bf16) for native_ok in (True, False)]
@@ -100,21 +150,23 @@ def test_the_guide_cnn_trains_to_the_same_weights_with_either_pooling(splits, bf
         for step in steps:
             torch.manual_seed(i)  # dropout's mask
             losses.append(step(idx))
-        assert torch.equal(losses[0], losses[1])
-    for a, b in zip(steps[0].model.parameters(), steps[1].model.parameters()):
-        assert torch.equal(a, b)
+        assert abs(losses[0] - losses[1]) <= 5e-6
+    weights = zip(steps[0].model.parameters(), steps[1].model.parameters())
+    assert max((a - b).abs().max().item() for a, b in weights) < 3e-4
 
 
 PROBE = textwrap.dedent("""
     import json, torch
     from mnist_classifier import native
     from mnist_classifier.models import ModelConfig, build_model
-    from mnist_classifier.models.pooling import SOURCE, native_applies
+    from mnist_classifier.models.pooling import CONV_SOURCE, SOURCE, native_applies
     x = torch.randn(2, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    wide = x.expand(2, 16, 28, 28).contiguous(memory_format=torch.channels_last)
     model = build_model(ModelConfig(name="guide-cnn")).to(memory_format=torch.channels_last)
     model(x).sum().backward()  # trains either way
-    print(json.dumps({"loaded": native.load(SOURCE) is not None, "why": native.why_not(SOURCE),
-                      "applies": native_applies(x.expand(2, 16, 28, 28).contiguous(memory_format=torch.channels_last))}))
+    print(json.dumps({"loaded": native.load(SOURCE) is not None and native.load(CONV_SOURCE) is not None,
+                      "why": native.why_not(SOURCE),
+                      "applies": native_applies(wide)}))
 """)
 
 
@@ -143,13 +195,14 @@ def test_a_failed_build_falls_back_to_torch_and_leaves_nothing(tmp_path):
     assert cache_files(tmp_path) == []
 
 
-def test_two_processes_building_at_once_both_load_one_library(tmp_path):
+def test_two_processes_building_at_once_both_load_one_library_each(tmp_path):
     """Two first uses at once on an empty cache (two sweep workers, say): each builds beside the final name and
-    renames, so both load a whole library and one file is left."""
+    renames, so both load whole libraries and one file per kernel source is left."""
     env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", PROBE], stdout=subprocess.PIPE, text=True, env=env)
              for _ in range(2)]
     results = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
     assert all(r == {"loaded": True, "why": None, "applies": True} for r in results)
     files = cache_files(tmp_path)
-    assert len(files) == 1 and files[0].startswith("pool2x2-") and files[0].endswith(".so")
+    assert [name.rsplit("-", 1)[0] for name in files] == ["conv_pool", "pool2x2"]
+    assert all(name.endswith(".so") for name in files)

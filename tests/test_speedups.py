@@ -67,9 +67,11 @@ def train_and_score(splits: Splits, kind: str, seed: int, n_images: int) -> floa
 
 def test_pooling_before_relu_gives_the_guides_outputs_and_gradients_exactly(splits):
     """ReLU and max commute (ties included), so the reordering is exact: the same logits and the same
-    gradients, bit for bit, on a batch of real images."""
+    gradients, bit for bit, on a batch of real images. Both sides on torch's layers: the order is the question
+    here (the package's kernels are tests/test_pooling.py's)."""
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="guide-cnn"))
+    model.pool.native = False
     x = normalize(splits.train_images[:BATCH], splits.info.mean, splits.info.std)  # (64, 1, 28, 28)
     y = splits.train_labels[:BATCH]
     results = []
@@ -119,7 +121,8 @@ def test_the_kept_step_and_bf16_train_to_the_plain_steps_accuracy(splits):
 def test_the_bf16_weights_step_matches_autocast_bit_for_bit(splits, dropout, smoothing):
     """The bf16 twin rounds the weights as autocast's casts do, draws dropout's masks from the same random
     stream, and computes the loss on fp32 logits as autocast does: 10 steps on real images give the same
-    losses and the same fp32 weights, exactly, with and without dropout and label smoothing."""
+    losses and the same fp32 weights, exactly, with and without dropout and label smoothing. Both on torch's
+    layers: under autocast the first layer is not fused, and the kernels are tests/test_pooling.py's."""
     flush_denormals()
     images = model_input(splits.train_images[: 10 * BATCH], splits.info.mean, splits.info.std, CPU)
     labels = splits.train_labels[: 10 * BATCH]
@@ -128,6 +131,7 @@ def test_the_bf16_weights_step_matches_autocast_bit_for_bit(splits, dropout, smo
                  lambda m, o: Bf16WeightsStep(m, o, images, labels, smoothing)):
         torch.manual_seed(0)
         model = build_model(ModelConfig(name="guide-cnn", dropout=dropout)).to(memory_format=preferred_memory_format(CPU))
+        model.pool.native = False
         step = make(model, make_optimizer(TrainConfig(), model.parameters(), CPU))
         losses = torch.stack([step(torch.arange(i * BATCH, (i + 1) * BATCH)) for i in range(10)])
         runs.append((losses, [p.detach().clone() for p in model.parameters()]))

@@ -38,7 +38,7 @@ class GuideCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The guide applies ReLU then pool; pool then ReLU is the same function with the same gradients
         # (ReLU is monotonic, so max and ReLU commute, ties included), and the pool applies it in one pass.
-        x = self.pool(self.conv1(x), relu=True)  # (B, 16, 14, 14)
+        x = self.pool.after_conv(self.conv1, x, relu=True)  # (B, 16, 14, 14), one kernel on a CPU
         x = self.pool(self.conv2(x), relu=True)  # (B, 32, 7, 7)
         x = torch.flatten(x, 1)  # (B, 1568)
         x = self.dropout(self.relu(self.fc1(x)))  # (B, 128)
@@ -240,7 +240,7 @@ class GuideCNNDeep(GuideCNN):
         self.conv3 = nn.Conv2d(32, 32, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.conv1(x), relu=True)  # (B, 16, 14, 14)
+        x = self.pool.after_conv(self.conv1, x, relu=True)  # (B, 16, 14, 14)
         x = self.relu(self.conv2(x))  # (B, 32, 14, 14)
         x = self.pool(self.conv3(x), relu=True)  # (B, 32, 7, 7)
         x = self.dropout(self.relu(self.fc1(torch.flatten(x, 1))))

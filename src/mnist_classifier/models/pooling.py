@@ -1,14 +1,19 @@
-"""2x2 max-pooling (and the ReLU after it) on a CPU through this package's own kernel, ``pool2x2.cpp``.
+"""2x2 max-pooling (and the ReLU after it) on a CPU through this package's own kernels.
 
-The kernel gives torch's outputs and gradients exactly, ties and NaN included (tests/test_pooling.py), but
-keeps a one-byte index per output where torch keeps eight, and its backward writes each input once instead
-of zero-filling a buffer and scattering into it. In the guide CNN's bf16 training step on a 2-core Zen 4 the
-two pools, forward and backward, took about a third of the time (BENCHMARKS.md).
+``pool2x2.cpp`` gives torch's outputs and gradients exactly, ties and NaN included (tests/test_pooling.py),
+but keeps a one-byte index per output where torch keeps eight, and its backward writes each input once
+instead of zero-filling a buffer and scattering into it: 2-2.5x torch's speed, forward and backward, at
+the guide CNN's shapes on a 2-core Zen 4 (BENCHMARKS.md).
 
-It runs where it can: a float32 or bfloat16 CPU tensor in channels_last with a multiple of 16 channels,
-outside tracing, export and torch.compile, with the kernel built (``native.load``). Everything else, and
-any machine without a C++ compiler, gets torch's ``max_pool2d``, so models, checkpoints and exports are the
-same either way.
+``conv_pool.cpp`` also folds in the convolution before the pool when it is a first layer (one input
+channel, 3x3, padding 1): its output never reaches memory at full size, and its backward computes only the
+weight and bias gradients, from each window's winner. Its outputs are torch's; its weight gradient is summed
+in another order, so it agrees to fp32 rounding (and one bf16 rounding) rather than bit for bit.
+
+They run where they can: float32 or bfloat16 CPU tensors in channels_last with a multiple of 16 channels,
+outside tracing, export and torch.compile, with the kernels built (``native.load``). Everything else, and
+any machine without a C++ compiler, gets torch's ``conv2d`` and ``max_pool2d``, so models, checkpoints and
+exports are the same either way.
 """
 
 from __future__ import annotations
@@ -24,27 +29,59 @@ from torch.autograd.function import once_differentiable
 from .. import native
 
 SOURCE = Path(__file__).with_name("pool2x2.cpp")
-LANES = 16  # the kernel's inner loop: channels come in blocks of 16
+CONV_SOURCE = Path(__file__).with_name("conv_pool.cpp")
+LANES = 16  # the kernels' inner loops: channels come in blocks of 16
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
-_ARGS = ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, *[ctypes.c_int64] * 4
+_P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {  # kernel name -> argument types: pointers, then (B, H, W, C), then flags and threads
+    "pool2x2_forward": [_P] * 3 + [_I64] * 4 + [_INT] * 2, "pool2x2_backward": [_P] * 3 + [_I64] * 4 + [_INT],
+    "conv_pool_forward": [_P] * 5 + [_I64] * 4 + [_INT] * 2, "conv_pool_backward": [_P] * 5 + [_I64] * 4 + [_INT],
+}
 
 
-def _kernels() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE)
-    if lib is not None and lib.pool2x2_forward_f32.argtypes is None:  # declared once per process
-        for suffix in SUFFIX.values():
-            getattr(lib, f"pool2x2_forward_{suffix}").argtypes = [*_ARGS, ctypes.c_int, ctypes.c_int]
-            getattr(lib, f"pool2x2_backward_{suffix}").argtypes = [*_ARGS, ctypes.c_int]
-    return lib
+def _kernel(source: Path, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
+    """The kernel ``name`` for ``dtype`` from ``source``'s library, None where that cannot be built."""
+    lib = native.load(source)
+    if lib is None:
+        return None
+    fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
+    if fn.argtypes is None:  # declared once per process
+        fn.argtypes = _SIGNATURES[name]
+    return fn
+
+
+def _plain_tensor_path() -> bool:
+    """Exporters and compilers see torch's own operators."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
 
 
 def native_applies(x: torch.Tensor) -> bool:
     """Whether ``max_pool2x2`` runs the package's kernel on ``x`` (otherwise torch's)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False  # exporters and compilers see torch's own operators
-    return (x.device.type == "cpu" and x.dtype in SUFFIX and x.dim() == 4 and x.shape[1] % LANES == 0
-            and x.shape[2] >= 2 and x.shape[3] >= 2 and x.is_contiguous(memory_format=torch.channels_last)
-            and _kernels() is not None)
+    return (_plain_tensor_path() and x.device.type == "cpu" and x.dtype in SUFFIX and x.dim() == 4
+            and x.shape[1] % LANES == 0 and x.shape[2] >= 2 and x.shape[3] >= 2
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and _kernel(SOURCE, "pool2x2_forward", x.dtype) is not None)
+
+
+def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``MaxPool2x2.after_conv`` runs ``conv`` and the pool as one kernel: a plain 3x3 convolution
+    (padding 1, stride 1, bias) of a one-channel input that needs no gradient of its own (a first layer), to
+    a multiple of 16 channels, with no hooks on it (--whiten-init hooks the first convolution)."""
+    return (_plain_tensor_path() and type(conv) is nn.Conv2d and conv.in_channels == 1
+            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and conv.bias is not None and conv.out_channels % LANES == 0
+            and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())
+            and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == x.dtype
+            and not torch.is_autocast_enabled("cpu")  # autocast would run the convolution in bf16
+            and x.dim() == 4 and x.shape[1] == 1 and x.shape[2] >= 2 and x.shape[3] >= 2 and not x.requires_grad
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))  # one channel: the same
+            and _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype) is not None)
+
+
+def _global_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
 class _NativePool(torch.autograd.Function):
@@ -53,7 +90,7 @@ class _NativePool(torch.autograd.Function):
         b, c, h, w = x.shape
         y = torch.empty((b, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         which = torch.empty((b, h // 2, w // 2, c), dtype=torch.uint8)  # the winner of each window, 4: ReLU'd
-        kernel = getattr(_kernels(), f"pool2x2_forward_{SUFFIX[x.dtype]}")
+        kernel = _kernel(SOURCE, "pool2x2_forward", x.dtype)
         kernel(x.data_ptr(), y.data_ptr(), which.data_ptr(), b, h, w, c, int(relu), torch.get_num_threads())
         ctx.save_for_backward(which)
         ctx.input_shape = x.shape
@@ -68,9 +105,39 @@ class _NativePool(torch.autograd.Function):
         grad_x = torch.empty((b, c, h, w), dtype=grad_y.dtype, memory_format=torch.channels_last)
         if h % 2 or w % 2:
             grad_x.zero_()  # floor mode: the last row or column is in no window, and the kernel skips it
-        kernel = getattr(_kernels(), f"pool2x2_backward_{SUFFIX[grad_y.dtype]}")
+        kernel = _kernel(SOURCE, "pool2x2_backward", grad_y.dtype)
         kernel(grad_y.data_ptr(), which.data_ptr(), grad_x.data_ptr(), b, h, w, c, torch.get_num_threads())
         return grad_x, None
+
+
+class _NativeConvPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+        b, _, h, w = x.shape  # (B, 1, H, W)
+        out = weight.shape[0]
+        taps = weight.detach().reshape(out, 9).contiguous()  # (O, 9)
+        y = torch.empty((b, out, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+        which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
+        kernel = _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype)
+        kernel(x.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), y.data_ptr(), which.data_ptr(),
+               b, h, w, out, int(relu), torch.get_num_threads())
+        ctx.save_for_backward(x, which)
+        ctx.weight_shape = weight.shape
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, None]:
+        x, which = ctx.saved_tensors
+        b, _, h, w = x.shape
+        out = ctx.weight_shape[0]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_w = torch.empty((out, 9), dtype=grad_y.dtype)
+        grad_b = torch.empty(out, dtype=grad_y.dtype)
+        kernel = _kernel(CONV_SOURCE, "conv_pool_backward", grad_y.dtype)
+        kernel(x.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, out,
+               torch.get_num_threads())
+        return None, grad_w.view(ctx.weight_shape), grad_b, None
 
 
 def max_pool2x2(x: torch.Tensor, relu: bool = False, native_ok: bool = True) -> torch.Tensor:
@@ -85,7 +152,8 @@ class MaxPool2x2(nn.MaxPool2d):
     """``nn.MaxPool2d(2)`` (2x2 windows, stride 2) whose forward may also apply the ReLU that follows it.
 
     Pool then ReLU is the same function as ReLU then pool, with the same gradients (ReLU is monotonic), and
-    fused it reads and writes each value once. ``native = False`` makes it torch's pooling (benchmarks).
+    fused it reads and writes each value once. ``native = False`` makes it torch's pooling (and convolution,
+    in ``after_conv``) everywhere (benchmarks, tests).
     """
 
     def __init__(self) -> None:
@@ -94,3 +162,9 @@ class MaxPool2x2(nn.MaxPool2d):
 
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         return max_pool2x2(x, relu, self.native)
+
+    def after_conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+        """``self(conv(x), relu)``, in one kernel where ``fused_conv_applies``."""
+        if self.native and fused_conv_applies(conv, x):
+            return _NativeConvPool.apply(x.contiguous(), conv.weight, conv.bias, relu)
+        return self(conv(x), relu)

@@ -1,0 +1,195 @@
+// A first layer in one pass: 3x3 convolution (padding 1, stride 1) of a one-channel image, its bias, 2x2
+// max-pooling (stride 2, floor mode) and optionally ReLU, forward and backward, for CPU tensors in fp32 or bf16.
+//
+// Why: the guide CNN's first convolution has one input channel, which oneDNN computes at about a sixth of the
+// rate of the second (53 against 322 GFLOP/s in bf16 on a 2-core Zen 4, benchmarks/step_profile.py). Fused
+// with the pool, its output never reaches memory at full size, and its backward needs no full-size gradient:
+// only each window's winner has one, so the weight gradient sums over a quarter of the positions.
+//
+// Layout: x is (B, H, W) (one channel: NCHW and channels_last are the same memory), weight (O, 9) row-major
+// taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O): 0-3 the window's winner
+// (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16 convolution output is rounded to
+// bf16 (round to nearest even) before the pool compares it, as the unfused layers store it.
+//
+// The 16 output channels of a block are one GCC vector (vector_size), which the compiler maps onto the
+// host's registers: one AVX-512 register, two AVX2 ones, four SSE ones.
+
+#include <omp.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+constexpr int kTaps = 9;
+typedef float F16 __attribute__((vector_size(64)));     // 16 x fp32
+typedef int32_t I16 __attribute__((vector_size(64)));   // 16 x int32: masks and indices
+typedef uint32_t U16 __attribute__((vector_size(64)));  // 16 x uint32: bit patterns
+typedef uint16_t H16 __attribute__((vector_size(32)));  // 16 x bf16 bit patterns
+typedef uint8_t B16 __attribute__((vector_size(16)));   // 16 x uint8: winners
+
+inline F16 load(const float* p) {
+  F16 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline F16 load(const uint16_t* p) {  // bf16 -> fp32 is exact: the bits are fp32's upper half
+  H16 h;
+  std::memcpy(&h, p, sizeof h);
+  return reinterpret_cast<F16>(__builtin_convertvector(h, U16) << 16);
+}
+inline void store(float* p, F16 v) { std::memcpy(p, &v, sizeof v); }
+// fp32 -> bf16 in fp32's upper half, round to nearest even; NaN stays NaN (quiet)
+inline U16 bf16_bits(F16 v) {
+  const U16 u = reinterpret_cast<U16>(v);
+  const U16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  return ((u & 0x7fffffffu) > 0x7f800000u) ? ((u | 0x00400000u) & 0xffff0000u) : rounded;
+}
+inline void store(uint16_t* p, F16 v) {
+  const H16 h = __builtin_convertvector(bf16_bits(v) >> 16, H16);
+  std::memcpy(p, &h, sizeof h);
+}
+// v as a tensor of type T holds it: unchanged for fp32, rounded to bf16 (exact in fp32) for bf16
+inline F16 as_stored(F16 v, float) { return v; }
+inline F16 as_stored(F16 v, uint16_t) { return reinterpret_cast<F16>(bf16_bits(v)); }
+
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float f;
+  std::memcpy(&f, &wide, sizeof f);
+  return f;
+}
+
+// The 4x4 input patch around output row ``row`` (= b * H/2 + oh), column ow: the window at (2*oh, 2*ow) of
+// image b, rows 2oh-1..2oh+2 and columns 2ow-1..2ow+2, zero outside the image.
+template <typename T>
+inline void load_patch(const T* x, int64_t height, int64_t width, int64_t row, int64_t ow, float patch[4][4]) {
+  const int64_t oh = row % (height / 2);
+  const T* image = x + row / (height / 2) * height * width;
+  for (int r = 0; r < 4; r++) {
+    const int64_t h = 2 * oh - 1 + r;
+    for (int c = 0; c < 4; c++) {
+      const int64_t w = 2 * ow - 1 + c;
+      patch[r][c] = (h >= 0 && h < height && w >= 0 && w < width) ? scalar(image[h * width + w]) : 0.0f;
+    }
+  }
+}
+
+template <typename T>
+void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int64_t batch, int64_t height,
+             int64_t width, int64_t out_channels, int relu, int threads) {
+  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
+  std::vector<F16> taps(blocks * kTaps), shift(blocks);  // taps[block][k]: 16 channels' weights of tap k
+  for (int64_t o = 0; o < out_channels; o++) {
+    for (int k = 0; k < kTaps; k++) taps[(o / kLanes) * kTaps + k][o % kLanes] = scalar(weight[o * kTaps + k]);
+    shift[o / kLanes][o % kLanes] = scalar(bias[o]);
+  }
+#pragma omp parallel for num_threads(threads)
+  for (int64_t row = 0; row < batch * out_h; row++) {
+    for (int64_t ow = 0; ow < out_w; ow++) {
+      float patch[4][4];
+      load_patch(x, height, width, row, ow, patch);
+      for (int64_t blk = 0; blk < blocks; blk++) {
+        const F16* tap = &taps[blk * kTaps];
+        auto output = [&](int j) {  // the window's convolution output j (row-major), as the tensor holds it
+          F16 acc = {};
+          for (int kh = 0; kh < 3; kh++)
+            for (int kw = 0; kw < 3; kw++) acc += patch[j / 2 + kh][j % 2 + kw] * tap[kh * 3 + kw];
+          return as_stored(acc + shift[blk], T(0));
+        };
+        F16 best = output(0);
+        I16 arg = {};
+        for (int j = 1; j < 4; j++) {
+          const F16 v = output(j);
+          const I16 wins = (v > best) | (v != v);  // torch's rule: greater, or NaN, replaces
+          best = wins ? v : best;
+          arg = wins ? I16{} + j : arg;
+        }
+        const I16 zeroed = relu ? (best <= 0.0f) : I16{};  // ReLU keeps NaN, as torch's does
+        const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
+        store(y + at, zeroed ? F16{} : best);
+        const B16 which = __builtin_convertvector(zeroed ? I16{} + 4 : arg, B16);
+        std::memcpy(idx + at, &which, sizeof which);
+      }
+    }
+  }
+}
+
+// Gradients of the weight (O, 9) and bias (O), summed in fp32: per thread over a fixed share of the rows, then
+// the threads' sums in thread order, so the same thread count gives the same bits every run.
+template <typename T>
+void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T* grad_bias, int64_t batch,
+              int64_t height, int64_t width, int64_t out_channels, int threads) {
+  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
+  const int64_t per = blocks * (kTaps + 1);  // per thread and block: 9 taps, then the bias
+  std::vector<F16> partial(threads * per, F16{});
+#pragma omp parallel num_threads(threads)
+  {
+    F16* acc = &partial[omp_get_thread_num() * per];
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < batch * out_h; row++) {
+      for (int64_t ow = 0; ow < out_w; ow++) {
+        float patch[4][4];
+        load_patch(x, height, width, row, ow, patch);
+        for (int64_t blk = 0; blk < blocks; blk++) {
+          const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
+          const F16 g = load(grad_y + at);
+          B16 which8;
+          std::memcpy(&which8, idx + at, sizeof which8);
+          const I16 which = __builtin_convertvector(which8, I16);
+          F16* sum = acc + blk * (kTaps + 1);
+          for (int j = 0; j < 4; j++) {  // the winner's gradient flows through its own 3x3 patch
+            const F16 gj = (which == j) ? g : F16{};
+            for (int kh = 0; kh < 3; kh++)
+              for (int kw = 0; kw < 3; kw++) sum[kh * 3 + kw] += gj * patch[j / 2 + kh][j % 2 + kw];
+            sum[kTaps] += gj;
+          }
+        }
+      }
+    }
+  }
+  for (int64_t blk = 0; blk < blocks; blk++) {
+    for (int k = 0; k <= kTaps; k++) {
+      F16 total = {};
+      for (int t = 0; t < threads; t++) total += partial[t * per + blk * (kTaps + 1) + k];
+      T out[kLanes];
+      store(out, total);
+      for (int64_t lane = 0; lane < kLanes; lane++) {
+        const int64_t o = blk * kLanes + lane;
+        if (k < kTaps)
+          grad_weight[o * kTaps + k] = out[lane];
+        else
+          grad_bias[o] = out[lane];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+void conv_pool_forward_f32(const float* x, const float* w, const float* b, float* y, uint8_t* idx, int64_t n,
+                           int64_t h, int64_t wd, int64_t o, int relu, int threads) {
+  forward(x, w, b, y, idx, n, h, wd, o, relu, threads);
+}
+
+void conv_pool_forward_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, uint8_t* idx,
+                            int64_t n, int64_t h, int64_t wd, int64_t o, int relu, int threads) {
+  forward(x, w, b, y, idx, n, h, wd, o, relu, threads);
+}
+
+void conv_pool_backward_f32(const float* x, const uint8_t* idx, const float* gy, float* gw, float* gb, int64_t n,
+                            int64_t h, int64_t wd, int64_t o, int threads) {
+  backward(x, idx, gy, gw, gb, n, h, wd, o, threads);
+}
+
+void conv_pool_backward_bf16(const uint16_t* x, const uint8_t* idx, const uint16_t* gy, uint16_t* gw, uint16_t* gb,
+                             int64_t n, int64_t h, int64_t wd, int64_t o, int threads) {
+  backward(x, idx, gy, gw, gb, n, h, wd, o, threads);
+}
+
+}  // extern "C"
