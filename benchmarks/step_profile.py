@@ -10,7 +10,9 @@ CNN's two shapes against the same pooling written as a reshape and ``amax``, whi
 and no zero-filled gradient buffer (the two give different gradients where a window holds tied maxima), and
 the zero-fill alone, and against the same pooling as elementwise ops on the input's four strided quarters with
 max_pool2d's own gradient (``ElementwisePool``; its ``elementwise_exact`` says whether output and gradient
-equal max_pool2d's on an input with many tied maxima).
+equal max_pool2d's on an input with many tied maxima), and against the package's kernel (models/pooling.py,
+``package_kernel``). Part 3 times the guide CNN's first layer as torch's layers and as the package's fused
+kernel.
 
     .venv/bin/python benchmarks/step_profile.py
     .venv/bin/python benchmarks/step_profile.py --model fast-cnn-centre --batch-size 256 --lr 0.02
@@ -33,6 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_native_bf16
 from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.models.pooling import max_pool2x2
 from mnist_classifier.training.step import Bf16WeightsStep
 from step_variants import MEAN, STD, make_variant  # the same step as the one-change table's "kept" variant
 
@@ -158,7 +161,7 @@ def time_pooling(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
     result = {"dtype": str(dtype).removeprefix("torch."), "shape": list(shape),
               "elementwise_exact": same_as_max_pool2d(dtype, shape)}
     for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 2)), ("reshape_amax", amax_pool),
-                       ("elementwise", ElementwisePool.apply)):
+                       ("elementwise", ElementwisePool.apply), ("package_kernel", max_pool2x2)):
         x = x0.clone().requires_grad_()
         for _ in range(10):
             pool(x).sum().backward()
@@ -166,6 +169,24 @@ def time_pooling(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
         for _ in range(reps):
             y = pool(x)
             y.backward(torch.ones_like(y))
+        result[f"{name}_us"] = round((time.perf_counter() - t0) / reps * 1e6)
+    return result
+
+
+def time_first_layer(dtype: torch.dtype, images: torch.Tensor, reps: int) -> dict:
+    """The guide CNN's first layer (conv1, pool, ReLU) forward and backward on 64 real images, as torch's layers
+    and as the package's fused kernel (``MaxPool2x2.after_conv``)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="guide-cnn")).to(dtype=dtype, memory_format=torch.channels_last)
+    x = images[:64].to(dtype).contiguous(memory_format=torch.channels_last)  # (64, 1, 28, 28)
+    grad = torch.ones(64, 16, 14, 14, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    result = {"dtype": str(dtype).removeprefix("torch."), "layer": "conv1 1->16 3x3 + pool + ReLU, batch 64"}
+    for name, native_ok in (("torch_layers", False), ("fused_kernel", True)):
+        model.pool.native = native_ok
+        for rep in range(10 + reps):
+            if rep == 10:
+                t0 = time.perf_counter()
+            model.pool.after_conv(model.conv1, x, relu=True).backward(grad)
         result[f"{name}_us"] = round((time.perf_counter() - t0) / reps * 1e6)
     return result
 
@@ -191,6 +212,7 @@ def main() -> None:
         for shape in ((64, 16, 28, 28), (64, 32, 14, 14)):  # the outputs of the guide CNN's two convolutions
             print(json.dumps(time_pooling(dtype, shape, args.reps)))
         print(json.dumps(time_fill(dtype, (64, 16, 28, 28), args.reps)))
+        print(json.dumps(time_first_layer(dtype, images, args.reps)))
 
 
 if __name__ == "__main__":
