@@ -206,3 +206,17 @@ def test_two_processes_building_at_once_both_load_one_library_each(tmp_path):
     files = cache_files(tmp_path)
     assert [name.rsplit("-", 1)[0] for name in files] == ["conv_pool", "pool2x2"]
     assert all(name.endswith(".so") for name in files)
+
+
+def test_mnist_train_says_in_one_line_when_the_kernels_cannot_be_built(data_dir, tmp_path):
+    """A machine whose compiler fails still trains, on torch's layers, and is told why it is slower."""
+    from conftest import run_cli
+
+    proc = run_cli("train", "--epochs", "1", "--train-subset", "256", "--no-plots", "--device", "cpu",
+                   "--data-dir", str(data_dir), "--out", str(tmp_path / "run"),
+                   env={"CXX": "false", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.returncode == 0, proc.stderr
+    notes = [line for line in proc.stderr.splitlines() if "CPU kernels" in line]
+    assert notes == [notes[0]] and notes[0].startswith("warning: the package's CPU kernels are unavailable (")
+    assert "failed" in notes[0] and "torch's layers run instead" in notes[0]
+    assert "Traceback" not in proc.stderr

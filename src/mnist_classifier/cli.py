@@ -33,7 +33,7 @@ from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
 from .models.registry import CENTRED_ONLY, check_model
-from .models import checkpoint
+from .models import checkpoint, pooling
 from .training import Reporter, check_config, fit, load_resume
 from . import runs
 from .training import distributed
@@ -205,6 +205,8 @@ def _train_in(run_dir: Path, cfg: TrainConfig, splits, device: torch.device,  # 
     """``fit`` into ``run_dir``, with this process's console output."""
     reporter = ConsoleReporter(cfg.batch_size) if ctx.is_main else Reporter()
     if ctx.is_main and (note := border_warning(cfg.model, splits.info)):
+        print(note, file=sys.stderr)
+    if ctx.is_main and device.type == "cpu" and (note := pooling.unavailable_note()):
         print(note, file=sys.stderr)
     return _fit_or_explain(cfg, splits, device, run_dir, reporter, resume, ctx)
 

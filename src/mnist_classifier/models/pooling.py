@@ -79,6 +79,14 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
             and _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype) is not None)
 
 
+def unavailable_note() -> str | None:
+    """One line for a CPU run whose kernels cannot be built (MNIST_NATIVE=0 asked for that, so it gets none)."""
+    why = native.why_not(SOURCE) or native.why_not(CONV_SOURCE)
+    if why is None or why == f"{native.DISABLE}=0":
+        return None
+    return f"warning: the package's CPU kernels are unavailable ({why}); torch's layers run instead, slower"
+
+
 def _global_hooks() -> bool:
     hooks = torch.nn.modules.module
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
