@@ -105,6 +105,26 @@ def test_the_fused_first_layer_gives_torchs_outputs_and_gradients(splits, dtype)
         assert (ours - ref).abs().max() <= 4 * rounding * ref.abs().max() + 1e-6
 
 
+@pytest.mark.parametrize("shape", [(3, 1, 7, 9), (2, 1, 2, 2)])
+def test_the_fused_first_layer_on_odd_and_tiny_images(shape):
+    """Floor mode drops the last row or column, whose outputs pool nowhere and get no gradient; the padding
+    reaches every window of a 2x2 image."""
+    torch.manual_seed(0)
+    conv, pool = torch.nn.Conv2d(1, 32, 3, padding=1), MaxPool2x2()
+    x = torch.randn(shape)
+    assert fused_conv_applies(conv, x)
+    grad = torch.randn(shape[0], 32, shape[2] // 2, shape[3] // 2).contiguous(memory_format=torch.channels_last)
+    results = []
+    for native_ok in (True, False):
+        pool.native = native_ok
+        conv.zero_grad(set_to_none=True)
+        y = pool.after_conv(conv, x, relu=True)
+        y.backward(grad)
+        results.append((y.detach(), conv.weight.grad, conv.bias.grad))
+    for ours, ref in zip(*results):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
     conv = torch.nn.Conv2d(1, 16, 3, padding=1)
     x = torch.randn(4, 1, 8, 8)
@@ -116,6 +136,8 @@ def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
     assert not fused_conv_applies(torch.nn.Conv2d(1, 16, 3, padding=1, stride=2), x)
     assert not fused_conv_applies(torch.nn.Conv2d(1, 8, 3, padding=1), x)
     assert not fused_conv_applies(torch.nn.Conv2d(1, 16, 5, padding=2), x)
+    assert not fused_conv_applies(conv.double(), x.double())  # neither fp32 nor bf16
+    conv.float()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast decides the convolution's dtype
         assert not fused_conv_applies(conv, x)
     handle = conv.register_forward_pre_hook(lambda _m, _a: None)  # --whiten-init reads conv1's input this way

@@ -85,12 +85,12 @@ def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
     cxx = compiler()
     if cxx is None:
         return None, "no C++ compiler (c++, g++ or $CXX) on the PATH"
-    target = library_path(source, cxx)
     try:
+        target = library_path(source, cxx)  # reads the source; RuntimeError: no home folder to cache in
         if not target.exists():
             build(source, target, cxx)
         return ctypes.CDLL(str(target)), None
-    except (BuildFailed, UserError, OSError) as exc:  # UserError: the cache folder cannot be written
+    except (BuildFailed, UserError, OSError, RuntimeError) as exc:  # UserError: the cache cannot be written
         return None, str(exc)
 
 

@@ -72,7 +72,7 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and conv.bias is not None and conv.out_channels % LANES == 0
             and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())
-            and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == x.dtype
+            and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == conv.bias.dtype == x.dtype
             and not torch.is_autocast_enabled("cpu")  # autocast would run the convolution in bf16
             and x.dim() == 4 and x.shape[1] == 1 and x.shape[2] >= 2 and x.shape[3] >= 2 and not x.requires_grad
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))  # one channel: the same
