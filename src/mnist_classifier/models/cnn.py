@@ -39,7 +39,7 @@ class GuideCNN(nn.Module):
         # The guide applies ReLU then pool; pool then ReLU is the same function with the same gradients
         # (ReLU is monotonic, so max and ReLU commute, ties included), and the pool applies it in one pass.
         x = self.pool.after_conv(self.conv1, x, relu=True)  # (B, 16, 14, 14), one kernel on a CPU
-        x = self.pool(self.conv2(x), relu=True)  # (B, 32, 7, 7)
+        x = self.pool.after_conv(self.conv2, x, relu=True)  # (B, 32, 7, 7)
         x = torch.flatten(x, 1)  # (B, 1568)
         x = self.dropout(self.relu(self.fc1(x)))  # (B, 128)
         return self.fc2(x)  # (B, 10) logits

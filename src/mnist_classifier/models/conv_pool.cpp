@@ -1,13 +1,15 @@
-// A first layer in one pass: 3x3 convolution (padding 1, stride 1) of a one-channel image, its bias, 2x2
-// max-pooling (stride 2, floor mode) and optionally ReLU, forward and backward, for CPU tensors in fp32 or bf16.
+// 3x3 convolutions (padding 1, stride 1) followed by 2x2 max-pooling (stride 2, floor mode) and optionally ReLU,
+// for CPU tensors in fp32 or bf16 (models/pooling.py calls them):
+// - a first layer (one input channel) in one pass, forward and backward;
+// - the backward of a wider layer (16k input channels) whose forward is torch's convolution and pool2x2.cpp.
 //
 // Why: the guide CNN's first convolution has one input channel, which oneDNN computes at about a sixth of the
 // rate of the second (53 against 322 GFLOP/s in bf16 on a 2-core Zen 4, benchmarks/step_profile.py). Fused
-// with the pool, its output never reaches memory at full size, and its backward needs no full-size gradient:
-// only each window's winner has one, so the weight gradient sums over a quarter of the positions.
+// with the pool, its output never reaches memory at full size. And after a pool only each window's winner
+// has a gradient, so both layers' backward passes sum over a quarter of the positions a dense backward visits.
 //
-// Layout: x is (B, H, W) (one channel: NCHW and channels_last are the same memory), weight (O, 9) row-major
-// taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O): 0-3 the window's winner
+// The first layer's layout: x is (B, H, W) (one channel: NCHW and channels_last are the same memory), weight
+// (O, 9) taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O): 0-3 the window's winner
 // (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16 convolution output is rounded to
 // bf16 (round to nearest even) before the pool compares it, as the unfused layers store it.
 //
@@ -17,6 +19,7 @@
 #include <omp.h>
 
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -168,6 +171,79 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
   }
 }
 
+
+// The backward of any 3x3 convolution (padding 1, stride 1; C input channels, C % 16 == 0) followed by the pool
+// above, from the pool's winners alone: only a window's winner has a gradient, so the convolution's gradients
+// need a quarter of the positions that a dense backward visits. The forward stays torch's (oneDNN is fast there).
+// x (B, H, W, C) and weight (O, 3, 3, C) are channels_last; grad_x (B, H, W, C) is written whole. Per image, the
+// input gradient is summed in an fp32 buffer of one thread; the weight and bias gradients per thread, in a fixed
+// share of the images, then in thread order: the same thread count gives the same bits every run.
+template <typename T>
+void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* grad_y, T* grad_x, T* grad_weight,
+                   T* grad_bias, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
+                   int threads) {
+  const int64_t out_h = height / 2, out_w = width / 2, blocks = channels / kLanes;
+  const int64_t per = out_channels * kTaps * blocks;  // per thread: the weight gradient, (O, 9, C) as vectors
+  std::vector<F16> partial(threads * per, F16{});
+  std::vector<float> partial_bias(threads * out_channels, 0.0f);
+  std::vector<F16> taps(per);  // the weight as fp32 vectors, (O, 9, C)
+  for (int64_t i = 0; i < per; i++) taps[i] = load(weight + i * kLanes);
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num();
+    F16* gw = &partial[t * per];
+    float* gb = &partial_bias[t * out_channels];
+    std::vector<F16> gx(height * width * blocks), in(height * width * blocks);  // this image's, in fp32
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+      std::fill(gx.begin(), gx.end(), F16{});
+      for (int64_t i = 0; i < height * width * blocks; i++)
+        in[i] = load(x + b * height * width * channels + i * kLanes);
+      for (int64_t o = 0; o < out_channels; o++) {
+        for (int64_t blk = 0; blk < blocks; blk++) {
+          F16 acc[kTaps];  // this channel's weight gradient, kept in registers over the image's windows
+          const F16* tap = &taps[o * kTaps * blocks + blk];
+          for (int k = 0; k < kTaps; k++) acc[k] = gw[(o * kTaps + k) * blocks + blk];
+          for (int64_t p = 0; p < out_h * out_w; p++) {
+            const int64_t at = (b * out_h * out_w + p) * out_channels + o;
+            const uint8_t j = idx[at];
+            if (j > 3) continue;  // zeroed by the ReLU: no gradient
+            const float g = scalar(grad_y[at]);
+            const int64_t h = 2 * (p / out_w) + j / 2, w = 2 * (p % out_w) + j % 2;  // the winner
+            if (blk == 0) gb[o] += g;
+            for (int kh = 0; kh < 3; kh++) {
+              const int64_t hh = h + kh - 1;
+              if (hh < 0 || hh >= height) continue;
+              for (int kw = 0; kw < 3; kw++) {
+                const int64_t ww = w + kw - 1;
+                if (ww < 0 || ww >= width) continue;
+                const int64_t pixel = (hh * width + ww) * blocks + blk;
+                acc[kh * 3 + kw] += g * in[pixel];
+                gx[pixel] += g * tap[(kh * 3 + kw) * blocks];
+              }
+            }
+          }
+          for (int k = 0; k < kTaps; k++) gw[(o * kTaps + k) * blocks + blk] = acc[k];
+        }
+      }
+      for (int64_t i = 0; i < height * width * blocks; i++)
+        store(grad_x + b * height * width * channels + i * kLanes, gx[i]);
+    }
+  }
+  for (int64_t i = 0; i < per; i++) {
+    F16 total = {};
+    for (int t = 0; t < threads; t++) total += partial[t * per + i];
+    store(grad_weight + i * kLanes, total);
+  }
+  for (int64_t o = 0; o < out_channels; o++) {
+    float total = 0.0f;
+    for (int t = 0; t < threads; t++) total += partial_bias[t * out_channels + o];
+    T out[kLanes];
+    store(out, F16{} + total);
+    grad_bias[o] = out[0];
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -190,6 +266,18 @@ void conv_pool_backward_f32(const float* x, const uint8_t* idx, const float* gy,
 void conv_pool_backward_bf16(const uint16_t* x, const uint8_t* idx, const uint16_t* gy, uint16_t* gw, uint16_t* gb,
                              int64_t n, int64_t h, int64_t wd, int64_t o, int threads) {
   backward(x, idx, gy, gw, gb, n, h, wd, o, threads);
+}
+
+void conv_pool_backward_wide_f32(const float* x, const float* w, const uint8_t* idx, const float* gy, float* gx,
+                                 float* gw, float* gb, int64_t n, int64_t h, int64_t wd, int64_t c, int64_t o,
+                                 int threads) {
+  backward_wide(x, w, idx, gy, gx, gw, gb, n, h, wd, c, o, threads);
+}
+
+void conv_pool_backward_wide_bf16(const uint16_t* x, const uint16_t* w, const uint8_t* idx, const uint16_t* gy,
+                                  uint16_t* gx, uint16_t* gw, uint16_t* gb, int64_t n, int64_t h, int64_t wd,
+                                  int64_t c, int64_t o, int threads) {
+  backward_wide(x, w, idx, gy, gx, gw, gb, n, h, wd, c, o, threads);
 }
 
 }  // extern "C"

@@ -1,19 +1,22 @@
-"""2x2 max-pooling (and the ReLU after it) on a CPU through this package's own kernels.
+"""2x2 max-pooling (and the ReLU after it), and the 3x3 convolution before it, on a CPU through this package's
+own kernels (BENCHMARKS.md, "CPU-4, a tenth session").
 
 ``pool2x2.cpp`` gives torch's outputs and gradients exactly, ties and NaN included (tests/test_pooling.py),
 but keeps a one-byte index per output where torch keeps eight, and its backward writes each input once
-instead of zero-filling a buffer and scattering into it: 2-2.5x torch's speed, forward and backward, at
-the guide CNN's shapes on a 2-core Zen 4 (BENCHMARKS.md).
+instead of zero-filling a buffer and scattering into it.
 
-``conv_pool.cpp`` also folds in the convolution before the pool when it is a first layer (one input
-channel, 3x3, padding 1): its output never reaches memory at full size, and its backward computes only the
-weight and bias gradients, from each window's winner. Its outputs are torch's; its weight gradient is summed
-in another order, so it agrees to fp32 rounding (and one bf16 rounding) rather than bit for bit.
+``conv_pool.cpp`` takes in the convolution before the pool (``MaxPool2x2.after_conv``). For a first layer (one
+input channel) it computes the convolution inside the pool: its output never reaches memory at full size.
+For a wider one (16k input channels) the forward stays torch's convolution, whose oneDNN kernels are fast.
+Either way the backward starts from the pool's winners: only a window's winner has a gradient, so the
+convolution's weight, bias (and input) gradients need a quarter of the positions a dense backward visits,
+and no full-size gradient is ever made. Those gradients are sums taken in another order than torch's, so they
+agree to rounding, not bit for bit; the first layer's outputs agree to fp32 rounding too.
 
 They run where they can: float32 or bfloat16 CPU tensors in channels_last with a multiple of 16 channels,
-outside tracing, export and torch.compile, with the kernels built (``native.load``). Everything else, and
-any machine without a C++ compiler, gets torch's ``conv2d`` and ``max_pool2d``, so models, checkpoints and
-exports are the same either way.
+outside autocast (for the convolutions), tracing, export and torch.compile, with the kernels built
+(``native.load``). Everything else, and any machine without a C++ compiler, gets torch's ``conv2d`` and
+``max_pool2d``, so models, checkpoints and exports are the same either way.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # kernel name -> argument types: pointers, then (B, H, W, C), then flags and threads
     "pool2x2_forward": [_P] * 3 + [_I64] * 4 + [_INT] * 2, "pool2x2_backward": [_P] * 3 + [_I64] * 4 + [_INT],
     "conv_pool_forward": [_P] * 5 + [_I64] * 4 + [_INT] * 2, "conv_pool_backward": [_P] * 5 + [_I64] * 4 + [_INT],
+    "conv_pool_backward_wide": [_P] * 7 + [_I64] * 5 + [_INT],
 }
 
 
@@ -63,20 +67,33 @@ def native_applies(x: torch.Tensor) -> bool:
             and _kernel(SOURCE, "pool2x2_forward", x.dtype) is not None)
 
 
-def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``MaxPool2x2.after_conv`` runs ``conv`` and the pool as one kernel: a plain 3x3 convolution
-    (padding 1, stride 1, bias) of a one-channel input that needs no gradient of its own (a first layer), to
-    a multiple of 16 channels, with no hooks on it (--whiten-init hooks the first convolution)."""
-    return (_plain_tensor_path() and type(conv) is nn.Conv2d and conv.in_channels == 1
-            and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
-            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and conv.bias is not None and conv.out_channels % LANES == 0
-            and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())
+def _plain_conv3x3(conv: nn.Module, x: torch.Tensor) -> bool:
+    """A hook-free Conv2d, 3x3, padding 1, stride 1, with bias, to a multiple of 16 channels, on a 4-D CPU
+    tensor of its own dtype (fp32 or bf16), outside autocast (which would pick the convolution's dtype)."""
+    return (_plain_tensor_path() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.bias is not None and conv.out_channels % LANES == 0
+            and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())  # --whiten-init's hook
             and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == conv.bias.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu")  # autocast would run the convolution in bf16
-            and x.dim() == 4 and x.shape[1] == 1 and x.shape[2] >= 2 and x.shape[3] >= 2 and not x.requires_grad
+            and not torch.is_autocast_enabled("cpu") and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
+
+
+def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``MaxPool2x2.after_conv`` runs ``conv`` and the pool as one kernel: a plain 3x3 convolution of a
+    one-channel input that needs no gradient of its own (a first layer)."""
+    return (_plain_conv3x3(conv, x) and conv.in_channels == 1 and not x.requires_grad
             and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))  # one channel: the same
             and _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype) is not None)
+
+
+def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``MaxPool2x2.after_conv`` runs torch's convolution and the pool kernel forward, and the backward
+    of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last."""
+    return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and conv.weight.is_contiguous(memory_format=torch.channels_last)
+            and _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype) is not None
+            and _kernel(SOURCE, "pool2x2_forward", x.dtype) is not None)
 
 
 def unavailable_note() -> str | None:
@@ -148,6 +165,36 @@ class _NativeConvPool(torch.autograd.Function):
         return None, grad_w.view(ctx.weight_shape), grad_b, None
 
 
+class _NativeWideConvPool(torch.autograd.Function):
+    """torch's convolution and the pool kernel forward; the backward of both from the pool's winners."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+        z = F.conv2d(x, weight, bias, padding=1)  # (B, O, H, W) channels_last; autograd is off in here
+        b, out, h, w = z.shape
+        y = torch.empty((b, out, h // 2, w // 2), dtype=z.dtype, memory_format=torch.channels_last)
+        which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
+        kernel = _kernel(SOURCE, "pool2x2_forward", z.dtype)
+        kernel(z.data_ptr(), y.data_ptr(), which.data_ptr(), b, h, w, out, int(relu), torch.get_num_threads())
+        ctx.save_for_backward(x, weight, which)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        x, weight, which = ctx.saved_tensors
+        b, c, h, w = x.shape
+        out = weight.shape[0]
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+        grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
+        grad_w = torch.empty_like(weight, memory_format=torch.channels_last)  # (O, 3, 3, C) in memory
+        grad_b = torch.empty(out, dtype=x.dtype)
+        kernel = _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype)
+        kernel(x.data_ptr(), weight.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(),
+               grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, c, out, torch.get_num_threads())
+        return grad_x, grad_w, grad_b, None
+
+
 def max_pool2x2(x: torch.Tensor, relu: bool = False, native_ok: bool = True) -> torch.Tensor:
     """``max_pool2d(x, 2, 2)``, then ReLU if ``relu``: the package's kernel where it applies, else torch's."""
     if native_ok and native_applies(x):
@@ -172,7 +219,10 @@ class MaxPool2x2(nn.MaxPool2d):
         return max_pool2x2(x, relu, self.native)
 
     def after_conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
-        """``self(conv(x), relu)``, in one kernel where ``fused_conv_applies``."""
+        """``self(conv(x), relu)``: in one kernel where ``fused_conv_applies``, with the backward of both from the
+        pool's winners where ``wide_conv_applies``, else as written."""
         if self.native and fused_conv_applies(conv, x):
             return _NativeConvPool.apply(x.contiguous(), conv.weight, conv.bias, relu)
+        if self.native and wide_conv_applies(conv, x):
+            return _NativeWideConvPool.apply(x, conv.weight, conv.bias, relu)
         return self(conv(x), relu)
