@@ -112,7 +112,7 @@ CASES = {
     "fashion": Case(["--dataset", "fashion-mnist", "--epochs", "1"], {ACC: 85.0}),  # test_datasets, 1 epoch
     # test_distributed (2 processes train the same model) and the notebook (> 95)
     "guide-1-epoch": Case(["--epochs", "1"], {ACC: 97.5}),
-    "guide": Case([], {ACC: 98.4}),  # test_train: the full default run
+    "guide": Case([], {ACC: 98.2}),  # test_train: the full default run
     "fast": Case(["--recipe", "fast"], {ACC: 98.8}),  # test_recipes: the fast recipe, one epoch (auto precision)
     "fast-fp32": Case(["--recipe", "fast", "--precision", "fp32"], {ACC: 98.8}),  # as a CPU without native bf16
     # conftest's trained_checkpoint (the guide's CNN, 2 epochs), judged by test_predict and test_recipes

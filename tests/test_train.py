@@ -109,7 +109,7 @@ def test_fp32_precision_path(small_cfg, splits):
 
 @pytest.mark.accuracy
 @pytest.mark.slow
-def test_full_default_run_reaches_98_4_percent(data_dir, tmp_path):
+def test_full_default_run_reaches_98_2_percent(data_dir, tmp_path):
     """The guide recipe as `make run` runs it: 5 epochs on all 60,000 images, batch 64, Adam 0.001, on CPU."""
     from conftest import cli_in_process, run_cli
 
@@ -118,9 +118,11 @@ def test_full_default_run_reaches_98_4_percent(data_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 5 and summary["params"] == 206_922
-    # seeds 0-4: 98.76-99.07 % (mean 98.92, sd 0.11; Intel Xeon without AMX, 2 threads; benchmarks/test_margins.py
-    # --cases guide); 98.5 was 2.4 sd below the mean, 98.4 is 4.7
-    assert summary["test_accuracy"] >= 98.4
+    # benchmarks/test_margins.py --cases guide, seeds 0-4 x 1 and 2 threads, with the CPU kernels (AMD EPYC Zen 4,
+    # bf16, 2026-12-05): 98.54-99.05 %, mean 98.90, sd 0.16; in fp32 (--precision fp32, seeds 0-4, 2 threads,
+    # benchmarks/recipes.py) 98.47-99.00 %. Seed 0's fifth epoch dips below its fourth in most settings (98.83 ->
+    # 98.47 % in fp32). Before the kernels (Intel Xeon without AMX): 98.76-99.07 %. 98.2 is 4.4 sd below the mean
+    assert summary["test_accuracy"] >= 98.2
     lines = proc.stdout.splitlines()
     assert lines[0].startswith("Using device: cpu")
     assert sum(1 for line in lines if line.startswith("Epoch") and "Accuracy:" in line) == 5
