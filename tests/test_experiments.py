@@ -209,7 +209,9 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_poi
     a plain run) and the sweep went on to the next; a SIGTERM to a sweep with workers left them running. Now the
     sweep ends with status 128 + the signal and says how to continue; the stopped point runs again on --resume."""
     out = tmp_path / "sweep"
-    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "3", "--param",
+    # 20 epochs of 400 images, so the signal lands inside the sweep: with 3, trials took 0.7 s on the CPU
+    # kernels, and a busy suite once sent it after the last one had finished (exit 0)
+    args = ["sweep", "--out", str(out), *TINY, "--data-dir", str(data_dir), "--epochs", "20", "--param",
             "lr=0.001,0.002,0.003,0.004", "--sampler", "grid", "--pruner", "none", "--jobs", jobs]
     proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", *args], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
