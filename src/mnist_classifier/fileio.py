@@ -22,6 +22,13 @@ import torch
 from .errors import CannotWrite, UserError
 
 
+def user_cache(part: str) -> Path:
+    """The tool's folder ``part`` in the user's cache: $XDG_CACHE_HOME (else ~/.cache)/mnist-classifier/part.
+    ``Path.home()`` raises RuntimeError where no home folder is known; callers that can go on without a cache
+    catch it."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-classifier" / part
+
+
 def _file_mode() -> int:
     """The mode a plain open() would give a new file (mkstemp makes 0600, which hides runs from other users)."""
     umask = os.umask(0)

@@ -31,7 +31,7 @@ DISABLE = "MNIST_NATIVE"  # MNIST_NATIVE=0: never build or load, torch's own ker
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-classifier" / "native"
+    return fileio.user_cache("native")
 
 
 def compiler() -> str | None:

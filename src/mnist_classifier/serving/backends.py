@@ -85,7 +85,7 @@ def export_cache_dir(setting: str) -> Path | None:
         return None
     if setting:
         return Path(setting).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mnist-classifier" / "onnx"
+    return fileio.user_cache("onnx")
 
 
 def export_key(checkpoint_bytes: bytes) -> str:
