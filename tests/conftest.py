@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,13 @@ from mnist_classifier.config import TrainConfig
 from mnist_classifier.data import ensure_mnist, load_mnist
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def as_from_a_terminal() -> None:
+    """``preexec_fn`` for a command a test Ctrl-Cs: SIGINT at its default, as a shell in a terminal starts it. A
+    shell starts a background job (`make test &`, CI's runner may too) with SIGINT ignored, every process below
+    inherits that, and a Python program keeps an ignored SIGINT ignored: the Ctrl-C would not be a Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 import csv
 import io
 import json
+import os
 import random
 import re
 import shlex
@@ -17,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, cli_in_process, run_cli
+from conftest import REPO, as_from_a_terminal, cli_in_process, run_cli
+from mnist_classifier.config import TrainConfig
 from mnist_classifier.data import load_mnist, raw_dir
 from mnist_classifier.data.idx import encode_idx
 from mnist_classifier.data.mnist import MNIST_FILES
-from mnist_classifier.errors import UserError
+from mnist_classifier.errors import Interrupted, UserError
+from mnist_classifier.training import Reporter, fit
 
 # ------------------------------------------------------------------------------------------------------------
 # Checkpoints
@@ -170,7 +173,8 @@ def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_
     assert run_cli("train", *common, "--out", str(tmp_path / "straight")).returncode == 0
     run = tmp_path / "interrupted"
     proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *common, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=as_from_a_terminal)
     for line in proc.stdout:
         if line.startswith("Epoch 1 [") and "2624/" in line:  # batch 40 of epoch 1
             proc.send_signal(signal.SIGINT)
@@ -188,6 +192,33 @@ def test_ctrl_c_saves_a_resumable_checkpoint_mid_epoch_and_resume_is_exact(data_
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["metrics"]) == strip(b["metrics"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_stop_after_the_last_step_finishes_the_run_then_says_it_was_interrupted(data_dir, splits, tmp_path, signum):
+    """A Ctrl-C or SIGTERM that came while the last epoch was scored, saved or reported set the stop flag after
+    its last look: it was lost, so `mnist train` exited 0 and a one-worker sweep went on to its next trial. Now
+    the run finishes (its summary written) and then stops with 128 + the signal, and the handlers are restored."""
+    class SignalAtTheEnd(Reporter):
+        def epoch(self, row: dict) -> None:
+            if row["epoch"] == 2:  # the last epoch, scored and saved; a real signal to this process
+                os.kill(os.getpid(), signum)
+
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(train_subset=500, test_subset=500, epochs=2, device="cpu", data_dir=str(data_dir),
+                      out=str(run_dir))
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even under `make test &` (SIGINT ignored)
+    handlers = lambda: (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))  # noqa: E731
+    try:
+        expected = handlers()
+        with pytest.raises(Interrupted, match="after the last epoch") as stopped:
+            fit(cfg, splits, torch.device("cpu"), run_dir, SignalAtTheEnd())
+        after = handlers()
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert stopped.value.status == 128 + signum
+    assert json.loads((run_dir / "summary.json").read_text())["epochs"] == 2
+    assert after == expected
 
 
 @pytest.mark.slow

@@ -285,8 +285,10 @@ def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback 
     try:
         with storage_answers(Path(sweep_dir)):
             work(Path(sweep_dir), worker, threads, on_trial)
-    except (KeyboardInterrupt, Interrupted):  # the parent says how to continue
-        pass
+    except KeyboardInterrupt:  # the parent says how to continue
+        sys.exit(128 + signal.SIGINT)
+    except Interrupted as stopped:  # the status tells the parent, should it be this worker alone, a point is left
+        sys.exit(stopped.status)
     except UserError as exc:  # one line, as the command itself would print it, not multiprocessing's traceback
         print(f"mnist sweep: worker {worker}: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -305,8 +307,10 @@ def _wait_for(procs: list, sweep_dir: Path) -> None:
                 os.kill(p.pid, signum)
         raise KeyboardInterrupt
 
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, pass_on) if in_main else None
+    # not where SIGTERM was ignored when the sweep started: the sweep ignores it whole, as its workers do (StopFlag)
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
+    previous = signal.signal(signal.SIGTERM, pass_on) if install else None
     try:
         for p in procs:
             p.join()
@@ -316,7 +320,7 @@ def _wait_for(procs: list, sweep_dir: Path) -> None:
         raise Interrupted(f"interrupted; the trials that were running will run again; {_resume_hint(sweep_dir)}",
                           128 + (received[0] if received else signal.SIGINT)) from None
     finally:
-        if in_main:
+        if install:
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 

@@ -143,7 +143,9 @@ def train_epoch(
 class StopFlag:
     """Turns the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) into a
     request to stop after the current step, so the saved state is consistent; a second one stops at once.
-    Only in the main thread of a single-process run."""
+    Only in the main thread of a single-process run. A signal this process was started ignoring stays ignored,
+    as Python leaves an ignored SIGINT: a shell starts background jobs (``mnist sweep ... &``) so, and before
+    2026-12-06 only a sweep worker inside a trial heeded it, so one trial stopped while the sweep went on."""
 
     AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # the second one's
 
@@ -151,12 +153,13 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         if install and threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.AT_ONCE}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.AT_ONCE
+                              if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
         self.signum = signum
-        for sig, handler in self.AT_ONCE.items():
-            signal.signal(sig, handler)
+        for sig in self._previous:
+            signal.signal(sig, self.AT_ONCE[sig])
 
     def is_set(self) -> bool:
         return self.signum is not None

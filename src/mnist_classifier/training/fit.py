@@ -165,8 +165,10 @@ def _diverged(exc: DivergedError, files: RunFiles) -> DivergedError:
     return DivergedError(f"{exc}; {kept}")
 
 
-def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress | None) -> dict | None:
-    """The epoch loop; returns the validation-chosen weights (in memory) with --val-size, else None."""
+def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
+               start: Progress | None) -> tuple[dict | None, int | None]:
+    """The epoch loop; returns the validation-chosen weights (in memory) with --val-size, else None, and the exit
+    status of a stop requested after the last step, else None."""
     spec, learner, state = s.spec, s.learner, s.state
     best_state = None
     stop = StopFlag(install=not spec.ctx.enabled)
@@ -197,7 +199,9 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress 
             reporter.epoch(row)
     finally:
         stop.uninstall()
-    return best_state
+    # A stop that came after the last step (while the last epoch was scored, saved or reported) is not lost:
+    # the run finishes, then says it was interrupted, so that a sweep takes no further trial
+    return best_state, stop.exit_status() if stop.is_set() else None
 
 
 def test_chosen(s: Session, best_state: dict | None, run_dir: Path) -> dict[str, Any]:
@@ -274,11 +278,13 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))
-        best_state = run_epochs(s, files, reporter, partial)
+        best_state, late_stop = run_epochs(s, files, reporter, partial)
         summary = finish(s, best_state, run_dir, t_start)
         if log:
             log.finish(cfg, summary, s.state.confusion)
     finally:
         if log:
             log.close()
+    if late_stop is not None:
+        raise Interrupted(f"interrupted after the last epoch; the run finished and is saved in {run_dir}", late_stop)
     return summary
