@@ -253,7 +253,7 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_poi
 @pytest.mark.serial
 def test_a_sweep_started_ignoring_ctrl_c_ignores_it_whole_and_runs_every_point(data_dir, tmp_path):
     """A shell starts a background job (`mnist sweep ... &`) with SIGINT ignored, and Python keeps it ignored.
-    Before 2026-12-06 a sweep worker inside a trial heeded a Ctrl-C to the group all the same: its trial stopped
+    Before 2026-12-05 a sweep worker inside a trial heeded a Ctrl-C to the group all the same: its trial stopped
     and was queued again, while the sweep and its other worker went on, and the sweep exited 0 with that point
     never run (what `make test` run in the background showed, 4 suites in a row). Now nothing in it heeds it."""
     out = tmp_path / "sweep"

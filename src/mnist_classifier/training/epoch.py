@@ -145,7 +145,7 @@ class StopFlag:
     request to stop after the current step, so the saved state is consistent; a second one stops at once.
     Only in the main thread of a single-process run. A signal this process was started ignoring stays ignored,
     as Python leaves an ignored SIGINT: a shell starts background jobs (``mnist sweep ... &``) so, and before
-    2026-12-06 only a sweep worker inside a trial heeded it, so one trial stopped while the sweep went on."""
+    2026-12-05 only a sweep worker inside a trial heeded it, so one trial stopped while the sweep went on."""
 
     AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # the second one's
 
