@@ -54,6 +54,9 @@ inline void store(uint16_t* p, F16 v) {
   const H16 h = __builtin_convertvector(bf16_bits(v) >> 16, H16);
   std::memcpy(p, &h, sizeof h);
 }
+// one value, as store() writes each of its 16: unchanged for fp32, rounded to nearest even for bf16
+inline void put(float* p, float v) { *p = v; }
+inline void put(uint16_t* p, float v) { *p = static_cast<uint16_t>(bf16_bits(F16{} + v)[0] >> 16); }
 // v as a tensor of type T holds it: unchanged for fp32, rounded to bf16 (exact in fp32) for bf16
 inline F16 as_stored(F16 v, float) { return v; }
 inline F16 as_stored(F16 v, uint16_t) { return reinterpret_cast<F16>(bf16_bits(v)); }
@@ -238,9 +241,7 @@ void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* gra
   for (int64_t o = 0; o < out_channels; o++) {
     float total = 0.0f;
     for (int t = 0; t < threads; t++) total += partial_bias[t * out_channels + o];
-    T out[kLanes];
-    store(out, F16{} + total);
-    grad_bias[o] = out[0];
+    put(grad_bias + o, total);
   }
 }
 
