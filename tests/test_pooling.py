@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -269,3 +270,28 @@ def test_mnist_train_says_in_one_line_when_the_kernels_cannot_be_built(data_dir,
     assert notes == [notes[0]] and notes[0].startswith("warning: the package's CPU kernels are unavailable (")
     assert "failed" in notes[0] and "torch's layers run instead" in notes[0]
     assert "Traceback" not in proc.stderr
+
+
+# the correctness tests above: the pool's exactness, both layers' gradients, ten training steps
+CORRECTNESS = "build_and_load or exactly or fused_first_layer_gives or odd_and_tiny or wider_layers or trains_alike"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="x86-64 instruction sets")
+@pytest.mark.parametrize("arch, wide_registers", [("x86-64-v3", "ymm"), ("x86-64", None)])
+def test_the_kernels_built_for_older_x86_cpus_pass_the_same_tests(arch, wide_registers, tmp_path):
+    """Learners' CPUs: AVX2 with FMA (x86-64-v3: most laptops since 2015, AMD Zen 1-3) and plain SSE2 (x86-64).
+    The kernels are built for each (MNIST_NATIVE_ARCH) and this module's correctness tests run on them in a
+    fresh process. The disassembly shows the build kept to that set: no AVX-512 register (zmm) in either, AVX's
+    ymm registers in the AVX2 build's convolutions and none in the SSE2 build."""
+    cache = tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", CORRECTNESS],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, native.ARCH: arch, "XDG_CACHE_HOME": str(cache)})
+    assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:]
+    built = {lib.name.split("-")[0]: lib for lib in (cache / "mnist-classifier" / "native").glob("*.so")}
+    assert sorted(built) == ["conv_pool", "pool2x2"]
+    code = {name: subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
+            for name, lib in built.items()}
+    assert not any("zmm" in text for text in code.values())
+    assert ("ymm" in code["conv_pool"]) == (wide_registers == "ymm")

@@ -6,7 +6,8 @@ compiler, a failed build, or ``MNIST_NATIVE=0``. ``why_not(source)`` then says w
 own path for that case, so a machine without a compiler runs the same code, only slower.
 
 The library's name is a hash of everything it depends on: the source, the flags, the compiler and this CPU
-(``-march=native`` code must not run on another CPU that shares the home folder). A build is written
+(``-march=native`` code must not run on another CPU that shares the home folder); ``MNIST_NATIVE_ARCH`` names
+another instruction set to build for. A build is written
 beside its final name and renamed into place, so two processes building at once, or a build killed
 midway, never leave a half-written library to load.
 """
@@ -25,9 +26,16 @@ from pathlib import Path
 from . import fileio
 from .errors import UserError
 
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BUILD_SECONDS = 120  # a kernel file builds in ~1 s; a compiler that hangs is given up on
 DISABLE = "MNIST_NATIVE"  # MNIST_NATIVE=0: never build or load, torch's own kernels everywhere
+# MNIST_NATIVE_ARCH=x86-64-v3: build for that instruction set (here AVX2 and FMA) instead of this CPU's own, as
+# for a cache folder shared with older CPUs, or to run the kernels as such a CPU would (tests, benchmarks)
+ARCH = "MNIST_NATIVE_ARCH"
+
+
+def flags() -> tuple[str, ...]:
+    return (*FLAGS, f"-march={os.environ.get(ARCH) or 'native'}")
 
 
 def cache_dir() -> Path:
@@ -53,7 +61,7 @@ def cpu_identity() -> str:
 
 def library_path(source: Path, cxx: str) -> Path:
     key = hashlib.sha256(source.read_bytes())
-    for part in (" ".join(FLAGS), cxx, cpu_identity()):
+    for part in (" ".join(flags()), cxx, cpu_identity()):
         key.update(b"\0" + part.encode())
     return cache_dir() / f"{source.stem}-{key.hexdigest()[:24]}.so"
 
@@ -67,7 +75,7 @@ def build(source: Path, target: Path, cxx: str) -> None:
     last line if it fails."""
     def compile_into(tmp: Path) -> None:
         try:
-            proc = subprocess.run([cxx, *FLAGS, "-o", str(tmp), str(source)], capture_output=True, text=True,
+            proc = subprocess.run([cxx, *flags(), "-o", str(tmp), str(source)], capture_output=True, text=True,
                                   timeout=BUILD_SECONDS)
         except subprocess.TimeoutExpired:
             raise BuildFailed(f"{cxx} took over {BUILD_SECONDS} s") from None
