@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import run_cli
 from mnist_classifier import device
 from mnist_classifier.device import autocast_dtype, available_devices, select_device
 from mnist_classifier.errors import UserError
@@ -45,6 +46,21 @@ def test_precision_choices(monkeypatch):
 def test_native_bf16_is_read_from_the_cpu_flags():
     flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
     assert device.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
+
+
+def test_a_onednn_cap_below_bf16_turns_auto_to_fp32(monkeypatch, data_dir, tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2 laptop, or this CPU run as one for BENCHMARKS.md) keeps oneDNN off the
+    bf16 units, where bf16 would only be emulated: --precision auto then trains in fp32, here and in `mnist train`."""
+    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    native = "amx_bf16" in flags or "avx512_bf16" in flags
+    for cap, expected in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", native), ("ALL", native)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert device.cpu_has_native_bf16() is expected, cap
+    run = tmp_path / "run"
+    proc = run_cli("train", "--epochs", "1", "--train-subset", "256", "--test-subset", "256", "--device", "cpu",
+                   "--data-dir", str(data_dir), "--out", str(run), env={"ONEDNN_MAX_CPU_ISA": "AVX2"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["precision"] == "fp32"
 
 
 def test_flushed_denormals_become_zero_on_every_thread():

@@ -36,8 +36,18 @@ def select_device(requested: str = "auto") -> torch.device:
     return torch.device(requested)
 
 
+# oneDNN's instruction sets from AVX512_CORE_BF16 up compute bf16 natively; ONEDNN_MAX_CPU_ISA (or its old name
+# DNNL_MAX_CPU_ISA) set below them, e.g. AVX2, keeps oneDNN off those units, so bf16 would be emulated
+NATIVE_BF16_ISAS = {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX10_1_512_AMX", "AVX512_CORE_AMX",
+                    "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast is a real speed-up."""
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast is a real speed-up,
+    unless oneDNN was told to keep below them."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap not in NATIVE_BF16_ISAS:
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
             flags = next((line for line in fh if line.startswith("flags")), "").split()
