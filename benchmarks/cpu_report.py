@@ -15,17 +15,22 @@ so a noisy start is on record. It writes OUT/cpu.json (the CPU's name, family an
 AVX2, AVX-512, AVX512-BF16 and AMX, its cores, torch's version), OUT/NAME.txt (what each benchmark printed)
 and OUT/report.jsonl (one line per benchmark: the busy cores before it, its seconds, the JSON rows it
 printed, its summary last).
-Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. At --rounds 3 it took 13.5 minutes on
+Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. `--as avx2` runs every benchmark as a CPU
+with AVX2 and FMA but neither AVX-512 nor bf16 would (AMD Zen 1-3, most laptops): torch's own kernels, oneDNN,
+MKL and the package's kernels are each held to AVX2 by their documented switch (AS below), and --precision auto
+then picks fp32. It is the same cores running fewer instructions, a stand-in for such a CPU, not one. At --rounds 3 it took 13.5 minutes on
 a 2-core Zen 4 (2026-12-05). Expect about twice that on a 2-core Zen 3, whose guide pipeline took 200 s a round.
 
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report --only roofline contention
+    .venv/bin/python benchmarks/cpu_report.py --out cpu-report-avx2 --as avx2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -38,6 +43,8 @@ from mnist_classifier.cpuload import busy_cores, usable_cores
 
 HERE = Path(__file__).resolve().parent
 FLAGS = {"avx2": "avx2", "avx512f": "avx512", "avx512_bf16": "avx512_bf16", "amx_bf16": "amx_bf16"}
+AS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+               "MNIST_NATIVE_ARCH": "x86-64-v3"}}  # what each benchmark's process is started with
 
 
 def benchmarks(rounds: int, data_dir: str) -> dict[str, list[str]]:
@@ -96,10 +103,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="rounds of train_speed.py and time_to_99.py")
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--only", nargs="+", choices=list(benchmarks(1, "")), help="run only these")
+    parser.add_argument("--as", dest="run_as", choices=sorted(AS), help="run as a CPU with only this instruction set")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    info = cpu_info()
+    os.environ.update(AS.get(args.run_as, {}))  # the benchmarks' processes inherit it
+    info = {**cpu_info(), "run_as": args.run_as, "run_as_env": AS.get(args.run_as, {})}
     (out / "cpu.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps({"cpu": info}), flush=True)
     chosen = {k: v for k, v in benchmarks(args.rounds, args.data_dir).items() if not args.only or k in args.only}
