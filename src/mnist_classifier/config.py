@@ -187,8 +187,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run",
                      bounds=NON_NEGATIVE)
     device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES, role="run")
-    precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX CPUs, CUDA), "
-                          "else fp32", PRECISIONS)
+    precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX or AVX512-BF16 "
+                          "CPUs, CUDA), else fp32", PRECISIONS)
     data_dir: str = _opt("data", "folder holding the data sets in torchvision's layout, e.g. <data-dir>/MNIST/raw/ "
                          "(MNIST is fetched there when missing)", role="data")
     out: str = _opt("", "run folder to write (default: runs/<timestamp>)", role="run")
