@@ -295,3 +295,41 @@ def test_the_kernels_built_for_older_x86_cpus_pass_the_same_tests(arch, wide_reg
             for name, lib in built.items()}
     assert not any("zmm" in text for text in code.values())
     assert ("ymm" in code["conv_pool"]) == (wide_registers == "ymm")
+
+
+BITS = textwrap.dedent("""
+    import hashlib, torch
+    from mnist_classifier import native
+    from mnist_classifier.models.pooling import CONV_SOURCE, MaxPool2x2
+    assert native.load(CONV_SOURCE) is not None, native.why_not(CONV_SOURCE)
+    torch.manual_seed(0)
+    seen = []
+    for dtype in (torch.float32, torch.bfloat16):  # both layers' kernels, forward and backward
+        conv1, conv2 = (torch.nn.Conv2d(i, o, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
+                        for i, o in ((1, 32), (32, 64)))
+        pool = MaxPool2x2()
+        x = torch.randn(16, 1, 28, 28).to(dtype).contiguous(memory_format=torch.channels_last)
+        h = pool.after_conv(conv1, x, relu=True)
+        y = pool.after_conv(conv2, h, relu=True)
+        y.float().square().sum().backward()
+        for t in (h, y, conv1.weight.grad, conv1.bias.grad, conv2.weight.grad, conv2.bias.grad):
+            seen.append(t.detach().float().contiguous().numpy().tobytes())
+    print(hashlib.sha256(b"".join(seen)).hexdigest())
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(platform.machine() != "x86_64" or " fma " not in open("/proc/cpuinfo").read(),
+                    reason="an x86-64 CPU with FMA")
+def test_the_avx2_build_computes_the_same_bits_as_this_cpus_build(tmp_path):
+    """The convolutions' vectors are as wide as the registers (16 channels with AVX-512, 8 with AVX2), and each
+    channel's arithmetic is the same at any width: the AVX2 build gives this CPU's build's outputs and gradients
+    bit for bit, at 1 and 2 threads. (The SSE2 build has no FMA, so it rounds otherwise: tested above.)"""
+    def digest(arch: str, threads: str) -> str:
+        env = {**os.environ, native.ARCH: arch, "OMP_NUM_THREADS": threads, "XDG_CACHE_HOME": str(tmp_path / arch)}
+        proc = subprocess.run([sys.executable, "-c", BITS], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout.strip()
+
+    for threads in ("1", "2"):
+        assert digest("x86-64-v3", threads) == digest("native", threads)

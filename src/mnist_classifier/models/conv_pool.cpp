@@ -13,8 +13,10 @@
 // (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16 convolution output is rounded to
 // bf16 (round to nearest even) before the pool compares it, as the unfused layers store it.
 //
-// The 16 output channels of a block are one GCC vector (vector_size), which the compiler maps onto the
-// host's registers: one AVX-512 register, two AVX2 ones, four SSE ones.
+// The channels of a block are one GCC vector (vector_size) as wide as the host's widest register: 16 fp32 with
+// AVX-512, 8 with AVX2, 4 with SSE or NEON. A vector wider than the registers is kept in memory and split at
+// every operation: with 16 lanes on AVX2 (-march=x86-64-v3) these kernels ran 12x slower than with 8, slower
+// than torch's layers (BENCHMARKS.md, "CPU-4 held to AVX2"). Each channel's arithmetic is the same at any width.
 
 #include <omp.h>
 
@@ -25,41 +27,47 @@
 
 namespace {
 
+#if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int64_t kLanes = 8;
+#else
+constexpr int64_t kLanes = 4;
+#endif
 constexpr int kTaps = 9;
-typedef float F16 __attribute__((vector_size(64)));     // 16 x fp32
-typedef int32_t I16 __attribute__((vector_size(64)));   // 16 x int32: masks and indices
-typedef uint32_t U16 __attribute__((vector_size(64)));  // 16 x uint32: bit patterns
-typedef uint16_t H16 __attribute__((vector_size(32)));  // 16 x bf16 bit patterns
-typedef uint8_t B16 __attribute__((vector_size(16)));   // 16 x uint8: winners
+typedef float VF __attribute__((vector_size(4 * kLanes)));     // kLanes x fp32
+typedef int32_t VI __attribute__((vector_size(4 * kLanes)));   // kLanes x int32: masks and indices
+typedef uint32_t VU __attribute__((vector_size(4 * kLanes)));  // kLanes x uint32: bit patterns
+typedef uint16_t VH __attribute__((vector_size(2 * kLanes)));  // kLanes x bf16 bit patterns
+typedef uint8_t VB __attribute__((vector_size(kLanes)));       // kLanes x uint8: winners
 
-inline F16 load(const float* p) {
-  F16 v;
+inline VF load(const float* p) {
+  VF v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline F16 load(const uint16_t* p) {  // bf16 -> fp32 is exact: the bits are fp32's upper half
-  H16 h;
+inline VF load(const uint16_t* p) {  // bf16 -> fp32 is exact: the bits are fp32's upper half
+  VH h;
   std::memcpy(&h, p, sizeof h);
-  return reinterpret_cast<F16>(__builtin_convertvector(h, U16) << 16);
+  return reinterpret_cast<VF>(__builtin_convertvector(h, VU) << 16);
 }
-inline void store(float* p, F16 v) { std::memcpy(p, &v, sizeof v); }
+inline void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 // fp32 -> bf16 in fp32's upper half, round to nearest even; NaN stays NaN (quiet)
-inline U16 bf16_bits(F16 v) {
-  const U16 u = reinterpret_cast<U16>(v);
-  const U16 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+inline VU bf16_bits(VF v) {
+  const VU u = reinterpret_cast<VU>(v);
+  const VU rounded = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
   return ((u & 0x7fffffffu) > 0x7f800000u) ? ((u | 0x00400000u) & 0xffff0000u) : rounded;
 }
-inline void store(uint16_t* p, F16 v) {
-  const H16 h = __builtin_convertvector(bf16_bits(v) >> 16, H16);
+inline void store(uint16_t* p, VF v) {
+  const VH h = __builtin_convertvector(bf16_bits(v) >> 16, VH);
   std::memcpy(p, &h, sizeof h);
 }
-// one value, as store() writes each of its 16: unchanged for fp32, rounded to nearest even for bf16
+// one value, as store() writes each of a vector's: unchanged for fp32, rounded to nearest even for bf16
 inline void put(float* p, float v) { *p = v; }
-inline void put(uint16_t* p, float v) { *p = static_cast<uint16_t>(bf16_bits(F16{} + v)[0] >> 16); }
+inline void put(uint16_t* p, float v) { *p = static_cast<uint16_t>(bf16_bits(VF{} + v)[0] >> 16); }
 // v as a tensor of type T holds it: unchanged for fp32, rounded to bf16 (exact in fp32) for bf16
-inline F16 as_stored(F16 v, float) { return v; }
-inline F16 as_stored(F16 v, uint16_t) { return reinterpret_cast<F16>(bf16_bits(v)); }
+inline VF as_stored(VF v, float) { return v; }
+inline VF as_stored(VF v, uint16_t) { return reinterpret_cast<VF>(bf16_bits(v)); }
 
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t bits) {
@@ -88,7 +96,7 @@ template <typename T>
 void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int64_t batch, int64_t height,
              int64_t width, int64_t out_channels, int relu, int threads) {
   const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
-  std::vector<F16> taps(blocks * kTaps), shift(blocks);  // taps[block][k]: 16 channels' weights of tap k
+  std::vector<VF> taps(blocks * kTaps), shift(blocks);  // taps[block][k]: the block's weights of tap k
   for (int64_t o = 0; o < out_channels; o++) {
     for (int k = 0; k < kTaps; k++) taps[(o / kLanes) * kTaps + k][o % kLanes] = scalar(weight[o * kTaps + k]);
     shift[o / kLanes][o % kLanes] = scalar(bias[o]);
@@ -99,25 +107,25 @@ void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int
       float patch[4][4];
       load_patch(x, height, width, row, ow, patch);
       for (int64_t blk = 0; blk < blocks; blk++) {
-        const F16* tap = &taps[blk * kTaps];
+        const VF* tap = &taps[blk * kTaps];
         auto output = [&](int j) {  // the window's convolution output j (row-major), as the tensor holds it
-          F16 acc = {};
+          VF acc = {};
           for (int kh = 0; kh < 3; kh++)
             for (int kw = 0; kw < 3; kw++) acc += patch[j / 2 + kh][j % 2 + kw] * tap[kh * 3 + kw];
           return as_stored(acc + shift[blk], T(0));
         };
-        F16 best = output(0);
-        I16 arg = {};
+        VF best = output(0);
+        VI arg = {};
         for (int j = 1; j < 4; j++) {
-          const F16 v = output(j);
-          const I16 wins = (v > best) | (v != v);  // torch's rule: greater, or NaN, replaces
+          const VF v = output(j);
+          const VI wins = (v > best) | (v != v);  // torch's rule: greater, or NaN, replaces
           best = wins ? v : best;
-          arg = wins ? I16{} + j : arg;
+          arg = wins ? VI{} + j : arg;
         }
-        const I16 zeroed = relu ? (best <= 0.0f) : I16{};  // ReLU keeps NaN, as torch's does
+        const VI zeroed = relu ? (best <= 0.0f) : VI{};  // ReLU keeps NaN, as torch's does
         const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
-        store(y + at, zeroed ? F16{} : best);
-        const B16 which = __builtin_convertvector(zeroed ? I16{} + 4 : arg, B16);
+        store(y + at, zeroed ? VF{} : best);
+        const VB which = __builtin_convertvector(zeroed ? VI{} + 4 : arg, VB);
         std::memcpy(idx + at, &which, sizeof which);
       }
     }
@@ -131,10 +139,10 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
               int64_t height, int64_t width, int64_t out_channels, int threads) {
   const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
   const int64_t per = blocks * (kTaps + 1);  // per thread and block: 9 taps, then the bias
-  std::vector<F16> partial(threads * per, F16{});
+  std::vector<VF> partial(threads * per, VF{});
 #pragma omp parallel num_threads(threads)
   {
-    F16* acc = &partial[omp_get_thread_num() * per];
+    VF* acc = &partial[omp_get_thread_num() * per];
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < batch * out_h; row++) {
       for (int64_t ow = 0; ow < out_w; ow++) {
@@ -142,13 +150,13 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
         load_patch(x, height, width, row, ow, patch);
         for (int64_t blk = 0; blk < blocks; blk++) {
           const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
-          const F16 g = load(grad_y + at);
-          B16 which8;
+          const VF g = load(grad_y + at);
+          VB which8;
           std::memcpy(&which8, idx + at, sizeof which8);
-          const I16 which = __builtin_convertvector(which8, I16);
-          F16* sum = acc + blk * (kTaps + 1);
+          const VI which = __builtin_convertvector(which8, VI);
+          VF* sum = acc + blk * (kTaps + 1);
           for (int j = 0; j < 4; j++) {  // the winner's gradient flows through its own 3x3 patch
-            const F16 gj = (which == j) ? g : F16{};
+            const VF gj = (which == j) ? g : VF{};
             for (int kh = 0; kh < 3; kh++)
               for (int kw = 0; kw < 3; kw++) sum[kh * 3 + kw] += gj * patch[j / 2 + kh][j % 2 + kw];
             sum[kTaps] += gj;
@@ -159,7 +167,7 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
   }
   for (int64_t blk = 0; blk < blocks; blk++) {
     for (int k = 0; k <= kTaps; k++) {
-      F16 total = {};
+      VF total = {};
       for (int t = 0; t < threads; t++) total += partial[t * per + blk * (kTaps + 1) + k];
       T out[kLanes];
       store(out, total);
@@ -187,25 +195,25 @@ void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* gra
                    int threads) {
   const int64_t out_h = height / 2, out_w = width / 2, blocks = channels / kLanes;
   const int64_t per = out_channels * kTaps * blocks;  // per thread: the weight gradient, (O, 9, C) as vectors
-  std::vector<F16> partial(threads * per, F16{});
+  std::vector<VF> partial(threads * per, VF{});
   std::vector<float> partial_bias(threads * out_channels, 0.0f);
-  std::vector<F16> taps(per);  // the weight as fp32 vectors, (O, 9, C)
+  std::vector<VF> taps(per);  // the weight as fp32 vectors, (O, 9, C)
   for (int64_t i = 0; i < per; i++) taps[i] = load(weight + i * kLanes);
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
-    F16* gw = &partial[t * per];
+    VF* gw = &partial[t * per];
     float* gb = &partial_bias[t * out_channels];
-    std::vector<F16> gx(height * width * blocks), in(height * width * blocks);  // this image's, in fp32
+    std::vector<VF> gx(height * width * blocks), in(height * width * blocks);  // this image's, in fp32
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
-      std::fill(gx.begin(), gx.end(), F16{});
+      std::fill(gx.begin(), gx.end(), VF{});
       for (int64_t i = 0; i < height * width * blocks; i++)
         in[i] = load(x + b * height * width * channels + i * kLanes);
       for (int64_t o = 0; o < out_channels; o++) {
         for (int64_t blk = 0; blk < blocks; blk++) {
-          F16 acc[kTaps];  // this channel's weight gradient, kept in registers over the image's windows
-          const F16* tap = &taps[o * kTaps * blocks + blk];
+          VF acc[kTaps];  // this channel's weight gradient, kept in registers over the image's windows
+          const VF* tap = &taps[o * kTaps * blocks + blk];
           for (int k = 0; k < kTaps; k++) acc[k] = gw[(o * kTaps + k) * blocks + blk];
           for (int64_t p = 0; p < out_h * out_w; p++) {
             const int64_t at = (b * out_h * out_w + p) * out_channels + o;
@@ -234,7 +242,7 @@ void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* gra
     }
   }
   for (int64_t i = 0; i < per; i++) {
-    F16 total = {};
+    VF total = {};
     for (int t = 0; t < threads; t++) total += partial[t * per + i];
     store(grad_weight + i * kLanes, total);
   }
