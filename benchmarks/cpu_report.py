@@ -47,12 +47,19 @@ AS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL
                "MNIST_NATIVE_ARCH": "x86-64-v3"}}  # what each benchmark's process is started with
 
 
-def benchmarks(rounds: int, data_dir: str) -> dict[str, list[str]]:
+# step_variants.py's default variants but torch.compile: under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU its
+# generated backward handed scatter_reduce_ an index of 2.2e17 and the benchmark died (2026-12-05, CPU-4)
+STEPS_AS = ["kept", "kept+no-native", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn", "bare",
+            "split-threads"]
+
+
+def benchmarks(rounds: int, data_dir: str, run_as: str | None = None) -> dict[str, list[str]]:
     """Each benchmark's command line (after the interpreter), in the order they run."""
     data = ["--data-dir", data_dir]
+    steps = ["--variants", *STEPS_AS] if run_as else []
     return {
         "roofline": ["roofline.py"],
-        "steps": ["step_variants.py", "--model", "guide-cnn", "--batch-size", "64", "--rounds", "5", *data],
+        "steps": ["step_variants.py", "--model", "guide-cnn", "--batch-size", "64", "--rounds", "5", *data, *steps],
         "guide": ["train_speed.py", "--rounds", str(rounds), *data],
         "time-to-99": ["time_to_99.py", "--rounds", str(rounds), "--fast-seeds", "0", "1", "2", "3", "4", *data],
         "contention": ["contention.py", "--reps", "3", *data],
@@ -111,7 +118,8 @@ def main() -> None:
     info = {**cpu_info(), "run_as": args.run_as, "run_as_env": AS.get(args.run_as, {})}
     (out / "cpu.json").write_text(json.dumps(info, indent=1) + "\n")
     print(json.dumps({"cpu": info}), flush=True)
-    chosen = {k: v for k, v in benchmarks(args.rounds, args.data_dir).items() if not args.only or k in args.only}
+    chosen = {k: v for k, v in benchmarks(args.rounds, args.data_dir, args.run_as).items()
+              if not args.only or k in args.only}
     with open(out / "report.jsonl", "a") as report:
         for name, argv in chosen.items():
             row = run_one(name, argv, out)
