@@ -178,6 +178,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--data-dir", default="data")
     parser.add_argument("--variants", nargs="+", default=None)
+    parser.add_argument("--skip", nargs="+", default=[], help="leave these out of the default variants")
     parser.add_argument("--keep-freed-memory", action="store_true")
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
@@ -186,6 +187,7 @@ def main() -> None:
     if cpu_has_native_bf16() and not args.variants:
         names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+no-native",
                   "split-threads-bf16"]
+    names = [n for n in names if n not in args.skip]
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
     labels = splits.train_labels

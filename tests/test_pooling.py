@@ -319,7 +319,7 @@ BITS = textwrap.dedent("""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(platform.machine() != "x86_64" or " fma " not in open("/proc/cpuinfo").read(),
+@pytest.mark.skipif(platform.machine() != "x86_64" or "fma" not in native.cpu_identity().split(),
                     reason="an x86-64 CPU with FMA")
 def test_the_avx2_build_computes_the_same_bits_as_this_cpus_build(tmp_path):
     """The convolutions' vectors are as wide as the registers (16 channels with AVX-512, 8 with AVX2), and each

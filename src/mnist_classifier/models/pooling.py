@@ -109,14 +109,21 @@ def _global_hooks() -> bool:
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
+def _pool_forward(x: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pool kernel on ``x`` (B, C, H, W), channels_last: the output (B, C, H/2, W/2), channels_last, and the
+    winner of each window (B, H/2, W/2, C) as uint8, 4 where the ReLU zeroed it."""
+    b, c, h, w = x.shape
+    y = torch.empty((b, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    which = torch.empty((b, h // 2, w // 2, c), dtype=torch.uint8)
+    kernel = _kernel(SOURCE, "pool2x2_forward", x.dtype)
+    kernel(x.data_ptr(), y.data_ptr(), which.data_ptr(), b, h, w, c, int(relu), torch.get_num_threads())
+    return y, which
+
+
 class _NativePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:  # x: (B, C, H, W), channels_last
-        b, c, h, w = x.shape
-        y = torch.empty((b, c, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
-        which = torch.empty((b, h // 2, w // 2, c), dtype=torch.uint8)  # the winner of each window, 4: ReLU'd
-        kernel = _kernel(SOURCE, "pool2x2_forward", x.dtype)
-        kernel(x.data_ptr(), y.data_ptr(), which.data_ptr(), b, h, w, c, int(relu), torch.get_num_threads())
+        y, which = _pool_forward(x, relu)
         ctx.save_for_backward(which)
         ctx.input_shape = x.shape
         return y
@@ -171,11 +178,7 @@ class _NativeWideConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
         z = F.conv2d(x, weight, bias, padding=1)  # (B, O, H, W) channels_last; autograd is off in here
-        b, out, h, w = z.shape
-        y = torch.empty((b, out, h // 2, w // 2), dtype=z.dtype, memory_format=torch.channels_last)
-        which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
-        kernel = _kernel(SOURCE, "pool2x2_forward", z.dtype)
-        kernel(z.data_ptr(), y.data_ptr(), which.data_ptr(), b, h, w, out, int(relu), torch.get_num_threads())
+        y, which = _pool_forward(z, relu)
         ctx.save_for_backward(x, weight, which)
         return y
 
