@@ -18,12 +18,14 @@ printed, its summary last).
 Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. `--as avx2` runs every benchmark as a CPU
 with AVX2 and FMA but neither AVX-512 nor bf16 would (AMD Zen 1-3, most laptops): torch's own kernels, oneDNN,
 MKL and the package's kernels are each held to AVX2 by their documented switch (AS below), and --precision auto
-then picks fp32. It is the same cores running fewer instructions, a stand-in for such a CPU, not one. At --rounds 3 it took 13.5 minutes on
+then picks fp32. `--as avx512` holds them to AVX-512 without AVX512-BF16 or AMX instead (Intel Skylake-SP to Ice
+Lake). Either is the same cores running fewer instructions, a stand-in for such a CPU, not one. At --rounds 3 it took 13.5 minutes on
 a 2-core Zen 4 (2026-12-05). Expect about twice that on a 2-core Zen 3, whose guide pipeline took 200 s a round.
 
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report --only roofline contention
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report-avx2 --as avx2
+    .venv/bin/python benchmarks/cpu_report.py --out cpu-report-avx512 --as avx512
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ from mnist_classifier.cpuload import busy_cores, usable_cores
 
 HERE = Path(__file__).resolve().parent
 FLAGS = {"avx2": "avx2", "avx512f": "avx512", "avx512_bf16": "avx512_bf16", "amx_bf16": "amx_bf16"}
+# what each benchmark's process is started with: avx2 for AMD Zen 1-3 and most laptops, avx512 for the Intel
+# Xeons with AVX-512 but neither AVX512-BF16 nor AMX (Skylake-SP to Ice Lake), the CPU issue 24 was measured on
 AS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
-               "MNIST_NATIVE_ARCH": "x86-64-v3"}}  # what each benchmark's process is started with
-
-
+               "MNIST_NATIVE_ARCH": "x86-64-v3"},
+      "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+                 "MKL_ENABLE_INSTRUCTIONS": "AVX512", "MNIST_NATIVE_ARCH": "x86-64-v4"}}
 
 
 def benchmarks(rounds: int, data_dir: str, run_as: str | None = None) -> dict[str, list[str]]:
