@@ -48,6 +48,15 @@ def test_native_bf16_is_read_from_the_cpu_flags():
     assert device.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
+def test_amx_is_read_from_the_cpu_flags_and_onednns_cap(monkeypatch):
+    """AMX counts where oneDNN may use it: ONEDNN_MAX_CPU_ISA at AVX512_CORE_BF16 (a Zen 4) or below holds it off."""
+    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    amx = "amx_bf16" in flags
+    for cap, expected in (("AVX2", False), ("AVX512_CORE_BF16", False), ("avx512_core_amx", amx), ("ALL", amx)):
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert device.cpu_has_amx_bf16() is expected, cap
+
+
 def test_a_onednn_cap_below_bf16_turns_auto_to_fp32(monkeypatch, data_dir, tmp_path):
     """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2 laptop, or this CPU run as one for BENCHMARKS.md) keeps oneDNN off the
     bf16 units, where bf16 would only be emulated: --precision auto then trains in fp32, here and in `mnist train`."""

@@ -15,9 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mnist_classifier import native
+from mnist_classifier import device, native
 from mnist_classifier.data import model_input
 from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.models import pooling
 from mnist_classifier.models.pooling import (CONV_SOURCE, SOURCE, MaxPool2x2, fused_conv_applies, max_pool2x2,
                                             native_applies, wide_conv_applies)
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
@@ -128,10 +129,12 @@ def test_the_fused_first_layer_on_odd_and_tiny_images(shape):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 16, 14, 14), (3, 32, 7, 9)])
-def test_a_wider_layers_backward_from_the_winners_gives_torchs_gradients(dtype, shape):
+def test_a_wider_layers_backward_from_the_winners_gives_torchs_gradients(dtype, shape, monkeypatch):
     """conv2 + pool + ReLU (16 -> 32 channels at 14x14, as in the guide CNN; and 32 -> 32 on an odd image): the
     forward is torch's convolution and the exact pool; the input, weight and bias gradients, summed from each
-    window's winner, agree with torch's layers to the rounding of a reordered sum."""
+    window's winner, agree with torch's layers to the rounding of a reordered sum. (A bf16 CPU with AMX leaves
+    this backward to oneDNN, test below; the kernel is still checked here, as every bf16 CPU without runs it.)"""
+    monkeypatch.setattr(pooling, "cpu_has_amx_bf16", lambda: False)
     torch.manual_seed(0)
     conv = torch.nn.Conv2d(shape[1], 32, 3, padding=1).to(dtype=dtype, memory_format=torch.channels_last)
     pool = MaxPool2x2()
@@ -151,6 +154,18 @@ def test_a_wider_layers_backward_from_the_winners_gives_torchs_gradients(dtype, 
     rounding = 2.0**-8 if dtype == torch.bfloat16 else 1e-5
     for ours, ref in zip(results[0][1:], results[1][1:]):
         assert (ours - ref).abs().max() <= 4 * rounding * ref.abs().max() + 1e-6
+
+
+def test_on_a_cpu_with_amx_the_bf16_wider_layers_backward_is_onednns(monkeypatch):
+    """oneDNN's bf16 backward on AMX tiles beat the kernel's (BENCHMARKS.md): there the wider layer is torch's in
+    bf16 and the kernel's in fp32. Held below AMX (ONEDNN_MAX_CPU_ISA, as a CPU without it), the kernel applies."""
+    conv = torch.nn.Conv2d(16, 32, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert wide_conv_applies(conv, x)
+    assert wide_conv_applies(conv.bfloat16(), x.bfloat16()) is not device.cpu_has_amx_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+    assert not device.cpu_has_amx_bf16()
+    assert wide_conv_applies(conv, x.bfloat16())
 
 
 def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
@@ -300,8 +315,10 @@ def test_the_kernels_built_for_older_x86_cpus_pass_the_same_tests(arch, wide_reg
 BITS = textwrap.dedent("""
     import hashlib, torch
     from mnist_classifier import native
+    from mnist_classifier.models import pooling
     from mnist_classifier.models.pooling import CONV_SOURCE, MaxPool2x2
     assert native.load(CONV_SOURCE) is not None, native.why_not(CONV_SOURCE)
+    pooling.cpu_has_amx_bf16 = lambda: False  # the bf16 wider kernel, on an AMX CPU too
     torch.manual_seed(0)
     seen = []
     for dtype in (torch.float32, torch.bfloat16):  # both layers' kernels, forward and backward

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,18 +43,33 @@ NATIVE_BF16_ISAS = {"AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX1
                     "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL"}
 
 
+# the same for AMX's tiles: on a CPU with AMX, oneDNN runs bf16 convolutions and their backward passes on them
+AMX_BF16_ISAS = {"AVX10_1_512_AMX", "AVX512_CORE_AMX", "AVX10_1_512_AMX_FP16", "AVX512_CORE_AMX_FP16", "ALL"}
+
+
+def _onednn_cap() -> str:
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """The first processor's flags in /proc/cpuinfo (none where there is no such file)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            return frozenset(next((line for line in fh if line.startswith("flags")), "").split())
+    except OSError:
+        return frozenset()
+
+
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast is a real speed-up,
     unless oneDNN was told to keep below them."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
-    if cap not in NATIVE_BF16_ISAS:
-        return False
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = next((line for line in fh if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return _onednn_cap() in NATIVE_BF16_ISAS and bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+
+
+def cpu_has_amx_bf16() -> bool:
+    """True where oneDNN computes bf16 on AMX tiles: a CPU with AMX-BF16, oneDNN not held below it."""
+    return _onednn_cap() in AMX_BF16_ISAS and "amx_bf16" in _cpu_flags()
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

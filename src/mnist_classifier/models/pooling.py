@@ -11,7 +11,8 @@ For a wider one (16k input channels) the forward stays torch's convolution, whos
 Either way the backward starts from the pool's winners: only a window's winner has a gradient, so the
 convolution's weight, bias (and input) gradients need a quarter of the positions a dense backward visits,
 and no full-size gradient is ever made. Those gradients are sums taken in another order than torch's, so they
-agree to rounding, not bit for bit; the first layer's outputs agree to fp32 rounding too.
+agree to rounding, not bit for bit; the first layer's outputs agree to fp32 rounding too. One exception: in
+bf16 on a CPU with AMX the wider layer's backward stays oneDNN's, which runs it on the tiles faster.
 
 They run where they can: float32 or bfloat16 CPU tensors in channels_last with a multiple of 16 channels,
 outside autocast (for the convolutions), tracing, export and torch.compile, with the kernels built
@@ -30,6 +31,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .. import native
+from ..device import cpu_has_amx_bf16
 
 SOURCE = Path(__file__).with_name("pool2x2.cpp")
 CONV_SOURCE = Path(__file__).with_name("conv_pool.cpp")
@@ -88,8 +90,11 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
 
 def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``MaxPool2x2.after_conv`` runs torch's convolution and the pool kernel forward, and the backward
-    of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last."""
+    of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last. Not in bf16
+    where oneDNN has AMX: its backward on the tiles took the guide step 3.27 ms against the kernel's 3.51 ms
+    (BENCHMARKS.md, "Intel with AMX, a twelfth session"); held below AMX it took 7.20 against 5.92 ms."""
     return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0
+            and not (x.dtype == torch.bfloat16 and cpu_has_amx_bf16())
             and x.is_contiguous(memory_format=torch.channels_last)
             and conv.weight.is_contiguous(memory_format=torch.channels_last)
             and _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype) is not None
