@@ -31,6 +31,10 @@ Variants:
   V+no-native     variant V on torch's layers instead of the package's kernels (models/pooling.py: the 2x2
                   pool + ReLU, and the first convolution fused with them), which every other variant runs
                   where they apply: kept+no-native, bf16-weights+no-native, ...
+  V+wide-kernel   variant V with the wider layer's bf16 backward on the package's kernel on an AMX CPU too,
+                  where `mnist train` leaves it to oneDNN (AMX CPUs only: bf16-weights+wide-kernel)
+  V+wide-onednn   the other way: the wider layer's bf16 backward left to oneDNN on any CPU (run it held below
+                  AMX, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, to see why the kernel stays without AMX)
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -56,8 +60,8 @@ from typing import Callable, Iterator
 import torch
 
 from mnist_classifier.data import load_dataset
-from mnist_classifier.device import cpu_has_native_bf16
-from mnist_classifier.models import ModelConfig, build_model
+from mnist_classifier.device import cpu_has_amx_bf16, cpu_has_native_bf16
+from mnist_classifier.models import ModelConfig, build_model, pooling
 from mnist_classifier.models.pooling import MaxPool2x2
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
@@ -93,6 +97,28 @@ def keep_freed_memory() -> bool:
 
 
 THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
+SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn")  # a change made to any variant
+
+
+def base_of(name: str) -> str:
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name
+
+
+def as_if_amx(amx: bool, inner: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Iterator[None]]:
+    """``inner``'s settings, with the kernels' dispatch told that oneDNN has AMX (the wider layer's bf16
+    backward is then oneDNN's) or has not (it is the kernel's)."""
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        saved = pooling.cpu_has_amx_bf16
+        pooling.cpu_has_amx_bf16 = lambda: amx
+        try:
+            with inner():
+                yield
+        finally:
+            pooling.cpu_has_amx_bf16 = saved
+    return both
 
 
 @contextlib.contextmanager
@@ -133,13 +159,13 @@ def split_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
 
 
 def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
-    base = name.removesuffix("+no-native")  # the variant it changes, on torch's layers instead of the kernels
+    base = base_of(name)  # the variant it changes: on torch's layers, or with the wider layer's bf16 backward moved
     fmt = torch.contiguous_format if base == "nchw" else torch.channels_last
     torch.manual_seed(0)
     model = build_model(ModelConfig(name=args.model)).to(memory_format=fmt).train()
     for module in model.modules():
         if isinstance(module, MaxPool2x2):
-            module.native = base == name
+            module.native = not name.endswith("+no-native")
     adam = {"adam-foreach": {"foreach": True}, "adam-for-loop": {"foreach": False}}.get(base, {"fused": True})
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, **adam)
     net = torch.compile(model) if base == "compile" else model
@@ -163,6 +189,8 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
            "onednn-bf16": lambda: settings(onednn_fp32="bf16")}.get(base, settings)
     if base.removesuffix("-bf16") in THREADS:  # the variants that run at one torch thread per Python thread
         ctx = one_torch_thread
+    if name.endswith(("+wide-kernel", "+wide-onednn")):
+        ctx = as_if_amx(name.endswith("+wide-onednn"), ctx)
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
@@ -187,6 +215,8 @@ def main() -> None:
     if cpu_has_native_bf16() and not args.variants:
         names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+no-native",
                   "split-threads-bf16"]
+    if cpu_has_amx_bf16() and not args.variants:
+        names += ["bf16-weights+wide-kernel"]
     names = [n for n in names if n not in args.skip]
     splits = load_dataset("mnist", args.data_dir)
     images = (splits.train_images.float() / 255 - MEAN) / STD  # (60000, 1, 28, 28)
@@ -208,7 +238,7 @@ def main() -> None:
     for v in variants:
         med = statistics.median(ms[v.name])
         print(json.dumps({"variant": v.name, "model": args.model, "batch": args.batch_size,
-                          "threads": THREADS.get(v.name.removesuffix("+no-native").removesuffix("-bf16"),
+                          "threads": THREADS.get(base_of(v.name).removesuffix("-bf16"),
                                                  torch.get_num_threads()),
                           "ms_per_step_median": round(med, 3),
                           "min": round(min(ms[v.name]), 3), "max": round(max(ms[v.name]), 3),
