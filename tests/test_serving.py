@@ -375,8 +375,15 @@ def _socket_inodes(pid: int) -> set[str]:
     """The inodes of the sockets ``pid`` holds open."""
     from pathlib import Path
 
-    links = (os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir())
-    return {link[8:-1] for link in links if link.startswith("socket:[")}
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except FileNotFoundError:  # closed between the listing and the read (seen once): not a listening socket
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    return inodes
 
 
 def _kill_and_wait_closed(pid: int, timeout: float = 10) -> None:
