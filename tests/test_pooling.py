@@ -17,8 +17,7 @@ import torch.nn.functional as F
 
 from mnist_classifier import device, native
 from mnist_classifier.data import model_input
-from mnist_classifier.models import ModelConfig, build_model
-from mnist_classifier.models import pooling
+from mnist_classifier.models import ModelConfig, build_model, pooling
 from mnist_classifier.models.pooling import (CONV_SOURCE, SOURCE, MaxPool2x2, fused_conv_applies, max_pool2x2,
                                             native_applies, wide_conv_applies)
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep

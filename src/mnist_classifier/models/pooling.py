@@ -91,8 +91,8 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
 def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``MaxPool2x2.after_conv`` runs torch's convolution and the pool kernel forward, and the backward
     of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last. Not in bf16
-    where oneDNN has AMX: its backward on the tiles took the guide step 3.27 ms against the kernel's 3.51 ms
-    (BENCHMARKS.md, "Intel with AMX, a twelfth session"); held below AMX it took 7.20 against 5.92 ms."""
+    where oneDNN has AMX: with its backward on the tiles the guide step took 3.47 and 3.54 ms against the
+    kernel's 3.71 and 3.93 (BENCHMARKS.md, "CPU-6"); held below AMX, 5.73 and 7.22 against 5.91 and 5.99."""
     return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0
             and not (x.dtype == torch.bfloat16 and cpu_has_amx_bf16())
             and x.is_contiguous(memory_format=torch.channels_last)
