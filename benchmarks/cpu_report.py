@@ -19,8 +19,9 @@ Order and rounds are the ones BENCHMARKS.md quotes; --only picks some. `--as avx
 with AVX2 and FMA but neither AVX-512 nor bf16 would (AMD Zen 1-3, most laptops): torch's own kernels, oneDNN,
 MKL and the package's kernels are each held to AVX2 by their documented switch (AS below), and --precision auto
 then picks fp32. `--as avx512` holds them to AVX-512 without AVX512-BF16 or AMX instead (Intel Skylake-SP to Ice
-Lake). Either is the same cores running fewer instructions, a stand-in for such a CPU, not one. At --rounds 3 it took 13.5 minutes on
-a 2-core Zen 4 (2026-12-05). Expect about twice that on a 2-core Zen 3, whose guide pipeline took 200 s a round.
+Lake). Either is the same cores running fewer instructions, a stand-in for such a CPU, not one. At --rounds 3 it took
+13.5 minutes on a 2-core Zen 4 (2026-12-05), and 16.1 and 12.7 minutes (as it is, and --as avx512) on a 2-core Intel
+Xeon Emerald Rapids (2026-12-06). Expect about twice that on a 2-core Zen 3, whose guide pipeline took 200 s a round.
 
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report
     .venv/bin/python benchmarks/cpu_report.py --out cpu-report --only roofline contention
@@ -56,8 +57,8 @@ AS = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL
 def benchmarks(rounds: int, data_dir: str, run_as: str | None = None) -> dict[str, list[str]]:
     """Each benchmark's command line (after the interpreter), in the order they run."""
     data = ["--data-dir", data_dir]
-    # without torch.compile held to a smaller set: under ATEN_CPU_CAPABILITY=avx2 on an AVX-512 CPU its generated
-    # backward handed scatter_reduce_ an index of 2.2e17 and the benchmark died (2026-12-05, CPU-4)
+    # held to a smaller instruction set, torch.compile is left out: under ATEN_CPU_CAPABILITY=avx2 on an AVX-512
+    # CPU its generated backward handed scatter_reduce_ an index of 2.2e17 and the benchmark died (2026-12-05, CPU-4)
     steps = ["--skip", "compile"] if run_as else []
     return {
         "roofline": ["roofline.py"],

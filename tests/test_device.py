@@ -43,14 +43,19 @@ def test_precision_choices(monkeypatch):
         autocast_dtype("fp8", cpu)
 
 
+def cpu_flags() -> list[str]:
+    """The first processor's flags, read here independently of device.py (the oracle for its answers)."""
+    return next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+
+
 def test_native_bf16_is_read_from_the_cpu_flags():
-    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags()
     assert device.cpu_has_native_bf16() == ("amx_bf16" in flags or "avx512_bf16" in flags)
 
 
 def test_amx_is_read_from_the_cpu_flags_and_onednns_cap(monkeypatch):
     """AMX counts where oneDNN may use it: ONEDNN_MAX_CPU_ISA at AVX512_CORE_BF16 (a Zen 4) or below holds it off."""
-    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags()
     amx = "amx_bf16" in flags
     for cap, expected in (("AVX2", False), ("AVX512_CORE_BF16", False), ("avx512_core_amx", amx), ("ALL", amx)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
@@ -60,7 +65,7 @@ def test_amx_is_read_from_the_cpu_flags_and_onednns_cap(monkeypatch):
 def test_a_onednn_cap_below_bf16_turns_auto_to_fp32(monkeypatch, data_dir, tmp_path):
     """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2 laptop, or this CPU run as one for BENCHMARKS.md) keeps oneDNN off the
     bf16 units, where bf16 would only be emulated: --precision auto then trains in fp32, here and in `mnist train`."""
-    flags = next((line.split() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags()
     native = "amx_bf16" in flags or "avx512_bf16" in flags
     for cap, expected in (("AVX2", False), ("avx512_core", False), ("AVX512_CORE_BF16", native), ("ALL", native)):
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
