@@ -35,6 +35,10 @@ Variants:
                   where `mnist train` leaves it to oneDNN (AMX CPUs only: bf16-weights+wide-kernel)
   V+wide-onednn   the other way: the wider layer's bf16 backward left to oneDNN on any CPU (run it held below
                   AMX, ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, to see why the kernel stays without AMX)
+  V+no-wide       variant V with the wider layer's backward left to torch (oneDNN) in any dtype, the pool's
+                  kernel kept (kept+no-wide: what the kernel buys the guide's second layer in fp32)
+  V+no-fused      variant V with the first layer's convolution and pool as torch's layers (oneDNN, then the
+                  pool's kernel), not one kernel: kept+no-fused, bf16-weights+no-fused, bf16-autocast+no-fused
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -97,7 +101,7 @@ def keep_freed_memory() -> bool:
 
 
 THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
-SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn")  # a change made to any variant
+SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn", "+no-wide", "+no-fused")  # a change made to any variant
 
 
 def base_of(name: str) -> str:
@@ -118,6 +122,21 @@ def as_if_amx(amx: bool, inner: Callable[[], contextlib.AbstractContextManager])
                 yield
         finally:
             pooling.cpu_has_amx_bf16 = saved
+    return both
+
+
+def without(predicate: str, inner: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Iterator[None]]:
+    """``inner``'s settings, with the kernels' dispatch ``predicate`` (``wide_conv_applies``: the wider layers'
+    backward kernel; ``fused_conv_applies``: the fused first layer) always saying no."""
+    @contextlib.contextmanager
+    def both() -> Iterator[None]:
+        saved = getattr(pooling, predicate)
+        setattr(pooling, predicate, lambda conv, x: False)
+        try:
+            with inner():
+                yield
+        finally:
+            setattr(pooling, predicate, saved)
     return both
 
 
@@ -191,6 +210,8 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
         ctx = one_torch_thread
     if name.endswith(("+wide-kernel", "+wide-onednn")):
         ctx = as_if_amx(name.endswith("+wide-onednn"), ctx)
+    if name.endswith(("+no-wide", "+no-fused")):
+        ctx = without("wide_conv_applies" if name.endswith("+no-wide") else "fused_conv_applies", ctx)
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
