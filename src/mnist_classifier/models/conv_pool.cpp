@@ -1,17 +1,20 @@
 // 3x3 convolutions (padding 1, stride 1) followed by 2x2 max-pooling (stride 2, floor mode) and optionally ReLU,
 // for CPU tensors in fp32 or bf16 (models/pooling.py calls them):
-// - a first layer (one input channel) in one pass, forward and backward;
+// - a first layer (a few input channels: 1 for the guide CNN, 4 for the fast models' unshuffled image) in one
+//   pass, forward and backward;
 // - the backward of a wider layer (16k input channels) whose forward is torch's convolution and pool2x2.cpp.
 //
 // Why: the guide CNN's first convolution has one input channel, which oneDNN computes at about a sixth of the
-// rate of the second (53 against 322 GFLOP/s in bf16 on a 2-core Zen 4, benchmarks/step_profile.py). Fused
+// rate of the second (53 against 322 GFLOP/s in bf16 on a 2-core Zen 4, benchmarks/step_profile.py); the fast
+// models' has four (54 GFLOP/s in fp32 on a 2-core Xeon held to AVX-512, against 122-126 for the others). Fused
 // with the pool, its output never reaches memory at full size. And after a pool only each window's winner
 // has a gradient, so both layers' backward passes sum over a quarter of the positions a dense backward visits.
 //
-// The first layer's layout: x is (B, H, W) (one channel: NCHW and channels_last are the same memory), weight
-// (O, 9) taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O): 0-3 the window's winner
-// (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16 convolution output is rounded to
-// bf16 (round to nearest even) before the pool compares it, as the unfused layers store it.
+// The first layer's layout: x is (B, C, H, W), NCHW (for one channel, the same memory as channels_last),
+// C <= kMaxChannels, weight (O, C * 9) taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O):
+// 0-3 the window's winner (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16
+// convolution output is rounded to bf16 (round to nearest even) before the pool compares it, as the unfused
+// layers store it.
 //
 // The channels of a block are one GCC vector (vector_size) as wide as the host's widest register: 16 fp32 with
 // AVX-512, 8 with AVX2, 4 with SSE or NEON. A vector wider than the registers is kept in memory and split at
@@ -35,6 +38,8 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kLanes = 4;
 #endif
 constexpr int kTaps = 9;
+constexpr int64_t kMaxChannels = 16;  // a first layer's input channels (pooling.py's FIRST_LAYER_CHANNELS): the
+                                      // patches of one window, 16 x 4 x 4 fp32, stay on the stack (1 KiB)
 typedef float VF __attribute__((vector_size(4 * kLanes)));     // kLanes x fp32
 typedef int32_t VI __attribute__((vector_size(4 * kLanes)));   // kLanes x int32: masks and indices
 typedef uint32_t VU __attribute__((vector_size(4 * kLanes)));  // kLanes x uint32: bit patterns
@@ -77,104 +82,142 @@ inline float scalar(uint16_t bits) {
   return f;
 }
 
-// The 4x4 input patch around output row ``row`` (= b * H/2 + oh), column ow: the window at (2*oh, 2*ow) of
-// image b, rows 2oh-1..2oh+2 and columns 2ow-1..2ow+2, zero outside the image.
-template <typename T>
-inline void load_patch(const T* x, int64_t height, int64_t width, int64_t row, int64_t ow, float patch[4][4]) {
-  const int64_t oh = row % (height / 2);
-  const T* image = x + row / (height / 2) * height * width;
-  for (int r = 0; r < 4; r++) {
-    const int64_t h = 2 * oh - 1 + r;
-    for (int c = 0; c < 4; c++) {
-      const int64_t w = 2 * ow - 1 + c;
-      patch[r][c] = (h >= 0 && h < height && w >= 0 && w < width) ? scalar(image[h * width + w]) : 0.0f;
-    }
-  }
-}
+// The input rows that output row ``row`` (= b * H/2 + oh) of the first layer reads: for each channel, rows
+// 2oh-1..2oh+2 of image b, in fp32, columns -1..2*(W/2)+2 (zero outside the image): rows[(ch * 4 + r) * pitch + c]
+// holds x[b, ch, 2oh-1+r, c-1]. Converted once per output row, so the windows read them without bounds checks
+// (and a bf16 input is widened once, not once per window that reads it). The two columns past the last window
+// are read, and discarded, by the forward's second window when a row has an odd number of windows.
+inline int64_t row_pitch(int64_t width) { return 2 * (width / 2) + 4; }
 
 template <typename T>
-void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int64_t batch, int64_t height,
-             int64_t width, int64_t out_channels, int relu, int threads) {
-  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
-  std::vector<VF> taps(blocks * kTaps), shift(blocks);  // taps[block][k]: the block's weights of tap k
-  for (int64_t o = 0; o < out_channels; o++) {
-    for (int k = 0; k < kTaps; k++) taps[(o / kLanes) * kTaps + k][o % kLanes] = scalar(weight[o * kTaps + k]);
-    shift[o / kLanes][o % kLanes] = scalar(bias[o]);
-  }
-#pragma omp parallel for num_threads(threads)
-  for (int64_t row = 0; row < batch * out_h; row++) {
-    for (int64_t ow = 0; ow < out_w; ow++) {
-      float patch[4][4];
-      load_patch(x, height, width, row, ow, patch);
-      for (int64_t blk = 0; blk < blocks; blk++) {
-        const VF* tap = &taps[blk * kTaps];
-        auto output = [&](int j) {  // the window's convolution output j (row-major), as the tensor holds it
-          VF acc = {};
-          for (int kh = 0; kh < 3; kh++)
-            for (int kw = 0; kw < 3; kw++) acc += patch[j / 2 + kh][j % 2 + kw] * tap[kh * 3 + kw];
-          return as_stored(acc + shift[blk], T(0));
-        };
-        VF best = output(0);
-        VI arg = {};
-        for (int j = 1; j < 4; j++) {
-          const VF v = output(j);
-          const VI wins = (v > best) | (v != v);  // torch's rule: greater, or NaN, replaces
-          best = wins ? v : best;
-          arg = wins ? VI{} + j : arg;
-        }
-        const VI zeroed = relu ? (best <= 0.0f) : VI{};  // ReLU keeps NaN, as torch's does
-        const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
-        store(y + at, zeroed ? VF{} : best);
-        const VB which = __builtin_convertvector(zeroed ? VI{} + 4 : arg, VB);
-        std::memcpy(idx + at, &which, sizeof which);
+void load_rows(const T* x, int64_t channels, int64_t height, int64_t width, int64_t row, float* rows) {
+  const int64_t oh = row % (height / 2), pitch = row_pitch(width);
+  const T* image = x + row / (height / 2) * channels * height * width;
+  for (int64_t ch = 0; ch < channels; ch++) {
+    for (int r = 0; r < 4; r++) {
+      const int64_t h = 2 * oh - 1 + r;
+      float* out = rows + (ch * 4 + r) * pitch;
+      for (int64_t c = 0; c < pitch; c++) {
+        const int64_t w = c - 1;
+        out[c] = (h >= 0 && h < height && w >= 0 && w < width) ? scalar(image[(ch * height + h) * width + w]) : 0.0f;
       }
     }
   }
 }
 
-// Gradients of the weight (O, 9) and bias (O), summed in fp32: per thread over a fixed share of the rows, then
-// the threads' sums in thread order, so the same thread count gives the same bits every run.
 template <typename T>
-void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T* grad_bias, int64_t batch,
-              int64_t height, int64_t width, int64_t out_channels, int threads) {
-  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes;
-  const int64_t per = blocks * (kTaps + 1);  // per thread and block: 9 taps, then the bias
-  std::vector<VF> partial(threads * per, VF{});
+void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int64_t batch, int64_t channels,
+             int64_t height, int64_t width, int64_t out_channels, int relu, int threads) {
+  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes, taps_per = channels * kTaps;
+  const int64_t pitch = row_pitch(width);
+  std::vector<VF> taps(blocks * taps_per), shift(blocks);  // taps[block][ch * 9 + k]: the block's weights
+  for (int64_t o = 0; o < out_channels; o++) {
+    for (int64_t k = 0; k < taps_per; k++)
+      taps[(o / kLanes) * taps_per + k][o % kLanes] = scalar(weight[o * taps_per + k]);
+    shift[o / kLanes][o % kLanes] = scalar(bias[o]);
+  }
 #pragma omp parallel num_threads(threads)
   {
-    VF* acc = &partial[omp_get_thread_num() * per];
+    std::vector<float> rows(channels * 4 * pitch);
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < batch * out_h; row++) {
-      for (int64_t ow = 0; ow < out_w; ow++) {
-        float patch[4][4];
-        load_patch(x, height, width, row, ow, patch);
-        for (int64_t blk = 0; blk < blocks; blk++) {
-          const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
-          const VF g = load(grad_y + at);
-          VB which8;
-          std::memcpy(&which8, idx + at, sizeof which8);
-          const VI which = __builtin_convertvector(which8, VI);
-          VF* sum = acc + blk * (kTaps + 1);
-          for (int j = 0; j < 4; j++) {  // the winner's gradient flows through its own 3x3 patch
-            const VF gj = (which == j) ? g : VF{};
-            for (int kh = 0; kh < 3; kh++)
-              for (int kw = 0; kw < 3; kw++) sum[kh * 3 + kw] += gj * patch[j / 2 + kh][j % 2 + kw];
-            sum[kTaps] += gj;
+      load_rows(x, channels, height, width, row, rows.data());
+      for (int64_t ow = 0; ow < out_w; ow += 2) {  // two windows at a time: 8 independent sums keep both FMA
+        for (int64_t blk = 0; blk < blocks; blk++) {  // units busy (4 would wait on the FMAs' latency)
+          const VF* tap = &taps[blk * taps_per];
+          VF acc[2][4] = {};  // each window's 4 convolution outputs (row-major); a tap is loaded once for all 8
+          for (int64_t ch = 0; ch < channels; ch++) {
+            const float* p = &rows[ch * 4 * pitch + 2 * ow];  // the first window's 4x4 patch of this channel
+            for (int kh = 0; kh < 3; kh++) {
+              for (int kw = 0; kw < 3; kw++) {
+                const VF t = tap[ch * kTaps + kh * 3 + kw];
+                for (int q = 0; q < 2; q++) {  // the second window's patch starts 2 columns on
+                  acc[q][0] += p[kh * pitch + kw + 2 * q] * t;
+                  acc[q][1] += p[kh * pitch + kw + 1 + 2 * q] * t;
+                  acc[q][2] += p[(kh + 1) * pitch + kw + 2 * q] * t;
+                  acc[q][3] += p[(kh + 1) * pitch + kw + 1 + 2 * q] * t;
+                }
+              }
+            }
+          }
+          for (int q = 0; q < 2 && ow + q < out_w; q++) {
+            VF best = as_stored(acc[q][0] + shift[blk], T(0));  // as the tensor would hold it
+            VI arg = {};
+            for (int j = 1; j < 4; j++) {
+              const VF v = as_stored(acc[q][j] + shift[blk], T(0));
+              const VI wins = (v > best) | (v != v);  // torch's rule: greater, or NaN, replaces
+              best = wins ? v : best;
+              arg = wins ? VI{} + j : arg;
+            }
+            const VI zeroed = relu ? (best <= 0.0f) : VI{};  // ReLU keeps NaN, as torch's does
+            const int64_t at = (row * out_w + ow + q) * out_channels + blk * kLanes;
+            store(y + at, zeroed ? VF{} : best);
+            const VB which = __builtin_convertvector(zeroed ? VI{} + 4 : arg, VB);
+            std::memcpy(idx + at, &which, sizeof which);
           }
         }
       }
     }
   }
+}
+
+// Gradients of the weight (O, C * 9) and bias (O), summed in fp32: per thread over a fixed share of the rows, then
+// the threads' sums in thread order, so the same thread count gives the same bits every run. Within an output
+// row, each (block, channel)'s 9 sums stay in registers across the row's windows.
+template <typename T>
+void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T* grad_bias, int64_t batch,
+              int64_t channels, int64_t height, int64_t width, int64_t out_channels, int threads) {
+  const int64_t out_h = height / 2, out_w = width / 2, blocks = out_channels / kLanes, taps_per = channels * kTaps;
+  const int64_t pitch = row_pitch(width);
+  const int64_t per = blocks * (taps_per + 1);  // per thread and block: C * 9 taps, then the bias
+  std::vector<VF> partial(threads * per, VF{});
+#pragma omp parallel num_threads(threads)
+  {
+    VF* acc = &partial[omp_get_thread_num() * per];
+    std::vector<float> rows(channels * 4 * pitch);
+    std::vector<VF> grads(out_w * 4);  // this row's windows: the gradient of each of the 4 outputs (0 if lost)
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < batch * out_h; row++) {
+      load_rows(x, channels, height, width, row, rows.data());
+      for (int64_t blk = 0; blk < blocks; blk++) {
+        VF* sum = acc + blk * (taps_per + 1);
+        VF bias_sum = sum[taps_per];
+        for (int64_t ow = 0; ow < out_w; ow++) {
+          const int64_t at = (row * out_w + ow) * out_channels + blk * kLanes;
+          const VF g = load(grad_y + at);
+          VB which8;
+          std::memcpy(&which8, idx + at, sizeof which8);
+          const VI which = __builtin_convertvector(which8, VI);
+          for (int j = 0; j < 4; j++) grads[ow * 4 + j] = (which == j) ? g : VF{};  // the winner's only
+          bias_sum += (which < 4) ? g : VF{};  // lost to the ReLU (4): no gradient
+        }
+        sum[taps_per] = bias_sum;
+        for (int64_t ch = 0; ch < channels; ch++) {
+          VF s[kTaps];
+          for (int k = 0; k < kTaps; k++) s[k] = sum[ch * kTaps + k];
+          for (int64_t ow = 0; ow < out_w; ow++) {
+            const float* p = &rows[ch * 4 * pitch + 2 * ow];
+            for (int j = 0; j < 4; j++) {
+              const VF gj = grads[ow * 4 + j];
+              for (int kh = 0; kh < 3; kh++)
+                for (int kw = 0; kw < 3; kw++) s[kh * 3 + kw] += gj * p[(j / 2 + kh) * pitch + j % 2 + kw];
+            }
+          }
+          for (int k = 0; k < kTaps; k++) sum[ch * kTaps + k] = s[k];
+        }
+      }
+    }
+  }
   for (int64_t blk = 0; blk < blocks; blk++) {
-    for (int k = 0; k <= kTaps; k++) {
+    for (int64_t k = 0; k <= taps_per; k++) {
       VF total = {};
-      for (int t = 0; t < threads; t++) total += partial[t * per + blk * (kTaps + 1) + k];
+      for (int t = 0; t < threads; t++) total += partial[t * per + blk * (taps_per + 1) + k];
       T out[kLanes];
       store(out, total);
       for (int64_t lane = 0; lane < kLanes; lane++) {
         const int64_t o = blk * kLanes + lane;
-        if (k < kTaps)
-          grad_weight[o * kTaps + k] = out[lane];
+        if (k < taps_per)
+          grad_weight[o * taps_per + k] = out[lane];
         else
           grad_bias[o] = out[lane];
       }
@@ -258,23 +301,23 @@ void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* gra
 extern "C" {
 
 void conv_pool_forward_f32(const float* x, const float* w, const float* b, float* y, uint8_t* idx, int64_t n,
-                           int64_t h, int64_t wd, int64_t o, int relu, int threads) {
-  forward(x, w, b, y, idx, n, h, wd, o, relu, threads);
+                           int64_t c, int64_t h, int64_t wd, int64_t o, int relu, int threads) {
+  forward(x, w, b, y, idx, n, c, h, wd, o, relu, threads);
 }
 
 void conv_pool_forward_bf16(const uint16_t* x, const uint16_t* w, const uint16_t* b, uint16_t* y, uint8_t* idx,
-                            int64_t n, int64_t h, int64_t wd, int64_t o, int relu, int threads) {
-  forward(x, w, b, y, idx, n, h, wd, o, relu, threads);
+                            int64_t n, int64_t c, int64_t h, int64_t wd, int64_t o, int relu, int threads) {
+  forward(x, w, b, y, idx, n, c, h, wd, o, relu, threads);
 }
 
 void conv_pool_backward_f32(const float* x, const uint8_t* idx, const float* gy, float* gw, float* gb, int64_t n,
-                            int64_t h, int64_t wd, int64_t o, int threads) {
-  backward(x, idx, gy, gw, gb, n, h, wd, o, threads);
+                            int64_t c, int64_t h, int64_t wd, int64_t o, int threads) {
+  backward(x, idx, gy, gw, gb, n, c, h, wd, o, threads);
 }
 
 void conv_pool_backward_bf16(const uint16_t* x, const uint8_t* idx, const uint16_t* gy, uint16_t* gw, uint16_t* gb,
-                             int64_t n, int64_t h, int64_t wd, int64_t o, int threads) {
-  backward(x, idx, gy, gw, gb, n, h, wd, o, threads);
+                             int64_t n, int64_t c, int64_t h, int64_t wd, int64_t o, int threads) {
+  backward(x, idx, gy, gw, gb, n, c, h, wd, o, threads);
 }
 
 void conv_pool_backward_wide_f32(const float* x, const float* w, const uint8_t* idx, const float* gy, float* gx,

@@ -5,8 +5,10 @@ own kernels (BENCHMARKS.md, "CPU-4, a tenth session").
 but keeps a one-byte index per output where torch keeps eight, and its backward writes each input once
 instead of zero-filling a buffer and scattering into it.
 
-``conv_pool.cpp`` takes in the convolution before the pool (``MaxPool2x2.after_conv``). For a first layer (one
-input channel) it computes the convolution inside the pool: its output never reaches memory at full size.
+``conv_pool.cpp`` takes in the convolution before the pool (``MaxPool2x2.after_conv``). For a first layer (up
+to 16 input channels: the guide CNN's image, the fast models' image unshuffled into 4) it computes the
+convolution inside the pool: its output never reaches memory at full size. Under bf16 autocast (the fast
+recipe's precision on a bf16 CPU) it computes in bf16, as autocast's convolution would.
 For a wider one (16k input channels) the forward stays torch's convolution, whose oneDNN kernels are fast.
 Either way the backward starts from the pool's winners: only a window's winner has a gradient, so the
 convolution's weight, bias (and input) gradients need a quarter of the positions a dense backward visits,
@@ -15,7 +17,7 @@ agree to rounding, not bit for bit; the first layer's outputs agree to fp32 roun
 bf16 on a CPU with AMX the wider layer's backward stays oneDNN's, which runs it on the tiles faster.
 
 They run where they can: float32 or bfloat16 CPU tensors in channels_last with a multiple of 16 channels,
-outside autocast (for the convolutions), tracing, export and torch.compile, with the kernels built
+outside autocast (for the wider layer), tracing, export and torch.compile, with the kernels built
 (``native.load``). Everything else, and any machine without a C++ compiler, gets torch's ``conv2d`` and
 ``max_pool2d``, so models, checkpoints and exports are the same either way.
 """
@@ -36,11 +38,12 @@ from ..device import cpu_has_amx_bf16
 SOURCE = Path(__file__).with_name("pool2x2.cpp")
 CONV_SOURCE = Path(__file__).with_name("conv_pool.cpp")
 LANES = 16  # the kernels' inner loops: channels come in blocks of 16
+FIRST_LAYER_CHANNELS = 16  # at most, into the fused first layer (conv_pool.cpp's kMaxChannels)
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {  # kernel name -> argument types: pointers, then (B, H, W, C), then flags and threads
+_SIGNATURES = {  # kernel name -> argument types: pointers, then sizes (B, [C,] H, W, C or O), flags, threads
     "pool2x2_forward": [_P] * 3 + [_I64] * 4 + [_INT] * 2, "pool2x2_backward": [_P] * 3 + [_I64] * 4 + [_INT],
-    "conv_pool_forward": [_P] * 5 + [_I64] * 4 + [_INT] * 2, "conv_pool_backward": [_P] * 5 + [_I64] * 4 + [_INT],
+    "conv_pool_forward": [_P] * 5 + [_I64] * 5 + [_INT] * 2, "conv_pool_backward": [_P] * 5 + [_I64] * 5 + [_INT],
     "conv_pool_backward_wide": [_P] * 7 + [_I64] * 5 + [_INT],
 }
 
@@ -70,30 +73,43 @@ def native_applies(x: torch.Tensor) -> bool:
 
 
 def _plain_conv3x3(conv: nn.Module, x: torch.Tensor) -> bool:
-    """A hook-free Conv2d, 3x3, padding 1, stride 1, with bias, to a multiple of 16 channels, on a 4-D CPU
-    tensor of its own dtype (fp32 or bf16), outside autocast (which would pick the convolution's dtype)."""
+    """A hook-free Conv2d, 3x3, padding 1, stride 1, to a multiple of 16 channels, on a 4-D CPU tensor of its
+    own dtype (fp32 or bf16)."""
     return (_plain_tensor_path() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
             and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and conv.bias is not None and conv.out_channels % LANES == 0
+            and conv.padding_mode == "zeros" and conv.out_channels % LANES == 0
             and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())  # --whiten-init's hook
-            and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == conv.bias.dtype == x.dtype
-            and not torch.is_autocast_enabled("cpu") and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
+            and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == x.dtype
+            and (conv.bias is None or conv.bias.dtype == x.dtype)
+            and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a convolution of ``x`` computes in: autocast's bf16 for fp32 under it, else ``x``'s own; None
+    under another autocast dtype."""
+    if not torch.is_autocast_enabled("cpu"):
+        return x.dtype
+    return torch.bfloat16 if torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32 else None
 
 
 def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``MaxPool2x2.after_conv`` runs ``conv`` and the pool as one kernel: a plain 3x3 convolution of a
-    one-channel input that needs no gradient of its own (a first layer)."""
-    return (_plain_conv3x3(conv, x) and conv.in_channels == 1 and not x.requires_grad
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))  # one channel: the same
-            and _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype) is not None)
+    """Whether ``MaxPool2x2.after_conv`` runs ``conv`` and the pool as one kernel: a plain 3x3 convolution of an
+    input of at most 16 channels that needs no gradient of its own (a first layer: the guide CNN's image, or
+    the fast models' image unshuffled into 4 channels), with or without a bias."""
+    return (_plain_conv3x3(conv, x) and conv.in_channels <= FIRST_LAYER_CHANNELS and not x.requires_grad
+            and _compute_dtype(x) in SUFFIX
+            and _kernel(CONV_SOURCE, "conv_pool_forward", _compute_dtype(x)) is not None)
 
 
 def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``MaxPool2x2.after_conv`` runs torch's convolution and the pool kernel forward, and the backward
-    of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last. Not in bf16
+    of both from the pool's winners: a plain 3x3 convolution of 16k input channels with a bias, channels_last.
+    (Bias-free, as ``conv_bn``'s before batch norm, it is left to torch: at the fast models' 32 -> 48 channels on
+    6x6 the kernel was 0.91-1.05x torch's speed, and the best recipe's bn-cnn keeps its measured path.) Not in bf16
     where oneDNN has AMX: with its backward on the tiles the guide step took 3.47 and 3.54 ms against the
     kernel's 3.71 and 3.93 (BENCHMARKS.md, "CPU-6"); held below AMX, 5.73 and 7.22 against 5.91 and 5.99."""
-    return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0
+    return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0 and conv.bias is not None
+            and not torch.is_autocast_enabled("cpu")  # autocast would pick the convolution's dtype
             and not (x.dtype == torch.bfloat16 and cpu_has_amx_bf16())
             and x.is_contiguous(memory_format=torch.channels_last)
             and conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -149,32 +165,34 @@ class _NativePool(torch.autograd.Function):
 
 class _NativeConvPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
-        b, _, h, w = x.shape  # (B, 1, H, W)
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
+        b, c, h, w = x.shape  # (B, C, H, W), NCHW
         out = weight.shape[0]
-        taps = weight.detach().reshape(out, 9).contiguous()  # (O, 9)
+        taps = weight.detach().reshape(out, c * 9).contiguous()  # (O, C * 9) in (C, kh, kw) order
+        shift = torch.zeros(out, dtype=x.dtype) if bias is None else bias.detach().contiguous()  # (O,)
         y = torch.empty((b, out, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
         which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
         kernel = _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype)
-        kernel(x.data_ptr(), taps.data_ptr(), bias.detach().contiguous().data_ptr(), y.data_ptr(), which.data_ptr(),
-               b, h, w, out, int(relu), torch.get_num_threads())
+        kernel(x.data_ptr(), taps.data_ptr(), shift.data_ptr(), y.data_ptr(), which.data_ptr(),
+               b, c, h, w, out, int(relu), torch.get_num_threads())
         ctx.save_for_backward(x, which)
         ctx.weight_shape = weight.shape
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor | None, None]:
         x, which = ctx.saved_tensors
-        b, _, h, w = x.shape
+        b, c, h, w = x.shape
         out = ctx.weight_shape[0]
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-        grad_w = torch.empty((out, 9), dtype=grad_y.dtype)
-        grad_b = torch.empty(out, dtype=grad_y.dtype)
+        grad_w = torch.empty((out, c * 9), dtype=grad_y.dtype)
+        grad_b = torch.empty(out, dtype=grad_y.dtype)  # the kernel always sums it; dropped for a bias-free conv
         kernel = _kernel(CONV_SOURCE, "conv_pool_backward", grad_y.dtype)
-        kernel(x.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, out,
-               torch.get_num_threads())
-        return None, grad_w.view(ctx.weight_shape), grad_b, None
+        kernel(x.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, c, h, w,
+               out, torch.get_num_threads())
+        return None, grad_w.view(ctx.weight_shape), grad_b if ctx.has_bias else None, None
 
 
 class _NativeWideConvPool(torch.autograd.Function):
@@ -230,7 +248,9 @@ class MaxPool2x2(nn.MaxPool2d):
         """``self(conv(x), relu)``: in one kernel where ``fused_conv_applies``, with the backward of both from the
         pool's winners where ``wide_conv_applies``, else as written."""
         if self.native and fused_conv_applies(conv, x):
-            return _NativeConvPool.apply(x.contiguous(), conv.weight, conv.bias, relu)
+            dtype = _compute_dtype(x)  # under autocast, bf16: the casts autocast's convolution would make
+            weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
+            return _NativeConvPool.apply(x.to(dtype).contiguous(), weight, bias, relu)
         if self.native and wide_conv_applies(conv, x):
             return _NativeWideConvPool.apply(x, conv.weight, conv.bias, relu)
         return self(conv(x), relu)
