@@ -122,8 +122,10 @@ def test_the_fused_first_layer_on_odd_and_tiny_images(shape):
         y = pool.after_conv(conv, x, relu=True)
         y.backward(grad)
         results.append((y.detach(), conv.weight.grad, conv.bias.grad))
-    for ours, ref in zip(*results):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    (y, gw, gb), (y_ref, gw_ref, gb_ref) = results
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    for ours, ref in ((gw, gw_ref), (gb, gb_ref)):  # sums that cancel: bounded against the largest, as above
+        assert (ours - ref).abs().max() <= 4e-5 * ref.abs().max() + 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
