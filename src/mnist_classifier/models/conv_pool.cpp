@@ -10,11 +10,11 @@
 // with the pool, its output never reaches memory at full size. And after a pool only each window's winner
 // has a gradient, so both layers' backward passes sum over a quarter of the positions a dense backward visits.
 //
-// The first layer's layout: x is (B, C, H, W), NCHW (for one channel, the same memory as channels_last),
-// C <= kMaxChannels, weight (O, C * 9) taps, bias (O), y (B, H/2, W/2, O) channels_last, idx (B, H/2, W/2, O):
-// 0-3 the window's winner (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is fp32; a bf16
-// convolution output is rounded to bf16 (round to nearest even) before the pool compares it, as the unfused
-// layers store it.
+// The first layer's layout: x is (B, C, H, W), NCHW (for one channel, the same memory as channels_last; any C,
+// pooling.py sends first layers of up to 16), weight (O, C * 9) taps, bias (O), y (B, H/2, W/2, O) channels_last,
+// idx (B, H/2, W/2, O): 0-3 the window's winner (row-major), 4 zeroed by the ReLU. O % 16 == 0. Arithmetic is
+// fp32; a bf16 convolution output is rounded to bf16 (round to nearest even) before the pool compares it, as the
+// unfused layers store it.
 //
 // The channels of a block are one GCC vector (vector_size) as wide as the host's widest register: 16 fp32 with
 // AVX-512, 8 with AVX2, 4 with SSE or NEON. A vector wider than the registers is kept in memory and split at
@@ -38,8 +38,6 @@ constexpr int64_t kLanes = 8;
 constexpr int64_t kLanes = 4;
 #endif
 constexpr int kTaps = 9;
-constexpr int64_t kMaxChannels = 16;  // a first layer's input channels (pooling.py's FIRST_LAYER_CHANNELS): the
-                                      // patches of one window, 16 x 4 x 4 fp32, stay on the stack (1 KiB)
 typedef float VF __attribute__((vector_size(4 * kLanes)));     // kLanes x fp32
 typedef int32_t VI __attribute__((vector_size(4 * kLanes)));   // kLanes x int32: masks and indices
 typedef uint32_t VU __attribute__((vector_size(4 * kLanes)));  // kLanes x uint32: bit patterns

@@ -38,7 +38,7 @@ from ..device import cpu_has_amx_bf16
 SOURCE = Path(__file__).with_name("pool2x2.cpp")
 CONV_SOURCE = Path(__file__).with_name("conv_pool.cpp")
 LANES = 16  # the kernels' inner loops: channels come in blocks of 16
-FIRST_LAYER_CHANNELS = 16  # at most, into the fused first layer (conv_pool.cpp's kMaxChannels)
+FIRST_LAYER_CHANNELS = 16  # at most, into the fused first layer: 1 (the guide) and 4 (the fast models) measured
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES = {  # kernel name -> argument types: pointers, then sizes (B, [C,] H, W, C or O), flags, threads
