@@ -110,33 +110,20 @@ def base_of(name: str) -> str:
     return name
 
 
-def as_if_amx(amx: bool, inner: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Iterator[None]]:
-    """``inner``'s settings, with the kernels' dispatch told that oneDNN has AMX (the wider layer's bf16
-    backward is then oneDNN's) or has not (it is the kernel's)."""
+def patched(attribute: str, value: Callable, inner: Callable[[], contextlib.AbstractContextManager]
+            ) -> Callable[[], Iterator[None]]:
+    """``inner``'s settings, with the kernels' dispatch function ``pooling.<attribute>`` replaced by ``value``:
+    ``cpu_has_amx_bf16`` (whether the wider layer's bf16 backward is oneDNN's), or a predicate always saying no
+    (``wide_conv_applies``: the wider layer's backward kernel; ``fused_conv_applies``: the fused first layer)."""
     @contextlib.contextmanager
     def both() -> Iterator[None]:
-        saved = pooling.cpu_has_amx_bf16
-        pooling.cpu_has_amx_bf16 = lambda: amx
+        saved = getattr(pooling, attribute)
+        setattr(pooling, attribute, value)
         try:
             with inner():
                 yield
         finally:
-            pooling.cpu_has_amx_bf16 = saved
-    return both
-
-
-def without(predicate: str, inner: Callable[[], contextlib.AbstractContextManager]) -> Callable[[], Iterator[None]]:
-    """``inner``'s settings, with the kernels' dispatch ``predicate`` (``wide_conv_applies``: the wider layers'
-    backward kernel; ``fused_conv_applies``: the fused first layer) always saying no."""
-    @contextlib.contextmanager
-    def both() -> Iterator[None]:
-        saved = getattr(pooling, predicate)
-        setattr(pooling, predicate, lambda conv, x: False)
-        try:
-            with inner():
-                yield
-        finally:
-            setattr(pooling, predicate, saved)
+            setattr(pooling, attribute, saved)
     return both
 
 
@@ -209,9 +196,11 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
     if base.removesuffix("-bf16") in THREADS:  # the variants that run at one torch thread per Python thread
         ctx = one_torch_thread
     if name.endswith(("+wide-kernel", "+wide-onednn")):
-        ctx = as_if_amx(name.endswith("+wide-onednn"), ctx)
+        amx = name.endswith("+wide-onednn")
+        ctx = patched("cpu_has_amx_bf16", lambda: amx, ctx)
     if name.endswith(("+no-wide", "+no-fused")):
-        ctx = without("wide_conv_applies" if name.endswith("+no-wide") else "fused_conv_applies", ctx)
+        ctx = patched("wide_conv_applies" if name.endswith("+no-wide") else "fused_conv_applies",
+                      lambda conv, x: False, ctx)
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation

@@ -97,8 +97,7 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
     input of at most 16 channels that needs no gradient of its own (a first layer: the guide CNN's image, or
     the fast models' image unshuffled into 4 channels), with or without a bias."""
     return (_plain_conv3x3(conv, x) and conv.in_channels <= FIRST_LAYER_CHANNELS and not x.requires_grad
-            and _compute_dtype(x) in SUFFIX
-            and _kernel(CONV_SOURCE, "conv_pool_forward", _compute_dtype(x)) is not None)
+            and (dtype := _compute_dtype(x)) in SUFFIX and _kernel(CONV_SOURCE, "conv_pool_forward", dtype) is not None)
 
 
 def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
