@@ -11,8 +11,9 @@ and no zero-filled gradient buffer (the two give different gradients where a win
 the zero-fill alone, and against the same pooling as elementwise ops on the input's four strided quarters with
 max_pool2d's own gradient (``ElementwisePool``; its ``elementwise_exact`` says whether output and gradient
 equal max_pool2d's on an input with many tied maxima), and against the package's kernel (models/pooling.py,
-``package_kernel``). Part 3 times the guide CNN's first layer as torch's layers and as the package's fused
-kernel.
+``package_kernel``); then max_pool2d's and the kernel's forward alone, without autograd (``*_forward_us``; the
+forward and backward above include adding each gradient into x's). Part 3 times the guide CNN's first layer as
+torch's layers and as the package's fused kernel.
 
     .venv/bin/python benchmarks/step_profile.py
     .venv/bin/python benchmarks/step_profile.py --model fast-cnn-centre --batch-size 256 --lr 0.02
@@ -170,6 +171,14 @@ def time_pooling(dtype: torch.dtype, shape: tuple[int, ...], reps: int) -> dict:
             y = pool(x)
             y.backward(torch.ones_like(y))
         result[f"{name}_us"] = round((time.perf_counter() - t0) / reps * 1e6)
+    with torch.no_grad():  # the forward alone, as evaluation runs it: no gradient accumulated into x
+        for name, pool in (("max_pool2d", lambda t: F.max_pool2d(t, 2)), ("package_kernel", max_pool2x2)):
+            for _ in range(10):
+                pool(x0)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                pool(x0)
+            result[f"{name}_forward_us"] = round((time.perf_counter() - t0) / reps * 1e6)
     return result
 
 

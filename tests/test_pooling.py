@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -359,6 +360,19 @@ def test_two_processes_building_at_once_both_load_one_library_each(tmp_path):
     files = cache_files(tmp_path)
     assert [name.rsplit("-", 1)[0] for name in files] == ["conv_pool", "pool2x2"]
     assert all(name.endswith(".so") for name in files)
+
+
+def test_a_changed_header_builds_a_new_library(tmp_path, monkeypatch):
+    """The kernels #include vectors.h: a cached library built with an older header must not be loaded."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    for name in (SOURCE.name, "vectors.h"):
+        shutil.copy(SOURCE.with_name(name), tmp_path / name)
+    cxx = native.compiler()
+    before = native.library_path(tmp_path / SOURCE.name, cxx)
+    assert native.library_path(tmp_path / SOURCE.name, cxx) == before
+    header = tmp_path / "vectors.h"
+    header.write_text(header.read_text() + "\n// changed\n")
+    assert native.library_path(tmp_path / SOURCE.name, cxx) != before
 
 
 def test_mnist_train_says_in_one_line_when_the_kernels_cannot_be_built(data_dir, tmp_path):

@@ -5,11 +5,11 @@
 compiler, a failed build, or ``MNIST_NATIVE=0``. ``why_not(source)`` then says why. Callers keep torch's
 own path for that case, so a machine without a compiler runs the same code, only slower.
 
-The library's name is a hash of everything it depends on: the source, the flags, the compiler and this CPU
-(``-march=native`` code must not run on another CPU that shares the home folder); ``MNIST_NATIVE_ARCH`` names
-another instruction set to build for. A build is written
-beside its final name and renamed into place, so two processes building at once, or a build killed
-midway, never leave a half-written library to load.
+The library's name is a hash of everything it depends on: the source and the headers beside it, the flags,
+the compiler and this CPU (``-march=native`` code must not run on another CPU that shares the home folder);
+``MNIST_NATIVE_ARCH`` names another instruction set to build for. A build is written beside its final name and
+renamed into place, so two processes building at once, or a build killed midway, never leave a half-written
+library to load.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def cpu_identity() -> str:
 
 def library_path(source: Path, cxx: str) -> Path:
     key = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # what the source may #include "..."
+        key.update(b"\0" + header.read_bytes())
     for part in (" ".join(flags()), cxx, cpu_identity()):
         key.update(b"\0" + part.encode())
     return cache_dir() / f"{source.stem}-{key.hexdigest()[:24]}.so"

@@ -16,10 +16,7 @@
 // fp32; a bf16 convolution output is rounded to bf16 (round to nearest even) before the pool compares it, as the
 // unfused layers store it.
 //
-// The channels of a block are one GCC vector (vector_size) as wide as the host's widest register: 16 fp32 with
-// AVX-512, 8 with AVX2, 4 with SSE or NEON. A vector wider than the registers is kept in memory and split at
-// every operation: with 16 lanes on AVX2 (-march=x86-64-v3) these kernels ran 12x slower than with 8, slower
-// than torch's layers (BENCHMARKS.md, "CPU-4 held to AVX2"). Each channel's arithmetic is the same at any width.
+// The channels of a block are one vector (vectors.h).
 
 #include <omp.h>
 
@@ -28,32 +25,13 @@
 #include <cstring>
 #include <vector>
 
+#include "vectors.h"
+
 namespace {
 
-#if defined(__AVX512F__)
-constexpr int64_t kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int64_t kLanes = 8;
-#else
-constexpr int64_t kLanes = 4;
-#endif
+using namespace vectors;
 constexpr int kTaps = 9;
-typedef float VF __attribute__((vector_size(4 * kLanes)));     // kLanes x fp32
-typedef int32_t VI __attribute__((vector_size(4 * kLanes)));   // kLanes x int32: masks and indices
-typedef uint32_t VU __attribute__((vector_size(4 * kLanes)));  // kLanes x uint32: bit patterns
-typedef uint16_t VH __attribute__((vector_size(2 * kLanes)));  // kLanes x bf16 bit patterns
-typedef uint8_t VB __attribute__((vector_size(kLanes)));       // kLanes x uint8: winners
 
-inline VF load(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline VF load(const uint16_t* p) {  // bf16 -> fp32 is exact: the bits are fp32's upper half
-  VH h;
-  std::memcpy(&h, p, sizeof h);
-  return reinterpret_cast<VF>(__builtin_convertvector(h, VU) << 16);
-}
 inline void store(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
 // fp32 -> bf16 in fp32's upper half, round to nearest even; NaN stays NaN (quiet)
 inline VU bf16_bits(VF v) {
@@ -150,8 +128,7 @@ void forward(const T* x, const T* weight, const T* bias, T* y, uint8_t* idx, int
             const VI zeroed = relu ? (best <= 0.0f) : VI{};  // ReLU keeps NaN, as torch's does
             const int64_t at = (row * out_w + ow + q) * out_channels + blk * kLanes;
             store(y + at, zeroed ? VF{} : best);
-            const VB which = __builtin_convertvector(zeroed ? VI{} + 4 : arg, VB);
-            std::memcpy(idx + at, &which, sizeof which);
+            store_winners(idx + at, zeroed ? VI{} + 4 : arg);
           }
         }
       }
