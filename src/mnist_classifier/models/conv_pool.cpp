@@ -207,56 +207,72 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
 // x (B, H, W, C) and weight (O, 3, 3, C) are channels_last; grad_x (B, H, W, C) is written whole. Per image, the
 // input gradient is summed in an fp32 buffer of one thread; the weight and bias gradients per thread, in a fixed
 // share of the images, then in thread order: the same thread count gives the same bits every run.
+//
+// The image and its gradient sit in buffers with a zero border of one pixel, so a winner's 9 taps need no bounds
+// checks, and the windows are walked by row and column, with no division per window. Both ran the guide CNN's
+// conv2 backward 1.4-1.9x faster than checks and a divide per window (BENCHMARKS.md, "CPU-6, a fourteenth
+// session"); the sums are the same ones in the same order, so the bits are the same.
 template <typename T>
 void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* grad_y, T* grad_x, T* grad_weight,
                    T* grad_bias, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
                    int threads) {
   const int64_t out_h = height / 2, out_w = width / 2, blocks = channels / kLanes;
+  const int64_t pitch = width + 2, padded = (height + 2) * pitch * blocks;  // the bordered buffers, in vectors
   const int64_t per = out_channels * kTaps * blocks;  // per thread: the weight gradient, (O, 9, C) as vectors
   std::vector<VF> partial(threads * per, VF{});
   std::vector<float> partial_bias(threads * out_channels, 0.0f);
   std::vector<VF> taps(per);  // the weight as fp32 vectors, (O, 9, C)
   for (int64_t i = 0; i < per; i++) taps[i] = load(weight + i * kLanes);
+  int64_t offset[kTaps];  // tap k's pixel, relative to the winner's, in the bordered buffers
+  for (int k = 0; k < kTaps; k++) offset[k] = ((k / 3 - 1) * pitch + k % 3 - 1) * blocks;
+  const auto inside = [&](int64_t h, int64_t w) { return ((h + 1) * pitch + w + 1) * blocks; };  // pixel (h, w)
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     VF* gw = &partial[t * per];
     float* gb = &partial_bias[t * out_channels];
-    std::vector<VF> gx(height * width * blocks), in(height * width * blocks);  // this image's, in fp32
+    std::vector<VF> gx(padded, VF{}), in(padded, VF{});  // this image's, in fp32; the borders stay zero in `in`
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
+      const T* image = x + b * height * width * channels;
       std::fill(gx.begin(), gx.end(), VF{});
-      for (int64_t i = 0; i < height * width * blocks; i++)
-        in[i] = load(x + b * height * width * channels + i * kLanes);
+      for (int64_t h = 0; h < height; h++)
+        for (int64_t w = 0; w < width; w++)
+          for (int64_t blk = 0; blk < blocks; blk++)
+            in[inside(h, w) + blk] = load(image + (h * width + w) * channels + blk * kLanes);
+      const uint8_t* which = idx + b * out_h * out_w * out_channels;
+      const T* grads = grad_y + b * out_h * out_w * out_channels;
       for (int64_t o = 0; o < out_channels; o++) {
         for (int64_t blk = 0; blk < blocks; blk++) {
-          VF acc[kTaps];  // this channel's weight gradient, kept in registers over the image's windows
-          const VF* tap = &taps[o * kTaps * blocks + blk];
-          for (int k = 0; k < kTaps; k++) acc[k] = gw[(o * kTaps + k) * blocks + blk];
-          for (int64_t p = 0; p < out_h * out_w; p++) {
-            const int64_t at = (b * out_h * out_w + p) * out_channels + o;
-            const uint8_t j = idx[at];
-            if (j > 3) continue;  // zeroed by the ReLU: no gradient
-            const float g = scalar(grad_y[at]);
-            const int64_t h = 2 * (p / out_w) + j / 2, w = 2 * (p % out_w) + j % 2;  // the winner
-            if (blk == 0) gb[o] += g;
-            for (int kh = 0; kh < 3; kh++) {
-              const int64_t hh = h + kh - 1;
-              if (hh < 0 || hh >= height) continue;
-              for (int kw = 0; kw < 3; kw++) {
-                const int64_t ww = w + kw - 1;
-                if (ww < 0 || ww >= width) continue;
-                const int64_t pixel = (hh * width + ww) * blocks + blk;
-                acc[kh * 3 + kw] += g * in[pixel];
-                gx[pixel] += g * tap[(kh * 3 + kw) * blocks];
+          VF acc[kTaps], tap[kTaps];  // this channel's weight gradient and weight, in registers over the image
+          for (int k = 0; k < kTaps; k++) {
+            acc[k] = gw[(o * kTaps + k) * blocks + blk];
+            tap[k] = taps[(o * kTaps + k) * blocks + blk];
+          }
+          float bias_sum = gb[o];  // one add per winner, in the same order as into gb[o]
+          for (int64_t ph = 0; ph < out_h; ph++) {
+            for (int64_t pw = 0; pw < out_w; pw++) {
+              const int64_t at = (ph * out_w + pw) * out_channels + o;
+              const uint8_t j = which[at];
+              if (j > 3) continue;  // zeroed by the ReLU: no gradient
+              const float g = scalar(grads[at]);
+              bias_sum += g;
+              const int64_t won = inside(2 * ph + j / 2, 2 * pw + j % 2) + blk;  // the winner
+              for (int k = 0; k < kTaps; k++) {
+                acc[k] += g * in[won + offset[k]];
+                gx[won + offset[k]] += g * tap[k];
               }
             }
           }
+          if (blk == 0) gb[o] = bias_sum;
           for (int k = 0; k < kTaps; k++) gw[(o * kTaps + k) * blocks + blk] = acc[k];
         }
       }
-      for (int64_t i = 0; i < height * width * blocks; i++)
-        store(grad_x + b * height * width * channels + i * kLanes, gx[i]);
+      T* out = grad_x + b * height * width * channels;
+      for (int64_t h = 0; h < height; h++)
+        for (int64_t w = 0; w < width; w++)
+          for (int64_t blk = 0; blk < blocks; blk++)
+            store(out + (h * width + w) * channels + blk * kLanes, gx[inside(h, w) + blk]);
     }
   }
   for (int64_t i = 0; i < per; i++) {
