@@ -6,9 +6,9 @@
 // one-byte index (0-3: which of its 4 inputs won, row-major; 4: zeroed by the ReLU), and the backward writes
 // every input position once, with no fill and no scatter. The forward compares a block of channels as one fp32
 // vector (vectors.h): a loop over 16 channels of mixed-width values (bf16 or fp32 values, fp32 maxima, uint8
-// winners) ran 2.4-4x slower (BENCHMARKS.md, "CPU-6, a fourteenth session"). The backward's loop over 16
-// channels only moves bits, and the compiler vectorises it (built by models/native.py for the host's
-// instruction set).
+// winners) made the forward take 1.2-2.5x as long at the guide CNN's shapes (BENCHMARKS.md, "CPU-6, a fourteenth
+// session"). The backward's loop over 16 channels only moves bits, and the compiler vectorises it (built by
+// models/native.py for the host's instruction set).
 //
 // Layout: x is (B, H, W, C) in memory (channels_last), y and idx are (B, H/2, W/2, C); C % 16 == 0.
 // bf16 values are compared as the fp32 values they widen to, and written back as the same bits.
