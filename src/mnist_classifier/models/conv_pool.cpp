@@ -209,9 +209,9 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
 // share of the images, then in thread order: the same thread count gives the same bits every run.
 //
 // The image and its gradient sit in buffers with a zero border of one pixel, so a winner's 9 taps need no bounds
-// checks, and the windows are walked by row and column, with no division per window. Both ran the guide CNN's
-// conv2 backward 1.4-1.9x faster than checks and a divide per window (BENCHMARKS.md, "CPU-6, a fourteenth
-// session"); the sums are the same ones in the same order, so the bits are the same.
+// checks, and the windows are walked by row and column, with no division per window. With both, what the kernel
+// buys the guide's fp32 step over oneDNN went from 1.02-1.15x to 1.20-1.28x (step_variants.py, BENCHMARKS.md,
+// "CPU-6, a fourteenth session"); the sums are the same ones in the same order, so the bits are the same.
 template <typename T>
 void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* grad_y, T* grad_x, T* grad_weight,
                    T* grad_bias, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
