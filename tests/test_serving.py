@@ -23,6 +23,7 @@ from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
+from mnist_classifier.serving import resources
 from mnist_classifier.serving.batching import Batcher, Overloaded
 from mnist_classifier.serving.multipart import uploaded_files
 from mnist_classifier.serving.handlers import BadRequest, Unprocessable
@@ -527,13 +528,29 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_the_workers_stop_when_their_supervisor_is_killed(trained_checkpoint):
+def _flock_holders(path: Path) -> set[int]:
+    """The pids holding a flock on ``path`` (/proc/locks names each lock's owner and inode)."""
+    inode = path.stat().st_ino
+    return {int(f[4]) for f in (line.split() for line in Path("/proc/locks").read_text().splitlines())
+            if f[1] == "FLOCK" and int(f[5].rsplit(":", 1)[1]) == inode}
+
+
+def test_the_workers_stop_when_their_supervisor_is_killed(trained_checkpoint, tmp_path):
     """SIGKILL to the supervisor (the OOM killer, `kill -9`): its workers served on, unwatched, still saying
     2 of 2 ready, and shared the port (SO_REUSEPORT) with the next server started on it, answering part of its
-    requests with the old model. Now each notices within 0.5 s, drains and exits."""
+    requests with the old model. Now each notices within 0.5 s, drains and exits.
+
+    Its temporary folder (the ONNX export, the metric files) stayed behind for good. Now the next server started
+    with the same temporary folder removes it, once no process of the old server holds its lock; it leaves a
+    folder that a live process holds, and one without a lock (an older version's, or one being made)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    made = lambda: sorted(p.name for p in tmp.iterdir() if p.name.startswith("mnist-serve-"))  # noqa: E731
     proc = []
-    with serving(trained_checkpoint, "--workers", "2", process=proc) as base:
+    with serving(trained_checkpoint, "--workers", "2", process=proc, env={"TMPDIR": str(tmp)}) as base:
         pids = worker_pids(base, 2)
+        (old,) = made()
+        assert _flock_holders(tmp / old / resources.IN_USE) == {proc[0].pid, *pids}
         proc[0].kill()
         proc[0].wait(10)
         try:
@@ -547,6 +564,17 @@ def test_the_workers_stop_when_their_supervisor_is_killed(trained_checkpoint):
                     os.kill(pid, signal.SIGKILL)
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{base}/health", timeout=2)
+    assert made() == [old]  # no process of that server was left to remove it
+    for decoy in ("mnist-serve-held", "mnist-serve-unlocked"):
+        (tmp / decoy).mkdir()
+    (tmp / "mnist-serve-held" / resources.IN_USE).touch()
+    held = resources.hold(tmp / "mnist-serve-held")  # this process stands for a live server
+    try:
+        with serving(trained_checkpoint, env={"TMPDIR": str(tmp)}):
+            now = made()
+    finally:
+        os.close(held)
+    assert old not in now and len(now) == 3 and {"mnist-serve-held", "mnist-serve-unlocked"} < set(now), now
 
 
 @SERIAL

@@ -1,11 +1,15 @@
 """What a server holds while it runs: its address, claimed against a second server, and a temporary folder
 with room for what the workers keep there (the ONNX export, their metric files). Each is given back when
-the server stops, and the kernel takes back the claim even from a server killed outright."""
+the server stops, and the kernel takes back the claim even from a server killed outright. The folder of a
+server killed outright (SIGKILL, the OOM killer) cannot remove itself; the next server started with the same
+temporary folder removes it, once no process of the old server holds its lock."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import os
 import shutil
 import socket
 import sys
@@ -53,13 +57,72 @@ def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
             claim.close()
 
 
-def scratch_folder() -> tempfile.TemporaryDirectory:
-    """The server's temporary folder (the ONNX export, the workers' metric files), removed when it stops."""
+PREFIX = "mnist-serve-"
+IN_USE = ".in-use"  # in a server's folder: each of its processes holds a shared flock on it while it runs
+
+
+def hold(folder: Path) -> int:
+    """A shared lock on ``folder``'s IN_USE file, held until the returned descriptor is closed (or the process
+    ends, however it ends: the kernel releases it). Workers take one too, so a folder is never removed while a
+    worker whose supervisor was killed is still draining."""
+    fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fcntl.flock(fd, fcntl.LOCK_SH)
+    return fd
+
+
+def remove_abandoned(root: Path) -> list[Path]:
+    """Remove the servers' folders in ``root`` that no process holds: this user's ``mnist-serve-*`` folders
+    whose IN_USE lock can be taken exclusively. A folder without one (being made, or an older version's) is
+    left alone. Returns the folders removed."""
+    removed = []
+    for folder in root.glob(f"{PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
+                continue
+            fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: a live server's
+                shutil.rmtree(folder, ignore_errors=True)
+                removed.append(folder)
+            finally:
+                os.close(fd)
+    return removed
+
+
+@contextlib.contextmanager
+def scratch_folder() -> Iterator[str]:
+    """The server's temporary folder (the ONNX export, the workers' metric files), removed when it stops; the
+    folders of servers killed outright are removed first."""
+    root = Path(tempfile.gettempdir())
+    remove_abandoned(root)
     try:
-        return tempfile.TemporaryDirectory(prefix="mnist-serve-")
+        folder = tempfile.TemporaryDirectory(prefix=PREFIX)
     except OSError as exc:  # TMPDIR full, read-only, or none of tempfile's candidates usable
-        raise UserError(f"cannot create a temporary folder in {tempfile.gettempdir()}: {exc.strerror or exc}; "
+        raise UserError(f"cannot create a temporary folder in {root}: {exc.strerror or exc}; "
                         "set TMPDIR to a folder with room") from None
+    fd = _locked(Path(folder.name))
+    try:
+        with folder as tmp:
+            yield tmp
+    finally:
+        if fd is not None:
+            os.close(fd)  # after the folder is gone: a sweep cannot take it while it is being removed
+
+
+def _locked(folder: Path) -> int | None:
+    """``folder``'s IN_USE file, made with a shared lock on it: the lock is taken before the file has its name,
+    so a sweep never finds it free. None where the file system cannot lock (the folder is then never swept)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=folder)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.rename(name, folder / IN_USE)
+        return fd
+    except OSError:
+        os.close(fd)
+        return None
 
 
 def metrics_folder(tmp: Path, workers: int) -> Path:

@@ -49,7 +49,7 @@ from .backends import cached_export, export_cache_dir, export_for_serving, resol
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
-from .resources import can_reuse_port, metrics_folder, port_claim, scratch_folder
+from .resources import can_reuse_port, hold, metrics_folder, port_claim, scratch_folder
 
 log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
@@ -122,13 +122,18 @@ def _accept_waiting(sock: socket.socket) -> list[socket.socket]:
 
 
 def run_worker(cfg: ServeConfig, listen: Listen, onnx_path: Path | None, ready=None,  # noqa: ANN001 - an Event
-               fleet: Fleet | None = None, supervisor: int | None = None) -> None:
+               fleet: Fleet | None = None, supervisor: int | None = None, folder: Path | None = None) -> None:
     """One worker: load the model, open its socket, then serve until told to stop. ``ready`` (a
-    multiprocessing Event) is set once it listens; under a ``supervisor`` (its pid) it stops when that dies."""
+    multiprocessing Event) is set once it listens; under a ``supervisor`` (its pid) it stops when that dies.
+    It holds the server's temporary ``folder`` while it runs, so no new server removes it under a worker that
+    outlives a supervisor killed outright."""
     from .app import create_app  # imports FastAPI; after the thread settings below
 
     if supervisor is not None:  # a supervisor killed outright cannot stop its workers: they stop themselves
         follow_parent(supervisor)
+    if folder is not None:
+        with contextlib.suppress(OSError):  # no lock file: a file system without flock, the folder is never swept
+            hold(folder)  # released by the kernel when this process ends
     torch.set_num_threads(cfg.threads)
     app = create_app(cfg, onnx_path, cfg.threads, fleet)
     # The ~1 M objects of torch, FastAPI and the model never become garbage; out of the collector's sight, a
@@ -218,7 +223,7 @@ def serve(cfg: ServeConfig) -> None:
         if advice:
             print(advice, file=sys.stderr, flush=True)
         os.environ[MULTIPROC_ENV] = str(metrics)  # before the workers start: they import prometheus_client
-        Supervisor(cfg, listen, onnx_path).run()
+        Supervisor(cfg, listen, onnx_path, Path(tmp)).run()
 
 
 class _Stopped(BaseException):
@@ -300,8 +305,8 @@ class Supervisor:
     """Starts the workers, starts again any that die (see the module's notes), and stops them all on
     SIGTERM/SIGINT. What it knows goes to the workers' ``/readyz`` and ``/metrics`` through a Fleet."""
 
-    def __init__(self, cfg: ServeConfig, listen: list[Listen], onnx_path: Path | None) -> None:
-        self.cfg, self.listen, self.onnx_path = cfg, listen, onnx_path
+    def __init__(self, cfg: ServeConfig, listen: list[Listen], onnx_path: Path | None, folder: Path) -> None:
+        self.cfg, self.listen, self.onnx_path, self.folder = cfg, listen, onnx_path, folder
         self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
         n = len(listen)
         self.fleet = Fleet(self.ctx, n)
@@ -316,8 +321,8 @@ class Supervisor:
 
     def _start(self, i: int) -> None:
         event = self.ctx.Event()
-        proc = self.ctx.Process(target=run_worker, args=(self.cfg, self.listen[i], self.onnx_path, event, self.fleet,
-                                                         os.getpid()), name=f"mnist-serve-worker-{i}", daemon=False)
+        args = (self.cfg, self.listen[i], self.onnx_path, event, self.fleet, os.getpid(), self.folder)
+        proc = self.ctx.Process(target=run_worker, args=args, name=f"mnist-serve-worker-{i}", daemon=False)
         proc.start()
         self.procs[i], self.ready_events[i], self.ready[i], self.since[i] = proc, event, False, time.monotonic()
 
