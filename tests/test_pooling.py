@@ -8,9 +8,11 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -360,6 +362,38 @@ def test_two_processes_building_at_once_both_load_one_library_each(tmp_path):
     files = cache_files(tmp_path)
     assert [name.rsplit("-", 1)[0] for name in files] == ["conv_pool", "pool2x2"]
     assert all(name.endswith(".so") for name in files)
+
+
+def test_a_build_killed_midway_leaves_a_temporary_file_that_the_next_build_removes(tmp_path):
+    """SIGKILL during a build (Ctrl-C twice, the OOM killer) left its ``.NAME.so.XXXX.tmp`` in the cache for
+    good. The next build removes such files once no build could still be writing them (STALE_SECONDS), and
+    leaves a younger one: another process's build in flight."""
+    cache = tmp_path / "cache"
+    folder = cache / "mnist-classifier" / "native"
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nsleep 60\n")  # a compiler that has not finished when the process is killed
+    hang.chmod(0o755)
+    load = ("from pathlib import Path; from mnist_classifier import native; "
+            f"print(native.why_not(Path({str(SOURCE)!r})))")
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache), "CXX": str(hang)}
+    proc = subprocess.Popen([sys.executable, "-c", load], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(folder.glob(".*.tmp")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the process and its "compiler"
+        proc.wait(10)
+    (killed,) = folder.glob(".*.tmp")
+    aged = time.time() - native.STALE_SECONDS - 1
+    os.utime(killed, (aged, aged))  # as if the next build came later than a build may take
+    in_flight = folder / ".conv_pool-0123456789abcdef01234567.so.abcd1234.tmp"
+    in_flight.touch()
+    env["CXX"] = native.compiler()
+    built = subprocess.run([sys.executable, "-c", load], env=env, capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0 and built.stdout.strip() == "None", built.stderr[-2000:]
+    assert not killed.exists() and in_flight.exists()
+    assert len(list(folder.glob("pool2x2-*.so"))) == 1
 
 
 def test_a_changed_header_builds_a_new_library(tmp_path, monkeypatch):

@@ -9,11 +9,12 @@ The library's name is a hash of everything it depends on: the source and the hea
 the compiler and this CPU (``-march=native`` code must not run on another CPU that shares the home folder);
 ``MNIST_NATIVE_ARCH`` names another instruction set to build for. A build is written beside its final name and
 renamed into place, so two processes building at once, or a build killed midway, never leave a half-written
-library to load.
+library to load. A killed build's temporary file is removed by the next build into the folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -21,6 +22,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 from . import fileio
@@ -28,6 +30,7 @@ from .errors import UserError
 
 FLAGS = ("-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
 BUILD_SECONDS = 120  # a kernel file builds in ~1 s; a compiler that hangs is given up on
+STALE_SECONDS = 2 * BUILD_SECONDS  # a build's temporary file older than this has no builder left
 DISABLE = "MNIST_NATIVE"  # MNIST_NATIVE=0: never build or load, torch's own kernels everywhere
 # MNIST_NATIVE_ARCH=x86-64-v3: build for that instruction set (here AVX2 and FMA) instead of this CPU's own, as
 # for a cache folder shared with older CPUs, or to run the kernels as such a CPU would (tests, benchmarks)
@@ -85,7 +88,21 @@ def build(source: Path, target: Path, cxx: str) -> None:
             last = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
             raise BuildFailed(f"{cxx} failed: {last}")
 
+    remove_stale_builds(target.parent)
     fileio.write_with(target, compile_into)
+
+
+def remove_stale_builds(folder: Path) -> list[Path]:
+    """Remove the temporary files (``.NAME.so.XXXX.tmp``) of builds killed midway: a build in flight is given up
+    after BUILD_SECONDS, so a file untouched for STALE_SECONDS is no other process's. Returns those removed."""
+    cutoff = time.time() - STALE_SECONDS
+    removed = []
+    for tmp in folder.glob(".*.so.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already: another process's sweep, or its rename
+            if tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed.append(tmp)
+    return removed
 
 
 @functools.cache
