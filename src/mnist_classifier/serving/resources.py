@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import os
 import shutil
 import socket
@@ -57,6 +56,11 @@ def port_claim(address: tuple[str, int], workers: int) -> Iterator[None]:
             claim.close()
 
 
+try:
+    import fcntl  # POSIX only: without it (Windows) folders are not locked, and none is ever swept
+except ImportError:
+    fcntl = None
+
 PREFIX = "mnist-serve-"
 IN_USE = ".in-use"  # in a server's folder: each of its processes holds a shared flock on it while it runs
 
@@ -65,7 +69,7 @@ def hold(folder: Path) -> int:
     """A shared lock on ``folder``'s IN_USE file, held until the returned descriptor is closed (or the process
     ends, however it ends: the kernel releases it). Workers take one too, so a folder is never removed while a
     worker whose supervisor was killed is still draining."""
-    fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    fd = os.open(folder / IN_USE, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)  # OSError: there is none
     fcntl.flock(fd, fcntl.LOCK_SH)
     return fd
 
@@ -75,7 +79,7 @@ def remove_abandoned(root: Path) -> list[Path]:
     whose IN_USE lock can be taken exclusively. A folder without one (being made, or an older version's) is
     left alone. Returns the folders removed."""
     removed = []
-    for folder in root.glob(f"{PREFIX}*"):
+    for folder in root.glob(f"{PREFIX}*") if fcntl else []:
         with contextlib.suppress(OSError):
             if folder.is_symlink() or not folder.is_dir() or folder.stat().st_uid != os.getuid():
                 continue
@@ -112,6 +116,8 @@ def scratch_folder() -> Iterator[str]:
 def _locked(folder: Path) -> int | None:
     """``folder``'s IN_USE file, made with a shared lock on it: the lock is taken before the file has its name,
     so a sweep never finds it free. None where the file system cannot lock (the folder is then never swept)."""
+    if fcntl is None:
+        return None
     try:
         fd, name = tempfile.mkstemp(dir=folder)
     except OSError:
