@@ -49,27 +49,34 @@ class ConvBN(nn.Sequential):
     """3x3 convolution (no bias: batch norm has one), [2x2 max-pool], batch norm, ReLU: ``conv_bn``'s block.
 
     A Sequential, so its parameters keep Sequential's names (checkpoints load either way); its forward only
-    hands a pooled block's convolution and pool to ``MaxPool2x2.after_conv``, whose CPU kernel computes the
-    convolution's backward from the pool's winners alone (models/pooling.py).
+    hands a pooled block's convolution and pool to ``MaxPool2x2.after_conv``, whose CPU kernels compute the
+    convolution inside the pool (a first layer) or, with ``wide_kernel``, its backward from the pool's winners
+    alone (models/pooling.py).
     """
+
+    wide_kernel = False  # set by conv_bn: the bias-free convolution's backward may run on the wider kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(self[1], MaxPool2x2):
             return super().forward(x)
-        x = self[1].after_conv(self[0], x)  # (B, C, H/2, W/2)
+        x = self[1].after_conv(self[0], x, bias_free_ok=self.wide_kernel)  # (B, C, H/2, W/2)
         return self[3](self[2](x))  # batch norm, ReLU
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False) -> ConvBN:
+def conv_bn(c_in: int, c_out: int, pool: bool = False, wide_kernel: bool = False) -> ConvBN:
     """3x3 convolution (no bias: batch norm has one), batch norm, ReLU; keeps H and W.
 
     With ``pool``, a 2x2 max-pool comes right after the convolution, so batch norm and ReLU run on 4x fewer
-    values; on a CPU these memory-bound layers cost more than the convolution itself.
+    values; on a CPU these memory-bound layers cost more than the convolution itself. With ``wide_kernel`` too,
+    the pooled convolution's backward may run on the package's kernel (``wide_conv_applies``): the fast models
+    take it; bn-cnn and res-cnn keep oneDNN's, on which the best recipe's accuracy was measured.
     """
     layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
     if pool:
         layers.append(MaxPool2x2())
-    return ConvBN(*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    block = ConvBN(*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+    block.wide_kernel = wide_kernel
+    return block
 
 
 class BNCNN(nn.Module):
@@ -118,7 +125,7 @@ class FastCNN(nn.Module):
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
         """The convolutions after the unshuffle: 14x14 in, 48 channels at 3x3 out."""
-        return [conv_bn(c_in, 32, pool=True), conv_bn(32, 48, pool=True)]  # (B, 32, 7, 7), (B, 48, 3, 3)
+        return [conv_bn(c_in, 32, pool=True), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 7x7, 3x3
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes) logits
@@ -137,7 +144,7 @@ class FastCNNDeep(FastCNN):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 48, pool=True)]  # 7x7, 7x7, 3x3
+        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 7, 7, 3
 
 
 class FastCNNCentre(FastCNNDeep):
@@ -183,7 +190,7 @@ class FastCNNCentre16(FastCNNCentre):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 48, pool=True)]  # 6x6, 6x6, 3x3
+        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 6, 6, 3
 
 
 class M5CNN(nn.Module):

@@ -100,14 +100,16 @@ def fused_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
             and (dtype := _compute_dtype(x)) in SUFFIX and _kernel(CONV_SOURCE, "conv_pool_forward", dtype) is not None)
 
 
-def wide_conv_applies(conv: nn.Module, x: torch.Tensor) -> bool:
+def wide_conv_applies(conv: nn.Module, x: torch.Tensor, bias_free_ok: bool = False) -> bool:
     """Whether ``MaxPool2x2.after_conv`` runs torch's convolution and the pool kernel forward, and the backward
-    of both from the pool's winners: a plain 3x3 convolution of 16k input channels with a bias, channels_last.
-    (Bias-free, as ``conv_bn``'s before batch norm, it is left to torch: at the fast models' 32 -> 48 channels on
-    6x6 the kernel was 0.91-1.05x torch's speed, and the best recipe's bn-cnn keeps its measured path.) Not in bf16
-    where oneDNN has AMX: with its backward on the tiles the guide step took 3.47 and 3.54 ms against the
-    kernel's 3.71 and 3.93 (BENCHMARKS.md, "CPU-6"); held below AMX, 5.73 and 7.22 against 5.91 and 5.99."""
-    return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0 and conv.bias is not None
+    of both from the pool's winners: a plain 3x3 convolution of 16k input channels, channels_last, with a bias,
+    or without one where the caller opts in (``bias_free_ok``: the fast models' ``conv_bn`` blocks, whose fp32
+    step it made 1.05-1.12x faster; BENCHMARKS.md, "CPU-6, a fifteenth session"). bn-cnn and res-cnn keep
+    oneDNN's backward, on which the best recipe's 99.72 % was measured: on the kernel, their fp32 steps ran
+    1.08-1.19x faster, but the best recipe's first two fp32 seeds gave 99.70 and 99.64 %. Not in bf16 where
+    oneDNN has AMX: with its backward on the tiles the guide step took 3.47 and 3.54 ms against the kernel's
+    3.71 and 3.93 (BENCHMARKS.md, "CPU-6"); held below AMX, 5.73 and 7.22 against 5.91 and 5.99."""
+    return (_plain_conv3x3(conv, x) and conv.in_channels % LANES == 0 and (conv.bias is not None or bias_free_ok)
             and not torch.is_autocast_enabled("cpu")  # autocast would pick the convolution's dtype
             and not (x.dtype == torch.bfloat16 and cpu_has_amx_bf16())
             and x.is_contiguous(memory_format=torch.channels_last)
@@ -198,26 +200,27 @@ class _NativeWideConvPool(torch.autograd.Function):
     """torch's convolution and the pool kernel forward; the backward of both from the pool's winners."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, relu: bool) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
         z = F.conv2d(x, weight, bias, padding=1)  # (B, O, H, W) channels_last; autograd is off in here
         y, which = _pool_forward(z, relu)
         ctx.save_for_backward(x, weight, which)
+        ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+    def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         x, weight, which = ctx.saved_tensors
         b, c, h, w = x.shape
         out = weight.shape[0]
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
         grad_w = torch.empty_like(weight, memory_format=torch.channels_last)  # (O, 3, 3, C) in memory
-        grad_b = torch.empty(out, dtype=x.dtype)
+        grad_b = torch.empty(out, dtype=x.dtype)  # the kernel always sums it; dropped for a bias-free conv
         kernel = _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype)
         kernel(x.data_ptr(), weight.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(),
                grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, c, out, torch.get_num_threads())
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
 def max_pool2x2(x: torch.Tensor, relu: bool = False, native_ok: bool = True) -> torch.Tensor:
@@ -243,13 +246,15 @@ class MaxPool2x2(nn.MaxPool2d):
     def forward(self, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
         return max_pool2x2(x, relu, self.native)
 
-    def after_conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False) -> torch.Tensor:
+    def after_conv(self, conv: nn.Conv2d, x: torch.Tensor, relu: bool = False,
+                   bias_free_ok: bool = False) -> torch.Tensor:
         """``self(conv(x), relu)``: in one kernel where ``fused_conv_applies``, with the backward of both from the
-        pool's winners where ``wide_conv_applies``, else as written."""
+        pool's winners where ``wide_conv_applies`` (for a bias-free ``conv`` only with ``bias_free_ok``), else as
+        written."""
         if self.native and fused_conv_applies(conv, x):
             dtype = _compute_dtype(x)  # under autocast, bf16: the casts autocast's convolution would make
             weight, bias = conv.weight.to(dtype), None if conv.bias is None else conv.bias.to(dtype)
             return _NativeConvPool.apply(x.to(dtype).contiguous(), weight, bias, relu)
-        if self.native and wide_conv_applies(conv, x):
+        if self.native and wide_conv_applies(conv, x, bias_free_ok):
             return _NativeWideConvPool.apply(x, conv.weight, conv.bias, relu)
         return self(conv(x), relu)
