@@ -125,7 +125,8 @@ class FastCNN(nn.Module):
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
         """The convolutions after the unshuffle: 14x14 in, 48 channels at 3x3 out."""
-        return [conv_bn(c_in, 32, pool=True), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 7x7, 3x3
+        return [conv_bn(c_in, 32, pool=True),  # (B, 32, 7, 7)
+                conv_bn(32, 48, pool=True, wide_kernel=True)]  # (B, 48, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes) logits
@@ -144,7 +145,8 @@ class FastCNNDeep(FastCNN):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 7, 7, 3
+        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32),  # 7x7, 7x7
+                conv_bn(32, 48, pool=True, wide_kernel=True)]  # 3x3
 
 
 class FastCNNCentre(FastCNNDeep):
@@ -190,7 +192,8 @@ class FastCNNCentre16(FastCNNCentre):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32), conv_bn(32, 48, pool=True, wide_kernel=True)]  # 6, 6, 3
+        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32),  # 6x6, 6x6
+                conv_bn(32, 48, pool=True, wide_kernel=True)]  # 3x3
 
 
 class M5CNN(nn.Module):
