@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from mnist_classifier import native
 from mnist_classifier.data import load_dataset
 from mnist_classifier.models import ModelConfig, build_model, pooling
+from step_variants import MEAN, STD  # MNIST's training-set mean and std, as `mnist train` normalises
 
-MEAN, STD = 0.1307, 0.3081  # MNIST's training-set mean and std, as `mnist train` normalises
 NAME = "conv_pool_backward_wide"
 
 
