@@ -17,9 +17,11 @@ agree to rounding, not bit for bit; the first layer's outputs agree to fp32 roun
 bf16 on a CPU with AMX the wider layer's backward stays oneDNN's, which runs it on the tiles faster.
 
 They run where they can: float32 or bfloat16 CPU tensors in channels_last with a multiple of 16 channels,
-outside autocast (for the wider layer), tracing, export and torch.compile, with the kernels built
-(``native.load``). Everything else, and any machine without a C++ compiler, gets torch's ``conv2d`` and
-``max_pool2d``, so models, checkpoints and exports are the same either way.
+outside autocast (for the wider layer), tracing, export, torch.compile, torch.func's transforms (vmap, grad:
+per-sample gradients) and forward-mode AD, with the kernels built (``native.load``). Everything else, and any
+machine without a C++ compiler, gets torch's ``conv2d`` and ``max_pool2d``, so models, checkpoints and exports
+are the same either way. A backward asked for with ``create_graph`` (a gradient penalty, a Hessian-vector
+product) runs as torch's operators from the same winners, so its result can be differentiated again.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
+from torch.autograd import forward_ad
 
 from .. import native
 from ..device import cpu_has_amx_bf16
@@ -60,8 +62,10 @@ def _kernel(source: Path, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | N
 
 
 def _plain_tensor_path() -> bool:
-    """Exporters and compilers see torch's own operators."""
-    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling())
+    """Exporters, compilers, torch.func's transforms and forward-mode AD see torch's own operators: the kernels'
+    autograd Functions define neither a vmap rule nor a forward derivative."""
+    return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
 
 
 def native_applies(x: torch.Tensor) -> bool:
@@ -142,6 +146,18 @@ def _pool_forward(x: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tens
     return y, which
 
 
+def _to_winners(grad_y: torch.Tensor, which: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The pool's backward as torch's operators, for a backward that must itself be differentiable: each window's
+    gradient (B, C, H/2, W/2) at its winner in (B, C, H, W) (``shape``), 0 elsewhere, where the ReLU zeroed the
+    window (winner 4) and in a last row or column no window covers. A gather by the winners, as max_pool2d's."""
+    b, c, h, w = shape
+    ho, wo = h // 2, w // 2
+    won = which.unsqueeze(-1) == torch.arange(4, dtype=which.dtype)  # (B, Ho, Wo, C, 4): winner j = 2 dy + dx
+    g = torch.where(won, grad_y.permute(0, 2, 3, 1).unsqueeze(-1), 0.0)  # where, not *: inf * 0 would be NaN
+    g = g.view(b, ho, wo, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 2 * ho, 2 * wo)  # (B, C, 2Ho, 2Wo)
+    return F.pad(g, (0, w - 2 * wo, 0, h - 2 * ho)).contiguous(memory_format=torch.channels_last)
+
+
 class _NativePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:  # x: (B, C, H, W), channels_last
@@ -151,9 +167,10 @@ class _NativePool(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, None]:
         (which,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: torch's operators record the gradient's own graph
+            return _to_winners(grad_y, which, ctx.input_shape), None
         b, c, h, w = ctx.input_shape
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty((b, c, h, w), dtype=grad_y.dtype, memory_format=torch.channels_last)
@@ -182,11 +199,14 @@ class _NativeConvPool(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor) -> tuple[None, torch.Tensor, torch.Tensor | None, None]:
         x, which = ctx.saved_tensors
         b, c, h, w = x.shape
         out = ctx.weight_shape[0]
+        if torch.is_grad_enabled():  # create_graph: the weight's gradient as torch's operators (x needs none)
+            grad_z = _to_winners(grad_y, which, (b, out, h, w))  # (B, O, H, W)
+            grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, grad_z, padding=1)
+            return None, grad_w, grad_z.sum((0, 2, 3)) if ctx.has_bias else None, None
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_w = torch.empty((out, c * 9), dtype=grad_y.dtype)
         grad_b = torch.empty(out, dtype=grad_y.dtype)  # the kernel always sums it; dropped for a bias-free conv
@@ -208,11 +228,15 @@ class _NativeWideConvPool(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
         x, weight, which = ctx.saved_tensors
         b, c, h, w = x.shape
         out = weight.shape[0]
+        if torch.is_grad_enabled():  # create_graph: torch's operators, differentiable in x and weight too
+            grad_z = _to_winners(grad_y, which, (b, out, h, w))  # (B, O, H, W)
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_z, padding=1)
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_z, padding=1)
+            return grad_x, grad_w, grad_z.sum((0, 2, 3)) if ctx.has_bias else None, None
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
         grad_w = torch.empty_like(weight, memory_format=torch.channels_last)  # (O, 3, 3, C) in memory
