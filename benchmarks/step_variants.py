@@ -9,6 +9,7 @@ its own (> 1: faster).
 
     .venv/bin/python benchmarks/step_variants.py --model guide-cnn --batch-size 64
     .venv/bin/python benchmarks/step_variants.py --model fast-cnn --batch-size 256 --lr 0.02
+    .venv/bin/python benchmarks/step_variants.py --variants kept kept+before --before /tmp/before
 
 --keep-freed-memory first tells glibc (mallopt) to serve blocks up to 32 MB from its heap and keep up to 1 GB
 of freed memory instead of returning it to the kernel (tried for issue 24, not adopted); it holds for the whole process, so compare it across processes (--variants kept, alternating runs with and without it). Each
@@ -39,6 +40,9 @@ Variants:
                   kernel kept (kept+no-wide: what the kernel buys the guide's second layer in fp32)
   V+no-fused      variant V with the first layer's convolution and pool as torch's layers (oneDNN, then the
                   pool's kernel), not one kernel: kept+no-fused, bf16-weights+no-fused, bf16-autocast+no-fused
+  V+before        variant V on another checkout's kernels (--before PATH: its models/*.cpp and headers, built
+                  by native.py under their own names), so a kernel change is measured on the whole step in one
+                  process: --variants kept kept+before --before /tmp/before (after `git worktree add`)
   compile         torch.compile of the model (inductor fuses conv + bias + ReLU); compile seconds reported
   one-thread      the kept step at one torch thread (-bf16: under bf16 autocast), to see what the second
                   thread buys in this process
@@ -59,6 +63,7 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -110,11 +115,12 @@ def base_of(name: str) -> str:
     return name
 
 
-def patched(attribute: str, value: Callable, inner: Callable[[], contextlib.AbstractContextManager]
+def patched(attribute: str, value: Callable | Path, inner: Callable[[], contextlib.AbstractContextManager]
             ) -> Callable[[], Iterator[None]]:
-    """``inner``'s settings, with the kernels' dispatch function ``pooling.<attribute>`` replaced by ``value``:
-    ``cpu_has_amx_bf16`` (whether the wider layer's bf16 backward is oneDNN's), or a predicate always saying no
-    (``wide_conv_applies``: the wider layer's backward kernel; ``fused_conv_applies``: the fused first layer)."""
+    """``inner``'s settings, with ``pooling.<attribute>`` replaced by ``value``: ``cpu_has_amx_bf16`` (whether
+    the wider layer's bf16 backward is oneDNN's), a predicate always saying no (``wide_conv_applies``: the wider
+    layer's backward kernel; ``fused_conv_applies``: the fused first layer), or a kernel's source
+    (``SOURCE``, ``CONV_SOURCE``: another checkout's)."""
     @contextlib.contextmanager
     def both() -> Iterator[None]:
         saved = getattr(pooling, attribute)
@@ -164,7 +170,8 @@ def split_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, images:
     return step
 
 
-def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
+def make_variant(full_name: str, args, images: torch.Tensor, labels: torch.Tensor) -> Variant:
+    name = full_name.removesuffix("+before")  # the variant itself; +before only moves the kernels' sources
     base = base_of(name)  # the variant it changes: on torch's layers, or with the wider layer's bf16 backward moved
     fmt = torch.contiguous_format if base == "nchw" else torch.channels_last
     torch.manual_seed(0)
@@ -201,10 +208,16 @@ def make_variant(name: str, args, images: torch.Tensor, labels: torch.Tensor) ->
     if name.endswith(("+no-wide", "+no-fused")):
         ctx = patched("wide_conv_applies" if name.endswith("+no-wide") else "fused_conv_applies",
                       lambda *args: False, ctx)
+    if full_name.endswith("+before"):
+        if args.before is None:
+            raise SystemExit(f"step_variants.py: {full_name} needs --before PATH (another checkout)")
+        models = args.before / "src/mnist_classifier/models"
+        ctx = patched("SOURCE", models / pooling.SOURCE.name,
+                      patched("CONV_SOURCE", models / pooling.CONV_SOURCE.name, ctx))
     t0 = time.perf_counter()
     with ctx():
         step(torch.arange(args.batch_size))  # warm-up; for compile, the compilation
-    return Variant(name, step, ctx, time.perf_counter() - t0)
+    return Variant(full_name, step, ctx, time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -218,6 +231,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--skip", nargs="+", default=[], help="leave these out of the default variants")
     parser.add_argument("--keep-freed-memory", action="store_true")
+    parser.add_argument("--before", type=Path, default=None, help="another checkout, for the V+before variants")
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
     names = args.variants or ["kept", "kept+no-native", "nchw", "adam-foreach", "adam-for-loop", "no-ftz", "no-onednn",

@@ -216,27 +216,41 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
 // zeroed by the ReLU (30-70 % of them in training) was a branch the data decided. On real gradients that made the
 // kernel 1.08-1.46x faster in fp32, 1.11-1.34x in bf16 and 1.28-1.78x in an AVX2 build (benchmarks/kernel_ab.py,
 // BENCHMARKS.md, "CPU-6, a fifteenth session"), with the same bits.
+// Each block of channels then got a bordered plane of its own, so a tap's neighbours in the row are the next
+// vectors (offsets the compiler folds into the addresses), and a channel's 9 weight-gradient vectors of a block
+// sit side by side; each window's corner is listed once. Same sums, same order, same bits: 1.14-1.28x in fp32,
+// 1.24-1.27x in bf16 and 1.21-1.23x in an AVX2 build on real gradients (kernel_ab.py), the step 1.01-1.07x
+// (step_variants.py --variants kept kept+before; BENCHMARKS.md, "CPU-6, a sixteenth session").
 template <typename T>
 void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* grad_y, T* grad_x, T* grad_weight,
                    T* grad_bias, int64_t batch, int64_t height, int64_t width, int64_t channels, int64_t out_channels,
                    int threads) {
   const int64_t out_h = height / 2, out_w = width / 2, blocks = channels / kLanes;
-  const int64_t pitch = width + 2, padded = (height + 2) * pitch * blocks;  // the bordered buffers, in vectors
-  const int64_t per = out_channels * kTaps * blocks;  // per thread: the weight gradient, (O, 9, C) as vectors
+  const int64_t pitch = width + 2, plane = (height + 2) * pitch;  // one block's bordered map, in vectors
+  // per thread: the weight gradient as vectors, (O, C/16, 9): a channel's 9 taps of one block side by side
+  const int64_t per = out_channels * kTaps * blocks;
+  const auto at_tap = [blocks](int64_t o, int64_t blk, int k) { return (o * blocks + blk) * kTaps + k; };
   std::vector<VF> partial(threads * per, VF{});
   std::vector<float> partial_bias(threads * out_channels, 0.0f);
-  std::vector<VF> taps(per);  // the weight as fp32 vectors, (O, 9, C)
-  for (int64_t i = 0; i < per; i++) taps[i] = load(weight + i * kLanes);
-  int64_t offset[kTaps];  // tap k's pixel, relative to the winner's, in the bordered buffers
-  for (int k = 0; k < kTaps; k++) offset[k] = ((k / 3 - 1) * pitch + k % 3 - 1) * blocks;
-  const auto inside = [&](int64_t h, int64_t w) { return ((h + 1) * pitch + w + 1) * blocks; };  // pixel (h, w)
+  std::vector<VF> taps(per);  // the weight (O, 3, 3, C) as fp32 vectors in the same (O, C/16, 9) order
+  for (int64_t o = 0; o < out_channels; o++)
+    for (int k = 0; k < kTaps; k++)
+      for (int64_t blk = 0; blk < blocks; blk++)
+        taps[at_tap(o, blk, k)] = load(weight + ((o * kTaps + k) * blocks + blk) * kLanes);
+  const auto inside = [pitch](int64_t h, int64_t w) { return (h + 1) * pitch + w + 1; };  // pixel (h, w)
+  std::vector<int64_t> corner(out_h * out_w);  // each window's top-left pixel in a plane
+  for (int64_t ph = 0; ph < out_h; ph++)
+    for (int64_t pw = 0; pw < out_w; pw++) corner[ph * out_w + pw] = inside(2 * ph, 2 * pw);
+  const int64_t step[4] = {0, 1, pitch, pitch + 1};  // winner j (row-major in its window) from the corner
 #pragma omp parallel num_threads(threads)
   {
     const int t = omp_get_thread_num();
     VF* gw = &partial[t * per];
     float* gb = &partial_bias[t * out_channels];
-    std::vector<VF> gx(padded, VF{}), in(padded, VF{});  // this image's, in fp32; the borders stay zero in `in`
-    std::vector<int64_t> won(out_h * out_w);  // one channel's live winners: where, in the bordered buffers
+    // this image and its gradient in fp32, one bordered plane per block of channels (C/16, H+2, W+2), so that a
+    // tap's neighbour in the row is the next vector: its offset a constant the compiler folds into the address
+    std::vector<VF> gx(plane * blocks, VF{}), in(plane * blocks, VF{});  // the borders stay zero in `in`
+    std::vector<int64_t> won(out_h * out_w);  // one channel's live winners: where, in a plane
     std::vector<float> g_won(out_h * out_w);  // and their gradients
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < batch; b++) {
@@ -245,54 +259,59 @@ void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* gra
       for (int64_t h = 0; h < height; h++)
         for (int64_t w = 0; w < width; w++)
           for (int64_t blk = 0; blk < blocks; blk++)
-            in[inside(h, w) + blk] = load(image + (h * width + w) * channels + blk * kLanes);
+            in[blk * plane + inside(h, w)] = load(image + (h * width + w) * channels + blk * kLanes);
       const uint8_t* which = idx + b * out_h * out_w * out_channels;
       const T* grads = grad_y + b * out_h * out_w * out_channels;
       for (int64_t o = 0; o < out_channels; o++) {
         // This channel's live winners, in window order, listed without a branch: a window zeroed by the ReLU
         // (4) is written and then overwritten, so the loops below take no branch that the data decides.
         int64_t live = 0;
-        for (int64_t ph = 0; ph < out_h; ph++) {
-          for (int64_t pw = 0; pw < out_w; pw++) {
-            const int64_t at = (ph * out_w + pw) * out_channels + o;
-            const int j = which[at] & 3;
-            won[live] = inside(2 * ph + j / 2, 2 * pw + j % 2);
-            g_won[live] = scalar(grads[at]);
-            live += which[at] < 4;
-          }
+        for (int64_t win = 0; win < out_h * out_w; win++) {
+          const int64_t at = win * out_channels + o;
+          won[live] = corner[win] + step[which[at] & 3];
+          g_won[live] = scalar(grads[at]);
+          live += which[at] < 4;
         }
         float bias_sum = gb[o];  // one add per winner, in the same order as into gb[o]
         for (int64_t i = 0; i < live; i++) bias_sum += g_won[i];
         gb[o] = bias_sum;
         for (int64_t blk = 0; blk < blocks; blk++) {
           VF acc[kTaps], tap[kTaps];  // this channel's weight gradient and weight, in registers over the image
+          VF* gw_here = gw + at_tap(o, blk, 0);
           for (int k = 0; k < kTaps; k++) {
-            acc[k] = gw[(o * kTaps + k) * blocks + blk];
-            tap[k] = taps[(o * kTaps + k) * blocks + blk];
+            acc[k] = gw_here[k];
+            tap[k] = taps[at_tap(o, blk, k)];
           }
+          const VF* in_blk = &in[blk * plane];
+          VF* gx_blk = &gx[blk * plane];
           for (int64_t i = 0; i < live; i++) {
             const float g = g_won[i];
-            const int64_t at = won[i] + blk;
-            for (int k = 0; k < kTaps; k++) {
-              acc[k] += g * in[at + offset[k]];
-              gx[at + offset[k]] += g * tap[k];
+            for (int dy = 0; dy < 3; dy++) {  // tap k = 3 dy + dx reads the pixel (dy - 1, dx - 1) from the winner
+              const VF* row = in_blk + won[i] + (dy - 1) * pitch;
+              VF* grad_row = gx_blk + won[i] + (dy - 1) * pitch;
+              for (int dx = 0; dx < 3; dx++) {
+                acc[3 * dy + dx] += g * row[dx - 1];
+                grad_row[dx - 1] += g * tap[3 * dy + dx];
+              }
             }
           }
-          for (int k = 0; k < kTaps; k++) gw[(o * kTaps + k) * blocks + blk] = acc[k];
+          for (int k = 0; k < kTaps; k++) gw_here[k] = acc[k];
         }
       }
       T* out = grad_x + b * height * width * channels;
       for (int64_t h = 0; h < height; h++)
         for (int64_t w = 0; w < width; w++)
           for (int64_t blk = 0; blk < blocks; blk++)
-            store(out + (h * width + w) * channels + blk * kLanes, gx[inside(h, w) + blk]);
+            store(out + (h * width + w) * channels + blk * kLanes, gx[blk * plane + inside(h, w)]);
     }
   }
-  for (int64_t i = 0; i < per; i++) {
-    VF total = {};
-    for (int t = 0; t < threads; t++) total += partial[t * per + i];
-    store(grad_weight + i * kLanes, total);
-  }
+  for (int64_t o = 0; o < out_channels; o++)
+    for (int k = 0; k < kTaps; k++)
+      for (int64_t blk = 0; blk < blocks; blk++) {
+        VF total = {};
+        for (int t = 0; t < threads; t++) total += partial[t * per + at_tap(o, blk, k)];
+        store(grad_weight + ((o * kTaps + k) * blocks + blk) * kLanes, total);
+      }
   for (int64_t o = 0; o < out_channels; o++) {
     float total = 0.0f;
     for (int t = 0; t < threads; t++) total += partial_bias[t * out_channels + o];
