@@ -218,8 +218,8 @@ void backward(const T* x, const uint8_t* idx, const T* grad_y, T* grad_weight, T
 // BENCHMARKS.md, "CPU-6, a fifteenth session"), with the same bits.
 // Each block of channels then got a bordered plane of its own, so a tap's neighbours in the row are the next
 // vectors (offsets the compiler folds into the addresses), and a channel's 9 weight-gradient vectors of a block
-// sit side by side; each window's corner is listed once. Same sums, same order, same bits: 1.14-1.28x in fp32,
-// 1.24-1.27x in bf16 and 1.21-1.23x in an AVX2 build on real gradients (kernel_ab.py), the step 1.01-1.07x
+// sit side by side; each window's corner is listed once. Same sums, same order, same bits: 1.11-1.28x in fp32,
+// 1.24-1.27x in bf16 and 1.18-1.23x in an AVX2 build on real gradients (kernel_ab.py), the step 1.01-1.07x
 // (step_variants.py --variants kept kept+before; BENCHMARKS.md, "CPU-6, a sixteenth session").
 template <typename T>
 void backward_wide(const T* x, const T* weight, const uint8_t* idx, const T* grad_y, T* grad_x, T* grad_weight,
