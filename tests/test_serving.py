@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO, run_cli, serving, sigterm_while_paused, worker_pids
+from conftest import REPO, run_cli, serving, sigterm_while_paused, while_paused, worker_pids
 from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
@@ -469,23 +469,38 @@ def test_uploads_queued_on_a_worker_that_dies_are_answered_once_the_kernel_migra
 
 @SERIAL
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_answers_every_request_in_flight(trained_checkpoint, digits, workers):
-    """Requests held in a long batching wait when SIGTERM arrives are all answered, then the server exits."""
+@pytest.mark.parametrize("stop, to, workers", [("SIGTERM", "server", "1"), ("SIGTERM", "server", "2"),
+                                               ("SIGHUP", "group", "1"), ("SIGHUP", "group", "2"),
+                                               ("SIGHUP", "server", "2")])
+def test_a_stop_answers_every_request_in_flight_and_exits_0(trained_checkpoint, digits, tmp_path, stop, to, workers):
+    """Uploads in flight when the server is told to stop are all answered, then it exits 0 and removes its
+    temporary folder. The workers are paused (SIGSTOP) while 16 uploads connect and are sent, so that all wait
+    in the sockets and none is answered first (the batcher no longer holds images for --max-wait-ms while no
+    other is on its way, so a long wait no longer keeps them in flight); then the stop, then the workers go on.
+
+    SIGHUP: a terminal that closes sends it to its job's whole process group, supervisor and workers, and a
+    ``kill -HUP`` reaches the server alone. Each process now takes it as SIGTERM, and multiprocessing's resource
+    tracker, in the same group, lives on to its normal end. Before (2026-12-06) SIGHUP's default action killed
+    every process at once: the uploads got no answer, the folder stayed in /tmp until the next server started,
+    and the dead tracker's successor printed a traceback per semaphore."""
+    uploads = ([png for _, png in digits] * 2)[:16]
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
     proc = []
-    with serving(trained_checkpoint, "--workers", workers, "--max-wait-ms", "1000", "--max-batch", "64",
-                 process=proc) as base:
-        results: list = []
-        sender = threading.Thread(target=lambda: results.extend(asyncio.run(_post_all(base, [p for _, p in digits]))))
-        sender.start()
-        time.sleep(0.5)  # all ten are in the batcher, waiting for the 1 s to pass
+    with serving(trained_checkpoint, "--workers", workers, process=proc, env={"TMPDIR": str(tmp)},
+                 own_group=True) as base:
+        signum = getattr(signal, stop)
+        act = (lambda: os.killpg(proc[0].pid, signum)) if to == "group" else (lambda: proc[0].send_signal(signum))
         stopped_at = time.monotonic()
-        proc[0].send_signal(signal.SIGTERM)
-        sender.join(30)
-        proc[0].wait(30)
+        results = while_paused(base, worker_pids(base, int(workers)), uploads, act)
+        assert proc[0].wait(30) == 0
         took = time.monotonic() - stopped_at
-    assert [r.status_code for r in results] == [200] * 10
-    assert [r.json()["index"] for r in results] == [label for label, _ in digits]
+        log = proc[0].stdout.read()
+    assert "Traceback" not in log and "resource_tracker" not in log, log
+    outcomes = [r.status_code if isinstance(r, httpx.Response) else type(r).__name__ for r in results]
+    assert outcomes == [200] * 16
+    assert [r.json()["index"] for r in results] == [label for label, _ in digits * 2][:16]
+    assert [p.name for p in tmp.iterdir() if p.name.startswith("mnist-serve-")] == []
     assert took < 10
 
 

@@ -10,10 +10,12 @@ import contextlib
 import errno
 import os
 import shutil
+import signal
 import socket
 import sys
 import tempfile
 from pathlib import Path
+from multiprocessing import resource_tracker
 from typing import Iterator
 
 from .. import fileio
@@ -129,6 +131,19 @@ def _locked(folder: Path) -> int | None:
     except OSError:
         os.close(fd)
         return None
+
+
+def start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (the process that removes the workers' semaphores if they die)
+    deaf to SIGHUP: it ignores SIGINT and SIGTERM itself, but a closed terminal's SIGHUP killed it, and the
+    server printed a traceback per semaphore on its way out. An ignored signal stays ignored across exec."""
+    if not hasattr(signal, "SIGHUP"):  # Windows: no such signal, and no tracker process
+        return
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def metrics_folder(tmp: Path, workers: int) -> Path:

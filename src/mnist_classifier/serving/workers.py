@@ -10,7 +10,8 @@ workers); where SO_REUSEPORT is missing, the workers share one socket anyway.
 
 SIGTERM or Ctrl-C drains, losing nothing already accepted: ``/readyz`` turns 503, each worker takes the
 connections waiting in its socket's backlog, closes the socket (new connections are then refused, not
-reset), answers every request in flight (up to ``drain_timeout`` seconds) and exits.
+reset), answers every request in flight (up to ``drain_timeout`` seconds) and exits. SIGHUP (the terminal
+closed: every process of the server gets it) drains the same way.
 
 A worker that dies is started again: at once if it had become ready (with a backoff once deaths come
 faster than ``FAST_DEATHS`` a minute), after a backoff of 1, 2, 4 ... ``MAX_BACKOFF_S`` seconds if it died
@@ -49,7 +50,8 @@ from .backends import cached_export, export_cache_dir, export_for_serving, resol
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
-from .resources import can_reuse_port, hold, metrics_folder, port_claim, scratch_folder
+from .resources import (can_reuse_port, hold, metrics_folder, port_claim, scratch_folder,
+                        start_resource_tracker)
 
 log = logging.getLogger("mnist.serve")
 MAX_AUTO_WORKERS = 8  # each worker holds its own model and torch (~300 MB): more cores than this rarely pay
@@ -144,7 +146,16 @@ def run_worker(cfg: ServeConfig, listen: Listen, onnx_path: Path | None, ready=N
     protocol = edge_protocol(edge_limits(cfg), app.state.metrics.refused)
     config = uvicorn.Config(app, http=protocol, loop="auto", lifespan="on", log_level="info", access_log=False,
                             timeout_keep_alive=cfg.keep_alive, timeout_graceful_shutdown=cfg.drain_timeout)
-    DrainingServer(config, app, on_ready=ready.set if ready is not None else None).run(sockets=[sock])
+    server = DrainingServer(config, app, on_ready=ready.set if ready is not None else None)
+    hangup_drains(server)
+    server.run(sockets=[sock])
+
+
+def hangup_drains(server: DrainingServer) -> None:
+    """SIGHUP stops this process as SIGTERM does: it drains. A closed terminal sends it to the whole process
+    group, and under its default action every worker died at once with the requests in flight."""
+    if hasattr(signal, "SIGHUP"):  # not on Windows
+        signal.signal(signal.SIGHUP, lambda _sig, frame: server.handle_exit(signal.SIGTERM, frame))
 
 
 def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -227,7 +238,7 @@ def serve(cfg: ServeConfig) -> None:
 
 
 class _Stopped(BaseException):
-    """SIGTERM reached the server before the supervisor took the signal over, or in the single-process
+    """SIGTERM (or SIGHUP) reached the server before the supervisor took the signal over, or in the single-process
     server. Not an Exception: the exporter's catch-all (``_onnx_export``) must not take it for a failed export."""
 
 
@@ -244,14 +255,16 @@ def sigterm_unwinds():
     the default action that killed the single-process server before its temporary folder (the ONNX export
     and a copy of the checkpoint, up to 14 MB) was removed: one folder left in /tmp per stop, 369 of them
     (508 MB) on this VM after the test suite's runs. Raised as an exception instead, it unwinds every
-    ``with`` block on its way out."""
-    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    ``with`` block on its way out. SIGHUP too (a closed terminal), which would have killed the server as well."""
+    stops = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+    previous = {sig: signal.signal(sig, _raise_stopped) for sig in stops}
     try:
         yield
     except _Stopped:
         pass
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _onnx_export(cfg: ServeConfig, payload: dict, folder: Path, fallback: bool) -> tuple[Path | None, ServeConfig]:
@@ -303,11 +316,12 @@ def ended(exitcode: int) -> str:
 
 class Supervisor:
     """Starts the workers, starts again any that die (see the module's notes), and stops them all on
-    SIGTERM/SIGINT. What it knows goes to the workers' ``/readyz`` and ``/metrics`` through a Fleet."""
+    SIGTERM/SIGINT/SIGHUP. What it knows goes to the workers' ``/readyz`` and ``/metrics`` through a Fleet."""
 
     def __init__(self, cfg: ServeConfig, listen: list[Listen], onnx_path: Path | None, folder: Path) -> None:
         self.cfg, self.listen, self.onnx_path, self.folder = cfg, listen, onnx_path, folder
         self.ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads or locks
+        start_resource_tracker()  # before the Fleet's semaphores would start it, able to die of a SIGHUP
         n = len(listen)
         self.fleet = Fleet(self.ctx, n)
         self.procs: list[multiprocessing.process.BaseProcess | None] = [None] * n
@@ -333,8 +347,9 @@ class Supervisor:
                 os.kill(proc.pid, signal.SIGTERM)  # Ctrl-C reaches the workers by itself; SIGTERM may not
 
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, self._stop)
-        signal.signal(signal.SIGINT, self._stop)
+        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+            if sig is not None:
+                signal.signal(sig, self._stop)
         for i in range(len(self.procs)):
             self._start(i)
         while not self.stopping:
