@@ -149,11 +149,14 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serving(checkpoint_path: Path, *flags: str, process: list | None = None, env: dict[str, str] | None = None,
-            own_group: bool = False):
+            own_group: bool = False, ignore_hangup: bool = False):
     """`mnist serve` as a real process on a free loopback port; yields its base URL. ``process``, if given,
     receives the Popen object (to signal it, or to read its output after it has stopped); ``env`` is added to
     its environment; with ``own_group`` the server and its workers are a process group of their own (a session),
-    as a job in a terminal is, so ``os.killpg`` signals them all as the terminal would."""
+    as a job in a terminal is, so ``os.killpg`` signals them all as the terminal would; with ``ignore_hangup``
+    it starts with SIGHUP ignored, as ``nohup`` starts it."""
+    import signal
+
     import time
 
     import httpx
@@ -164,6 +167,7 @@ def serving(checkpoint_path: Path, *flags: str, process: list | None = None, env
          "--port", str(port), "--device", "cpu", "--export-cache", str(REPO / ".test-cache" / "onnx"), *flags],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})},
         start_new_session=own_group,
+        preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_hangup else None,
     )
     if process is not None:
         process.append(proc)

@@ -506,6 +506,23 @@ def test_a_stop_answers_every_request_in_flight_and_exits_0(trained_checkpoint, 
     assert took < 10
 
 
+@pytest.mark.slow
+def test_a_server_started_with_nohup_serves_on_after_a_hangup(trained_checkpoint, digits):
+    """``nohup`` starts a program with SIGHUP ignored so that it outlives its terminal: the server keeps it so,
+    in its supervisor and in the workers (which inherit it), and serves on after SIGHUP reaches its whole
+    group; SIGTERM still stops it."""
+    proc = []
+    with serving(trained_checkpoint, "--workers", "2", process=proc, own_group=True, ignore_hangup=True) as base:
+        workers = sorted(worker_pids(base, 2))
+        os.killpg(proc[0].pid, signal.SIGHUP)
+        time.sleep(1)
+        assert proc[0].poll() is None and sorted(worker_pids(base, 2)) == workers  # none died, none restarted
+        answers = asyncio.run(_post_all(base, [png for _, png in digits]))
+        assert [r.json()["index"] for r in answers] == [label for label, _ in digits]
+        proc[0].send_signal(signal.SIGTERM)
+        assert proc[0].wait(30) == 0
+
+
 @SERIAL
 @pytest.mark.skipif(not hasattr(os, "forkpty"), reason="a pseudo-terminal")
 def test_a_terminal_that_closes_stops_the_server_cleanly(trained_checkpoint, tmp_path):

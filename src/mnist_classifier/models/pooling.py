@@ -61,11 +61,16 @@ def _kernel(source: Path, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | N
     return fn
 
 
+# Whether torch.func's transforms (vmap, grad, jvp) are running: torch's own probe, private but there since 2.0;
+# a torch without it gets the kernels under them, which then raise as before.
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
 def _plain_tensor_path() -> bool:
     """Exporters, compilers, torch.func's transforms and forward-mode AD see torch's own operators: the kernels'
     autograd Functions define neither a vmap rule nor a forward derivative."""
     return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+                or _transforms_active() or getattr(forward_ad, "_current_level", -1) >= 0)
 
 
 def native_applies(x: torch.Tensor) -> bool:

@@ -14,8 +14,8 @@ import signal
 import socket
 import sys
 import tempfile
-from pathlib import Path
 from multiprocessing import resource_tracker
+from pathlib import Path
 from typing import Iterator
 
 from .. import fileio

@@ -154,8 +154,15 @@ def run_worker(cfg: ServeConfig, listen: Listen, onnx_path: Path | None, ready=N
 def hangup_drains(server: DrainingServer) -> None:
     """SIGHUP stops this process as SIGTERM does: it drains. A closed terminal sends it to the whole process
     group, and under its default action every worker died at once with the requests in flight."""
-    if hasattr(signal, "SIGHUP"):  # not on Windows
-        signal.signal(signal.SIGHUP, lambda _sig, frame: server.handle_exit(signal.SIGTERM, frame))
+    if (sig := heeded_hangup()) is not None:
+        signal.signal(sig, lambda _sig, frame: server.handle_exit(signal.SIGTERM, frame))
+
+
+def heeded_hangup() -> int | None:
+    """SIGHUP, where the system has it and this process was not started ignoring it: ``nohup mnist serve``
+    asks to outlive the terminal, and the workers inherit the ignored signal."""
+    sig = getattr(signal, "SIGHUP", None)  # not on Windows
+    return None if sig is None or signal.getsignal(sig) is signal.SIG_IGN else sig
 
 
 def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:
@@ -255,8 +262,9 @@ def sigterm_unwinds():
     the default action that killed the single-process server before its temporary folder (the ONNX export
     and a copy of the checkpoint, up to 14 MB) was removed: one folder left in /tmp per stop, 369 of them
     (508 MB) on this VM after the test suite's runs. Raised as an exception instead, it unwinds every
-    ``with`` block on its way out. SIGHUP too (a closed terminal), which would have killed the server as well."""
-    stops = [sig for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if sig is not None]
+    ``with`` block on its way out. SIGHUP too (a closed terminal), which would have killed the server as well,
+    unless the server was started ignoring it (``nohup``)."""
+    stops = [sig for sig in (signal.SIGTERM, heeded_hangup()) if sig is not None]
     previous = {sig: signal.signal(sig, _raise_stopped) for sig in stops}
     try:
         yield
@@ -347,7 +355,7 @@ class Supervisor:
                 os.kill(proc.pid, signal.SIGTERM)  # Ctrl-C reaches the workers by itself; SIGTERM may not
 
     def run(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+        for sig in (signal.SIGTERM, signal.SIGINT, heeded_hangup()):
             if sig is not None:
                 signal.signal(sig, self._stop)
         for i in range(len(self.procs)):
