@@ -232,12 +232,18 @@ def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
     assert fused_conv_applies(conv, x)
 
 
-def guide_step(images: torch.Tensor, labels: torch.Tensor, native_ok: bool, bf16: bool) -> TrainStep:
+def kernel_or_torch_model(name: str, native_ok: bool) -> torch.nn.Module:
+    """Network ``name`` from seed 0, channels_last, on the package's kernels or (``native_ok`` False) torch's."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(name="guide-cnn")).to(memory_format=torch.channels_last)
+    model = build_model(ModelConfig(name=name)).to(memory_format=torch.channels_last)
     for module in model.modules():
         if isinstance(module, MaxPool2x2):
             module.native = native_ok
+    return model
+
+
+def guide_step(images: torch.Tensor, labels: torch.Tensor, native_ok: bool, bf16: bool) -> TrainStep:
+    model = kernel_or_torch_model("guide-cnn", native_ok)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
     return Bf16WeightsStep(model, optimizer, images, labels) if bf16 else TrainStep(model, optimizer, images, labels)
 
@@ -264,11 +270,7 @@ def test_the_guide_cnn_trains_alike_on_the_packages_kernels_and_torchs(splits, b
 
 
 def fast_step(images: torch.Tensor, labels: torch.Tensor, native_ok: bool, amp: torch.dtype | None) -> TrainStep:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name="fast-cnn-centre-16")).to(memory_format=torch.channels_last)
-    for module in model.modules():
-        if isinstance(module, MaxPool2x2):
-            module.native = native_ok
+    model = kernel_or_torch_model("fast-cnn-centre-16", native_ok)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.02, fused=True)
     return TrainStep(model, optimizer, images, labels, amp_dtype=amp)
 
@@ -332,15 +334,6 @@ def graph_nodes(t: torch.Tensor) -> set[str]:
         names.add(type(node).__name__)
         todo.extend(next_node for next_node, _ in node.next_functions)
     return names
-
-
-def kernel_or_torch_model(name: str, native_ok: bool) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(name=name)).to(memory_format=torch.channels_last)
-    for module in model.modules():
-        if isinstance(module, MaxPool2x2):
-            module.native = native_ok
-    return model
 
 
 def relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
