@@ -24,8 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 def as_from_a_terminal() -> None:
     """``preexec_fn`` for a command a test Ctrl-Cs: SIGINT at its default, as a shell in a terminal starts it. A
     shell starts a background job (`make test &`, CI's runner may too) with SIGINT ignored, every process below
-    inherits that, and a Python program keeps an ignored SIGINT ignored: the Ctrl-C would not be a Ctrl-C."""
+    inherits that, and a Python program keeps an ignored SIGINT ignored: the Ctrl-C would not be a Ctrl-C.
+    SIGHUP likewise, should the suite run under ``nohup``."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="session")

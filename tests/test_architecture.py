@@ -8,7 +8,7 @@ from conftest import REPO
 PACKAGE = REPO / "src" / "mnist_classifier"
 # Stages from the bottom up; a module may import its own package and the stages below it, never beside or above.
 STAGES = {
-    "errors": 0, "fileio": 0.5, "__init__": 0, "cpuload": 0, "supervision": 0, "device": 1, "runs": 1,
+    "errors": 0, "fileio": 0.5, "__init__": 0, "cpuload": 0, "supervision": 0, "terminal": 0, "device": 1, "runs": 1,
     "native": 1,
     # config takes the data stage's limits and choices (MAX_PIXELS, PREPROCESSES); models read the config
     "data": 2, "config": 2.5, "models": 3, "evaluation": 4, "inference": 4, "training": 5, "serving": 6,

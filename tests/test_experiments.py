@@ -24,6 +24,7 @@ import torch
 from conftest import REPO, as_from_a_terminal, run_cli
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
+from mnist_classifier.errors import Interrupted
 from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
 from mnist_classifier.experiments import search
 from mnist_classifier.experiments.search import load_study
@@ -219,16 +220,22 @@ def _sweep_at_epoch_2(out: Path, data_dir: Path, jobs: str, preexec) -> tuple[li
 @pytest.mark.parametrize("jobs, signum, to_group", [
     ("1", signal.SIGINT, True), ("2", signal.SIGINT, True),  # a terminal's Ctrl-C reaches the whole process group
     ("1", signal.SIGTERM, False), ("2", signal.SIGTERM, False),  # a scheduler's SIGTERM, to the command alone
+    ("2", signal.SIGHUP, True),  # a closed terminal's, to the whole job twice: from its shell, then the kernel
 ])
-def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(data_dir, tmp_path, jobs,
-                                                                                         signum, to_group):
+def test_a_stop_signal_stops_the_whole_sweep_and_resume_runs_the_stopped_point_again(data_dir, tmp_path, jobs,
+                                                                                     signum, to_group):
     """Before 2026-12-05 a Ctrl-C stopped only the running trial (recorded as failed, with advice to resume it as
-    a plain run) and the sweep went on to the next; a SIGTERM to a sweep with workers left them running. Now the
-    sweep ends with status 128 + the signal and says how to continue; the stopped point runs again on --resume."""
+    a plain run) and the sweep went on to the next; a SIGTERM to a sweep with workers left them running. Before
+    2026-12-06 a closed terminal's SIGHUP killed the sweep and its workers at once, losing the epochs in flight.
+    Now the sweep ends with status 128 + the signal and says how to continue; the stopped point runs again on
+    --resume."""
     out = tmp_path / "sweep"
     args, proc = _sweep_at_epoch_2(out, data_dir, jobs, as_from_a_terminal)
     if to_group:
         os.killpg(proc.pid, signum)
+        if signum == signal.SIGHUP:
+            time.sleep(0.05)
+            os.killpg(proc.pid, signum)
     else:
         proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
@@ -242,6 +249,8 @@ def test_ctrl_c_or_sigterm_stops_the_whole_sweep_and_resume_runs_the_stopped_poi
     assert err.strip().splitlines()[-1].endswith(f"continue with: mnist sweep --resume --out {out}")
     complete_before = [t for t in study_of(out).trials if t.state.name == "COMPLETE"]
     assert len(complete_before) < 4  # it stopped: no trial was started after the Ctrl-C
+    # each worker stopped its trial itself and queued its point again; one killed leaves it RUNNING
+    assert [t.number for t in study_of(out).trials if t.state.name == "RUNNING"] == []
 
     resumed = run_cli(*args, "--resume", "--json")
     assert resumed.returncode == 0, resumed.stderr
@@ -482,6 +491,29 @@ def test_a_worker_loads_the_data_once_for_all_its_trials(data_dir, tmp_path, mon
     result = sweep(spec, tmp_path / "sweep", jobs=1)
     assert result.counts()["complete"] == 3 and len(loads) == 1
 
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_between_two_trials_ends_the_sweep_before_it_takes_another(data_dir, tmp_path, signum):
+    """A signal that came between two trials' training (here, as the first trial is reported) found no stop flag
+    in place: Ctrl-C raised KeyboardInterrupt past the worker, and SIGTERM or SIGHUP killed it outright, leaving
+    the point it had just taken RUNNING ("exit -15"). Now a worker holds one flag from its first trial to its
+    last: it takes no further trial and ends with 128 + the signal, saying how to continue."""
+    base = TrainConfig(train_subset=400, val_size=100, epochs=1, device="cpu", data_dir=str(data_dir))
+    spec = SweepSpec(params=parse_space(["lr=0.001,0.002,0.003"]), base=base, trials=3, sampler="grid", pruner="none")
+    before = {sig: signal.signal(sig, handler) for sig, handler in  # as a terminal starts it, even under nohup
+              [(signal.SIGINT, signal.default_int_handler), (signal.SIGHUP, signal.SIG_DFL)]}
+    try:
+        with pytest.raises(Interrupted, match="between trials; continue with") as stopped:
+            sweep(spec, tmp_path / "sweep", jobs=1, on_trial=lambda row: os.kill(os.getpid(), signum))
+        after = signal.getsignal(signum)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+    assert stopped.value.status == 128 + signum
+    # the grid's other two points wait in the queue, none taken
+    assert [t.state.name for t in study_of(tmp_path / "sweep").trials] == ["COMPLETE", "WAITING", "WAITING"]
+    assert after == (signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)  # given back
 
 
 def test_a_trial_asked_for_past_the_count_is_dropped_as_surplus_and_left_out_of_the_result(tmp_path):

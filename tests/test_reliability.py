@@ -244,6 +244,59 @@ def test_sigterm_stops_training_like_ctrl_c_and_the_run_resumes(data_dir, tmp_pa
     assert re.search(r"\(training loop [\d.]+ s, this resumed process [\d.]+ s\)", resumed.stdout), resumed.stdout
 
 
+@pytest.mark.skipif(not hasattr(os, "forkpty"), reason="a pseudo-terminal")
+@pytest.mark.parametrize("started_by", ["itself", "a shell"])
+def test_a_terminal_that_closes_stops_training_after_its_step_and_the_run_resumes(data_dir, tmp_path, started_by):
+    """`mnist train` on a real pseudo-terminal (an ssh session, a terminal window) that goes away: its master end
+    closed, so the kernel hangs the terminal up and sends SIGHUP. "itself": the command leads the terminal's
+    session. "a shell": an interactive bash runs it as its foreground job; bash passes the SIGHUP on, then the
+    kernel sends it again when bash exits. Measured 2026-12-06: before, the run died at once (exit status -1)
+    and lost the epoch in flight (no last.pt); handled, its next progress line raised EIO on the hung-up
+    terminal. Now it saves its place after the step, as on SIGTERM, and exits 129 (128 + SIGHUP)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+
+    run = tmp_path / "run"
+    train = [sys.executable, "-m", "mnist_classifier", "train", "--epochs", "2", "--train-subset", "12800",
+             "--test-subset", "1000", "--device", "cpu", "--data-dir", str(data_dir), "--out", str(run)]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, with the pseudo-terminal as its controlling terminal
+        as_from_a_terminal()
+        # 24 rows of 80 columns, as a terminal window says: tqdm draws no bar on a terminal 0 columns wide
+        fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+        os.chdir(REPO)
+        if started_by == "itself":
+            os.execv(sys.executable, train)
+        os.execv("/bin/bash", ["bash", "--norc", "--noprofile", "-i"])
+    shown = b""
+    try:
+        if started_by == "a shell":  # a shell between, deaf to SIGHUP itself, to learn the exit status
+            job = ["sh", "-c", f'trap : HUP; "$@"; echo $? > {tmp_path / "status"}', "sh", *train]
+            os.write(terminal, shlex.join(job).encode() + b"\n")
+        deadline = time.monotonic() + 120
+        while not re.search(rb"Epoch 1: +\d+%.* (\d\d+)/200", shown) and time.monotonic() < deadline:
+            if select.select([terminal], [], [], 0.2)[0]:
+                shown += os.read(terminal, 1 << 16)  # tqdm's bar: "Epoch 1:  20%|##   | 40/200 [..."
+        assert time.monotonic() < deadline, shown[-2000:]
+    finally:
+        os.close(terminal)  # the terminal goes away
+    _, status = os.waitpid(pid, 0)
+    if started_by == "a shell":
+        deadline = time.monotonic() + 60  # bash's job ends on its own
+        while not (tmp_path / "status").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        status = int((tmp_path / "status").read_text()) << 8
+    assert os.waitstatus_to_exitcode(status) == 128 + signal.SIGHUP
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["partial"]["batches_done"] >= 10
+    resumed = run_cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
+
+
 def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_nothing(data_dir, tmp_path):
     """Two `mnist train` processes in one folder wrote their files into it in turn: a --resume of a run still
     training, the same --out again, an --overwrite (which deleted the running run's files). The folder is now

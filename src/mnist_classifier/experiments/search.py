@@ -28,10 +28,12 @@ from optuna.trial import TrialState
 
 from .. import fileio
 from ..config import TrainConfig
-from ..data import load_configured
+from ..data import Splits, load_configured
 from ..device import free_cores, select_device, threads_per_job
 from ..errors import Interrupted, UserError
 from ..supervision import follow_parent
+from ..terminal import heeded_hangup, leave_hung_up_terminal
+from ..training import stop_requests
 from .report import SweepResult, redact, summarize
 from .space import Param, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
@@ -251,29 +253,37 @@ def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCall
     if threads:
         torch.set_num_threads(threads)
     study = load_study(spec, sweep_dir)
-    base = spec.base
-    device = select_device(base.device)
-    splits = load_configured(base)
+    device = select_device(spec.base.device)
+    splits = load_configured(spec.base)
     done = 0
-    while (trial := _take_trial(study, spec, sweep_dir)) is not None:
-        t0 = time.perf_counter()
-        try:
-            state, value = run_trial(trial, spec.params, base, spec.seeds, splits, device, sweep_dir, spec.study)
-        except Interrupted as stopped:
-            trial.set_user_attr("error", "interrupted (Ctrl-C or SIGTERM); the point was queued again")
-            study.tell(trial, state=TrialState.FAIL)  # as --resume treats a trial whose worker died: tried again
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
-            raise Interrupted(f"interrupted in trial {trial.number}, which will run again; {_resume_hint(sweep_dir)}",
-                              stopped.status) from None
-        if state == "complete":
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
-        done += 1
-        if on_trial is not None:
-            on_trial({"trial": trial.number, "state": state, "value": value, "params": trial.params,
-                      "seconds": round(time.perf_counter() - t0, 1), "worker": worker})
+    with stop_requests() as stop:  # trial after trial: a stop between two is the next one's (StopFlag)
+        while not stop.is_set() and (trial := _take_trial(study, spec, sweep_dir)) is not None:
+            _run_and_tell(study, trial, spec, splits, device, sweep_dir, worker, on_trial)
+            done += 1
+        if stop.is_set():
+            raise Interrupted(f"interrupted between trials; {_resume_hint(sweep_dir)}", stop.exit_status())
     return done
+
+
+def _run_and_tell(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, splits: Splits, device: torch.device,
+                  sweep_dir: Path, worker: int, on_trial: TrialCallback | None) -> None:
+    """Run one trial and tell the study how it went; one that was stopped goes back in the queue."""
+    t0 = time.perf_counter()
+    try:
+        state, value = run_trial(trial, spec.params, spec.base, spec.seeds, splits, device, sweep_dir, spec.study)
+    except Interrupted as stopped:
+        trial.set_user_attr("error", "interrupted (Ctrl-C, SIGTERM or SIGHUP); the point was queued again")
+        study.tell(trial, state=TrialState.FAIL)  # as --resume treats a trial whose worker died: tried again
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        raise Interrupted(f"interrupted in trial {trial.number}, which will run again; {_resume_hint(sweep_dir)}",
+                          stopped.status) from None
+    if state == "complete":
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
+    if on_trial is not None:
+        on_trial({"trial": trial.number, "state": state, "value": value, "params": trial.params,
+                  "seconds": round(time.perf_counter() - t0, 1), "worker": worker})
 
 
 def _resume_hint(sweep_dir: Path) -> str:
@@ -296,32 +306,40 @@ def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback 
 
 def _wait_for(procs: list, sweep_dir: Path) -> None:
     """Join the worker processes. A terminal's Ctrl-C reaches them too; a SIGTERM sent to this process alone is
-    passed on to them. Either way each worker stops after its step and saves (up to STOP_WAIT_S), then the
-    sweep says how to continue."""
+    passed on to them, and so is a SIGHUP (a closed terminal's reaches them too, but ``kill -HUP`` may not).
+    Either way each worker stops after its step and saves (up to STOP_WAIT_S), then the sweep says how to
+    continue."""
     received: list[int] = []
 
     def pass_on(signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if signum != signal.SIGTERM:
+            leave_hung_up_terminal()  # the last line, how to continue, would raise EIO on a closed terminal
+            if received:  # a closed terminal's job gets SIGHUP twice (its shell's, then the kernel's)
+                return
         received.append(signum)
         for p in procs:
             if p.is_alive():
                 os.kill(p.pid, signum)
         raise KeyboardInterrupt
 
-    # not where SIGTERM was ignored when the sweep started: the sweep ignores it whole, as its workers do (StopFlag)
-    install = (threading.current_thread() is threading.main_thread()
-               and signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN)
-    previous = signal.signal(signal.SIGTERM, pass_on) if install else None
+    # not where a signal was ignored when the sweep started: the sweep ignores it whole, as its workers do
+    # (StopFlag), such as SIGTERM in a background job or SIGHUP under nohup
+    stops = ([sig for sig in (signal.SIGTERM, heeded_hangup()) if sig is not None and
+              signal.getsignal(sig) is not signal.SIG_IGN]
+             if threading.current_thread() is threading.main_thread() else [])
+    previous = {sig: signal.signal(sig, pass_on) for sig in stops}
     try:
         for p in procs:
             p.join()
     except KeyboardInterrupt:
+        received.append(signal.SIGINT)  # the first is the stop's (Ctrl-C where none came before)
         for p in procs:
             p.join(timeout=STOP_WAIT_S)
         raise Interrupted(f"interrupted; the trials that were running will run again; {_resume_hint(sweep_dir)}",
-                          128 + (received[0] if received else signal.SIGINT)) from None
+                          128 + received[0]) from None
     finally:
-        if install:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallback | None) -> None:

@@ -46,6 +46,7 @@ from ..errors import CannotWrite, UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
 from ..supervision import follow_parent
+from ..terminal import heeded_hangup
 from .backends import cached_export, export_cache_dir, export_for_serving, resolve_backend
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
@@ -156,13 +157,6 @@ def hangup_drains(server: DrainingServer) -> None:
     group, and under its default action every worker died at once with the requests in flight."""
     if (sig := heeded_hangup()) is not None:
         signal.signal(sig, lambda _sig, frame: server.handle_exit(signal.SIGTERM, frame))
-
-
-def heeded_hangup() -> int | None:
-    """SIGHUP, where the system has it and this process was not started ignoring it: ``nohup mnist serve``
-    asks to outlive the terminal, and the workers inherit the ignored signal."""
-    sig = getattr(signal, "SIGHUP", None)  # not on Windows
-    return None if sig is None or signal.getsignal(sig) is signal.SIG_IGN else sig
 
 
 def _socket(host: str, port: int, reuse_port: bool) -> socket.socket:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
 
 from ..errors import DivergedError
+from ..terminal import heeded_hangup, leave_hung_up_terminal
 from .optim import EMA
 from .step import TrainStep
 
@@ -141,25 +143,38 @@ def train_epoch(
 
 
 class StopFlag:
-    """Turns the first Ctrl-C (SIGINT) or SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) into a
-    request to stop after the current step, so the saved state is consistent; a second one stops at once.
-    Only in the main thread of a single-process run. A signal this process was started ignoring stays ignored,
-    as Python leaves an ignored SIGINT: a shell starts background jobs (``mnist sweep ... &``) so, and before
-    2026-12-05 only a sweep worker inside a trial heeded it, so one trial stopped while the sweep went on."""
+    """Turns the first Ctrl-C (SIGINT), SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) or SIGHUP
+    (the terminal closed) into a request to stop after the current step, so the saved state is consistent; a
+    second Ctrl-C or SIGTERM stops at once. A second SIGHUP does not: a closed terminal's job gets it twice, from
+    its shell and from the kernel. Only in the main thread of a single-process run. A signal this process was
+    started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
+    (``mnist sweep ... &``) so, ``nohup`` SIGHUP, and before 2026-12-05 only a sweep worker inside a trial
+    heeded it, so one trial stopped while the sweep went on."""
 
-    AT_ONCE = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}  # the second one's
+    active: ClassVar[StopFlag | None] = None  # the flag whose handlers are in place in this process
 
     def __init__(self, install: bool = True) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
+        self._second = self.heeded()  # each signal heeded, with the handler it gets once a stop was requested
         if install and threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.AT_ONCE
-                              if signal.getsignal(sig) is not signal.SIG_IGN}
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self._second}
+            StopFlag.active = self
+
+    @staticmethod
+    def heeded() -> dict[int, object]:
+        """Each signal this process heeds, with its handler once a stop was requested."""
+        second = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+        if (hangup := heeded_hangup()) is not None:
+            second[hangup] = _left_terminal
+        return {sig: handler for sig, handler in second.items() if signal.getsignal(sig) is not signal.SIG_IGN}
 
     def _handle(self, signum, frame) -> None:  # noqa: ANN001 - signal handler signature
         self.signum = signum
         for sig in self._previous:
-            signal.signal(sig, self.AT_ONCE[sig])
+            signal.signal(sig, self._second[sig])
+        if signum == getattr(signal, "SIGHUP", None):
+            leave_hung_up_terminal()  # or the next progress line raises EIO and the step's work is lost
 
     def is_set(self) -> bool:
         return self.signum is not None
@@ -172,3 +187,25 @@ class StopFlag:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous = {}
+        if StopFlag.active is self:
+            StopFlag.active = None
+
+
+@contextlib.contextmanager
+def stop_requests(install: bool = True) -> Iterator[StopFlag]:
+    """The stop flag for a block: the one already in place, else a new one for the block. A sweep's worker holds
+    one from its first trial to its last, so that a signal that comes between two trials' training (the next
+    point taken, its run folder made) stops the trial at its first step instead of killing the worker with the
+    point left running."""
+    if StopFlag.active is not None:
+        yield StopFlag.active
+        return
+    flag = StopFlag(install)
+    try:
+        yield flag
+    finally:
+        flag.uninstall()
+
+
+def _left_terminal(_signum, _frame) -> None:  # noqa: ANN001 - signal handler signature
+    leave_hung_up_terminal()

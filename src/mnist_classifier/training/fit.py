@@ -31,7 +31,7 @@ from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
 from .. import runs
 from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
-from .epoch import Progress, StopFlag, StopRequested, epoch_permutation
+from .epoch import Progress, StopRequested, epoch_permutation, stop_requests
 from .optim import lr_value
 from .precise_bn import recalibrate, sample_batches
 from .session import Learner, RunSpec, Session, build_session
@@ -171,9 +171,8 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
     status of a stop requested after the last step, else None."""
     spec, learner, state = s.spec, s.learner, s.state
     best_state = None
-    stop = StopFlag(install=not spec.ctx.enabled)
-    learner.loop.stop_requested, learner.loop.on_step = stop.is_set, reporter.step
-    try:
+    with stop_requests(install=not spec.ctx.enabled) as stop:
+        learner.loop.stop_requested, learner.loop.on_step = stop.is_set, reporter.step
         for epoch in range(state.epoch + 1, spec.cfg.epochs + 1):
             perm = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch).to(spec.device)
             try:
@@ -197,8 +196,6 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
                 keep = improved or not spec.cfg.val_size
                 files.save_epoch(learner.model, learner.scored if keep else None, learner.optimizer, state, learner.ema)
             reporter.epoch(row)
-    finally:
-        stop.uninstall()
     # A stop that came after the last step (while the last epoch was scored, saved or reported) is not lost:
     # the run finishes, then says it was interrupted, so that a sweep takes no further trial
     return best_state, stop.exit_status() if stop.is_set() else None
