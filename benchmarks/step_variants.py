@@ -40,6 +40,11 @@ Variants:
                   kernel kept (kept+no-wide: what the kernel buys the guide's second layer in fp32)
   V+no-fused      variant V with the first layer's convolution and pool as torch's layers (oneDNN, then the
                   pool's kernel), not one kernel: kept+no-fused, bf16-weights+no-fused, bf16-autocast+no-fused
+  V+plain-flatten variant V with the head's flatten as nn.Flatten's, whose gradient comes back in (C, H, W)
+                  order, not channels_last (models/layout.py): the last ReLU's backward then takes torch's
+                  slow path for two layouts (fast models, bn-cnn, m5-cnn; the guide CNN flattens itself)
+  V+torch-unshuffle variant V with the fast models' pixel unshuffle as torch's operator (models/layout.py
+                  runs it as a reshape, a permute and one copy on a CPU)
   V+before        variant V on another checkout's kernels (--before PATH: its models/*.cpp and headers, built
                   by native.py under their own names), so a kernel change is measured on the whole step in one
                   process: --variants kept kept+before --before /tmp/before (after `git worktree add`)
@@ -64,13 +69,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Callable, Iterator
 
 import torch
 
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_amx_bf16, cpu_has_native_bf16
-from mnist_classifier.models import ModelConfig, build_model, pooling
+from mnist_classifier.models import ModelConfig, build_model, layout, pooling
 from mnist_classifier.models.pooling import MaxPool2x2
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
@@ -106,7 +112,8 @@ def keep_freed_memory() -> bool:
 
 
 THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
-SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn", "+no-wide", "+no-fused")  # a change made to any variant
+SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn", "+no-wide", "+no-fused", "+plain-flatten",
+            "+torch-unshuffle")  # a change made to any variant
 
 
 def base_of(name: str) -> str:
@@ -115,21 +122,22 @@ def base_of(name: str) -> str:
     return name
 
 
-def patched(attribute: str, value: Callable | Path, inner: Callable[[], contextlib.AbstractContextManager]
-            ) -> Callable[[], Iterator[None]]:
-    """``inner``'s settings, with ``pooling.<attribute>`` replaced by ``value``: ``cpu_has_amx_bf16`` (whether
-    the wider layer's bf16 backward is oneDNN's), a predicate always saying no (``wide_conv_applies``: the wider
-    layer's backward kernel; ``fused_conv_applies``: the fused first layer), or a kernel's source
-    (``SOURCE``, ``CONV_SOURCE``: another checkout's)."""
+def patched(attribute: str, value: Callable | Path, inner: Callable[[], contextlib.AbstractContextManager],
+            module: ModuleType = pooling) -> Callable[[], Iterator[None]]:
+    """``inner``'s settings, with ``module.<attribute>`` (``pooling``'s by default) replaced by ``value``:
+    ``cpu_has_amx_bf16`` (whether the wider layer's bf16 backward is oneDNN's), a predicate always saying no
+    (``wide_conv_applies``: the wider layer's backward kernel; ``fused_conv_applies``: the fused first layer;
+    ``layout.grad_in_channels_last``: the head's flatten), or a kernel's source (``SOURCE``, ``CONV_SOURCE``:
+    another checkout's)."""
     @contextlib.contextmanager
     def both() -> Iterator[None]:
-        saved = getattr(pooling, attribute)
-        setattr(pooling, attribute, value)
+        saved = getattr(module, attribute)
+        setattr(module, attribute, value)
         try:
             with inner():
                 yield
         finally:
-            setattr(pooling, attribute, saved)
+            setattr(module, attribute, saved)
     return both
 
 
@@ -208,6 +216,10 @@ def make_variant(full_name: str, args, images: torch.Tensor, labels: torch.Tenso
     if name.endswith(("+no-wide", "+no-fused")):
         ctx = patched("wide_conv_applies" if name.endswith("+no-wide") else "fused_conv_applies",
                       lambda *args: False, ctx)
+    if name.endswith("+plain-flatten"):
+        ctx = patched("grad_in_channels_last", lambda x: False, ctx, module=layout)
+    if name.endswith("+torch-unshuffle"):
+        ctx = patched("unshuffle_as_copy", lambda x, factor: False, ctx, module=layout)
     if full_name.endswith("+before"):
         if args.before is None:
             raise SystemExit(f"step_variants.py: {full_name} needs --before PATH (another checkout)")

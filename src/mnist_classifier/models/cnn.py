@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
+from .layout import Flatten, PixelUnshuffle
 from .pooling import MaxPool2x2
 
 
@@ -95,7 +96,7 @@ class BNCNN(nn.Module):
         )
         side = cfg.image_size // 8
         self.head = nn.Sequential(
-            nn.Flatten(),
+            Flatten(),
             nn.Linear(128 * side * side, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(inplace=True),
             nn.Dropout(cfg.dropout),
             nn.Linear(256, cfg.num_classes),
@@ -118,9 +119,9 @@ class FastCNN(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.features = nn.Sequential(nn.PixelUnshuffle(2), *self.blocks(4 * cfg.in_channels))  # (B, 48, 3, 3)
+        self.features = nn.Sequential(PixelUnshuffle(2), *self.blocks(4 * cfg.in_channels))  # (B, 48, 3, 3)
         side = cfg.image_size // 8
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout), nn.Linear(48 * side * side, cfg.num_classes))
+        self.head = nn.Sequential(Flatten(), nn.Dropout(cfg.dropout), nn.Linear(48 * side * side, cfg.num_classes))
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
@@ -216,7 +217,7 @@ class M5CNN(nn.Module):
         side = cfg.image_size - 5 * 4  # each unpadded 5x5 convolution trims 4 pixels: 28 -> 8
         if side < 1:
             raise UserError(f"m5-cnn needs images of at least 21 pixels per side, these have {cfg.image_size}")
-        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(cfg.dropout),
+        self.head = nn.Sequential(Flatten(), nn.Dropout(cfg.dropout),
                                   nn.Linear(160 * side * side, cfg.num_classes, bias=False),
                                   nn.BatchNorm1d(cfg.num_classes))
 
@@ -250,7 +251,7 @@ class ResCNN(nn.Module):
             conv_bn(128, 256, pool=True),  # (B, 256, S/4, S/4)
             conv_bn(256, 256, pool=True), Residual(256),  # (B, 256, S/8, S/8)
         )
-        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(cfg.dropout),
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), Flatten(), nn.Dropout(cfg.dropout),
                                   nn.Linear(256, cfg.num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

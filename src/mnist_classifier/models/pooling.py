@@ -66,7 +66,7 @@ def _kernel(source: Path, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | N
 _transforms_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def _plain_tensor_path() -> bool:
+def plain_tensor_path() -> bool:
     """Exporters, compilers, torch.func's transforms and forward-mode AD see torch's own operators: the kernels'
     autograd Functions define neither a vmap rule nor a forward derivative."""
     return not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
@@ -75,7 +75,7 @@ def _plain_tensor_path() -> bool:
 
 def native_applies(x: torch.Tensor) -> bool:
     """Whether ``max_pool2x2`` runs the package's kernel on ``x`` (otherwise torch's)."""
-    return (_plain_tensor_path() and x.device.type == "cpu" and x.dtype in SUFFIX and x.dim() == 4
+    return (plain_tensor_path() and x.device.type == "cpu" and x.dtype in SUFFIX and x.dim() == 4
             and x.shape[1] % LANES == 0 and x.shape[2] >= 2 and x.shape[3] >= 2
             and x.is_contiguous(memory_format=torch.channels_last)
             and _kernel(SOURCE, "pool2x2_forward", x.dtype) is not None)
@@ -84,7 +84,7 @@ def native_applies(x: torch.Tensor) -> bool:
 def _plain_conv3x3(conv: nn.Module, x: torch.Tensor) -> bool:
     """A hook-free Conv2d, 3x3, padding 1, stride 1, to a multiple of 16 channels, on a 4-D CPU tensor of its
     own dtype (fp32 or bf16)."""
-    return (_plain_tensor_path() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
+    return (plain_tensor_path() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
             and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and conv.out_channels % LANES == 0
             and not (conv._forward_hooks or conv._forward_pre_hooks or _global_hooks())  # --whiten-init's hook
