@@ -169,7 +169,8 @@ def _with_flatten(channels_last_grad: bool, monkeypatch: pytest.MonkeyPatch, nam
                   ) -> torch.nn.Module:
     """``name`` (seed 0, channels_last, training mode) whose head's flatten hands its gradient back in
     channels_last, or as ``nn.Flatten`` does."""
-    monkeypatch.setattr(layout, "grad_in_channels_last", GRAD_IN_CHANNELS_LAST if channels_last_grad else lambda x: False)
+    monkeypatch.setattr(layout, "grad_in_channels_last",
+                        GRAD_IN_CHANNELS_LAST if channels_last_grad else lambda x: False)
     torch.manual_seed(0)
     return build_model(ModelConfig(name=name)).to(memory_format=torch.channels_last).train()
 

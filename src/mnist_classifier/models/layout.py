@@ -1,17 +1,17 @@
 """Two rearrangements of a network's values whose torch operators are slow on a CPU: the head's flatten of a
 channels_last feature map, and the fast models' pixel unshuffle. Each gives the same values as torch's.
 
-**The flatten.** On a CPU `mnist train` runs the convolutions in channels_last. Flattening such a map for the linear head
-copies it into (C, H, W) order, so the gradient that comes back through the flatten is in (C, H, W) order
-too, while the ReLU before it saved its output in channels_last. torch's ReLU backward (``threshold_backward``)
-on two tensors of different layouts takes a slow path: 484 µs against 20 µs for the fast models' last map
-(256, 48, 3, 3), held to AVX2 on a 2-core Xeon (BENCHMARKS.md, "the head's flatten"). ``Flatten`` copies the
-gradient back into channels_last on its way out instead, one copy of the map, so the layers below see one
-layout. The values are the same; only where they sit in memory changes.
+**The flatten.** On a CPU `mnist train` runs the convolutions in channels_last. Flattening such a map for the
+linear head copies it into (C, H, W) order, so the gradient that comes back through the flatten is in (C, H, W)
+order too, while the ReLU before it saved its output in channels_last. torch's ReLU backward
+(``threshold_backward``) on two tensors of different layouts takes a slow path: 484 µs against 20 µs for the fast
+models' last map (256, 48, 3, 3), held to AVX2 on a 2-core Xeon (BENCHMARKS.md, "the head's flatten"). ``Flatten``
+copies the gradient back into channels_last on its way out instead, one copy of the map, so the layers below see
+one layout. The values are the same; only where they sit in memory changes.
 
 **The unshuffle.** torch's ``pixel_unshuffle`` on a CPU computes every element's source position itself: 308 µs
-for the fast models' (256, 1, 24, 24) crop, held to AVX2, where the same permutation as a reshape, a permute
-and one copy takes 56 µs.
+for the fast models' (256, 1, 24, 24) crop, held to AVX2, where the same permutation as a reshape, a permute and
+one copy takes 56 µs.
 """
 
 from __future__ import annotations
