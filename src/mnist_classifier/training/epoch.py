@@ -148,8 +148,9 @@ class StopFlag:
     second Ctrl-C or SIGTERM stops at once. A second SIGHUP does not: a closed terminal's job gets it twice, from
     its shell and from the kernel. Only in the main thread of a single-process run. A signal this process was
     started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
-    (``mnist sweep ... &``) so, ``nohup`` SIGHUP, and before 2026-12-05 only a sweep worker inside a trial
-    heeded it, so one trial stopped while the sweep went on."""
+    (``mnist sweep ... &``) with SIGINT ignored, and ``nohup`` starts a command with SIGHUP ignored. (Before
+    2026-12-05 a sweep worker inside a trial heeded an ignored SIGINT, so one trial stopped while the sweep
+    went on.)"""
 
     active: ClassVar[StopFlag | None] = None  # the flag whose handlers are in place in this process
 
