@@ -1,4 +1,6 @@
 import gc
+import os
+import re
 import json
 import subprocess
 import sys
@@ -173,3 +175,31 @@ def test_a_reader_that_leaves_early_stops_the_command_quietly(trained_checkpoint
         code = proc.wait(timeout=120)
     assert first.startswith(str(folder).encode()) and code == 141
     assert (tmp_path / "stderr").read_text() == ""
+
+
+@pytest.mark.skipif(not hasattr(os, "forkpty"), reason="a pseudo-terminal")
+def test_training_on_a_terminal_that_reports_no_size_still_shows_its_progress_bar(data_dir, tmp_path):
+    """A pseudo-terminal nobody sized (`docker run -t`, a script's) reports 0 rows and 0 columns. tqdm then drew
+    no bar at all, so a long epoch showed nothing until it ended (seen 2026-12-06); now it draws 80 columns."""
+    import pty
+
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child, on the unsized pseudo-terminal; COLUMNS and LINES would size it instead
+        env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+        os.chdir(REPO)
+        os.execve(sys.executable, [sys.executable, "-m", "mnist_classifier", "train", "--epochs", "1",
+                                   "--train-subset", "3200", "--test-subset", "500", "--device", "cpu",
+                                   "--data-dir", str(data_dir), "--out", str(tmp_path / "run")], env)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 1 << 16)
+        except OSError:  # EIO: the child has gone and the terminal hung up
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, shown[-2000:]
+    assert re.search(rb"Epoch 1: +\d+%\|.*\| +\d+/50 ", shown), shown[-2000:]  # 3200 images, batch 64

@@ -265,7 +265,7 @@ def test_a_terminal_that_closes_stops_training_after_its_step_and_the_run_resume
     pid, terminal = pty.fork()
     if pid == 0:  # the child, with the pseudo-terminal as its controlling terminal
         as_from_a_terminal()
-        # 24 rows of 80 columns, as a terminal window says: tqdm draws no bar on a terminal 0 columns wide
+        # 24 rows of 80 columns, as a terminal window says
         fcntl.ioctl(0, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
         os.chdir(REPO)
         if started_by == "itself":

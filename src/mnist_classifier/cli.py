@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,11 @@ class ConsoleReporter:
     def step(self, epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
         if self.tty:
             if self.bar is None:
-                self.bar = tqdm(total=n_batches, desc=f"Epoch {epoch}", unit="batch", leave=False, file=self.stream)
+                # a terminal that reports no size (a pseudo-terminal nobody sized: `docker run -t`, scripts) got
+                # no bar at all from tqdm, which then counts 0 rows; shutil falls back to 80 x 24 there
+                size = shutil.get_terminal_size()
+                self.bar = tqdm(total=n_batches, desc=f"Epoch {epoch}", unit="batch", leave=False, file=self.stream,
+                                ncols=size.columns, nrows=size.lines)
             self.bar.update(1)
             if loss is not None:
                 self.bar.set_postfix(loss=f"{loss:.4f}")
