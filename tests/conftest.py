@@ -157,8 +157,6 @@ def serving(checkpoint_path: Path, *flags: str, process: list | None = None, env
     its environment; with ``own_group`` the server and its workers are a process group of their own (a session),
     as a job in a terminal is, so ``os.killpg`` signals them all as the terminal would; with ``ignore_hangup``
     it starts with SIGHUP ignored, as ``nohup`` starts it."""
-    import signal
-
     import time
 
     import httpx

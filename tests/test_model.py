@@ -176,8 +176,10 @@ def _with_flatten(channels_last_grad: bool, monkeypatch: pytest.MonkeyPatch, nam
 
 
 def _normalised(splits, n: int) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
-    x = ((splits.train_images[:n].float() / 255 - 0.1307) / 0.3081).contiguous(memory_format=torch.channels_last)
-    return x, splits.train_labels[:n]
+    """The first ``n`` training images as `mnist train` feeds them on a CPU (channels_last), and their labels."""
+    from mnist_classifier.data import model_input
+
+    return model_input(splits.train_images[:n], (0.1307,), (0.3081,), torch.device("cpu")), splits.train_labels[:n]
 
 
 @pytest.mark.parametrize("name", ["fast-cnn-centre-16", "bn-cnn", "m5-cnn"])
@@ -243,13 +245,19 @@ def test_the_pixel_unshuffle_as_one_copy_gives_torchs_values_and_gradients(facto
     reshape, a permute and one copy on a CPU (56 against 308 µs at the fast models' crop, held to AVX2): the same
     values, in every input layout, and the same gradient."""
     torch.manual_seed(0)
-    x = torch.randn(shape, dtype=torch.float64).to(dtype)
+    base = torch.randn(shape, dtype=torch.float64).to(dtype)
     if layout_of == "channels_last":
-        x = x.contiguous(memory_format=torch.channels_last)
-    elif layout_of == "centre crop":  # a view, as fast-cnn-centre's forward hands it on
-        x = torch.nn.functional.pad(x, (2, 2, 2, 2))[..., 2:-2, 2:-2]
-    ours, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    out, expected = layout.PixelUnshuffle(factor)(ours), torch.nn.functional.pixel_unshuffle(theirs, factor)
+        base = base.contiguous(memory_format=torch.channels_last)
+    elif layout_of == "centre crop":
+        base = torch.nn.functional.pad(base, (2, 2, 2, 2))
+    ours, theirs = base.clone().requires_grad_(True), base.clone().requires_grad_(True)
+
+    def as_given(t: torch.Tensor) -> torch.Tensor:  # the crop a view, as fast-cnn-centre's forward hands it on
+        return t[..., 2:-2, 2:-2] if layout_of == "centre crop" else t
+
+    x = as_given(ours)
+    assert layout_of != "centre crop" or not x.is_contiguous()  # a strided view, not a copy
+    out, expected = layout.PixelUnshuffle(factor)(x), torch.nn.functional.pixel_unshuffle(as_given(theirs), factor)
     assert layout.unshuffle_as_copy(x, factor) and torch.equal(out, expected)
     weights = torch.randn(expected.shape, dtype=torch.float64).to(dtype)
     (out * weights).sum().backward()
