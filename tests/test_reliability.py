@@ -297,6 +297,37 @@ def test_a_terminal_that_closes_stops_training_after_its_step_and_the_run_resume
     assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
 
 
+@pytest.mark.parametrize("shared", ["stdout", "stdout and stderr"])
+def test_a_reader_that_leaves_stops_training_after_its_step_and_the_run_resumes(data_dir, tmp_path, shared):
+    """`mnist train | head` (and `2>&1 | head`): the reader leaves during epoch 1. Measured 2026-12-06: before, the
+    next progress line's BrokenPipeError escaped the loop, so the command ended with status 141 and no last.pt,
+    the epoch in flight lost. Now the output goes to /dev/null and the run saves its place after the step, as
+    when its terminal closes, and exits 141 (128 + SIGPIPE) with one line on stderr where stderr is elsewhere."""
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir), "--log-every",
+            "20", "--test-subset", "1000", "--out", str(run)]
+    with open(tmp_path / "stderr", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT if shared == "stdout and stderr" else err, cwd=REPO)
+        for line in proc.stdout:
+            if line.startswith(b"Epoch 1 [") and b"2624/" in line:  # batch 40 of epoch 1
+                break
+        proc.stdout.close()  # the reader leaves, as `head` does
+        code = proc.wait(timeout=120)
+        err.seek(0)
+        said = err.read()
+    assert code == 128 + signal.SIGPIPE, said
+    if shared == "stdout":
+        assert said.startswith("mnist train: interrupted at epoch 1, batch") and said.count("\n") == 1, said
+    else:
+        assert said == ""
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 0 and last["partial"]["batches_done"] > 40
+    resumed = run_cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["epoch"] for r in torch.load(run / "last.pt", weights_only=True)["metrics"]] == [1, 2]
+
+
 def test_a_second_train_in_a_run_folder_being_written_is_refused_and_touches_nothing(data_dir, tmp_path):
     """Two `mnist train` processes in one folder wrote their files into it in turn: a --resume of a run still
     training, the same --out again, an --overwrite (which deleted the running run's files). The folder is now

@@ -35,8 +35,9 @@ from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
 from .models.registry import CENTRED_ONLY, check_model
 from .models import checkpoint, pooling
-from .training import Reporter, check_config, fit, load_resume
+from .training import Reporter, check_config, fit, load_resume, request_stop
 from . import runs
+from .terminal import leave_broken_pipe
 from .training import distributed
 
 
@@ -52,6 +53,9 @@ class _Parser(argparse.ArgumentParser):
 # Progress printing
 
 
+SIGPIPE = 13  # a writer whose reader left; its number on Linux and macOS (Windows has no SIGPIPE)
+
+
 class ConsoleReporter:
     """A tqdm bar per epoch on a terminal; otherwise the guide's 'Loss:' line every ``log_every`` batches."""
 
@@ -64,15 +68,15 @@ class ConsoleReporter:
 
     def start(self, info: dict[str, Any]) -> None:
         self.n_train = info["n_train"]
-        print(f"Using device: {info['device']} ({info['precision']})", file=self.stream)
+        self._say(f"Using device: {info['device']} ({info['precision']})")
         evaluated = "Validation samples" if info.get("split") == "val" else "Test samples"
-        print(f"Model parameters: {info['params']:,}  Training samples: {info['n_train']}  {evaluated}: {info['n_test']}",
-              file=self.stream)
+        self._say(f"Model parameters: {info['params']:,}  Training samples: {info['n_train']}  {evaluated}: "
+                  f"{info['n_test']}")
         if info.get("world_size", 1) > 1:
-            print(f"Processes: {info['world_size']} (global batch {self.batch_size}, "
-                  f"{self.batch_size // info['world_size']} images per process per step)", file=self.stream)
+            self._say(f"Processes: {info['world_size']} (global batch {self.batch_size}, "
+                      f"{self.batch_size // info['world_size']} images per process per step)")
         if info["start_epoch"] > 1:
-            print(f"Resuming at epoch {info['start_epoch']} of {info['epochs']}", file=self.stream)
+            self._say(f"Resuming at epoch {info['start_epoch']} of {info['epochs']}")
 
     def step(self, epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
         if self.tty:
@@ -87,7 +91,7 @@ class ConsoleReporter:
                 self.bar.set_postfix(loss=f"{loss:.4f}")
         elif loss is not None:
             seen = min((batch + 1) * self.batch_size, self.n_train)
-            print(f"Epoch {epoch} [{seen:>6}/{self.n_train}] Loss: {loss:.6f}", file=self.stream, flush=True)
+            self._say(f"Epoch {epoch} [{seen:>6}/{self.n_train}] Loss: {loss:.6f}")
 
     def epoch(self, row: dict[str, Any]) -> None:
         if self.bar is not None:
@@ -95,11 +99,20 @@ class ConsoleReporter:
             self.bar = None
         split = "val" if "val_loss" in row else "test"
         label = "Validation accuracy" if split == "val" else "Accuracy"
-        print(
-            f"Epoch {row['epoch']}: train loss {row['train_loss']:.4f}, {split} loss {row[f'{split}_loss']:.4f}, "
-            f"{label}: {row[f'{split}_accuracy']:.2f}% ({row['seconds']:.1f} s)",
-            file=self.stream, flush=True,
-        )
+        self._say(f"Epoch {row['epoch']}: train loss {row['train_loss']:.4f}, {split} loss {row[f'{split}_loss']:.4f}, "
+                  f"{label}: {row[f'{split}_accuracy']:.2f}% ({row['seconds']:.1f} s)")
+
+    def _say(self, line: str) -> None:
+        """One line of output. Where its reader left (``mnist train | head``) the write fails with EPIPE: the
+        output then goes to /dev/null and the run stops after its step, saves its place and exits 141 (128 +
+        SIGPIPE), as it does when its terminal closes. Before 2026-12-06 the error escaped the loop (status 141)
+        and lost the epoch in flight; before the epochs start there is nothing to lose, so it still escapes."""
+        try:
+            print(line, file=self.stream, flush=True)
+        except BrokenPipeError:
+            if not request_stop(SIGPIPE):
+                raise
+            leave_broken_pipe(self.stream.fileno())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -586,8 +599,8 @@ def entry() -> int:
         code = main()
     except BrokenPipeError:
         # stdout onto /dev/null: the interpreter's flush of stdout at exit must not raise the same error again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        code = 141  # 128 + SIGPIPE (13): what a shell reports for a writer whose reader left
+        leave_broken_pipe(sys.stdout.fileno())
+        code = 128 + SIGPIPE  # 141: what a shell reports for a writer whose reader left
     gc.freeze()
     return code
 

@@ -1,4 +1,4 @@
-"""A terminal that goes away: SIGHUP, and the writes that fail after it.
+"""Output that goes away: a terminal hung up (SIGHUP), a pipe whose reader left, and the writes that fail after.
 
 An ssh session that dies or a terminal window that is closed hangs its terminal up. The kernel sends SIGHUP
 to the terminal's session leader (a shell passes it on to its jobs; when the shell then exits, the kernel
@@ -6,6 +6,9 @@ sends it to the job that was in the foreground once more), and from then on ever
 with EIO (errno 5). SIGHUP's default action kills the process at once; a process that handles it instead must
 also stop writing to the terminal, or its next progress line raises. ``nohup`` starts a program with SIGHUP
 ignored so that it outlives its terminal, and that choice is kept: the handlers here are for the others.
+
+A pipe whose reader left (``mnist train | head``) fails each write with EPIPE, which Python raises as
+BrokenPipeError (it ignores SIGPIPE, whose default action would kill the process).
 """
 
 from __future__ import annotations
@@ -38,6 +41,16 @@ def leave_hung_up_terminal() -> list[int]:
         finally:
             os.close(null)
     return moved
+
+
+def leave_broken_pipe(fd: int) -> None:
+    """Point ``fd`` at /dev/null after a write to it failed with EPIPE, so that what is still printed to it (the
+    rest of the run, the interpreter's flush at exit) is dropped instead of raising again."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 def _hung_up(fd: int) -> bool:

@@ -177,6 +177,11 @@ class StopFlag:
         if signum == getattr(signal, "SIGHUP", None):
             leave_hung_up_terminal()  # or the next progress line raises EIO and the step's work is lost
 
+    def request(self, signum: int) -> None:
+        """A stop after the current step, as if ``signum`` had come: for a cause that is no signal here, the
+        output's reader leaving (SIGPIPE, which Python ignores and raises as BrokenPipeError instead)."""
+        self._handle(signum, None)
+
     def is_set(self) -> bool:
         return self.signum is not None
 
@@ -206,6 +211,15 @@ def stop_requests(install: bool = True) -> Iterator[StopFlag]:
         yield flag
     finally:
         flag.uninstall()
+
+
+def request_stop(signum: int) -> bool:
+    """Ask the training in progress in this process to stop after its step, as if ``signum`` had come; False
+    where no stop flag is in place (before the epochs start, or on a torchrun rank)."""
+    if StopFlag.active is None:
+        return False
+    StopFlag.active.request(signum)
+    return True
 
 
 def _left_terminal(_signum, _frame) -> None:  # noqa: ANN001 - signal handler signature
