@@ -8,4 +8,5 @@ from .epoch import epoch_permutation, request_stop, stop_requests, train_epoch
 from .fit import Reporter, check_config, fit
 from .state import load_resume
 
-__all__ = ["Reporter", "check_config", "epoch_permutation", "fit", "load_resume", "request_stop", "stop_requests", "train_epoch"]
+__all__ = ["Reporter", "check_config", "epoch_permutation", "fit", "load_resume", "request_stop", "stop_requests",
+           "train_epoch"]
