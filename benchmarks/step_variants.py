@@ -45,6 +45,8 @@ Variants:
                   slow path for two layouts (fast models, bn-cnn, m5-cnn; the guide CNN flattens itself)
   V+torch-unshuffle variant V with the fast models' pixel unshuffle as torch's operator (models/layout.py
                   runs it as a reshape, a permute and one copy on a CPU)
+  V+torch-bn      variant V with the fast models' batch norm and ReLU as torch's layers in training
+                  (models/batchnorm.py runs them as one kernel on fp32 CPU tensors)
   V+before        variant V on another checkout's kernels (--before PATH: its models/*.cpp and headers, built
                   by native.py under their own names), so a kernel change is measured on the whole step in one
                   process: --variants kept kept+before --before /tmp/before (after `git worktree add`)
@@ -76,7 +78,7 @@ import torch
 
 from mnist_classifier.data import load_dataset
 from mnist_classifier.device import cpu_has_amx_bf16, cpu_has_native_bf16
-from mnist_classifier.models import ModelConfig, build_model, layout, pooling
+from mnist_classifier.models import ModelConfig, batchnorm, build_model, layout, pooling
 from mnist_classifier.models.pooling import MaxPool2x2
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 
@@ -113,7 +115,7 @@ def keep_freed_memory() -> bool:
 
 THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
 SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn", "+no-wide", "+no-fused", "+plain-flatten",
-            "+torch-unshuffle")  # a change made to any variant
+            "+torch-unshuffle", "+torch-bn")  # a change made to any variant
 
 
 def base_of(name: str) -> str:
@@ -220,6 +222,8 @@ def make_variant(full_name: str, args, images: torch.Tensor, labels: torch.Tenso
         ctx = patched("grad_in_channels_last", lambda x: False, ctx, module=layout)
     if name.endswith("+torch-unshuffle"):
         ctx = patched("unshuffle_as_copy", lambda x, factor: False, ctx, module=layout)
+    if name.endswith("+torch-bn"):
+        ctx = patched("bn_relu_applies", lambda *args: False, ctx, module=batchnorm)
     if full_name.endswith("+before"):
         if args.before is None:
             raise SystemExit(f"step_variants.py: {full_name} needs --before PATH (another checkout)")

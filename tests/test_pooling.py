@@ -1,9 +1,11 @@
-"""Issue 24: the package's kernels (models/pooling.py, built by native.py) compute what torch's layers do: the
-2x2 max-pooling bit for bit, the fused first layer (3x3 convolution + pool + ReLU) to rounding. Wherever they
-do not apply, or a machine cannot build them, torch's layers run."""
+"""Issue 24: the package's kernels (models/pooling.py and models/batchnorm.py, built by native.py) compute what
+torch's layers do: the 2x2 max-pooling bit for bit, the fused first layer (3x3 convolution + pool + ReLU) and
+batch norm + ReLU in training to rounding. Wherever they do not apply, or a machine cannot build them, torch's
+layers run."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -20,7 +22,9 @@ import torch.nn.functional as F
 
 from mnist_classifier import device, native
 from mnist_classifier.data import model_input
-from mnist_classifier.models import ModelConfig, build_model, pooling
+from mnist_classifier.models import ModelConfig, batchnorm, build_model, pooling
+from mnist_classifier.models.batchnorm import batch_norm_relu, bn_relu_applies
+from mnist_classifier.models.cnn import ConvBN
 from mnist_classifier.models.pooling import (CONV_SOURCE, SOURCE, MaxPool2x2, fused_conv_applies, max_pool2x2,
                                             native_applies, wide_conv_applies)
 from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
@@ -28,7 +32,7 @@ from mnist_classifier.training.step import Bf16WeightsStep, TrainStep
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("source", [SOURCE, CONV_SOURCE], ids=lambda p: p.name)
+@pytest.mark.parametrize("source", [SOURCE, CONV_SOURCE, batchnorm.SOURCE], ids=lambda p: p.name)
 def test_the_kernels_build_and_load_on_this_machine(source):
     """`make` installs a C++ compiler (g++), so the suite's machine must build them: else every CPU test below
     would pass on torch's layers alone."""
@@ -239,6 +243,8 @@ def kernel_or_torch_model(name: str, native_ok: bool) -> torch.nn.Module:
     for module in model.modules():
         if isinstance(module, MaxPool2x2):
             module.native = native_ok
+        if isinstance(module, ConvBN):  # batch norm + ReLU: the kernel where the model takes it
+            module.bn_kernel = module.bn_kernel and native_ok
     return model
 
 
@@ -284,16 +290,20 @@ def test_the_fast_recipes_network_trains_alike_on_the_packages_kernels_and_torch
     layers at 1 and at 2 threads ended 0.0085-0.024 apart in loss and 0.10-0.12 in weights (Emerald Rapids,
     2026-12-06). The kernels against torch's layers, at 1, 2 and 3 threads: the first losses within 2.4e-7
     (fp32) and 4.8e-7 (bf16), then within 0.0031, and weights within 0.033; with the wider kernel too, at 1 and 2
-    threads, 0 (fp32) at the first step, then within 0.0015, and weights within 0.030. The bounds: 2e-5 and
-    1e-3 at the first step, then 0.01 and 0.08."""
+    threads, 0 (fp32) at the first step, then within 0.0015, and weights within 0.030. With batch norm + ReLU on
+    their kernel too (fp32; autocast's batch norm is bf16, so torch's), at 1, 2 and 3 threads: within 7.2e-7 at
+    the first step, then within 0.0091, and weights within 0.105, inside torch's own spread between thread
+    counts. The bounds: 2e-5 and 1e-3 at the first step, then 0.03 and 0.15."""
     images = model_input(splits.train_images[:2560], splits.info.mean, splits.info.std, CPU)
     labels = splits.train_labels[:2560]
-    ran, ran_wide = [], []
-    real, real_wide = pooling.fused_conv_applies, pooling.wide_conv_applies
+    ran, ran_wide, ran_bn = [], [], []
+    real, real_wide, real_bn = pooling.fused_conv_applies, pooling.wide_conv_applies, batchnorm.bn_relu_applies
     monkeypatch.setattr(pooling, "fused_conv_applies",
                         lambda conv, x: ran.append((conv.in_channels, real(conv, x))) or ran[-1][1])
     monkeypatch.setattr(pooling, "wide_conv_applies", lambda conv, x, *rest: ran_wide.append(
         (conv.in_channels, real_wide(conv, x, *rest))) or ran_wide[-1][1])
+    monkeypatch.setattr(batchnorm, "bn_relu_applies", lambda bn, relu, x: ran_bn.append(
+        (bn.num_features, real_bn(bn, relu, x))) or ran_bn[-1][1])
     steps = [fast_step(images, labels, native_ok, amp) for native_ok in (True, False)]
     gaps = []
     for i in range(10):
@@ -302,10 +312,11 @@ def test_the_fast_recipes_network_trains_alike_on_the_packages_kernels_and_torch
         gaps.append(abs(losses[0] - losses[1]).item())
     assert sorted(set(ran)) == [(4, True), (32, False)]  # the first layer's kernel ran; the last layer's cannot
     assert set(ran_wide) == {(32, amp is None)}  # the last layer's backward: the kernel's in fp32, not autocast's
+    assert set(ran_bn) == {(16, amp is None), (32, amp is None), (48, amp is None)}  # autocast's is bf16: torch's
     assert gaps[0] <= (1e-3 if amp else 2e-5)
-    assert max(gaps) <= 0.01
+    assert max(gaps) <= 0.03
     weights = zip(steps[0].model.parameters(), steps[1].model.parameters())
-    assert max((a - b).abs().max().item() for a, b in weights) < 0.08
+    assert max((a - b).abs().max().item() for a, b in weights) < 0.15
 
 
 def test_only_the_fast_models_take_the_wider_kernel_for_bias_free_convolutions():
@@ -343,8 +354,9 @@ def relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 # Where each kernel runs: an input that needs a gradient keeps the first layer off the fused kernel (its pool is
 # the pool kernel's), an input that does not takes it; the wider layer's backward, in fp32, everywhere it opts in.
 KERNELS = {"guide-cnn": ({"_NativePoolBackward", "_NativeWideConvPoolBackward"}, {"_NativeConvPoolBackward"}),
-           "fast-cnn-centre-16": ({"_NativePoolBackward", "_NativeWideConvPoolBackward"},
-                                  {"_NativeConvPoolBackward"}),
+           "fast-cnn-centre-16": ({"_NativePoolBackward", "_NativeWideConvPoolBackward",
+                                   "_NativeBatchNormReLUBackward"},
+                                  {"_NativeConvPoolBackward", "_NativeBatchNormReLUBackward"}),
            "bn-cnn": ({"_NativePoolBackward"}, {"_NativePoolBackward"})}
 
 
@@ -426,6 +438,155 @@ def test_conv_bn_blocks_keep_sequentials_parameter_names():
     x = torch.randn(8, 4, 12, 12)
     block.eval()
     torch.testing.assert_close(block(x), plain.eval()(x), rtol=1e-5, atol=1e-6)
+
+
+def bn_and_relu(channels: int) -> tuple[torch.nn.BatchNorm2d, torch.nn.ReLU]:
+    """conv_bn's batch norm and ReLU, with weights, biases and running statistics that differ per channel."""
+    bn = torch.nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.5, 1.5, channels))
+        bn.bias.copy_(torch.linspace(-0.5, 0.5, channels))
+        bn.running_mean.copy_(torch.linspace(-1.0, 1.0, channels))
+        bn.running_var.copy_(torch.linspace(0.5, 2.0, channels))
+    return bn, torch.nn.ReLU(inplace=True)
+
+
+def bn_kernel_and_float64(shape: tuple[int, ...], centre: float, spread: float) -> dict:
+    """The kernel's batch norm + ReLU on (B, C, H, W) values centre + spread * N(0, 1), forward and backward,
+    beside torch's batch norm in float64 given the kernel's ReLU mask (a value whose sign fp32 cannot tell may
+    fall either side); each pair as (kernel's, float64's)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=gen) * spread + centre).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    bn, relu = bn_and_relu(shape[1])
+    bn64 = copy.deepcopy(bn).double()
+    leaf = x.clone().requires_grad_()
+    assert bn_relu_applies(bn, relu, leaf)
+    y = batch_norm_relu(bn, relu, leaf)
+    y.backward(grad)
+    x64 = x.double().requires_grad_()
+    z64 = bn64(x64)  # batch norm alone
+    z64.backward(grad.double() * (y > 0))
+    # the size of the terms grad_x sums: a gradient near 0 (two values per channel) is judged by them
+    scale = bn64.weight / (x64.detach().var((0, 2, 3), unbiased=False) + bn.eps).sqrt()
+    return {"passed": (y > 0, z64 > 0, z64.abs() > 1e-4 * z64.abs().max()), "y": (y, z64.clamp_min(0)),
+            "grad_x": (leaf.grad, x64.grad, grad.abs().max() * scale.abs().max()),
+            "grad_weight": (bn.weight.grad, bn64.weight.grad), "grad_bias": (bn.bias.grad, bn64.bias.grad),
+            "running_mean": (bn.running_mean, bn64.running_mean), "running_var": (bn.running_var, bn64.running_var),
+            "batches": (bn.num_batches_tracked, bn64.num_batches_tracked), "layout": y}
+
+
+def gap(pair: tuple) -> float:
+    """The largest difference, relative to the largest float64 value (or to the size given third)."""
+    a, b, *size = pair
+    return ((a.double() - b).abs().max() / (size[0] if size else b.abs().max())).item()
+
+
+@pytest.mark.parametrize("shape", [(256, 16, 6, 6), (256, 32, 6, 6), (256, 48, 3, 3), (64, 16, 28, 28),
+                                   (3, 32, 7, 5), (1, 16, 2, 1), (2, 64, 1, 1)])
+def test_the_batch_norm_kernel_gives_torchs_outputs_statistics_and_gradients(shape):
+    """Batch norm in training and the ReLU after it, as one kernel: the fast recipe's three shapes, the guide's
+    28 x 28, odd sides and two values per channel, against torch's batch norm in float64. The ReLU passes the
+    same values wherever float64 is sure of the sign; output, running statistics (num_batches_tracked counted
+    too) and gradients agree to fp32 rounding. Measured on Emerald Rapids, at 1, 2 and 3 threads and in the
+    SSE2 build: within 2.0e-6 of the largest value (torch's own fp32 layers: within 4.1e-6), grad_x within
+    2.2e-7 of its terms' size; the bounds are 1e-5."""
+    r = bn_kernel_and_float64(shape, 0.0, 3.0)
+    kernel_passed, float64_passed, sure = r["passed"]
+    assert torch.equal(kernel_passed[sure], float64_passed[sure])
+    for name in ("y", "grad_x", "grad_weight", "grad_bias", "running_mean", "running_var"):
+        assert gap(r[name]) < 1e-5, name
+    assert r["batches"][0].item() == r["batches"][1].item() == 1
+    assert r["layout"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_the_batch_norm_kernel_keeps_the_variance_of_values_far_from_zero():
+    """Values around 1000 with a spread of 0.01 (fp32 keeps ~3 digits of their differences): the kernel's one
+    pass sums each value's distance from its channel's first, so the variance keeps fp32's precision where
+    sums of squares would lose it all; and it normalises x - mean, not x * scale + shift. Measured: running
+    statistics within 3.7e-8, output within 3.7e-4 of its largest value; as x * scale + shift, 1.1-1.3e-3
+    (torch's fp32 layers: 5.2e-3). Bounds 1e-6 and 8e-4."""
+    r = bn_kernel_and_float64((256, 32, 6, 6), 1000.0, 0.01)
+    assert gap(r["running_mean"]) < 1e-6 and gap(r["running_var"]) < 1e-6
+    assert gap(r["y"]) < 8e-4
+
+
+def test_the_batch_norm_kernel_passes_nan_on_as_torchs_layers_do():
+    """A NaN in one channel makes that channel's statistics NaN: its outputs, its input gradients and its weight
+    gradient are NaN, its bias gradient is not (the ReLU passes a gradient where its input is NaN), and the
+    other channels are untouched; the same places as torch's layers."""
+    x = torch.randn(8, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    x[3, 5, 2, 1] = float("nan")
+    grad = torch.randn(8, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    results = []
+    for kernel in (True, False):
+        bn, relu = bn_and_relu(16)
+        leaf = x.clone().requires_grad_()
+        y = batch_norm_relu(bn, relu, leaf) if kernel else relu(bn(leaf))
+        y.backward(grad)
+        results.append((y.detach(), leaf.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+    for ours, torchs in zip(*results):
+        assert torch.equal(ours.isnan(), torchs.isnan())
+        torch.testing.assert_close(ours.nan_to_num(0.0), torchs.nan_to_num(0.0), rtol=1e-5, atol=1e-5)
+    assert results[0][0][:, 5].isnan().all() and not results[0][0][:, 4].isnan().any()
+    assert results[0][2][5].isnan() and not results[0][3][5].isnan()
+
+
+def test_torchs_batch_norm_where_the_kernel_does_not_apply():
+    """Eval mode (running statistics), --precise-bn's cumulative average (momentum None), bf16 (autocast's batch
+    norm), NCHW, channels not a multiple of 16, one value per channel (torch's error stays), hooks, another
+    layer type, tracing and torch.func: torch's layers, bit for bit."""
+    from torch.func import functional_call, grad
+
+    bn, relu = bn_and_relu(16)
+    x = torch.randn(4, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    assert bn_relu_applies(bn, relu, x)
+    assert not bn_relu_applies(bn, relu, x.contiguous())
+    assert not bn_relu_applies(bn, relu, x.bfloat16())
+    assert not bn_relu_applies(bn, relu, x[:1, :, :1, :1])
+    assert not bn_relu_applies(bn_and_relu(15)[0], relu, x[:, :15])
+    assert not bn_relu_applies(bn, torch.nn.LeakyReLU(), x)
+    assert not bn_relu_applies(torch.nn.SyncBatchNorm(16), relu, x)
+    for change in ({"momentum": None}, {"training": False}, {"affine": False, "weight": None, "bias": None},
+                   {"track_running_stats": False}):
+        other = copy.deepcopy(bn)
+        for key, value in change.items():
+            setattr(other, key, value)
+        assert not bn_relu_applies(other, relu, x), change
+    handle = relu.register_forward_hook(lambda *_: None)  # a notebook's activation hook sees the ReLU run
+    assert not bn_relu_applies(bn, relu, x)
+    handle.remove()
+    traced = []
+    torch.jit.trace(lambda t: traced.append(bn_relu_applies(bn, relu, t)) or t, x, check_trace=False)
+    seen = []
+    real = batchnorm.bn_relu_applies
+
+    def loss(params: dict, buffers: dict, t: torch.Tensor) -> torch.Tensor:
+        seen.append(real(bn, relu, t))
+        return relu(functional_call(bn, (params, buffers), (t,))).sum()
+
+    grad(loss)(dict(bn.named_parameters()), {k: v.clone() for k, v in bn.named_buffers()}, x)
+    assert traced == [False] and seen == [False]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        batch_norm_relu(bn, relu, x[:1, :, :1, :1])
+    for other in ({"momentum": None}, {"training": False}):
+        ours, torchs = copy.deepcopy(bn), copy.deepcopy(bn)
+        for module in (ours, torchs):
+            for key, value in other.items():
+                setattr(module, key, value)
+        assert torch.equal(batch_norm_relu(ours, relu, x), relu(torchs(x)))
+        assert torch.equal(ours.running_var, torchs.running_var)
+
+
+def test_only_the_fast_models_take_the_batch_norm_kernel():
+    """bn-cnn and res-cnn keep torch's batch norm, on which the best recipe's 99.72 % was measured; every
+    conv_bn block of the fast models takes the kernel."""
+    def opted(name: str) -> list[bool]:
+        return [m.bn_kernel for m in build_model(ModelConfig(name=name)).modules() if isinstance(m, ConvBN)]
+
+    assert not any(opted("bn-cnn")) and not any(opted("res-cnn")) and opted("bn-cnn")
+    for name in ("fast-cnn", "fast-cnn-deep", "fast-cnn-centre", "fast-cnn-centre-16"):
+        assert opted(name) and all(opted(name)), name
 
 
 PROBE = textwrap.dedent("""
@@ -542,7 +703,7 @@ def test_mnist_train_says_in_one_line_when_the_kernels_cannot_be_built(data_dir,
 
 # the correctness tests above: the pool's exactness, both layers' gradients, ten training steps
 CORRECTNESS = ("build_and_load or exactly or fused_first_layer_gives or fused_first_layer_of or odd_and_tiny"
-               " or wider_layers or trains_alike")
+               " or wider_layers or trains_alike or batch_norm_kernel")
 
 
 @pytest.mark.slow
@@ -559,7 +720,7 @@ def test_the_kernels_built_for_older_x86_cpus_pass_the_same_tests(arch, wide_reg
                           env={**os.environ, native.ARCH: arch, "XDG_CACHE_HOME": str(cache)})
     assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-4000:]
     built = {lib.name.split("-")[0]: lib for lib in (cache / "mnist-classifier" / "native").glob("*.so")}
-    assert sorted(built) == ["conv_pool", "pool2x2"]
+    assert sorted(built) == ["bn_relu", "conv_pool", "pool2x2"]
     code = {name: subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True, check=True).stdout
             for name, lib in built.items()}
     assert not any("zmm" in text for text in code.values())
@@ -570,8 +731,11 @@ BITS = textwrap.dedent("""
     import hashlib, torch
     from mnist_classifier import native
     from mnist_classifier.models import pooling
+    from mnist_classifier.models import batchnorm
+    from mnist_classifier.models.batchnorm import batch_norm_relu
     from mnist_classifier.models.pooling import CONV_SOURCE, MaxPool2x2
-    assert native.load(CONV_SOURCE) is not None, native.why_not(CONV_SOURCE)
+    for source in (CONV_SOURCE, batchnorm.SOURCE):
+        assert native.load(source) is not None, native.why_not(source)
     pooling.cpu_has_amx_bf16 = lambda: False  # the bf16 wider kernel, on an AMX CPU too
     torch.manual_seed(0)
     seen = []
@@ -585,6 +749,12 @@ BITS = textwrap.dedent("""
         y.float().square().sum().backward()
         for t in (h, y, conv1.weight.grad, conv1.bias.grad, conv2.weight.grad, conv2.bias.grad):
             seen.append(t.detach().float().contiguous().numpy().tobytes())
+    bn, relu = torch.nn.BatchNorm2d(64), torch.nn.ReLU()  # batch norm + ReLU, fp32 only
+    z = torch.randn(16, 64, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = batch_norm_relu(bn, relu, z)
+    out.square().sum().backward()
+    for t in (out, z.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var):
+        seen.append(t.detach().contiguous().numpy().tobytes())
     print(hashlib.sha256(b"".join(seen)).hexdigest())
 """)
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
+from .batchnorm import batch_norm_relu
 from .layout import Flatten, PixelUnshuffle
 from .pooling import MaxPool2x2
 
@@ -56,15 +57,18 @@ class ConvBN(nn.Sequential):
     """
 
     wide_kernel = False  # set by conv_bn: the bias-free convolution's backward may run on the wider kernel
+    bn_kernel = False  # set by conv_bn: batch norm and ReLU may run as one kernel in training (models/batchnorm.py)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(self[1], MaxPool2x2):
-            return super().forward(x)
-        x = self[1].after_conv(self[0], x, bias_free_ok=self.wide_kernel)  # (B, C, H/2, W/2)
-        return self[3](self[2](x))  # batch norm, ReLU
+        if isinstance(self[1], MaxPool2x2):
+            x = self[1].after_conv(self[0], x, bias_free_ok=self.wide_kernel)  # (B, C, H/2, W/2)
+        else:
+            x = self[0](x)  # (B, C, H, W)
+        bn, relu = self[-2], self[-1]
+        return batch_norm_relu(bn, relu, x) if self.bn_kernel else relu(bn(x))
 
 
-def conv_bn(c_in: int, c_out: int, pool: bool = False, wide_kernel: bool = False) -> ConvBN:
+def conv_bn(c_in: int, c_out: int, pool: bool = False, wide_kernel: bool = False, bn_kernel: bool = False) -> ConvBN:
     """3x3 convolution (no bias: batch norm has one), batch norm, ReLU; keeps H and W.
 
     With ``pool``, a 2x2 max-pool comes right after the convolution, so batch norm and ReLU run on 4x fewer
@@ -76,7 +80,7 @@ def conv_bn(c_in: int, c_out: int, pool: bool = False, wide_kernel: bool = False
     if pool:
         layers.append(MaxPool2x2())
     block = ConvBN(*layers, nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
-    block.wide_kernel = wide_kernel
+    block.wide_kernel, block.bn_kernel = wide_kernel, bn_kernel
     return block
 
 
@@ -126,8 +130,8 @@ class FastCNN(nn.Module):
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
         """The convolutions after the unshuffle: 14x14 in, 48 channels at 3x3 out."""
-        return [conv_bn(c_in, 32, pool=True),  # (B, 32, 7, 7)
-                conv_bn(32, 48, pool=True, wide_kernel=True)]  # (B, 48, 3, 3)
+        return [conv_bn(c_in, 32, pool=True, bn_kernel=True),  # (B, 32, 7, 7)
+                conv_bn(32, 48, pool=True, wide_kernel=True, bn_kernel=True)]  # (B, 48, 3, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))  # (B, num_classes) logits
@@ -146,8 +150,8 @@ class FastCNNDeep(FastCNN):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 24, pool=True), conv_bn(24, 32),  # 7x7, 7x7
-                conv_bn(32, 48, pool=True, wide_kernel=True)]  # 3x3
+        return [conv_bn(c_in, 24, pool=True, bn_kernel=True), conv_bn(24, 32, bn_kernel=True),  # 7x7, 7x7
+                conv_bn(32, 48, pool=True, wide_kernel=True, bn_kernel=True)]  # 3x3
 
 
 class FastCNNCentre(FastCNNDeep):
@@ -193,8 +197,8 @@ class FastCNNCentre16(FastCNNCentre):
 
     @staticmethod
     def blocks(c_in: int) -> list[nn.Module]:
-        return [conv_bn(c_in, 16, pool=True), conv_bn(16, 32),  # 6x6, 6x6
-                conv_bn(32, 48, pool=True, wide_kernel=True)]  # 3x3
+        return [conv_bn(c_in, 16, pool=True, bn_kernel=True), conv_bn(16, 32, bn_kernel=True),  # 6x6, 6x6
+                conv_bn(32, 48, pool=True, wide_kernel=True, bn_kernel=True)]  # 3x3
 
 
 class M5CNN(nn.Module):
