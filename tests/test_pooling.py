@@ -532,6 +532,26 @@ def test_the_batch_norm_kernel_passes_nan_on_as_torchs_layers_do():
     assert results[0][2][5].isnan() and not results[0][3][5].isnan()
 
 
+def test_the_batch_norm_kernel_is_the_same_under_another_default_dtype():
+    """``torch.set_default_dtype(torch.float64)`` (a notebook checking gradients) leaves a model made before it in
+    fp32: the kernel's own buffers stay fp32 too, so it computes what it computes under the default."""
+    x = torch.randn(8, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(8, 16, 4, 4).contiguous(memory_format=torch.channels_last)
+    results = []
+    for default in (torch.float32, torch.float64):
+        bn, relu = bn_and_relu(16)
+        leaf = x.clone().requires_grad_()
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            y = batch_norm_relu(bn, relu, leaf)
+            y.backward(grad)
+        finally:
+            torch.set_default_dtype(before)
+        results.append((y.detach(), leaf.grad, bn.weight.grad, bn.bias.grad, bn.running_var))
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_torchs_batch_norm_where_the_kernel_does_not_apply():
     """Eval mode (running statistics), --precise-bn's cumulative average (momentum None), bf16 (autocast's batch
     norm), NCHW, channels not a multiple of 16, one value per channel (torch's error stays), hooks, another

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from .pooling import LANES, plain_tensor_path
+from .pooling import LANES, global_forward_hooks, plain_tensor_path
 
 SOURCE = Path(__file__).with_name("bn_relu.cpp")
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -46,9 +46,7 @@ def _fp32(*tensors: torch.Tensor | None) -> bool:
 
 
 def _hook_free(*modules: nn.Module) -> bool:
-    hooks = nn.modules.module
-    return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+    return not (global_forward_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def bn_relu_applies(bn: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
@@ -68,7 +66,8 @@ class _NativeBatchNormReLU(torch.autograd.Function):
                 running_var: torch.Tensor, momentum: float, eps: float) -> torch.Tensor:
         b, c, h, w = x.shape  # (B, C, H, W), channels_last: (B * H * W, C) in memory
         y = torch.empty_like(x, memory_format=torch.channels_last)
-        stats = torch.empty(4, c)  # this batch's mean and 1 / std, the scale they make, the bias: for the backward
+        # for the backward: this batch's mean and 1 / std, the scale they make, and the bias
+        stats = torch.empty(4, c, dtype=torch.float32)
         _kernel("bn_relu_forward_f32")(
             x.data_ptr(), weight.data_ptr(), bias.data_ptr(), y.data_ptr(), stats.data_ptr(), running_mean.data_ptr(),
             running_var.data_ptr(), b * h * w, c, eps, momentum, torch.get_num_threads())
@@ -87,7 +86,7 @@ class _NativeBatchNormReLU(torch.autograd.Function):
         b, c, h, w = x.shape
         grad_y = grad_y.contiguous(memory_format=torch.channels_last)
         grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
-        grad_w, grad_b = torch.empty(c), torch.empty(c)
+        grad_w, grad_b = torch.empty(c, dtype=torch.float32), torch.empty(c, dtype=torch.float32)
         _kernel("bn_relu_backward_f32")(grad_y.data_ptr(), x.data_ptr(), stats.data_ptr(), grad_x.data_ptr(),
                                          grad_w.data_ptr(), grad_b.data_ptr(), b * h * w, c, torch.get_num_threads())
         return grad_x, grad_w, grad_b, None, None, None, None
@@ -97,5 +96,6 @@ def batch_norm_relu(bn: nn.BatchNorm2d, relu: nn.ReLU, x: torch.Tensor) -> torch
     """``relu(bn(x))``: the kernel where ``bn_relu_applies``, else torch's layers."""
     if not bn_relu_applies(bn, relu, x):
         return relu(bn(x))
-    bn.num_batches_tracked.add_(1)  # as torch's forward counts it (read only where momentum is None)
+    if bn.num_batches_tracked is not None:  # as torch's forward counts it (read only where momentum is None)
+        bn.num_batches_tracked.add_(1)
     return _NativeBatchNormReLU.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
