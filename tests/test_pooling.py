@@ -291,9 +291,10 @@ def test_the_fast_recipes_network_trains_alike_on_the_packages_kernels_and_torch
     2026-12-06). The kernels against torch's layers, at 1, 2 and 3 threads: the first losses within 2.4e-7
     (fp32) and 4.8e-7 (bf16), then within 0.0031, and weights within 0.033; with the wider kernel too, at 1 and 2
     threads, 0 (fp32) at the first step, then within 0.0015, and weights within 0.030. With batch norm + ReLU on
-    their kernel too (fp32; autocast's batch norm is bf16, so torch's), at 1, 2 and 3 threads: within 7.2e-7 at
-    the first step, then within 0.0091, and weights within 0.105, inside torch's own spread between thread
-    counts. The bounds: 2e-5 and 1e-3 at the first step, then 0.03 and 0.15."""
+    their kernel too, at 1, 2 and 3 threads: within 7.2e-7 (fp32) and 2.9e-5 (bf16) at the first step, then
+    within 0.0093 and 0.021, and weights within 0.110 and 0.129; torch's own layers between 1, 2 and 3 threads
+    differed as much (0.0088 and 0.024 in loss, 0.110 and 0.142 in weights). The bounds: 2e-5 and 1e-3 at the
+    first step, then 0.05 and 0.25, about twice torch's own spread."""
     images = model_input(splits.train_images[:2560], splits.info.mean, splits.info.std, CPU)
     labels = splits.train_labels[:2560]
     ran, ran_wide, ran_bn = [], [], []
@@ -312,11 +313,11 @@ def test_the_fast_recipes_network_trains_alike_on_the_packages_kernels_and_torch
         gaps.append(abs(losses[0] - losses[1]).item())
     assert sorted(set(ran)) == [(4, True), (32, False)]  # the first layer's kernel ran; the last layer's cannot
     assert set(ran_wide) == {(32, amp is None)}  # the last layer's backward: the kernel's in fp32, not autocast's
-    assert set(ran_bn) == {(16, amp is None), (32, amp is None), (48, amp is None)}  # autocast's is bf16: torch's
+    assert set(ran_bn) == {(16, True), (32, True), (48, True)}  # in fp32, and in bf16 under autocast
     assert gaps[0] <= (1e-3 if amp else 2e-5)
-    assert max(gaps) <= 0.03
+    assert max(gaps) <= 0.05
     weights = zip(steps[0].model.parameters(), steps[1].model.parameters())
-    assert max((a - b).abs().max().item() for a, b in weights) < 0.15
+    assert max((a - b).abs().max().item() for a, b in weights) < 0.25
 
 
 def test_only_the_fast_models_take_the_wider_kernel_for_bias_free_convolutions():
@@ -511,6 +512,34 @@ def test_the_batch_norm_kernel_keeps_the_variance_of_values_far_from_zero():
     assert gap(r["y"]) < 8e-4
 
 
+def test_the_batch_norm_kernel_in_bf16_rounds_as_torchs_layers_do():
+    """Under bf16 autocast a convolution hands batch norm a bf16 map, and torch's layer computes in fp32 and
+    rounds its output and input gradient to bf16 (weights, their gradients and the running statistics stay
+    fp32). The kernel does the same: at the fast recipe's shapes and the guide's 28 x 28, 0-0.10 % of the
+    outputs and 0-0.23 % of the input gradients round to the neighbouring bf16 value (sums in another order),
+    none further; the fp32 results agree within 7e-6 (Emerald Rapids). Bounds: 1 % of the values, one bf16
+    step (2^-7 of the largest), 5e-5."""
+    for shape in ((256, 16, 6, 6), (256, 32, 6, 6), (256, 48, 3, 3), (64, 16, 28, 28)):
+        gen = torch.Generator().manual_seed(sum(shape))
+        x = (torch.randn(shape, generator=gen) * 3 + 1).bfloat16().contiguous(memory_format=torch.channels_last)
+        grad = torch.randn(shape, generator=gen).bfloat16().contiguous(memory_format=torch.channels_last)
+        results = []
+        for kernel in (True, False):
+            bn, relu = bn_and_relu(shape[1])
+            leaf = x.clone().requires_grad_()
+            assert bn_relu_applies(bn, relu, leaf) or not kernel
+            y = batch_norm_relu(bn, relu, leaf) if kernel else relu(bn(leaf))
+            y.backward(grad)
+            results.append((y.detach(), leaf.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var))
+        ours, torchs = results
+        assert ours[0].dtype == ours[1].dtype == torch.bfloat16 and ours[2].dtype == torch.float32
+        for a, b in zip(ours[:2], torchs[:2]):  # output, input gradient: bf16
+            assert (a != b).float().mean().item() < 0.01
+            assert ((a.float() - b.float()).abs().max() / b.float().abs().max()).item() <= 2 ** -7
+        for a, b in zip(ours[2:], torchs[2:]):
+            assert gap((a, b.double())) < 5e-5
+
+
 def test_the_batch_norm_kernel_passes_nan_on_as_torchs_layers_do():
     """A NaN in one channel makes that channel's statistics NaN: its outputs, its input gradients and its weight
     gradient are NaN, its bias gradient is not (the ReLU passes a gradient where its input is NaN), and the
@@ -553,8 +582,8 @@ def test_the_batch_norm_kernel_is_the_same_under_another_default_dtype():
 
 
 def test_torchs_batch_norm_where_the_kernel_does_not_apply():
-    """Eval mode (running statistics), --precise-bn's cumulative average (momentum None), bf16 (autocast's batch
-    norm), NCHW, channels not a multiple of 16, one value per channel (torch's error stays), hooks, another
+    """Eval mode (running statistics), --precise-bn's cumulative average (momentum None), fp16, fp64, bf16
+    weights, NCHW, channels not a multiple of 16, one value per channel (torch's error stays), hooks, another
     layer type, tracing and torch.func: torch's layers, bit for bit."""
     from torch.func import functional_call, grad
 
@@ -562,7 +591,8 @@ def test_torchs_batch_norm_where_the_kernel_does_not_apply():
     x = torch.randn(4, 16, 5, 5).contiguous(memory_format=torch.channels_last)
     assert bn_relu_applies(bn, relu, x)
     assert not bn_relu_applies(bn, relu, x.contiguous())
-    assert not bn_relu_applies(bn, relu, x.bfloat16())
+    assert not bn_relu_applies(bn, relu, x.half()) and not bn_relu_applies(bn, relu, x.double())
+    assert not bn_relu_applies(copy.deepcopy(bn).bfloat16(), relu, x.bfloat16())  # bf16 weights: not autocast's
     assert not bn_relu_applies(bn, relu, x[:1, :, :1, :1])
     assert not bn_relu_applies(bn_and_relu(15)[0], relu, x[:, :15])
     assert not bn_relu_applies(bn, torch.nn.LeakyReLU(), x)
@@ -769,12 +799,13 @@ BITS = textwrap.dedent("""
         y.float().square().sum().backward()
         for t in (h, y, conv1.weight.grad, conv1.bias.grad, conv2.weight.grad, conv2.bias.grad):
             seen.append(t.detach().float().contiguous().numpy().tobytes())
-    bn, relu = torch.nn.BatchNorm2d(64), torch.nn.ReLU()  # batch norm + ReLU, fp32 only
-    z = torch.randn(16, 64, 7, 7).contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = batch_norm_relu(bn, relu, z)
-    out.square().sum().backward()
-    for t in (out, z.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var):
-        seen.append(t.detach().contiguous().numpy().tobytes())
+    for dtype in (torch.float32, torch.bfloat16):  # batch norm + ReLU: the maps in either, the weights in fp32
+        bn, relu = torch.nn.BatchNorm2d(64), torch.nn.ReLU()
+        z = torch.randn(16, 64, 7, 7).to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        out = batch_norm_relu(bn, relu, z)
+        out.float().square().sum().backward()
+        for t in (out, z.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var):
+            seen.append(t.detach().float().contiguous().numpy().tobytes())
     print(hashlib.sha256(b"".join(seen)).hexdigest())
 """)
 

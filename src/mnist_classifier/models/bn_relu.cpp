@@ -1,6 +1,8 @@
 // Batch norm in training mode (each channel normalised by this batch's mean and variance, then scaled and
-// shifted), followed by ReLU, for channels_last fp32 CPU tensors: torch's batch_norm then relu, with the same
-// running statistics and the same gradients to rounding (sums are taken in another order).
+// shifted), followed by ReLU, for channels_last CPU tensors in fp32 or bf16 (autocast's: the maps in bf16, the
+// weights, statistics and arithmetic in fp32, each result rounded to bf16 as torch rounds it): torch's
+// batch_norm then relu, with the same running statistics and the same gradients to rounding (sums are taken in
+// another order).
 //
 // Why: in the fast recipe's fp32 step (fast-cnn-centre-16, batch 256) torch's batch norm and ReLU took about a
 // fifth of the step on a CPU held to AVX2. Alone, its training forward took 234 us on a (256, 32, 6, 6) map,
@@ -16,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "vectors.h"
@@ -71,39 +74,45 @@ std::vector<double> row_sums(int64_t rows, int64_t channels, int threads, const 
   return total;
 }
 
-// out[row, c] = f(row, c0)[lane] for every row and block of channels
-template <typename F>
-void each_row(int64_t rows, int64_t channels, int threads, float* __restrict out, const F& f) {
+// out[row, c] = f(row, c0)[lane], rounded to T, for every row and block of channels
+template <typename T, typename F>
+void each_row(int64_t rows, int64_t channels, int threads, T* __restrict out, const F& f) {
 #pragma omp parallel num_threads(threads)
   {
     const F own = f;
 #pragma omp for
     for (int64_t r = 0; r < rows; r++)
-      for (int64_t c0 = 0; c0 < channels; c0 += kLanes) store_loaded(out + r * channels + c0, own(r, c0));
+      for (int64_t c0 = 0; c0 < channels; c0 += kLanes) store_rounded(out + r * channels + c0, own(r, c0));
   }
+}
+
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {  // bf16 bits -> fp32, exactly
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
 }
 
 // The batch norm's output before the ReLU, for one row's block of channels: (x - mean) * scale + bias. torch
 // computes x * scale + (bias - mean * scale), which loses the digits x and mean share (a mean of 1000 and a
 // spread of 0.01: 5e-3 of the output's size, against 1e-6 here). The forward and the backward both call it,
 // so the backward's mask is the forward's, bit for bit.
-inline VF normed(const float* x, const float* mean, const float* scale, const float* bias) {
+template <typename T>
+inline VF normed(const T* x, const float* mean, const float* scale, const float* bias) {
   return (load(x) - load(mean)) * load(scale) + load(bias);
 }
-
-}  // namespace
-
-extern "C" {
 
 // y = relu((x - mean) * invstd * weight + bias). Writes stats (4 x C: the batch's mean and 1 / sqrt(biased
 // variance + eps), scale = weight * invstd, and bias, for the backward) and updates
 // the running statistics as torch does: running = (1 - momentum) * running + momentum * batch, with the
 // variance unbiased there (rows / (rows - 1)). rows > 1. One pass sums x - x[0] and its square: taken from a
 // value of its own channel, the variance keeps its precision whatever the mean (the classic shifted sums).
-void bn_relu_forward_f32(const float* x, const float* weight, const float* bias, float* y, float* stats,
-                         float* running_mean, float* running_var, int64_t rows, int64_t channels, double eps,
-                         double momentum, int threads) {
-  const float* first = x;  // row 0
+// T: the maps' element type, float or uint16_t (bf16 bits); y is rounded to it.
+template <typename T>
+void forward(const T* x, const float* weight, const float* bias, T* y, float* stats, float* running_mean,
+             float* running_var, int64_t rows, int64_t channels, double eps, double momentum, int threads) {
+  const T* first = x;  // row 0
   const std::vector<double> sums = row_sums<2>(rows, channels, threads, [=](int64_t r, int64_t c0, VF* acc) {
     const VF d = load(x + r * channels + c0) - load(first + c0);
     acc[0] += d;
@@ -113,7 +122,7 @@ void bn_relu_forward_f32(const float* x, const float* weight, const float* bias,
   for (int64_t c = 0; c < channels; c++) {
     const double offset = sums[c] / rows, spread = sums[channels + c] / rows - offset * offset;
     const double var = spread < 0 ? 0.0 : spread;  // rounding's negative 0; a NaN stays NaN, as torch's
-    const double batch_mean = first[c] + offset, inv = 1.0 / std::sqrt(var + eps);
+    const double batch_mean = widen(first[c]) + offset, inv = 1.0 / std::sqrt(var + eps);
     mean[c] = static_cast<float>(batch_mean);
     invstd[c] = static_cast<float>(inv);
     scale[c] = static_cast<float>(weight[c] * inv);
@@ -128,11 +137,12 @@ void bn_relu_forward_f32(const float* x, const float* weight, const float* bias,
   });
 }
 
-// The gradients of bn_relu_forward's output: grad_x (rows, C), grad_weight and grad_bias (C), from grad_y, x and
+// The gradients of forward's output: grad_x (rows, C, rounded to T), grad_weight and grad_bias (C), from grad_y, x and
 // the forward's stats. The ReLU passes grad_y where its input was not <= 0 (NaN included), as torch's
 // threshold_backward does; that input is recomputed from x (normed), which reads one map less than the output.
-void bn_relu_backward_f32(const float* grad_y, const float* x, const float* stats, float* grad_x, float* grad_weight,
-                          float* grad_bias, int64_t rows, int64_t channels, int threads) {
+template <typename T>
+void backward(const T* grad_y, const T* x, const float* stats, T* grad_x, float* grad_weight, float* grad_bias,
+              int64_t rows, int64_t channels, int threads) {
   const float *mean = stats, *invstd = stats + channels, *scale = stats + 2 * channels, *beta = stats + 3 * channels;
   const std::vector<double> sums = row_sums<2>(rows, channels, threads, [=](int64_t r, int64_t c0, VF* acc) {
     const int64_t at = r * channels + c0;
@@ -155,6 +165,32 @@ void bn_relu_backward_f32(const float* grad_y, const float* x, const float* stat
     const VF g = (normed(x + at, mean + c0, scale + c0, beta + c0) <= 0.0f) ? VF{} : load(grad_y + at);
     return g * load(scale + c0) + (load(x + at) - load(mean + c0)) * load(k1 + c0) + load(k0 + c0);
   });
+}
+
+}  // namespace
+
+extern "C" {
+
+void bn_relu_forward_f32(const float* x, const float* weight, const float* bias, float* y, float* stats,
+                         float* running_mean, float* running_var, int64_t rows, int64_t channels, double eps,
+                         double momentum, int threads) {
+  forward(x, weight, bias, y, stats, running_mean, running_var, rows, channels, eps, momentum, threads);
+}
+
+void bn_relu_forward_bf16(const uint16_t* x, const float* weight, const float* bias, uint16_t* y, float* stats,
+                          float* running_mean, float* running_var, int64_t rows, int64_t channels, double eps,
+                          double momentum, int threads) {
+  forward(x, weight, bias, y, stats, running_mean, running_var, rows, channels, eps, momentum, threads);
+}
+
+void bn_relu_backward_f32(const float* grad_y, const float* x, const float* stats, float* grad_x, float* grad_weight,
+                          float* grad_bias, int64_t rows, int64_t channels, int threads) {
+  backward(grad_y, x, stats, grad_x, grad_weight, grad_bias, rows, channels, threads);
+}
+
+void bn_relu_backward_bf16(const uint16_t* grad_y, const uint16_t* x, const float* stats, uint16_t* grad_x,
+                           float* grad_weight, float* grad_bias, int64_t rows, int64_t channels, int threads) {
+  backward(grad_y, x, stats, grad_x, grad_weight, grad_bias, rows, channels, threads);
 }
 
 }  // extern "C"

@@ -40,6 +40,15 @@ inline void store_loaded(uint16_t* p, VF v) {
   const VH h = __builtin_convertvector(reinterpret_cast<VU>(v) >> 16, VH);
   std::memcpy(p, &h, sizeof h);
 }
+// a computed vector, rounded to the type as torch rounds: fp32 as it is; bf16 to nearest, ties to even, and any
+// NaN as 0x7FC0 (c10's round_to_nearest_even)
+inline void store_rounded(float* p, VF v) { std::memcpy(p, &v, sizeof v); }
+inline void store_rounded(uint16_t* p, VF v) {
+  const VU bits = reinterpret_cast<VU>(v);
+  const VU rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const VH h = __builtin_convertvector((v != v) ? VU{} + 0x7FC0u : rounded, VH);
+  std::memcpy(p, &h, sizeof h);
+}
 inline void store_winners(uint8_t* p, VI which) {
   const VB narrow = __builtin_convertvector(which, VB);
   std::memcpy(p, &narrow, sizeof narrow);
