@@ -46,7 +46,7 @@ Variants:
   V+torch-unshuffle variant V with the fast models' pixel unshuffle as torch's operator (models/layout.py
                   runs it as a reshape, a permute and one copy on a CPU)
   V+torch-bn      variant V with the fast models' batch norm and ReLU as torch's layers in training
-                  (models/batchnorm.py runs them as one kernel on fp32 CPU tensors)
+                  (models/batchnorm.py runs them as one kernel on CPU tensors in fp32 and bf16)
   V+before        variant V on another checkout's kernels (--before PATH: its models/*.cpp and headers, built
                   by native.py under their own names), so a kernel change is measured on the whole step in one
                   process: --variants kept kept+before --before /tmp/before (after `git worktree add`)

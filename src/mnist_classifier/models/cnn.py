@@ -74,7 +74,9 @@ def conv_bn(c_in: int, c_out: int, pool: bool = False, wide_kernel: bool = False
     With ``pool``, a 2x2 max-pool comes right after the convolution, so batch norm and ReLU run on 4x fewer
     values; on a CPU these memory-bound layers cost more than the convolution itself. With ``wide_kernel`` too,
     the pooled convolution's backward may run on the package's kernel (``wide_conv_applies``): the fast models
-    take it; bn-cnn and res-cnn keep oneDNN's, on which the best recipe's accuracy was measured.
+    take it; bn-cnn and res-cnn keep oneDNN's, on which the best recipe's accuracy was measured. With
+    ``bn_kernel``, batch norm and ReLU may run as one kernel in training (``models/batchnorm.py``): the fast
+    models take it; bn-cnn and res-cnn keep torch's batch norm, for the same reason.
     """
     layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)]
     if pool:
