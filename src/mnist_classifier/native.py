@@ -126,6 +126,18 @@ def load(source: Path) -> ctypes.CDLL | None:
     return _load(source)[0]
 
 
+def function(source: Path, symbol: str, argtypes: list) -> ctypes._CFuncPtr | None:
+    """``symbol`` from the library built from ``source``, its argument types declared (once per process); None
+    if the library cannot be built."""
+    lib = load(source)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    if fn.argtypes is None:
+        fn.argtypes = argtypes
+    return fn
+
+
 def why_not(source: Path) -> str | None:
     """Why ``load(source)`` gives None (None if it loads)."""
     return _load(source)[1]

@@ -24,23 +24,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from .pooling import LANES, global_forward_hooks, plain_tensor_path
+from .pooling import LANES, SUFFIX, global_forward_hooks, plain_tensor_path
 
 SOURCE = Path(__file__).with_name("bn_relu.cpp")
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
 _SIGNATURES = {"bn_relu_forward": [_P] * 7 + [_I64] * 2 + [_F64] * 2 + [_INT],
                "bn_relu_backward": [_P] * 6 + [_I64] * 2 + [_INT]}
-SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}  # the maps' dtypes: fp32, and autocast's bf16
 
 
 def _kernel(name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
-    lib = native.load(SOURCE)
-    if lib is None:
-        return None
-    fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
-    if fn.argtypes is None:  # declared once per process
-        fn.argtypes = _SIGNATURES[name]
-    return fn
+    """The kernel ``name`` for the maps' ``dtype`` (fp32, or autocast's bf16), None where it cannot be built."""
+    return native.function(SOURCE, f"{name}_{SUFFIX[dtype]}", _SIGNATURES[name])
 
 
 def _fp32(*tensors: torch.Tensor | None) -> bool:

@@ -52,13 +52,7 @@ _SIGNATURES = {  # kernel name -> argument types: pointers, then sizes (B, [C,] 
 
 def _kernel(source: Path, name: str, dtype: torch.dtype) -> ctypes._CFuncPtr | None:
     """The kernel ``name`` for ``dtype`` from ``source``'s library, None where that cannot be built."""
-    lib = native.load(source)
-    if lib is None:
-        return None
-    fn = getattr(lib, f"{name}_{SUFFIX[dtype]}")
-    if fn.argtypes is None:  # declared once per process
-        fn.argtypes = _SIGNATURES[name]
-    return fn
+    return native.function(source, f"{name}_{SUFFIX[dtype]}", _SIGNATURES[name])
 
 
 # Whether torch.func's transforms (vmap, grad, jvp) are running: torch's own probe, private but there since 2.0;
