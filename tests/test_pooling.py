@@ -233,6 +233,9 @@ def test_torchs_layers_where_the_fused_first_layer_does_not_apply():
     handle = conv.register_forward_pre_hook(lambda _m, _a: None)  # --whiten-init reads conv1's input this way
     assert not fused_conv_applies(conv, x)
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *_: None)  # a hook on every module
+    assert not fused_conv_applies(conv, x)
+    handle.remove()
     assert fused_conv_applies(conv, x)
 
 
@@ -603,6 +606,10 @@ def test_torchs_batch_norm_where_the_kernel_does_not_apply():
     handle = relu.register_forward_hook(lambda *_: None)  # a notebook's activation hook sees the ReLU run
     assert not bn_relu_applies(bn, relu, x)
     handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: None)  # one on every module
+    assert not bn_relu_applies(bn, relu, x)
+    handle.remove()
+    assert bn_relu_applies(bn, relu, x)
     traced = []
     torch.jit.trace(lambda t: traced.append(bn_relu_applies(bn, relu, t)) or t, x, check_trace=False)
     seen = []

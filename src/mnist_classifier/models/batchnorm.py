@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import native
-from .pooling import LANES, SUFFIX, global_forward_hooks, plain_tensor_path
+from .pooling import LANES, SUFFIX, hook_free, plain_tensor_path
 
 SOURCE = Path(__file__).with_name("bn_relu.cpp")
 _P, _I64, _INT, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_double
@@ -41,13 +41,9 @@ def _fp32(*tensors: torch.Tensor | None) -> bool:
     return all(t is not None and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
 
 
-def _hook_free(*modules: nn.Module) -> bool:
-    return not (global_forward_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
-
-
 def bn_relu_applies(bn: nn.Module, relu: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``batch_norm_relu`` runs the kernel on ``x`` (otherwise torch's layers)."""
-    return (plain_tensor_path() and type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU and _hook_free(bn, relu)
+    return (plain_tensor_path() and type(bn) is nn.BatchNorm2d and type(relu) is nn.ReLU and hook_free(bn, relu)
             and bn.training and bn.track_running_stats and bn.momentum is not None and bn.affine
             and _fp32(bn.weight, bn.bias, bn.running_mean, bn.running_var)
             and x.device.type == "cpu" and x.dtype in SUFFIX and x.dim() == 4 and x.shape[1] % LANES == 0

@@ -81,7 +81,7 @@ def _plain_conv3x3(conv: nn.Module, x: torch.Tensor) -> bool:
     return (plain_tensor_path() and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
             and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
             and conv.padding_mode == "zeros" and conv.out_channels % LANES == 0
-            and not (conv._forward_hooks or conv._forward_pre_hooks or global_forward_hooks())  # --whiten-init's hook
+            and hook_free(conv)  # --whiten-init's hook
             and x.device.type == "cpu" and x.dtype in SUFFIX and conv.weight.dtype == x.dtype
             and (conv.bias is None or conv.bias.dtype == x.dtype)
             and x.dim() == 4 and x.shape[2] >= 2 and x.shape[3] >= 2)
@@ -129,10 +129,12 @@ def unavailable_note() -> str | None:
     return f"warning: the package's CPU kernels are unavailable ({why}); torch's layers run instead, slower"
 
 
-def global_forward_hooks() -> bool:
-    """Whether a forward hook was registered for every module (``register_module_forward_hook``)."""
+def hook_free(*modules: nn.Module) -> bool:
+    """Whether no forward hook watches ``modules``: neither their own nor one registered for every module
+    (``register_module_forward_hook``). A hooked layer must run as itself, so a kernel that fuses it steps aside."""
     hooks = torch.nn.modules.module
-    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+    return not (hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
 def _pool_forward(x: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
