@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,18 +12,45 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, cli_in_process, free_port
+from conftest import REPO, as_from_a_terminal, cli_in_process, free_port
+from mnist_classifier.training import stop_requests
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+
+
+def torchrun_command(logs, *args, nproc=2):
+    return [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
+            str(free_port()), "--log-dir", str(logs), "-m", "mnist_classifier", "train", *args]
 
 
 def torchrun(*args, nproc=2, cwd=None, timeout=600, env=None):
     # torchrun's log folder: without --log-dir it makes /tmp/torchelastic_* per run and never removes it
     with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:
-        cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port",
-               str(free_port()), "--log-dir", logs, "-m", "mnist_classifier", "train", *args]
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout,
-                              env={**os.environ, **(env or {})})
+        return subprocess.run(torchrun_command(logs, *args, nproc=nproc), capture_output=True, text=True,
+                              cwd=cwd or REPO, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def stopped_at_batch_40(cmd, signal_to):
+    """Start ``cmd`` (torchrun, in a session of its own, as from a terminal) and, once rank 0 reports batch 40
+    of epoch 1, call ``signal_to(torchrun's process, its two ranks' pids)``; return (exit status, all output)."""
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                           start_new_session=True, preexec_fn=as_from_a_terminal)
+    seen = []
+    for line in job.stdout:
+        seen.append(line)
+        if line.startswith("Epoch 1 [") and "2624/" in line:  # 41 batches of 64 done
+            ranks = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+            assert len(ranks) == 2, seen
+            signal_to(job, [int(pid) for pid in ranks])
+            break
+    rest, _ = job.communicate(timeout=180)
+    return job.returncode, "".join(seen) + rest
+
+
+def weights_and_metrics(run):
+    last = torch.load(run / "last.pt", weights_only=True)
+    metrics = [{k: v for k, v in row.items() if k != "seconds"} for row in last["metrics"]]
+    return {k: last[k] for k in ("state_dict", "ema_state_dict")}, metrics
 
 
 @pytest.mark.accuracy
@@ -145,3 +173,78 @@ def test_precise_bn_pools_the_statistics_of_every_process(data_dir, tmp_path):
         features = model.features[1][1](model.features[1][0](model.features[0](x)))  # (4000, 32, 7, 7)
     assert torch.allclose(saved["features.1.2.running_mean"], features.mean((0, 2, 3)), atol=1e-4)
     assert torch.allclose(saved["features.1.2.running_var"], features.var((0, 2, 3)), rtol=2e-2)
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step_and_resume_is_exact(data_dir, tmp_path):
+    """A Ctrl-C in torchrun's terminal reaches every rank, and torchrun passes it on once more. Before 2026-12-07
+    each rank died at once ("interrupted", exit 130) and the epoch in flight was lost. Now the ranks agree after
+    every step, all stop after the same one, rank 0 saves last.pt with its place in the epoch (the loss and image
+    count of both ranks) and says so once; the resumed run ends with the weights, EMA weights and metrics of an
+    uninterrupted one, bit for bit."""
+    common = ["--epochs", "1", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir),
+              "--augment", "--ema", "0.99", "--log-every", "20", "--test-subset", "1000"]
+    straight = torchrun(*common, "--out", str(tmp_path / "straight"))
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    run = tmp_path / "interrupted"
+    status, out = stopped_at_batch_40(torchrun_command(tmp_path / "logs", *common, "--out", str(run)),
+                                      lambda job, ranks: os.killpg(job.pid, signal.SIGINT))
+    assert status != 0, out[-3000:]  # torchrun's own status for a job a signal stopped
+    said = re.findall(r"mnist train: interrupted at epoch 1, batch (\d+) of 200; saved (\S+)\. Continue with: "
+                      r"the same torchrun command with -m mnist_classifier train --resume (\S+)", out)
+    assert len(said) == 1 and said[0][1:] == (str(run / "last.pt"), str(run)), out[-3000:]
+    assert "KeyboardInterrupt" not in out and out.count("mnist train:") == 1, out[-3000:]
+    partial = torch.load(run / "last.pt", weights_only=True)["partial"]
+    done = int(said[0][0])
+    assert partial["batches_done"] == done and 40 < done < 200
+    assert partial["seen"] == done * 64  # both ranks' images: 32 each per step
+    resumed = torchrun("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (a, metrics_a), (b, metrics_b) = weights_and_metrics(tmp_path / "straight"), weights_and_metrics(run)
+    for key in a:
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
+    assert metrics_a == metrics_b
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_them_all_and_one_process_resumes_the_run(data_dir, tmp_path):
+    """`kill` of one rank alone: the other rank got no signal, but learns of it after the step and stops too,
+    with the same exit status, so last.pt holds a consistent place in the epoch instead of the job dying with
+    the other rank cut off mid-collective. A single process resumes it (checkpoints move between the two)."""
+    run = tmp_path / "run"
+    cmd = torchrun_command(tmp_path / "logs", "--epochs", "1", "--train-subset", "12800", "--device", "cpu",
+                           "--data-dir", str(data_dir), "--log-every", "20", "--test-subset", "1000",
+                           "--dist-timeout", "60", "--out", str(run))
+    status, out = stopped_at_batch_40(cmd, lambda job, ranks: os.kill(ranks[1], signal.SIGTERM))
+    assert status != 0 and out.count("mnist train: interrupted at epoch 1, batch") == 1, out[-3000:]
+    # torchrun lists each failed rank: both stopped with SIGTERM's status, neither lost the other
+    assert len(re.findall(r"exitcode\s*: 143 \(pid", out)) == 2 and "lost the other" not in out, out[-3000:]
+    partial = torch.load(run / "last.pt", weights_only=True)["partial"]
+    assert 40 < partial["batches_done"] < 200 and partial["seen"] == partial["batches_done"] * 64
+    resumed = cli_in_process("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 1 and summary["test_accuracy"] > 90
+
+
+def test_on_a_rank_a_repeated_signal_is_the_same_stop_not_a_second():
+    """torchrun passes on the signal it gets, so a Ctrl-C in the terminal reaches each rank twice; the second
+    must not stop the rank at once, as a second Ctrl-C does in one process (there it raises KeyboardInterrupt).
+    Two signals that arrive while a rank is inside a step reach Python as one, so the end-to-end test above
+    cannot tell; this one sends them apart."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even under `make test &`
+    try:
+        try:
+            with stop_requests(forwarded=True) as flag:
+                for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
+                    os.kill(os.getpid(), signum)
+                assert flag.signum == signal.SIGINT and flag.exit_status() == 130
+        except KeyboardInterrupt:
+            pytest.fail("the repeated SIGINT stopped the rank at once")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        with pytest.raises(KeyboardInterrupt), stop_requests() as flag:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert flag.is_set()
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)

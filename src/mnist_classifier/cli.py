@@ -611,7 +611,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except Interrupted as exc:
-        print(f"mnist {args.command}: {exc}", file=sys.stderr)
+        if str(exc):  # under torchrun rank 0 alone says it
+            print(f"mnist {args.command}: {exc}", file=sys.stderr)
         return exc.status
     except UserError as exc:
         print(f"mnist {args.command}: error: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: object = None  # the process group of ``max_over_ranks`` and ``MaxVote``: gloo, beside the training's
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +50,14 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def max_over_ranks(self, value: int) -> int:
+        """The largest ``value`` of all processes; every process must ask. On the CPU, whatever the device."""
+        if not self.enabled:
+            return value
+        box = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.control)
+        return int(box.item())
+
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
         if not self.enabled:
@@ -59,6 +68,32 @@ class DistContext:
 
 
 SINGLE = DistContext()
+
+
+class MaxVote:
+    """``max_over_ranks`` taken in the background, for a question asked after every step: ``put`` starts a
+    round with this process's value and returns the result of the round before it (0 for the first). A round
+    that waits costs the guide step under torchrun 15 % (about 1.2 ms of 8 on 2 cores: each process must be
+    scheduled to answer); one that runs during the next step costs no wait. Every process must put as often."""
+
+    def __init__(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+        self._box: torch.Tensor | None = None
+        self._work = None  # the round in flight
+
+    def put(self, value: int) -> int:
+        previous = self.finish()
+        self._box = torch.tensor([value], dtype=torch.int64)
+        self._work = dist.all_reduce(self._box, op=dist.ReduceOp.MAX, group=self.ctx.control, async_op=True)
+        return previous
+
+    def finish(self) -> int:
+        """Wait for the round in flight; its result (0 if none was)."""
+        if self._work is None:
+            return 0
+        self._work.wait()
+        self._work = None
+        return int(self._box.item())
 
 
 def launched_by_torchrun() -> bool:
@@ -91,7 +126,8 @@ def setup(device_request: str, timeout_seconds: float) -> tuple[DistContext, tor
     except (RuntimeError, ValueError, TimeoutError) as exc:
         raise UserError(f"rank {rank} could not join the process group at {where} ({backend}): "
                         f"{str(exc).strip().splitlines()[0][:200]}") from None
-    return DistContext(rank, world, local), device
+    control = dist.new_group(backend="gloo")  # its own connections: a vote never queues behind DDP's gradients
+    return DistContext(rank, world, local, control), device
 
 
 def teardown(ctx: DistContext) -> None:

@@ -33,6 +33,14 @@ class Progress:
         return {"batches_done": self.batches_done, "loss_sum": self.loss_sum, "seen": self.seen,
                 "aug_rng": self.aug_rng if self.aug_rng is not None else torch.zeros(0, dtype=torch.uint8)}
 
+    def share(self, world: int) -> "Progress":
+        """One process's part of this progress when ``world`` processes resume it. A stop under torchrun saves
+        every process's sums, and each process had trained on an equal share of every batch (the global batch
+        splits evenly), so each resumes with 1/world of them; one process resumes them whole."""
+        if world == 1:
+            return self
+        return Progress(self.batches_done, self.loss_sum / world, self.seen // world, self.aug_rng)
+
     @classmethod
     def from_payload(cls, d: dict) -> "Progress":
         aug = d.get("aug_rng")
@@ -146,7 +154,9 @@ class StopFlag:
     """Turns the first Ctrl-C (SIGINT), SIGTERM (a scheduler's preemption, `timeout`, `docker stop`) or SIGHUP
     (the terminal closed) into a request to stop after the current step, so the saved state is consistent; a
     second Ctrl-C or SIGTERM stops at once. A second SIGHUP does not: a closed terminal's job gets it twice, from
-    its shell and from the kernel. Only in the main thread of a single-process run. A signal this process was
+    its shell and from the kernel. Nor does any second signal on a torchrun rank (``forwarded``): torchrun passes
+    on the signal it gets, so a Ctrl-C in the terminal reaches every rank twice, and torchrun itself kills the
+    ranks that have not stopped after its shutdown timeout (30 s). Only in the main thread. A signal this process was
     started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
     (``mnist sweep ... &``) with SIGINT ignored, and ``nohup`` starts a command with SIGHUP ignored. (Before
     2026-12-05 a sweep worker inside a trial heeded an ignored SIGINT, so one trial stopped while the sweep
@@ -154,10 +164,13 @@ class StopFlag:
 
     active: ClassVar[StopFlag | None] = None  # the flag whose handlers are in place in this process
 
-    def __init__(self, install: bool = True) -> None:
+    def __init__(self, install: bool = True, forwarded: bool = False) -> None:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._second = self.heeded()  # each signal heeded, with the handler it gets once a stop was requested
+        if forwarded:  # a repeat is torchrun passing the signal on, not a second request
+            self._second = {sig: _left_terminal if handler is _left_terminal else signal.SIG_IGN
+                            for sig, handler in self._second.items()}
         if install and threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self._second}
             StopFlag.active = self
@@ -185,6 +198,11 @@ class StopFlag:
     def is_set(self) -> bool:
         return self.signum is not None
 
+    def join(self, signum: int) -> None:
+        """Stop as another process of the job was asked to, by ``signum``; this process got no signal itself,
+        so its handlers stay as they are."""
+        self.signum = self.signum or signum
+
     def exit_status(self) -> int:
         """128 + the signal received, as a shell reports a command a signal stopped (130 for Ctrl-C)."""
         return 128 + (self.signum or signal.SIGINT)
@@ -198,15 +216,15 @@ class StopFlag:
 
 
 @contextlib.contextmanager
-def stop_requests(install: bool = True) -> Iterator[StopFlag]:
+def stop_requests(install: bool = True, forwarded: bool = False) -> Iterator[StopFlag]:
     """The stop flag for a block: the one already in place, else a new one for the block. A sweep's worker holds
     one from its first trial to its last, so that a signal that comes between two trials' training (the next
     point taken, its run folder made) stops the trial at its first step instead of killing the worker with the
-    point left running."""
+    point left running. ``forwarded``: on a torchrun rank (``StopFlag``)."""
     if StopFlag.active is not None:
         yield StopFlag.active
         return
-    flag = StopFlag(install)
+    flag = StopFlag(install, forwarded)
     try:
         yield flag
     finally:
@@ -215,7 +233,7 @@ def stop_requests(install: bool = True) -> Iterator[StopFlag]:
 
 def request_stop(signum: int) -> bool:
     """Ask the training in progress in this process to stop after its step, as if ``signum`` had come; False
-    where no stop flag is in place (before the epochs start, or on a torchrun rank)."""
+    where no stop flag is in place (before the epochs start)."""
     if StopFlag.active is None:
         return False
     StopFlag.active.request(signum)

@@ -30,8 +30,8 @@ from ..models import build_model, check_model, count_parameters
 from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
 from .. import runs
-from .distributed import SINGLE, DistContext, check_batch, same_on_all_ranks
-from .epoch import Progress, StopRequested, epoch_permutation, stop_requests
+from .distributed import SINGLE, DistContext, MaxVote, check_batch, same_on_all_ranks
+from .epoch import Progress, StopFlag, StopRequested, epoch_permutation, stop_requests
 from .optim import lr_value
 from .precise_bn import recalibrate, sample_batches
 from .session import Learner, RunSpec, Session, build_session
@@ -148,15 +148,59 @@ def score_epoch(s: Session, epoch: int, train_loss: float, seconds: float) -> di
             "lr": lr_value(s.learner.optimizer.param_groups[0]["lr"]), "seconds": round(seconds, 3)}
 
 
+class AgreedStop:
+    """Whether to stop after this step. In one process: whether a stop was requested. Under torchrun a signal
+    reaches the processes at different steps, or one alone (``kill`` of one rank), so after every step each
+    process votes (``MaxVote``), and all stop after the step that follows the vote that saw the signal, all with
+    it (the largest number if two came)."""
+
+    def __init__(self, stop: StopFlag, ctx: DistContext) -> None:
+        self.stop, self.vote = stop, MaxVote(ctx) if ctx.enabled else None
+
+    def __call__(self) -> bool:
+        if self.vote is None:
+            return self.stop.is_set()
+        return self._agreed(self.vote.put(self.stop.signum or 0))  # not this process's flag: the vote's
+
+    def settle(self) -> bool:
+        """The answer once every process has voted with what it knows now (after the last step)."""
+        if self.vote is None:
+            return self.stop.is_set()
+        return self._agreed(max(self.vote.finish(), self.vote.ctx.max_over_ranks(self.stop.signum or 0)))
+
+    def drain(self) -> None:
+        """Wait for the vote in flight (the other processes started it too), so none is left at a stop."""
+        if self.vote is not None:
+            self.vote.finish()
+
+    def _agreed(self, signum: int) -> bool:
+        if signum:
+            self.stop.join(signum)
+        return bool(signum)
+
+
+def _pooled(progress: Progress, ctx: DistContext, device: torch.device) -> Progress:
+    """``progress`` with every process's loss sum and image count: what last.pt keeps (``Progress.share``)."""
+    if not ctx.enabled:
+        return progress
+    sums = ctx.all_reduce_sum(torch.tensor([progress.loss_sum, progress.seen], dtype=torch.float64, device=device))
+    return Progress(progress.batches_done, sums[0].item(), int(sums[1].item()), progress.aug_rng)
+
+
 def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested, status: int) -> Interrupted:
-    """Save the state inside the epoch (last.pt with its ``Progress``) and say how to continue."""
+    """Save the state inside the epoch (last.pt with its ``Progress``) and say how to continue; under torchrun
+    every process comes here after the same step, rank 0 saves, and only its exception has a message."""
     s.state.train_seconds += halt.seconds
-    learner = s.learner
-    if s.spec.ctx.is_main:
-        files.save_epoch(learner.model, None, learner.optimizer, s.state, learner.ema, partial=halt.progress)
+    learner, ctx = s.learner, s.spec.ctx
+    progress = _pooled(halt.progress, ctx, s.spec.device)
+    if not ctx.is_main:
+        return Interrupted("", status)
+    files.save_epoch(learner.model, None, learner.optimizer, s.state, learner.ema, partial=progress)
+    how = (f"the same torchrun command with -m mnist_classifier train --resume {files.run_dir}" if ctx.enabled
+           else f"mnist train --resume {files.run_dir}")
     return Interrupted(
-        f"interrupted at epoch {epoch}, batch {halt.progress.batches_done} of {learner.loop.n_batches}; saved "
-        f"{files.run_dir / 'last.pt'}. Continue with: mnist train --resume {files.run_dir}", status)
+        f"interrupted at epoch {epoch}, batch {progress.batches_done} of {learner.loop.n_batches}; saved "
+        f"{files.run_dir / 'last.pt'}. Continue with: {how}", status)
 
 
 def _diverged(exc: DivergedError, files: RunFiles) -> DivergedError:
@@ -171,13 +215,15 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
     status of a stop requested after the last step, else None."""
     spec, learner, state = s.spec, s.learner, s.state
     best_state = None
-    with stop_requests(install=not spec.ctx.enabled) as stop:
-        learner.loop.stop_requested, learner.loop.on_step = stop.is_set, reporter.step
+    with stop_requests(forwarded=spec.ctx.enabled) as stop:
+        stopping = AgreedStop(stop, spec.ctx)
+        learner.loop.stop_requested, learner.loop.on_step = stopping, reporter.step
         for epoch in range(state.epoch + 1, spec.cfg.epochs + 1):
             perm = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch).to(spec.device)
             try:
                 train_loss, seconds = train_one_epoch(learner, spec, epoch, perm, start)
             except StopRequested as halt:
+                stopping.drain()
                 raise _interrupted(s, files, epoch, halt, stop.exit_status()) from None
             except DivergedError as exc:
                 raise _diverged(exc, files) from None
@@ -198,7 +244,7 @@ def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
             reporter.epoch(row)
     # A stop that came after the last step (while the last epoch was scored, saved or reported) is not lost:
     # the run finishes, then says it was interrupted, so that a sweep takes no further trial
-    return best_state, stop.exit_status() if stop.is_set() else None
+    return best_state, stop.exit_status() if stopping.settle() else None
 
 
 def test_chosen(s: Session, best_state: dict | None, run_dir: Path) -> dict[str, Any]:
@@ -242,15 +288,16 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     return summary
 
 
-def resumed_progress(resume: dict[str, Any] | None, n_batches: int) -> Progress | None:
-    """Where inside an epoch a resumed last.pt stopped (Ctrl-C), or None; refused past this run's epoch."""
+def resumed_progress(resume: dict[str, Any] | None, n_batches: int, world: int = 1) -> Progress | None:
+    """Where inside an epoch a resumed last.pt stopped (Ctrl-C), or None; refused past this run's epoch. Each of
+    ``world`` processes gets its share (``Progress.share``)."""
     if resume is None or not resume.get("partial"):
         return None
     partial = Progress.from_payload(resume["partial"])
     if partial.batches_done >= n_batches:
         raise UserError(f"last.pt says its epoch stopped after batch {partial.batches_done}, but an epoch of this run "
                         f"has {n_batches}; it was damaged or written by another run")
-    return partial
+    return partial.share(world)
 
 
 def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, reporter: Reporter | None = None,
@@ -266,7 +313,7 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     if device.type == "cpu":
         flush_denormals()  # subnormal arithmetic slows late epochs by ~10 %; before the first parallel op
     s = build_session(cfg, splits, device, ctx, resume)
-    partial = resumed_progress(resume, s.learner.loop.n_batches)
+    partial = resumed_progress(resume, s.learner.loop.n_batches, ctx.world_size)
     run_dir = Path(run_dir)
     files = RunFiles(run_dir, cfg, s.spec.mcfg, s.spec.info, device)
     if ctx.is_main:
@@ -283,5 +330,6 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
         if log:
             log.close()
     if late_stop is not None:
-        raise Interrupted(f"interrupted after the last epoch; the run finished and is saved in {run_dir}", late_stop)
+        said = f"interrupted after the last epoch; the run finished and is saved in {run_dir}"
+        raise Interrupted(said if ctx.is_main else "", late_stop)
     return summary
