@@ -248,3 +248,22 @@ def test_on_a_rank_a_repeated_signal_is_the_same_stop_not_a_second():
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.slow
+def test_when_the_reader_of_torchruns_output_leaves_every_rank_stops_and_saves_its_place(data_dir, tmp_path):
+    """`torchrun ... train | head`: rank 0's next line fails with EPIPE, which stops it after its step as a
+    signal would (exit 141, 128 + SIGPIPE); rank 1, whose output nobody reads, learns of it from the vote."""
+    run = tmp_path / "run"
+    cmd = torchrun_command(tmp_path / "logs", "--epochs", "1", "--train-subset", "12800", "--device", "cpu",
+                           "--data-dir", str(data_dir), "--log-every", "20", "--test-subset", "1000", "--out", str(run))
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    for line in job.stdout:
+        if line.startswith("Epoch 1 [") and "2624/" in line:  # 41 batches of 64 done: the reader leaves
+            break
+    job.stdout.close()
+    _, err = job.communicate(timeout=180)
+    assert err.count("mnist train: interrupted at epoch 1, batch") == 1, err[-3000:]
+    assert len(re.findall(r"exitcode\s*: 141 \(pid", err)) == 2, err[-3000:]  # both ranks, as SIGPIPE stops
+    partial = torch.load(run / "last.pt", weights_only=True)["partial"]
+    assert 40 < partial["batches_done"] < 200 and partial["seen"] == partial["batches_done"] * 64
