@@ -72,9 +72,10 @@ SINGLE = DistContext()
 
 class MaxVote:
     """``max_over_ranks`` taken in the background, for a question asked after every step: ``put`` starts a
-    round with this process's value and returns the result of the round before it (0 for the first). A round
-    that waits costs the guide step under torchrun 15 % (about 1.2 ms of 8 on 2 cores: each process must be
-    scheduled to answer); one that runs during the next step costs no wait. Every process must put as often."""
+    round with this process's value and returns the result of the round before it (0 for the first). Rounds
+    that waited made the guide's torchrun epoch 1.15x slower in one of two measurements on 2 cores (about
+    1.2 ms of an 8 ms step: each process must be scheduled to answer); rounds that run during the next step
+    cost no measurable time (BENCHMARKS.md). Every process must put as often."""
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx
