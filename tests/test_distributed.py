@@ -267,3 +267,42 @@ def test_when_the_reader_of_torchruns_output_leaves_every_rank_stops_and_saves_i
     assert len(re.findall(r"exitcode\s*: 141 \(pid", err)) == 2, err[-3000:]  # both ranks, as SIGPIPE stops
     partial = torch.load(run / "last.pt", weights_only=True)["partial"]
     assert 40 < partial["batches_done"] < 200 and partial["seen"] == partial["batches_done"] * 64
+
+
+VOTER = """
+import json, os, signal, sys
+import torch.distributed as dist
+from mnist_classifier.training.distributed import DistContext
+from mnist_classifier.training.epoch import StopFlag
+from mnist_classifier.training.fit import AgreedStop
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", rank=rank, world_size=2)
+ctx = DistContext(rank, 2, rank, dist.new_group(backend="gloo"))
+stop = StopFlag(install=False)
+stopping = AgreedStop(stop, ctx)
+steps = [stopping()]  # step 1's vote: nobody has a signal
+if rank == 1:
+    stop.request(signal.SIGTERM)  # between steps 1 and 2, to rank 1 alone
+steps += [stopping(), stopping()]  # step 2 reads step 1's vote; step 3 reads step 2's, which saw it
+late = StopFlag(install=False)
+settled_before = AgreedStop(late, ctx).settle()
+if rank == 0:
+    late.request(signal.SIGINT)  # after the last step, to rank 0 alone
+settled = AgreedStop(late, ctx).settle()
+print(json.dumps({"steps": steps, "signum": stop.signum, "settled": [settled_before, settled],
+                  "late": late.signum}))
+dist.destroy_process_group()
+"""
+
+
+def test_the_vote_stops_every_rank_one_step_after_any_got_a_signal_and_settles_a_late_one(tmp_path):
+    """``AgreedStop`` between two real gloo processes: a stop requested on one rank alone is agreed by both
+    one step later, with its signal; after the last step ``settle`` agrees at once."""
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    ranks = [subprocess.Popen([sys.executable, "-c", VOTER], env={**env, "RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=REPO) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert all(p.returncode == 0 for p in ranks), [err[-2000:] for _, err in outs]
+    for out, _ in outs:
+        assert json.loads(out) == {"steps": [False, False, True], "signum": signal.SIGTERM,
+                                   "settled": [False, True], "late": signal.SIGINT}
