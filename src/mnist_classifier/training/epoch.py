@@ -156,8 +156,8 @@ class StopFlag:
     second Ctrl-C or SIGTERM stops at once. A second SIGHUP does not: a closed terminal's job gets it twice, from
     its shell and from the kernel. Nor does any second signal on a torchrun rank (``forwarded``): torchrun passes
     on the signal it gets, so a Ctrl-C in the terminal reaches every rank twice, and torchrun itself kills the
-    ranks that have not stopped after its shutdown timeout (30 s). Only in the main thread. A signal this process was
-    started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
+    ranks that have not stopped after its shutdown timeout (30 s). Only in the main thread. A signal this
+    process was started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
     (``mnist sweep ... &``) with SIGINT ignored, and ``nohup`` starts a command with SIGHUP ignored. (Before
     2026-12-05 a sweep worker inside a trial heeded an ignored SIGINT, so one trial stopped while the sweep
     went on.)"""
@@ -199,9 +199,9 @@ class StopFlag:
         return self.signum is not None
 
     def join(self, signum: int) -> None:
-        """Stop as another process of the job was asked to, by ``signum``; this process got no signal itself,
-        so its handlers stay as they are."""
-        self.signum = self.signum or signum
+        """Stop with ``signum``, the signal the processes of a torchrun job agreed on (the largest that came),
+        so that all exit with one status; a process that got no signal keeps its handlers as they are."""
+        self.signum = max(self.signum or 0, signum)
 
     def exit_status(self) -> int:
         """128 + the signal received, as a shell reports a command a signal stopped (130 for Ctrl-C)."""
