@@ -231,9 +231,16 @@ def test_on_a_rank_a_repeated_signal_is_the_same_stop_not_a_second():
     """torchrun passes on the signal it gets, so a Ctrl-C in the terminal reaches each rank twice; the second
     must not stop the rank at once, as a second Ctrl-C does in one process (there it raises KeyboardInterrupt).
     Two signals that arrive while a rank is inside a step reach Python as one, so the end-to-end test above
-    cannot tell; this one sends them apart."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # even under `make test &`
+    cannot tell; this one sends them apart. A rank that stopped stays deaf to them on its way out: once one rank
+    has exited, torchrun sends SIGTERM to the others, and one still tearing down died of it (exit -15, seen in
+    the reader test under a loaded `make test`)."""
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even under `make test &`
+    handlers = lambda: (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))  # noqa: E731
     try:
+        with stop_requests(forwarded=True):
+            pass
+        assert handlers() == (signal.default_int_handler, before[signal.SIGTERM])  # no stop: put back
         try:
             with stop_requests(forwarded=True) as flag:
                 for signum in (signal.SIGINT, signal.SIGINT, signal.SIGTERM):
@@ -241,13 +248,16 @@ def test_on_a_rank_a_repeated_signal_is_the_same_stop_not_a_second():
                 assert flag.signum == signal.SIGINT and flag.exit_status() == 130
         except KeyboardInterrupt:
             pytest.fail("the repeated SIGINT stopped the rank at once")
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+        assert handlers() == (signal.SIG_IGN, signal.SIG_IGN)  # stopped: deaf on its way out
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with pytest.raises(KeyboardInterrupt), stop_requests() as flag:
             os.kill(os.getpid(), signal.SIGINT)
             assert flag.is_set()
             os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # one process: put back
     finally:
-        signal.signal(signal.SIGINT, before)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 @pytest.mark.slow

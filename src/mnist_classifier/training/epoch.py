@@ -156,9 +156,10 @@ class StopFlag:
     second Ctrl-C or SIGTERM stops at once. A second SIGHUP does not: a closed terminal's job gets it twice, from
     its shell and from the kernel. Nor does any second signal on a torchrun rank (``forwarded``): torchrun passes
     on the signal it gets, so a Ctrl-C in the terminal reaches every rank twice, and torchrun itself kills the
-    ranks that have not stopped after its shutdown timeout (30 s). Only in the main thread. A signal this
-    process was started ignoring stays ignored, as Python leaves an ignored SIGINT: a shell starts background jobs
-    (``mnist sweep ... &``) with SIGINT ignored, and ``nohup`` starts a command with SIGHUP ignored. (Before
+    ranks that have not stopped after its shutdown timeout (30 s); a rank that stopped stays deaf to them until
+    it exits (``uninstall``). Only in the main thread. A signal this process was started ignoring stays
+    ignored, as Python leaves an ignored SIGINT: a shell starts background jobs (``mnist sweep ... &``) with
+    SIGINT ignored, and ``nohup`` starts a command with SIGHUP ignored. (Before
     2026-12-05 a sweep worker inside a trial heeded an ignored SIGINT, so one trial stopped while the sweep
     went on.)"""
 
@@ -168,6 +169,7 @@ class StopFlag:
         self.signum: int | None = None
         self._previous: dict[int, object] = {}
         self._second = self.heeded()  # each signal heeded, with the handler it gets once a stop was requested
+        self._forwarded = forwarded
         if forwarded:  # a repeat is torchrun passing the signal on, not a second request
             self._second = {sig: _left_terminal if handler is _left_terminal else signal.SIG_IGN
                             for sig, handler in self._second.items()}
@@ -208,8 +210,11 @@ class StopFlag:
         return 128 + (self.signum or signal.SIGINT)
 
     def uninstall(self) -> None:
+        # A torchrun rank that stopped keeps deaf to the repeats on its way out: once one rank has exited,
+        # torchrun sends SIGTERM to those still tearing down, which would die of it (-15), not exit as agreed.
+        leaving = self._forwarded and self.is_set()
         for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
+            signal.signal(sig, self._second[sig] if leaving else previous)
         self._previous = {}
         if StopFlag.active is self:
             StopFlag.active = None
