@@ -26,7 +26,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    control: object = None  # the process group of ``max_over_ranks`` and ``MaxVote``: gloo, beside the training's
+    control: object = None  # the process group of ``MaxVote``: gloo, on the CPU beside the training's
 
     @property
     def enabled(self) -> bool:
@@ -50,14 +50,6 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def max_over_ranks(self, value: int) -> int:
-        """The largest ``value`` of all processes; every process must ask. On the CPU, whatever the device."""
-        if not self.enabled:
-            return value
-        box = torch.tensor([value], dtype=torch.int64)
-        dist.all_reduce(box, op=dist.ReduceOp.MAX, group=self.control)
-        return int(box.item())
-
     def broadcast(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
         if not self.enabled:
@@ -71,11 +63,12 @@ SINGLE = DistContext()
 
 
 class MaxVote:
-    """``max_over_ranks`` taken in the background, for a question asked after every step: ``put`` starts a
-    round with this process's value and returns the result of the round before it (0 for the first). Rounds
-    that waited made the guide's torchrun epoch 1.15x slower in one of two measurements on 2 cores (about
-    1.2 ms of an 8 ms step: each process must be scheduled to answer); rounds that run during the next step
-    cost no measurable time (BENCHMARKS.md). Every process must put as often."""
+    """The largest of one integer per process, taken in the background, for a question asked after every step:
+    ``put`` starts a round with this process's value and returns the result of the round before it (0 for the
+    first); ``finish`` waits for the round in flight. Rounds that waited made the guide's torchrun epoch 1.15x
+    slower in one of two measurements on 2 cores (about 1.2 ms of an 8 ms step: each process must be scheduled
+    to answer); rounds that run during the next step cost no measurable time (BENCHMARKS.md). Every process
+    must put as often."""
 
     def __init__(self, ctx: DistContext) -> None:
         self.ctx = ctx

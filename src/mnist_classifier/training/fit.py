@@ -166,7 +166,7 @@ class AgreedStop:
         """The answer once every process has voted with what it knows now (after the last step)."""
         if self.vote is None:
             return self.stop.is_set()
-        return self._agreed(max(self.vote.finish(), self.vote.ctx.max_over_ranks(self.stop.signum or 0)))
+        return self._agreed(max(self.vote.put(self.stop.signum or 0), self.vote.finish()))
 
     def drain(self) -> None:
         """Wait for the vote in flight (the other processes started it too), so none is left at a stop."""
@@ -192,7 +192,7 @@ def _interrupted(s: Session, files: RunFiles, epoch: int, halt: StopRequested, s
     every process comes here after the same step, rank 0 saves, and only its exception has a message."""
     s.state.train_seconds += halt.seconds
     learner, ctx = s.learner, s.spec.ctx
-    progress = _pooled(halt.progress, ctx, s.spec.device)
+    progress = _pooled(halt.progress, ctx, s.spec.device)  # a collective: every process takes part
     if not ctx.is_main:
         return Interrupted("", status)
     files.save_epoch(learner.model, None, learner.optimizer, s.state, learner.ema, partial=progress)
