@@ -187,3 +187,83 @@ def test_more_threads_than_cores_are_honoured_with_one_warning(data_dir, tmp_pat
     warnings = [line for line in proc.stderr.splitlines() if "warning" in line]
     assert warnings == [f"mnist train: warning: {note}"]
     assert json.loads((run / "summary.json").read_text())["threads"] == cores + 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# While a run trains: the policy reads the cores again (device.LoadFollower)
+
+
+def test_only_the_policys_own_choice_is_followed(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert device.follows_load(0)
+    assert not device.follows_load(2)  # --threads 2: the user's count stays, and so does the run's rounding
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert not device.follows_load(0)
+
+
+@pytest.mark.serial
+@pytest.mark.slow  # it needs a quiet machine: make test-fast runs serial tests beside others
+def test_the_follower_gives_up_a_core_that_other_work_takes_and_takes_it_back():
+    cores = device.usable_cores()
+    if cores < 2 or not _readable():
+        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    before = torch.get_num_threads()
+    torch.set_num_threads(cores)
+    follower = device.LoadFollower(every_s=0.5)
+    try:
+        follower()
+        assert torch.get_num_threads() == cores and follower.changes == []  # not yet: the window is too short
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+        try:
+            time.sleep(0.8)
+            follower()
+            assert torch.get_num_threads() == 1
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+        for _ in range(5):  # once any blip of the finished spinners has passed: all cores again
+            time.sleep(0.6)
+            follower()
+            if torch.get_num_threads() == cores:
+                break
+        assert torch.get_num_threads() == cores
+        assert [threads for _, threads in follower.changes] == [1, cores]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.serial
+@pytest.mark.slow
+def test_mnist_train_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(monkeypatch, data_dir, tmp_path):
+    """A neighbour that starts after the start-up reading: `mnist train` drops to one thread while it trains,
+    and says so in summary.json; with --threads the count stays."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = device.usable_cores()
+    if cores < 2 or not _readable():
+        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+
+    def train(run: Path, *extra: str) -> dict:
+        cmd = [sys.executable, "-m", "mnist_classifier", "train", "--data-dir", str(data_dir), "--device", "cpu",
+               "--epochs", "2", "--log-every", "20", "--no-tensorboard", "--out", str(run), *extra]
+        env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        spinners: list[subprocess.Popen] = []
+        try:
+            while "Loss:" not in proc.stdout.readline():  # training has begun: the start-up reading is long past
+                assert proc.poll() is None, proc.stderr.read()
+            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+            out, err = proc.communicate(timeout=600)
+        finally:
+            for p in spinners:
+                p.kill()
+                p.wait()
+        assert proc.returncode == 0, err
+        return json.loads((run / "summary.json").read_text())
+
+    followed = train(tmp_path / "auto")
+    assert followed["threads"] == 1, followed.get("threads_followed")
+    assert [threads for _, threads in followed["threads_followed"]][-1] == 1
+    # a given count is never followed; a subset, since beside the spinner its two threads took 157 s for 2 epochs
+    fixed = train(tmp_path / "fixed", "--threads", str(cores), "--train-subset", "4096", "--epochs", "1")
+    assert fixed["threads"] == cores and "threads_followed" not in fixed

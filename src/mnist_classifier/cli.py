@@ -24,7 +24,7 @@ from tqdm import tqdm
 from . import __version__, fileio
 from .config import DEVICES, EVAL_BATCH_SIZE, PRECISIONS, ServeConfig, TrainConfig, add_config_flags, config_from_args
 from .data import DatasetInfo, ensure_mnist, load_configured, load_dataset, load_for, model_input, raw_dir, verify_mnist
-from .device import autocast_dtype, oversubscribed, select_device, set_threads
+from .device import autocast_dtype, follows_load, oversubscribed, select_device, set_threads
 from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
@@ -175,7 +175,8 @@ def _fit_or_explain(cfg: TrainConfig, splits, device: torch.device, run_dir: Pat
                     resume: dict[str, Any] | None, ctx: distributed.DistContext) -> dict[str, Any]:
     """``fit``, with out-of-memory and a lost peer turned into one-line advice."""
     try:
-        return fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx)
+        return fit(cfg, splits, device, run_dir, reporter, resume=resume, ctx=ctx,
+                   follow_load=follows_load(cfg.threads))
     except torch.OutOfMemoryError:
         raise UserError(
             f"out of memory on {device} with --batch-size {cfg.batch_size}: reduce --batch-size (e.g. to "

@@ -205,8 +205,9 @@ class TrainConfig:
     plots: bool = _opt(False, "write the PNG pictures into the run folder at the end of training", role="run")
     tensorboard: bool = _opt(True, "write TensorBoard event files into the run folder (`tensorboard --logdir runs` "
                              "compares runs)", role="run")
-    threads: int = _opt(0, "torch compute threads (intra-op); 0 = automatic: the cores that other work leaves free "
-                        "(OMP_NUM_THREADS, when set, decides instead)", bounds=Bounds(0, 1024), role="run")
+    threads: int = _opt(0, "torch compute threads (intra-op); 0 = automatic: the cores that other work leaves free, "
+                        "read at start-up and every 2 s while training (OMP_NUM_THREADS, when set, decides instead)",
+                        bounds=Bounds(0, 1024), role="run")
     dist_timeout: float = _opt(300.0, "under torchrun: seconds a process waits for the others before giving up",
                                bounds=POSITIVE, role="run")
     compile: bool = _opt(False, "torch.compile the model for training (checkpoints keep the plain module's weights)")

@@ -1,10 +1,11 @@
 """How many of this process's CPU cores other work keeps busy, read from /proc (Linux); no torch import.
 
-The thread policy (``device.threads_per_job``) needs the answer once, at start-up. Sampling it costs a wait:
+The thread policy (``device.threads_per_job``) needs the answer at start-up. Sampling it costs a wait:
 two readings of /proc/stat some time apart. The ``mnist`` command takes its first reading (``mark_start``)
 before it imports torch, so the import's 1-2 s are the measuring window and the policy waits for nothing.
 This process's own CPU time over the window (/proc/self/stat) is taken out: the import keeps one core busy
-itself, and that is not other work.
+itself, and that is not other work. While ``mnist train`` trains, ``device.LoadFollower`` reads it again
+every few seconds between steps (``busy_between`` two readings), so work that starts later is seen too.
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ def busy_cores(interval: float = MIN_WINDOW_S) -> float:
     if before is None:
         return 0.0
     time.sleep(max(0.0, interval - (time.monotonic() - before.at)))
-    after = read(cpus)
-    if after is None or after.total <= before.total:
+    return busy_between(before, read(cpus))
+
+
+def busy_between(before: CpuSample, after: CpuSample | None) -> float:
+    """How many of ``before.cpus`` other work kept busy from one reading to the next (0 where they say
+    nothing): their busy ticks less this process's own, over the ticks that passed."""
+    if after is None or after.cpus != before.cpus or after.total <= before.total:
         return 0.0
     others = (after.total - after.idle) - (before.total - before.idle) - (after.own - before.own)
-    return len(cpus) * max(0, others) / (after.total - before.total)
+    return len(before.cpus) * max(0, others) / (after.total - before.total)

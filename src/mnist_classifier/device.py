@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 
-from .cpuload import busy_cores, usable_cores
+from .cpuload import CpuSample, affinity, busy_between, busy_cores, read, usable_cores
 from .errors import UserError
 
 
@@ -121,10 +122,16 @@ def threads_per_job(jobs: int = 1, sample: bool = True) -> int:
     (BENCHMARKS.md). So a core that is busy (more than half of it, measured by ``cpuload.busy_cores``: over the
     command's start-up when the ``mnist`` command marked it, else over 0.1 s) is left out.
     """
-    given = os.environ.get("OMP_NUM_THREADS", "")
-    if given.isdigit() and int(given) > 0:
-        return int(given)
+    given = _threads_from_env()
+    if given:
+        return given
     return max(1, (free_cores() if sample else usable_cores()) // max(1, jobs))
+
+
+def _threads_from_env() -> int:
+    """OMP_NUM_THREADS when it names a positive count, else 0."""
+    given = os.environ.get("OMP_NUM_THREADS", "")
+    return int(given) if given.isdigit() and int(given) > 0 else 0
 
 
 def free_cores() -> int:
@@ -137,6 +144,45 @@ def set_threads(requested: int = 0) -> int:
     threads = requested or threads_per_job(1)
     torch.set_num_threads(threads)
     return threads
+
+
+def follows_load(requested: int) -> bool:
+    """Whether the policy chose the threads (no ``--threads``, no OMP_NUM_THREADS), so it may choose again while
+    a run trains (``LoadFollower``); a count the user gave stays fixed, and so does the run's rounding."""
+    return not requested and not _threads_from_env()
+
+
+FOLLOW_EVERY_S = 2.0  # seconds between readings: /proc/stat counts in 10 ms ticks, so 2 s reads to ~1 %
+
+
+class LoadFollower:
+    """Between training steps, keeps torch's threads at the cores other work leaves free, as the start-up
+    policy (``threads_per_job``) chose them, when that work starts or stops after start-up.
+
+    The start-up reading cannot see a neighbour that starts later (a second run, a notebook kernel): beside one
+    that started 3 s in, two threads made one epoch of the guide's CNN several times slower than one (BENCHMARKS.md).
+    Calling it costs one clock read; every ``every_s`` it reads /proc (about 0.1 ms) and sets torch's thread
+    count when the answer changed. Threads only change between steps, so each step runs on one count, but the
+    sums' rounding follows the count: give ``--threads`` for runs that repeat bit for bit.
+    """
+
+    def __init__(self, every_s: float = FOLLOW_EVERY_S) -> None:
+        self.every_s = every_s
+        self.cpus = affinity()
+        self.last: CpuSample | None = read(self.cpus) if self.cpus else None  # None: nothing to follow here
+        self.t0 = time.monotonic()
+        self.changes: list[tuple[float, int]] = []  # (seconds after the start, threads from then on)
+
+    def __call__(self) -> None:
+        if self.last is None or time.monotonic() - self.last.at < self.every_s:
+            return
+        now = read(self.cpus)
+        busy = busy_between(self.last, now)
+        self.last = now
+        threads = max(1, len(self.cpus) - round(busy))
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.changes.append((round(time.monotonic() - self.t0, 1), threads))
 
 
 def oversubscribed(count: int, what: str) -> str | None:

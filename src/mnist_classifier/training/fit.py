@@ -23,7 +23,7 @@ from torch import nn
 from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits, check_name
-from ..device import flush_denormals, preferred_memory_format
+from ..device import LoadFollower, flush_denormals, preferred_memory_format
 from ..errors import DivergedError, Interrupted, UserError
 from ..evaluation import evaluate_model, final_drop
 from ..models import build_model, check_model, count_parameters
@@ -31,7 +31,7 @@ from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
 from .. import runs
 from .distributed import SINGLE, DistContext, MaxVote, check_batch, same_on_all_ranks
-from .epoch import Progress, StopFlag, StopRequested, epoch_permutation, stop_requests
+from .epoch import OnStep, Progress, StopFlag, StopRequested, epoch_permutation, stop_requests
 from .optim import lr_value
 from .precise_bn import recalibrate, sample_batches
 from .session import Learner, RunSpec, Session, build_session
@@ -209,15 +209,26 @@ def _diverged(exc: DivergedError, files: RunFiles) -> DivergedError:
     return DivergedError(f"{exc}; {kept}")
 
 
-def run_epochs(s: Session, files: RunFiles, reporter: Reporter,
-               start: Progress | None) -> tuple[dict | None, int | None]:
+def _each_step(reporter: Reporter, follower: LoadFollower | None) -> OnStep:
+    """What runs after every step: the reporter's progress, then the thread count's check when it follows load."""
+    if follower is None:
+        return reporter.step
+
+    def step(epoch: int, batch: int, n_batches: int, loss: float | None) -> None:
+        reporter.step(epoch, batch, n_batches, loss)
+        follower()
+    return step
+
+
+def run_epochs(s: Session, files: RunFiles, reporter: Reporter, start: Progress | None,
+               follower: LoadFollower | None = None) -> tuple[dict | None, int | None]:
     """The epoch loop; returns the validation-chosen weights (in memory) with --val-size, else None, and the exit
     status of a stop requested after the last step, else None."""
     spec, learner, state = s.spec, s.learner, s.state
     best_state = None
     with stop_requests(forwarded=spec.ctx.enabled) as stop:
         stopping = AgreedStop(stop, spec.ctx)
-        learner.loop.stop_requested, learner.loop.on_step = stopping, reporter.step
+        learner.loop.stop_requested, learner.loop.on_step = stopping, _each_step(reporter, follower)
         for epoch in range(state.epoch + 1, spec.cfg.epochs + 1):
             perm = epoch_permutation(len(s.data.train_y), spec.cfg.seed, epoch).to(spec.device)
             try:
@@ -259,7 +270,8 @@ def test_chosen(s: Session, best_state: dict | None, run_dir: Path) -> dict[str,
             "test_accuracy": round(test["accuracy"], 4), "test_loss": round(test["loss"], 6)}
 
 
-def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -> dict[str, Any]:
+def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float,
+           follower: LoadFollower | None = None) -> dict[str, Any]:
     """The summary (written as summary.json by rank 0)."""
     spec, ctx = s.spec, s.spec.ctx
     cfg = spec.cfg
@@ -279,7 +291,9 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float) -
     summary.update({"train_seconds": round(s.state.train_seconds, 3), "precise_bn_seconds": round(s.state.bn_seconds, 3),
                     "whiten_seconds": round(s.state.whiten_seconds, 3),
                     "total_seconds": round(time.perf_counter() - t_start, 3), "world_size": ctx.world_size,
-                    "threads": torch.get_num_threads()})  # what the thread policy (or --threads) gave torch
+                    "threads": torch.get_num_threads()})  # what the thread policy (or --threads) gave torch last
+    if follower is not None:  # [seconds after the start, threads from then on] each time the policy chose again
+        summary["threads_followed"] = [list(change) for change in follower.changes]
     if ctx.enabled:
         summary["weights_identical_across_ranks"] = same_on_all_ranks(list(s.learner.model.state_dict().values()), ctx)
     if ctx.is_main:
@@ -301,11 +315,13 @@ def resumed_progress(resume: dict[str, Any] | None, n_batches: int, world: int =
 
 
 def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, reporter: Reporter | None = None,
-        resume: dict[str, Any] | None = None, ctx: DistContext = SINGLE) -> dict[str, Any]:
+        resume: dict[str, Any] | None = None, ctx: DistContext = SINGLE, follow_load: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` on ``splits`` and write the run folder; return the summary dict.
 
     ``resume`` is a ``last.pt`` payload; training continues after its last completed epoch. Under
     torchrun (``ctx``), every process trains its shard of each batch and only rank 0 writes files.
+    ``follow_load`` (on a CPU, one process): the thread policy chooses torch's threads again as other work
+    starts or stops (``LoadFollower``).
     """
     reporter, t_start = reporter or Reporter(), time.perf_counter()
     check_config(cfg)
@@ -322,8 +338,9 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))
-        best_state, late_stop = run_epochs(s, files, reporter, partial)
-        summary = finish(s, best_state, run_dir, t_start)
+        follower = LoadFollower() if follow_load and device.type == "cpu" and not ctx.enabled else None
+        best_state, late_stop = run_epochs(s, files, reporter, partial, follower)
+        summary = finish(s, best_state, run_dir, t_start, follower)
         if log:
             log.finish(cfg, summary, s.state.confusion)
     finally:
