@@ -206,7 +206,7 @@ class TrainConfig:
     tensorboard: bool = _opt(True, "write TensorBoard event files into the run folder (`tensorboard --logdir runs` "
                              "compares runs)", role="run")
     threads: int = _opt(0, "torch compute threads (intra-op); 0 = automatic: the cores that other work leaves free, "
-                        "read at start-up and every 2 s while training (OMP_NUM_THREADS, when set, decides instead)",
+                        "read at start-up and every 0.5 s while training (OMP_NUM_THREADS, when set, decides instead)",
                         bounds=Bounds(0, 1024), role="run")
     dist_timeout: float = _opt(300.0, "under torchrun: seconds a process waits for the others before giving up",
                                bounds=POSITIVE, role="run")

@@ -152,7 +152,10 @@ def follows_load(requested: int) -> bool:
     return not requested and not _threads_from_env()
 
 
-FOLLOW_EVERY_S = 2.0  # seconds between readings: /proc/stat counts in 10 ms ticks, so 2 s reads to ~1 %
+# seconds between readings. /proc/stat counts in 10 ms ticks, so 0.5 s reads each core to 2 %; beside a spinner that
+# started 3 s in, one epoch of the guide CNN took 6.61 s reading every 0.5 s, 7.17 s every 1 s, 7.47 s every 2 s
+# (medians of 5, alternated; 5.29 s alone; BENCHMARKS.md): two threads beside it cost ~10x, so waiting costs most
+FOLLOW_EVERY_S = 0.5
 
 
 class LoadFollower:
@@ -160,8 +163,8 @@ class LoadFollower:
     policy (``threads_per_job``) chose them, when that work starts or stops after start-up.
 
     The start-up reading cannot see a neighbour that starts later (a second run, a notebook kernel): beside one
-    that started 3 s in, two threads made one epoch of the guide's CNN several times slower than one (BENCHMARKS.md).
-    Calling it costs one clock read; every ``every_s`` it reads /proc (about 0.1 ms) and sets torch's thread
+    that started 3 s in, two threads made one epoch of the guide's CNN 12x slower than alone (BENCHMARKS.md).
+    Calling it costs one clock read (0.15 us); every ``every_s`` it reads /proc (0.03 ms) and sets torch's thread
     count when the answer changed. Threads only change between steps, so each step runs on one count, but the
     sums' rounding follows the count: give ``--threads`` for runs that repeat bit for bit.
     """
