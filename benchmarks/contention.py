@@ -19,7 +19,7 @@ the variable unset (libgomp spins a while, then sleeps). Without a suffix, the `
 Prints one JSON line per run (wall seconds of the whole command), then medians and ratios to the first case.
 
     .venv/bin/python benchmarks/contention.py --data-dir data --reps 3
-    .venv/bin/python benchmarks/contention.py --data-dir data --reps 5 --epochs 2 --cases alone-auto late-auto late-2 late-1
+    .venv/bin/python benchmarks/contention.py --data-dir data --reps 3 --cases alone-auto late-auto late-2 late-1
 """
 
 from __future__ import annotations
