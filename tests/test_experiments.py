@@ -474,6 +474,39 @@ def test_more_jobs_than_cores_still_finish_the_sweep_after_one_warning(data_dir,
     assert json.loads(proc.stdout)["trials"]["complete"] == jobs
 
 
+@pytest.mark.serial
+@pytest.mark.slow  # it needs a quiet machine, and two epochs of all the images
+def test_a_trial_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(data_dir, tmp_path):
+    """The same thread policy as `mnist train`: a sweep's worker follows the load while its trial trains."""
+    from mnist_classifier import cpuload
+
+    cores = cpuload.usable_cores()
+    if cores < 2 or not cpuload.affinity() or cpuload.read(cpuload.affinity()) is None:
+        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    out = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "sweep", "--out", str(out), "--data-dir",
+                             str(data_dir), "--device", "cpu", "--val-size", "5000", "--epochs", "2", "--jobs", "1",
+                             "--no-tensorboard", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    run = out / "trial-0000-seed0"
+    spinners: list[subprocess.Popen] = []
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "config.json").exists():  # written as the trial's training starts
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+        _, err = proc.communicate(timeout=600)
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+    assert proc.returncode == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["threads"] == 1 and summary["threads_followed"][-1][1] == 1, summary.get("threads_followed")
+
+
 def test_a_sweep_without_params_repeats_one_config_over_seeds(data_dir, tmp_path, capsys):
     assert main(["sweep", "--out", str(tmp_path / "s"), *tiny(data_dir), "--seeds", "2", "--jobs", "1", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

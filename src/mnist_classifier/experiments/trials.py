@@ -20,6 +20,7 @@ import torch
 from .. import fileio
 from ..config import TrainConfig
 from ..data import Splits
+from ..device import follows_load
 from ..errors import DivergedError, Interrupted, UserError
 from ..training import Reporter, fit
 from .space import Param
@@ -92,7 +93,10 @@ def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig,
         try:
             cfg = trial_config(base, values, k, run_dir)
             fileio.make_dir(run_dir, "run folder")
-            summary = fit(cfg, splits, device, run_dir, PruningReporter(trial) if k == 0 else Reporter())
+            # the policy's threads follow the load as in `mnist train`: a worker's share of the cores, other
+            # workers counting as other work, until one finishes or a neighbour starts
+            summary = fit(cfg, splits, device, run_dir, PruningReporter(trial) if k == 0 else Reporter(),
+                          follow_load=follows_load(base.threads))
         except optuna.TrialPruned as pruned:
             trial.set_user_attr("pruned_at", str(pruned))
             _write_trial(run_dir, trial, study, "pruned", values, {"reason": str(pruned)})
