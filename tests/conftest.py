@@ -61,6 +61,19 @@ def small_cfg(data_dir, tmp_path) -> TrainConfig:
     return TrainConfig(epochs=1, train_subset=2000, device="cpu", data_dir=str(data_dir), out=str(tmp_path / "run"))
 
 
+@contextlib.contextmanager
+def spinning(count: int):
+    """``count`` processes that each keep a core busy (a Python loop) until the block ends: other work, as a
+    browser tab or a second run would be."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600,
             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `python -m mnist_classifier ARGS` as a real process (``env``: added to its environment)."""

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, spinning
 from mnist_classifier import device
 from mnist_classifier.device import autocast_dtype, available_devices, select_device
 from mnist_classifier.errors import UserError
@@ -213,15 +213,10 @@ def test_the_follower_gives_up_a_core_that_other_work_takes_and_takes_it_back():
     try:
         follower()
         assert torch.get_num_threads() == cores and follower.changes == []  # not yet: the window is too short
-        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
-        try:
+        with spinning(cores - 1):
             time.sleep(0.8)
             follower()
             assert torch.get_num_threads() == 1
-        finally:
-            for p in spinners:
-                p.kill()
-                p.wait()
         for _ in range(5):  # once any blip of the finished spinners has passed: all cores again
             time.sleep(0.6)
             follower()
@@ -248,16 +243,10 @@ def test_mnist_train_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(
                "--epochs", "2", "--log-every", "20", "--no-tensorboard", "--out", str(run), *extra]
         env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        spinners: list[subprocess.Popen] = []
-        try:
-            while "Loss:" not in proc.stdout.readline():  # training has begun: the start-up reading is long past
-                assert proc.poll() is None, proc.stderr.read()
-            spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
-            out, err = proc.communicate(timeout=600)
-        finally:
-            for p in spinners:
-                p.kill()
-                p.wait()
+        while "Loss:" not in proc.stdout.readline():  # training has begun: the start-up reading is long past
+            assert proc.poll() is None, proc.stderr.read()
+        with spinning(cores - 1):
+            _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err
         return json.loads((run / "summary.json").read_text())
 

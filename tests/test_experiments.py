@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import REPO, as_from_a_terminal, run_cli
+from conftest import REPO, as_from_a_terminal, run_cli, spinning
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted
@@ -490,18 +490,12 @@ def test_a_trial_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(data
                              "--no-tensorboard", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env)
     run = out / "trial-0000-seed0"
-    spinners: list[subprocess.Popen] = []
-    try:
-        deadline = time.monotonic() + 300
-        while not (run / "config.json").exists():  # written as the trial's training starts
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
-            time.sleep(0.05)
-        spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores - 1)]
+    deadline = time.monotonic() + 300
+    while not (run / "config.json").exists():  # written as the trial's training starts
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+        time.sleep(0.05)
+    with spinning(cores - 1):
         _, err = proc.communicate(timeout=600)
-    finally:
-        for p in spinners:
-            p.kill()
-            p.wait()
     assert proc.returncode == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["threads"] == 1 and summary["threads_followed"][-1][1] == 1, summary.get("threads_followed")
