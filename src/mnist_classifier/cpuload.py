@@ -4,8 +4,9 @@ The thread policy (``device.threads_per_job``) needs the answer at start-up. Sam
 two readings of /proc/stat some time apart. The ``mnist`` command takes its first reading (``mark_start``)
 before it imports torch, so the import's 1-2 s are the measuring window and the policy waits for nothing.
 This process's own CPU time over the window (/proc/self/stat) is taken out: the import keeps one core busy
-itself, and that is not other work. While ``mnist train`` trains, ``device.LoadFollower`` reads it again
-every 0.5 s between steps (``busy_between`` two readings), so work that starts later is seen too.
+itself, and that is not other work. While a run trains (``mnist train``, a sweep's trial),
+``device.LoadFollower`` reads it again every 0.5 s between steps (``busy_between`` two readings), so work that
+starts later is seen too.
 """
 
 from __future__ import annotations

@@ -163,7 +163,7 @@ class LoadFollower:
     policy (``threads_per_job``) chose them, when that work starts or stops after start-up.
 
     The start-up reading cannot see a neighbour that starts later (a second run, a notebook kernel): beside one
-    that started 3 s in, two threads made one epoch of the guide's CNN 12x slower than alone (BENCHMARKS.md).
+    that started 3 s in, two threads made one epoch of the guide's CNN 6-12x slower than alone (BENCHMARKS.md).
     Calling it costs one clock read (0.15 us); every ``every_s`` it reads /proc (0.03 ms) and sets torch's thread
     count when the answer changed. Threads only change between steps, so each step runs on one count, but the
     sums' rounding follows the count: give ``--threads`` for runs that repeat bit for bit.
