@@ -104,7 +104,7 @@ def busy_cores(interval: float = MIN_WINDOW_S) -> float:
 def busy_between(before: CpuSample, after: CpuSample | None) -> float:
     """How many of ``before.cpus`` other work kept busy from one reading to the next (0 where they say
     nothing): their busy ticks less this process's own, over the ticks that passed."""
-    if after is None or after.cpus != before.cpus or after.total <= before.total:
+    if after is None or after.total <= before.total:
         return 0.0
     others = (after.total - after.idle) - (before.total - before.idle) - (after.own - before.own)
     return len(before.cpus) * max(0, others) / (after.total - before.total)

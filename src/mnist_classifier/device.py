@@ -134,9 +134,10 @@ def _threads_from_env() -> int:
     return int(given) if given.isdigit() and int(given) > 0 else 0
 
 
-def free_cores() -> int:
-    """This process's cores less those other work keeps busy (a core more than half busy counts), at least one."""
-    return max(1, usable_cores() - round(busy_cores()))
+def free_cores(busy: float | None = None) -> int:
+    """This process's cores less those other work keeps busy (a core more than half busy counts), at least one;
+    ``busy``: a reading already taken (``LoadFollower``'s), else one now (``cpuload.busy_cores``)."""
+    return max(1, usable_cores() - round(busy_cores() if busy is None else busy))
 
 
 def set_threads(requested: int = 0) -> int:
@@ -180,9 +181,8 @@ class LoadFollower:
         if self.last is None or time.monotonic() - self.last.at < self.every_s:
             return
         now = read(self.cpus)
-        busy = busy_between(self.last, now)
+        threads = free_cores(busy_between(self.last, now))  # the start-up policy's rule, on this window
         self.last = now
-        threads = max(1, len(self.cpus) - round(busy))
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
             self.changes.append((round(time.monotonic() - self.t0, 1), threads))
