@@ -30,6 +30,14 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   centre-patch4     the centre 24 x 24 unshuffled 4 x 4 to 6 x 6 x 16, no pool there: [24], [32], [48] + pool
   centre-patch4-wide  the same with [32], [32], [48]
   centre-strided    the centre model with a stride-2 first layer in place of its convolution + pool
+  frozen-stem       centre-narrow-16 with its first block (convolution and batch norm) frozen after the
+                    whitening start: no gradient for it, and none into it (the second layer's backward
+                    skips its input's gradient)
+  frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 212 steps
+  g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
+  g2-last-64        the same at 64 channels (the grouped layer's FLOP of [32] -> [43])
+  sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
+  sep-last-64       the same, 1x1 to 64
 
 Each line also gives the candidate's training FLOP per image (forward and backward of its convolutions and
 matrix products, counted by torch's FlopCounterMode), a cost that does not drift with the VM as seconds do.
@@ -52,7 +60,8 @@ from mnist_classifier.data import load_dataset
 from mnist_classifier.device import select_device
 from mnist_classifier.experiments import run_seeds
 from mnist_classifier.models import ModelConfig, build_model, registry
-from mnist_classifier.models.cnn import FastCNN, FastCNNCentre, FastCNNCentre16, conv_bn
+from mnist_classifier.models.cnn import ConvBN, FastCNN, FastCNNCentre, FastCNNCentre16, conv_bn
+from mnist_classifier.models.pooling import MaxPool2x2
 
 
 def conv_bn_s2(c_in: int, c_out: int) -> nn.Sequential:
@@ -134,11 +143,72 @@ class CentreStrided(FastCNNCentre):
         return [conv_bn_s2(c_in, 24), conv_bn(24, 32), conv_bn(32, 48, pool=True)]
 
 
+class FrozenStem(FastCNNCentre16):
+    """centre-narrow-16 whose first block (after the unshuffle) stops training after ``AFTER`` training steps
+    (0: never trains; the whitening start, which runs before training, still sets it)."""
+
+    AFTER = 0
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.steps_seen = 0
+        self.register_forward_pre_hook(FrozenStem._count)
+        if self.AFTER == 0:
+            self._freeze()
+
+    def _freeze(self) -> None:
+        for p in self.features[1].parameters():
+            p.requires_grad_(False)  # set_to_none zeroing leaves their .grad None: Adam skips them
+
+    @staticmethod
+    def _count(model, _args) -> None:
+        if model.training and torch.is_grad_enabled():
+            model.steps_seen += 1
+            if model.steps_seen == model.AFTER + 1:
+                model._freeze()
+
+
+def frozen_after(steps: int) -> type[nn.Module]:
+    return type(f"FrozenStemAfter{steps}", (FrozenStem,), {"AFTER": steps})
+
+
+def last_layer(name: str, last: nn.Module, width: int) -> type[nn.Module]:
+    """centre-narrow-16 with ``last`` (which pools to 3 x 3 and ends in ``width`` channels) as its last block."""
+
+    class Last(FastCNNCentre16):
+        def __init__(self, cfg) -> None:
+            super().__init__(cfg)
+            self.features[-1] = last()
+            self.head[-1] = nn.Linear(width * 3 * 3, cfg.num_classes)
+
+    Last.__name__ = Last.__qualname__ = name
+    return Last
+
+
+def pooled_block(conv: nn.Module, c_out: int) -> ConvBN:
+    """``conv``, the 2 x 2 max-pool, batch norm and ReLU, as conv_bn's block (torch's layers behind the pool)."""
+    return ConvBN(conv, MaxPool2x2(), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def grouped(c_out: int):
+    return lambda: pooled_block(nn.Conv2d(32, c_out, 3, padding=1, bias=False, groups=2), c_out)
+
+
+def separable(c_out: int):
+    return lambda: pooled_block(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False, groups=32),
+                                              nn.Conv2d(32, c_out, 1, bias=False)), c_out)
+
+
 CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": StridedWide, "late-pool": LatePool,
               "slim-late": SlimLate,
               "centre-narrow-16": FastCNNCentre16, "centre-narrow-20": CentreNarrow20, "centre-40": Centre40,
               "centre-16-last-40": Centre16Last40, "centre-narrow-12": CentreNarrow12,
-              "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided}
+              "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided,
+              "frozen-stem": FrozenStem, "frozen-stem-after-40": frozen_after(40),
+              "frozen-stem-after-106": frozen_after(106),
+              "g2-last": last_layer("G2Last", grouped(48), 48), "g2-last-64": last_layer("G2Last64", grouped(64), 64),
+              "sep-last": last_layer("SepLast", separable(48), 48),
+              "sep-last-64": last_layer("SepLast64", separable(64), 64)}
 
 
 def train_mflop_per_image(name: str) -> float:
