@@ -35,7 +35,7 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
                     skips its input's gradient)
   frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 212 steps
   g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
-  g2-last-64        the same at 64 channels (the grouped layer's FLOP of [32] -> [43])
+  g2-last-64        the same at 64 channels (the grouped layer's FLOP those of a full [32] -> [32])
   sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
   sep-last-64       the same, 1x1 to 64
 
@@ -50,6 +50,7 @@ import argparse
 import json
 import statistics
 import tempfile
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -169,11 +170,12 @@ class FrozenStem(FastCNNCentre16):
 
 
 def frozen_after(steps: int) -> type[nn.Module]:
+    """FrozenStem, frozen after ``steps`` training steps."""
     return type(f"FrozenStemAfter{steps}", (FrozenStem,), {"AFTER": steps})
 
 
-def last_layer(name: str, last: nn.Module, width: int) -> type[nn.Module]:
-    """centre-narrow-16 with ``last`` (which pools to 3 x 3 and ends in ``width`` channels) as its last block."""
+def last_layer(name: str, last: Callable[[], nn.Module], width: int) -> type[nn.Module]:
+    """centre-narrow-16 with ``last()`` (which pools to 3 x 3 and ends in ``width`` channels) as its last block."""
 
     class Last(FastCNNCentre16):
         def __init__(self, cfg) -> None:
@@ -190,11 +192,11 @@ def pooled_block(conv: nn.Module, c_out: int) -> ConvBN:
     return ConvBN(conv, MaxPool2x2(), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-def grouped(c_out: int):
+def grouped(c_out: int) -> Callable[[], ConvBN]:
     return lambda: pooled_block(nn.Conv2d(32, c_out, 3, padding=1, bias=False, groups=2), c_out)
 
 
-def separable(c_out: int):
+def separable(c_out: int) -> Callable[[], ConvBN]:
     return lambda: pooled_block(nn.Sequential(nn.Conv2d(32, 32, 3, padding=1, bias=False, groups=32),
                                               nn.Conv2d(32, c_out, 1, bias=False)), c_out)
 
