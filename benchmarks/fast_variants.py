@@ -153,9 +153,10 @@ class FrozenStem(FastCNNCentre16):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.steps_seen = 0
-        self.register_forward_pre_hook(FrozenStem._count)
         if self.AFTER == 0:
             self._freeze()
+        else:
+            self.register_forward_pre_hook(FrozenStem._count)
 
     def _freeze(self) -> None:
         for p in self.features[1].parameters():
@@ -165,7 +166,7 @@ class FrozenStem(FastCNNCentre16):
     def _count(model, _args) -> None:
         if model.training and torch.is_grad_enabled():
             model.steps_seen += 1
-            if model.steps_seen == model.AFTER + 1:
+            if model.steps_seen == model.AFTER + 1:  # before the forward of step AFTER + 1
                 model._freeze()
 
 

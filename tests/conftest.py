@@ -61,6 +61,24 @@ def small_cfg(data_dir, tmp_path) -> TrainConfig:
     return TrainConfig(epochs=1, train_subset=2000, device="cpu", data_dir=str(data_dir), out=str(tmp_path / "run"))
 
 
+def cpu_load_readable() -> bool:
+    """Whether /proc tells this process's cores' load (Linux), as the thread policy reads it."""
+    from mnist_classifier import cpuload
+
+    return bool(cpuload.affinity()) and cpuload.read(cpuload.affinity()) is not None
+
+
+def cores_to_spare() -> int:
+    """This process's cores, for a test that keeps some busy while it measures: it is skipped without two
+    cores or without /proc."""
+    from mnist_classifier import cpuload
+
+    cores = cpuload.usable_cores()
+    if cores < 2 or not cpu_load_readable():
+        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    return cores
+
+
 @contextlib.contextmanager
 def spinning(count: int):
     """``count`` processes that each keep a core busy (a Python loop) until the block ends: other work, as a

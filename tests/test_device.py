@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, spinning
+from conftest import cores_to_spare, cpu_load_readable, run_cli, spinning
 from mnist_classifier import device
 from mnist_classifier.device import autocast_dtype, available_devices, select_device
 from mnist_classifier.errors import UserError
@@ -99,16 +99,10 @@ def test_flushed_denormals_become_zero_on_every_thread():
 # How busy the cores are (cpuload), read over the command's start-up
 
 
-def _readable() -> bool:
-    from mnist_classifier import cpuload
-
-    return bool(cpuload.affinity()) and cpuload.read(cpuload.affinity()) is not None
-
-
 def test_a_start_mark_is_the_window_of_the_next_reading_only():
     from mnist_classifier import cpuload
 
-    if not _readable():
+    if not cpu_load_readable():
         pytest.skip("no /proc here")
     cpuload.mark_start()
     time.sleep(cpuload.MIN_WINDOW_S)  # the start-up, long enough to be the whole window
@@ -123,7 +117,7 @@ def test_a_start_mark_is_the_window_of_the_next_reading_only():
 def test_a_mark_just_taken_still_gets_the_whole_window():
     from mnist_classifier import cpuload
 
-    if not _readable():
+    if not cpu_load_readable():
         pytest.skip("no /proc here")
     cpuload.mark_start()
     t = time.monotonic()
@@ -137,9 +131,7 @@ def test_the_start_up_reading_leaves_out_this_process_and_sees_the_others(monkey
     from mnist_classifier import cpuload
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = cpuload.usable_cores()
-    if cores < 2 or not _readable():
-        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    cores = cores_to_spare()
 
     def threads_after_own_work() -> int:
         cpuload.mark_start()
@@ -204,9 +196,7 @@ def test_only_the_policys_own_choice_is_followed(monkeypatch):
 @pytest.mark.serial
 @pytest.mark.slow  # it needs a quiet machine: make test-fast runs serial tests beside others
 def test_the_follower_gives_up_a_core_that_other_work_takes_and_takes_it_back():
-    cores = device.usable_cores()
-    if cores < 2 or not _readable():
-        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    cores = cores_to_spare()
     before = torch.get_num_threads()
     torch.set_num_threads(cores)
     follower = device.LoadFollower(every_s=0.5)
@@ -234,9 +224,7 @@ def test_mnist_train_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(
     """A neighbour that starts after the start-up reading: `mnist train` drops to one thread while it trains,
     and says so in summary.json; with --threads the count stays."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    cores = device.usable_cores()
-    if cores < 2 or not _readable():
-        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    cores = cores_to_spare()
 
     def train(run: Path, *extra: str) -> dict:
         cmd = [sys.executable, "-m", "mnist_classifier", "train", "--data-dir", str(data_dir), "--device", "cpu",

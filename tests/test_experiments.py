@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import REPO, as_from_a_terminal, run_cli, spinning
+from conftest import REPO, as_from_a_terminal, cores_to_spare, run_cli, spinning
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted
@@ -478,11 +478,7 @@ def test_more_jobs_than_cores_still_finish_the_sweep_after_one_warning(data_dir,
 @pytest.mark.slow  # it needs a quiet machine, and two epochs of all the images
 def test_a_trial_gives_up_a_core_to_a_neighbour_that_starts_while_it_trains(data_dir, tmp_path):
     """The same thread policy as `mnist train`: a sweep's worker follows the load while its trial trains."""
-    from mnist_classifier import cpuload
-
-    cores = cpuload.usable_cores()
-    if cores < 2 or not cpuload.affinity() or cpuload.read(cpuload.affinity()) is None:
-        pytest.skip("needs two cores and /proc: one to keep busy, one to measure")
+    cores = cores_to_spare()
     out = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
     proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "sweep", "--out", str(out), "--data-dir",
