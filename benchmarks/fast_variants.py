@@ -4,9 +4,11 @@ The fast recipe's network (``fast-cnn-deep``) computes its first convolution and
 on maps 4x the size of its later ones. Each candidate below makes that layer cheaper. Every one trains with the fast
 recipe's settings as they are now (one epoch, batch 256, Adam 0.02 one-cycle, label smoothing 0.05 since the
 fourth session of 2026-12-05, the whitening start of the first layer since the fifth, the first 90 % of the
-epoch's batches since the sixth, the precision `auto` picks; the figures measured before those ran without
-them: add `--set label_smoothing=0,whiten_init=false,epoch_fraction=1`, `--set whiten_init=false,epoch_fraction=1`
-or `--set epoch_fraction=1` to rerun them) on the first
+epoch's batches since the sixth, the first layer frozen after half the steps since 2026-12-07's twenty-third,
+the precision `auto` picks; the figures measured before those ran without them: add `--set
+label_smoothing=0,whiten_init=false,epoch_fraction=1,stem_fraction=1`, `--set
+whiten_init=false,epoch_fraction=1,stem_fraction=1`, `--set epoch_fraction=1,stem_fraction=1` or `--set
+stem_fraction=1` to rerun them) on the first
 60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
 its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,
 max, standard deviation, and each seed's, in --seeds order, for paired comparisons) and the training loop's
@@ -33,7 +35,11 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   frozen-stem       centre-narrow-16 with its first block (convolution and batch norm) frozen after the
                     whitening start: no gradient for it, and none into it (the second layer's backward
                     skips its input's gradient)
-  frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 212 steps
+  frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 177 steps that the recipe's
+                    epoch fraction leaves of a 50,000-image epoch (the recipe's `stem_fraction` 0.5 now freezes
+                    every candidate's stem after 89 of them: run these with --set stem_fraction=1)
+  frozen-second-after-133, -155  the recipe (its stem frozen after half the steps) with the second block
+                    frozen too, after 133 (three quarters) or 155 of the 177 steps of a 50,000-image epoch
   g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
   g2-last-64        the same at 64 channels (the grouped layer's FLOP those of a full [32] -> [32])
   sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
@@ -175,6 +181,17 @@ def frozen_after(steps: int) -> type[nn.Module]:
     return type(f"FrozenStemAfter{steps}", (FrozenStem,), {"AFTER": steps})
 
 
+class FrozenSecond(FrozenStem):
+    """centre-narrow-16 whose second block stops training after ``AFTER`` steps (the stem follows the recipe's
+    ``stem_fraction``): a further layer frozen late, as FreezeOut does (Brock et al., 2017)."""
+
+    AFTER = 133
+
+    def _freeze(self) -> None:
+        for p in self.features[2].parameters():
+            p.requires_grad_(False)
+
+
 def last_layer(name: str, last: Callable[[], nn.Module], width: int) -> type[nn.Module]:
     """centre-narrow-16 with ``last()`` (which pools to 3 x 3 and ends in ``width`` channels) as its last block."""
 
@@ -209,6 +226,8 @@ CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": Strided
               "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided,
               "frozen-stem": FrozenStem, "frozen-stem-after-40": frozen_after(40),
               "frozen-stem-after-106": frozen_after(106),
+              "frozen-second-after-133": FrozenSecond,
+              "frozen-second-after-155": type("FrozenSecondAfter155", (FrozenSecond,), {"AFTER": 155}),
               "g2-last": last_layer("G2Last", grouped(48), 48), "g2-last-64": last_layer("G2Last64", grouped(64), 64),
               "sep-last": last_layer("SepLast", separable(48), 48),
               "sep-last-64": last_layer("SepLast64", separable(64), 64)}

@@ -181,11 +181,15 @@ def test_ctrl_c_under_torchrun_stops_every_rank_after_the_same_step_and_resume_i
     each rank died at once ("interrupted", exit 130) and the epoch in flight was lost. Now the ranks agree after
     every step, all stop after the same one, rank 0 saves last.pt with its place in the epoch (the loss and image
     count of both ranks) and says so once; the resumed run ends with the weights, EMA weights and metrics of an
-    uninterrupted one, bit for bit."""
+    uninterrupted one, bit for bit. The stem freezes halfway (--stem-fraction 0.5), after the stop: the resumed
+    ranks freeze it at the same step, and DDP, which then finds it unused, leaves it as it is."""
     common = ["--epochs", "1", "--train-subset", "12800", "--device", "cpu", "--data-dir", str(data_dir),
-              "--augment", "--ema", "0.99", "--log-every", "20", "--test-subset", "1000"]
+              "--augment", "--ema", "0.99", "--log-every", "20", "--test-subset", "1000", "--stem-fraction", "0.5"]
     straight = torchrun(*common, "--out", str(tmp_path / "straight"))
     assert straight.returncode == 0, straight.stderr[-2000:]
+    # the stem (conv1) froze after 100 of the 200 steps; DDP left its gradients None from then on
+    adam = torch.load(tmp_path / "straight" / "last.pt", weights_only=True)["optimizer"]["state"]
+    assert [int(adam[i]["step"]) for i in sorted(adam)] == [100, 100, 200, 200, 200, 200, 200, 200]
     run = tmp_path / "interrupted"
     status, out = stopped_at_batch_40(torchrun_command(tmp_path / "logs", *common, "--out", str(run)),
                                       lambda job, ranks: os.killpg(job.pid, signal.SIGINT))

@@ -170,6 +170,11 @@ class TrainConfig:
     whiten_init: bool = _opt(False, "start the first convolution as a whitening of its input: the principal "
                              "components of its patches in the first 2,000 training images, scaled to unit "
                              "variance, and their negatives (not with --pretrained)")
+    stem_fraction: float = _opt(1.0, "share of the run's optimizer steps in which the first convolution (and "
+                                "the batch norm after it) trains; from then on it is frozen, so each later step "
+                                "skips its backward (1 = it trains all run long, as the guide; the fast recipe "
+                                "freezes it halfway, after its whitening start has been tuned)",
+                                bounds=Bounds(0, 1))
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees", bounds=Bounds(0, 180))
     aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side", bounds=FRACTION)

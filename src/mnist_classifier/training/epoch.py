@@ -87,6 +87,8 @@ class EpochLoop:
     shard: tuple[int, int] = (0, 1)  # (rank, world size): this process trains on every world-th image of a batch
     aug_gen: torch.Generator | None = None  # the augmentation's random stream (None without --augment)
     seed: int = 0  # the run's --seed: the augmentation is reseeded from (seed, epoch) at every epoch's start
+    freeze_at: int | None = None  # --stem-fraction: the global step (0-based) from which ``stem`` is frozen
+    stem: tuple[nn.Parameter, ...] = ()  # the model's stem (models/stem.py), while it still trains
 
     def run(self, epoch: int, perm: torch.Tensor, start: Progress | None = None) -> float:
         """Train on the batches of ``perm`` (N,) from ``start``; return the epoch's mean training loss.
@@ -103,7 +105,9 @@ class EpochLoop:
         seen, since = start.seen, 0
         for b in range(start.batches_done, self.n_batches):
             idx = perm[b * self.batch_size : (b + 1) * self.batch_size][rank::world]
-            loss = self.step(idx, self.lr_at((epoch - 1) * self.n_batches + b) if self.lr_at else None)
+            step_no = (epoch - 1) * self.n_batches + b
+            self._freeze_stem(step_no)
+            loss = self.step(idx, self.lr_at(step_no) if self.lr_at else None)
             if self.ema is not None:
                 self.ema.update(self.step.model)
             running += loss
@@ -119,6 +123,12 @@ class EpochLoop:
                 aug_rng = self.aug_gen.get_state() if self.aug_gen is not None else None
                 raise StopRequested(Progress(b + 1, total.item(), seen, aug_rng))
         return total.item() / seen
+
+    def _freeze_stem(self, step_no: int) -> None:
+        """Freeze the stem before the step ``freeze_at``, or before the first step of a resumed run past it."""
+        if self.stem and self.freeze_at is not None and step_no >= self.freeze_at:
+            self.step.freeze(list(self.stem))
+            self.stem = ()
 
     def _seed_augmentation(self, epoch: int, start: Progress) -> None:
         if self.aug_gen is None:

@@ -26,7 +26,7 @@ from ..data import Splits, check_name
 from ..device import LoadFollower, flush_denormals, preferred_memory_format
 from ..errors import DivergedError, Interrupted, UserError
 from ..evaluation import evaluate_model, final_drop
-from ..models import build_model, check_model, count_parameters
+from ..models import build_model, check_model
 from ..models.registry import SELF_NORMALISING
 from ..models import checkpoint
 from .. import runs
@@ -83,7 +83,7 @@ def write_config(spec: RunSpec, run_dir: Path) -> None:
 
 def start_info(s: Session, run_dir: Path) -> dict[str, Any]:
     spec = s.spec
-    return {"device": str(spec.device), "precision": _precision(spec), "params": count_parameters(s.learner.model),
+    return {"device": str(spec.device), "precision": _precision(spec), "params": s.learner.params,
             "n_train": len(s.data.train_y), "n_test": len(s.data.eval_y), "split": spec.split,
             "n_batches": s.learner.loop.n_batches, "start_epoch": s.state.epoch + 1, "epochs": spec.cfg.epochs,
             "run_dir": str(run_dir), "world_size": spec.ctx.world_size}
@@ -276,7 +276,7 @@ def finish(s: Session, best_state: dict | None, run_dir: Path, t_start: float,
     spec, ctx = s.spec, s.spec.ctx
     cfg = spec.cfg
     summary: dict[str, Any] = {
-        "epochs": cfg.epochs, "params": count_parameters(s.learner.model), "device": str(spec.device),
+        "epochs": cfg.epochs, "params": s.learner.params, "device": str(spec.device),
         "precision": _precision(spec), "seed": cfg.seed, "model": cfg.model, "recipe": cfg.recipe,
         "dataset": spec.info.name, "run_dir": str(run_dir), "test_images": len(s.data.test_y),
     }

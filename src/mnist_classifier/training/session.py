@@ -18,9 +18,10 @@ from ..data import DatasetInfo, Splits, model_input
 from ..data.augment import AffineAugment
 from ..device import autocast_dtype, preferred_memory_format
 from ..errors import UserError
-from ..models import ModelConfig, build_model, check_model
+from ..models import ModelConfig, build_model, check_model, count_parameters
 from ..models.efficientnet import load_imagenet
 from ..models.registry import SELF_NORMALISING
+from ..models.stem import stem_parameters
 from ..models.whiten import whiten_first_conv
 from .distributed import DistContext
 from .epoch import EpochLoop, count_batches
@@ -104,6 +105,7 @@ class Learner:
     ema: EMA | None
     loop: EpochLoop
     local_count: int  # this process's images per epoch (for the mean loss over processes)
+    params: int  # the parameters that train from the start (a stem frozen later still counts)
 
     @property
     def scored(self) -> nn.Module:
@@ -201,9 +203,12 @@ def param_groups(cfg: TrainConfig, model: nn.Module) -> list[dict[str, Any]]:
 
 
 def wrap(model: nn.Module, cfg: TrainConfig, ctx: DistContext, device: torch.device) -> nn.Module:
-    """DDP under torchrun, then torch.compile with --compile; both share the plain module's weights."""
+    """DDP under torchrun, then torch.compile with --compile; both share the plain module's weights. A stem that
+    will freeze (--stem-fraction) stops getting gradients mid-run: DDP then looks for unused parameters in every
+    step's graph, and leaves the gradients of those no process used untouched (None)."""
     if ctx.enabled:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        find_unused_parameters=cfg.stem_fraction < 1)
     return torch.compile(model) if cfg.compile else model
 
 
@@ -244,5 +249,7 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
         lambda step_no: learning_rate(step_no, total_steps, cfg.lr, cfg.schedule, cfg.warmup))
     loop = EpochLoop(step, cfg.batch_size, n_batches, lr_at=lr_at, ema=ema, log_every=cfg.log_every,
                      shard=(ctx.rank, ctx.world_size), aug_gen=aug_gen, seed=cfg.seed)
+    if cfg.stem_fraction < 1:  # the stem trains in the first ceil(F x steps) steps, as --epoch-fraction counts
+        loop.freeze_at, loop.stem = math.ceil(cfg.stem_fraction * total_steps), tuple(stem_parameters(model))
     return Session(RunSpec(cfg, info, mcfg, device, ctx, amp_dtype), data,
-                   Learner(model, train_model, optimizer, ema, loop, local_count), state)
+                   Learner(model, train_model, optimizer, ema, loop, local_count, count_parameters(model)), state)

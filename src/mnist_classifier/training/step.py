@@ -63,6 +63,13 @@ class TrainStep:
         """The optimizer step, once the gradients are in."""
         self.optimizer.step()
 
+    def freeze(self, params: list[nn.Parameter]) -> None:
+        """Stop training ``params`` (of the plain model) from the next step on: autograd computes no gradient for
+        them, and their ``.grad`` stays None, which every torch optimizer skips (Adam's moments stop with them)."""
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
     def __call__(self, idx: torch.Tensor, lr: float | None = None) -> torch.Tensor:
         if lr is not None:
             self.set_lr(lr)
@@ -108,6 +115,18 @@ class Bf16WeightsStep(TrainStep):
         for p in self.twin_weights:
             p.grad = None
 
+    def freeze(self, params: list[nn.Parameter]) -> None:
+        """The twin's copies of ``params`` stop too, and both drop out of the per-step copies."""
+        super().freeze(params)
+        frozen = {id(p) for p in params}
+        kept = [i for i, p in enumerate(self.weights) if id(p) not in frozen]
+        for i, twin in enumerate(self.twin_weights):
+            if i not in kept:
+                twin.requires_grad_(False)
+                twin.grad = None
+        self.weights, self.twin_weights, self.grads = ([items[i] for i in kept]
+                                                       for items in (self.weights, self.twin_weights, self.grads))
+
     def update(self) -> None:
         with torch.no_grad():
             for p, g in zip(self.weights, self.grads):
@@ -143,6 +162,11 @@ class CudaGraphStep(TrainStep):
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"].fill_(group_lr(lr, group))
+
+    def freeze(self, params: list[nn.Parameter]) -> None:
+        """The graph captured the backward of ``params``: it is dropped and captured again, after the warm-up."""
+        super().freeze(params)
+        self.graph, self.captured_loss, self.eager_steps = None, None, 0
 
     def _eager(self, idx: torch.Tensor) -> torch.Tensor:
         self.eager_steps += 1
