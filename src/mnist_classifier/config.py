@@ -172,8 +172,8 @@ class TrainConfig:
                              "variance, and their negatives (not with --pretrained)")
     stem_fraction: float = _opt(1.0, "share of the run's optimizer steps in which the first convolution (and "
                                 "the batch norm after it) trains; from then on it is frozen, so each later step "
-                                "skips its backward (1 = it trains all run long, as the guide; the fast recipe "
-                                "freezes it halfway, after its whitening start has been tuned)",
+                                "skips its backward (1 = it trains all run long, as in the guide; the fast "
+                                "recipe freezes it after half its steps)",
                                 bounds=Bounds(0, 1))
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees", bounds=Bounds(0, 180))

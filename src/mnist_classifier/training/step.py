@@ -119,12 +119,12 @@ class Bf16WeightsStep(TrainStep):
         """The twin's copies of ``params`` stop too, and both drop out of the per-step copies."""
         super().freeze(params)
         frozen = {id(p) for p in params}
-        kept = [i for i, p in enumerate(self.weights) if id(p) not in frozen]
-        for i, twin in enumerate(self.twin_weights):
-            if i not in kept:
+        keep = [id(p) not in frozen for p in self.weights]  # the twin's and the buffers' lists are in this order
+        for twin, kept in zip(self.twin_weights, keep):
+            if not kept:
                 twin.requires_grad_(False)
                 twin.grad = None
-        self.weights, self.twin_weights, self.grads = ([items[i] for i in kept]
+        self.weights, self.twin_weights, self.grads = ([x for x, kept in zip(items, keep) if kept]
                                                        for items in (self.weights, self.twin_weights, self.grads))
 
     def update(self) -> None:
