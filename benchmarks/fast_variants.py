@@ -38,8 +38,9 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
   frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 177 steps that the recipe's
                     epoch fraction leaves of a 50,000-image epoch (the recipe's `stem_fraction` 0.5 now freezes
                     every candidate's stem after 89 of them: run these with --set stem_fraction=1)
-  frozen-second-after-133, -155  the recipe (its stem frozen after half the steps) with the second block
-                    frozen too, after 133 (three quarters) or 155 of the 177 steps of a 50,000-image epoch
+  frozen-second-after-106, -118, -133, -155  the recipe (its stem frozen after half the steps) with the second
+                    block frozen too, after 106 (0.6), 118 (two thirds), 133 (three quarters) or 155 of the 177
+                    steps of a 50,000-image epoch
   g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
   g2-last-64        the same at 64 channels (the grouped layer's FLOP those of a full [32] -> [32])
   sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
@@ -192,6 +193,11 @@ class FrozenSecond(FrozenStem):
             p.requires_grad_(False)
 
 
+def second_frozen_after(steps: int) -> type[nn.Module]:
+    """FrozenSecond, its second block frozen after ``steps`` training steps."""
+    return type(f"FrozenSecondAfter{steps}", (FrozenSecond,), {"AFTER": steps})
+
+
 def last_layer(name: str, last: Callable[[], nn.Module], width: int) -> type[nn.Module]:
     """centre-narrow-16 with ``last()`` (which pools to 3 x 3 and ends in ``width`` channels) as its last block."""
 
@@ -226,8 +232,7 @@ CANDIDATES = {"narrow-16": Narrow16, "strided": Strided, "strided-wide": Strided
               "centre-patch4": CentrePatch4, "centre-patch4-wide": CentrePatch4Wide, "centre-strided": CentreStrided,
               "frozen-stem": FrozenStem, "frozen-stem-after-40": frozen_after(40),
               "frozen-stem-after-106": frozen_after(106),
-              "frozen-second-after-133": FrozenSecond,
-              "frozen-second-after-155": type("FrozenSecondAfter155", (FrozenSecond,), {"AFTER": 155}),
+              **{f"frozen-second-after-{n}": second_frozen_after(n) for n in (106, 118, 133, 155)},
               "g2-last": last_layer("G2Last", grouped(48), 48), "g2-last-64": last_layer("G2Last64", grouped(64), 64),
               "sep-last": last_layer("SepLast", separable(48), 48),
               "sep-last-64": last_layer("SepLast64", separable(64), 64)}

@@ -336,7 +336,7 @@ def _names(model, params):
     return [name for name, p in model.named_parameters() if id(p) in ids]
 
 
-def test_the_stem_is_the_first_convolution_and_the_batch_norm_after_it():
+def test_the_stem_is_the_first_convolutions_each_with_the_batch_norm_after_it():
     from mnist_classifier.models.stem import stem_parameters
 
     def stem(name):
@@ -347,6 +347,11 @@ def test_the_stem_is_the_first_convolution_and_the_batch_norm_after_it():
     assert stem("fast-cnn-centre-16") == ["features.1.0.weight", "features.1.2.weight", "features.1.2.bias"]
     assert stem("bn-cnn") == ["features.0.0.weight", "features.0.1.weight", "features.0.1.bias"]
     assert stem("m5-cnn") == ["features.0.weight", "features.1.weight", "features.1.bias"]
+    two = build_model(ModelConfig(name="fast-cnn-centre-16"))
+    assert _names(two, stem_parameters(two, 2)) == ["features.1.0.weight", "features.1.2.weight", "features.1.2.bias",
+                                                    "features.2.0.weight", "features.2.1.weight", "features.2.1.bias"]
+    guide = build_model(ModelConfig(name="guide-cnn"))  # deeper than the model: every convolution, no more
+    assert _names(guide, stem_parameters(guide, 5)) == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
     with pytest.raises(UserError, match="--stem-fraction must be in \\[0, 1\\], got 1.5"):
         TrainConfig(stem_fraction=1.5)
 
@@ -358,18 +363,20 @@ def _adam_steps(run_dir, model_name):
     return {names[int(i)]: int(state["step"]) for i, state in saved.items()}
 
 
-@pytest.mark.parametrize("model, precision, graphs", [("fast-cnn-centre-16", "fp32", False),
-                                                      ("guide-cnn", "bf16", False),  # Bf16WeightsStep's twin
-                                                      ("guide-cnn", "fp32", True)])  # CudaGraphStep, uncaptured
+@pytest.mark.parametrize("model, precision, graphs, depth, frozen", [
+    ("fast-cnn-centre-16", "fp32", False, 1, 3), ("fast-cnn-centre-16", "fp32", False, 2, 6),
+    ("guide-cnn", "bf16", False, 1, 2),  # Bf16WeightsStep's twin
+    ("guide-cnn", "fp32", True, 1, 2)])  # CudaGraphStep, uncaptured on a CPU
 def test_a_stem_fraction_trains_the_stem_for_that_share_of_the_steps_only(small_cfg, splits, model, precision,
-                                                                          graphs):
-    """2,000 images at batch 100 over 2 epochs are 40 steps; a stem fraction of 0.3 trains the stem in the first
-    ceil(12.0) = 12 and every other parameter in all 40, and the stem's weights then stay as they were."""
+                                                                          graphs, depth, frozen):
+    """2,000 images at batch 100 over 2 epochs are 40 steps; a stem fraction of 0.3 trains the stem (``depth``
+    convolutions and their batch norms: ``frozen`` tensors) in the first ceil(12.0) = 12 and every other
+    parameter in all 40, and the stem's weights then stay as they were."""
     from mnist_classifier.models.stem import stem_parameters
     from mnist_classifier.training import Reporter
 
     cfg = dataclasses.replace(small_cfg, model=model, precision=precision, cuda_graphs=graphs, epochs=2,
-                              batch_size=100, stem_fraction=0.3, schedule="onecycle", lr=0.003)
+                              batch_size=100, stem_fraction=0.3, stem_depth=depth, schedule="onecycle", lr=0.003)
     run_dir = Path(cfg.out)
 
     class AfterEpochOne(Reporter):  # the stem's weights after step 20, long after it froze
@@ -381,8 +388,8 @@ def test_a_stem_fraction_trains_the_stem_for_that_share_of_the_steps_only(small_
     summary = fit(cfg, splits, CPU, run_dir, seen)
     steps = _adam_steps(run_dir, model)
     built = build_model(ModelConfig(name=model))
-    stem = _names(built, stem_parameters(built))
-    assert len(stem) == (3 if model == "fast-cnn-centre-16" else 2)
+    stem = _names(built, stem_parameters(built, depth))
+    assert len(stem) == frozen
     assert {name: steps[name] for name in stem} == {name: 12 for name in stem}
     assert {steps[name] for name in steps if name not in stem} == {40}
     last = torch.load(run_dir / "last.pt", weights_only=True)["state_dict"]

@@ -175,6 +175,8 @@ class TrainConfig:
                                 "skips its backward (1 = it trains all run long, as in the guide; the fast "
                                 "recipe freezes it after half its steps)",
                                 bounds=Bounds(0, 1))
+    stem_depth: int = _opt(1, "with --stem-fraction: how many convolutions, from the input, the frozen stem holds "
+                           "(each with the normalisation after it)", bounds=Bounds(1, 64))
     augment: bool = _opt(False, "random affine augmentation on each batch, on the device")
     aug_rotate: float = _opt(10.0, "augmentation: largest rotation, degrees", bounds=Bounds(0, 180))
     aug_translate: float = _opt(0.1, "augmentation: largest shift, fraction of the image side", bounds=FRACTION)

@@ -15,18 +15,21 @@ from ..errors import UserError
 NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
 
 
-def stem_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The first ``nn.Conv2d``'s parameters and those of the normalisation layers registered after it and before
-    the next convolution (a conv-BN-ReLU block's batch norm); the model's registration order is its forward order
-    in this package's models, as the whitening start also assumes."""
-    params: list[nn.Parameter] | None = None  # None until the first convolution
+def stem_parameters(model: nn.Module, depth: int = 1) -> list[nn.Parameter]:
+    """The parameters of the first ``depth`` ``nn.Conv2d`` layers (all of them where the model has fewer) and of
+    the normalisation layers registered after each before the next convolution (a conv-BN-ReLU block's batch
+    norm); the model's registration order is its forward order in this package's models, as the whitening start
+    also assumes."""
+    params: list[nn.Parameter] = []
+    convs = 0
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
-            if params is not None:
+            if convs == depth:
                 break
-            params = list(module.parameters())
-        elif params is not None and isinstance(module, NORMS):
+            convs += 1
             params += list(module.parameters())
-    if params is None:
+        elif convs and isinstance(module, NORMS):
+            params += list(module.parameters())
+    if not convs:
         raise UserError("--stem-fraction: the model has no convolution to freeze")
     return params

@@ -250,6 +250,7 @@ def build_session(cfg: TrainConfig, splits: Splits, device: torch.device, ctx: D
     loop = EpochLoop(step, cfg.batch_size, n_batches, lr_at=lr_at, ema=ema, log_every=cfg.log_every,
                      shard=(ctx.rank, ctx.world_size), aug_gen=aug_gen, seed=cfg.seed)
     if cfg.stem_fraction < 1:  # the stem trains in the first ceil(F x steps) steps, as --epoch-fraction counts
-        loop.freeze_at, loop.stem = math.ceil(cfg.stem_fraction * total_steps), tuple(stem_parameters(model))
+        loop.freeze_at = math.ceil(cfg.stem_fraction * total_steps)
+        loop.stem = tuple(stem_parameters(model, cfg.stem_depth))
     return Session(RunSpec(cfg, info, mcfg, device, ctx, amp_dtype), data,
                    Learner(model, train_model, optimizer, ema, loop, local_count, count_parameters(model)), state)
