@@ -662,7 +662,7 @@ def test_the_workers_stop_when_their_supervisor_is_killed(trained_checkpoint, tm
 
 @SERIAL
 def test_requests_the_drain_timeout_cuts_short_get_503_with_retry_after_not_500(trained_checkpoint):
-    """80 uploads of a 4000 x 4000 ring (0.03-0.1 s to decode each, one at a time) outlive a 0.2 s drain: those
+    """80 uploads of a 4000 x 4000 ring (0.025-0.1 s to decode each, one at a time) outlive a 0.2 s drain: those
     still waiting are told to retry (503, Retry-After), where uvicorn answered 500 with a traceback each
     (seen in the bombs-in-parallel test on a slower CPU). With 20 uploads, a fast VM (CPU-7 on 2026-12-07, PIL
     decoding one in 0.025 s) had answered all but 4 within the 0.5 s before the drain ended."""
