@@ -354,6 +354,9 @@ def test_the_stem_is_the_first_convolutions_each_with_the_batch_norm_after_it():
     assert _names(guide, stem_parameters(guide, 5)) == ["conv1.weight", "conv1.bias", "conv2.weight", "conv2.bias"]
     with pytest.raises(UserError, match="--stem-fraction must be in \\[0, 1\\], got 1.5"):
         TrainConfig(stem_fraction=1.5)
+    with pytest.raises(UserError, match="--stem-depth needs --stem-fraction below 1"):
+        TrainConfig(stem_depth=2)
+    assert TrainConfig.from_recipe("fast", stem_depth=2).stem_depth == 2  # the recipe freezes at 0.5
 
 
 def _adam_steps(run_dir, model_name):
@@ -396,5 +399,5 @@ def test_a_stem_fraction_trains_the_stem_for_that_share_of_the_steps_only(small_
     assert all(torch.equal(last[name], seen.stem[name]) for name in stem)
     assert not any(torch.equal(last[name], seen.stem[name]) for name in last if name not in stem and "." in name
                    and name.endswith("weight"))
-    assert summary["params"] == sum(p.numel() for p in build_model(ModelConfig(name=model)).parameters())
+    assert summary["params"] == sum(p.numel() for p in built.parameters())
     assert 50 < summary["test_accuracy"] <= 100

@@ -234,6 +234,8 @@ class TrainConfig:
             raise UserError("--train-bn is a choice for --pretrained networks; without it batch norm always trains")
         if self.freeze_backbone and not self.pretrained:
             raise UserError("--freeze-backbone needs --pretrained: a frozen random backbone learns nothing")
+        if self.stem_depth != 1 and self.stem_fraction == 1:
+            raise UserError("--stem-depth needs --stem-fraction below 1: a stem that never freezes has no depth")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -12,13 +12,10 @@ from torch import nn
 
 from ..errors import UserError
 
-NORMS = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
-
-
 def stem_parameters(model: nn.Module, depth: int = 1) -> list[nn.Parameter]:
     """The parameters of the first ``depth`` ``nn.Conv2d`` layers (all of them where the model has fewer) and of
-    the normalisation layers registered after each before the next convolution (a conv-BN-ReLU block's batch
-    norm); the model's registration order is its forward order in this package's models, as the whitening start
+    the batch norms registered after each before the next convolution (a conv-BN-ReLU block's); the model's
+    registration order is its forward order in this package's models, as the whitening start
     also assumes."""
     params: list[nn.Parameter] = []
     convs = 0
@@ -28,7 +25,7 @@ def stem_parameters(model: nn.Module, depth: int = 1) -> list[nn.Parameter]:
                 break
             convs += 1
             params += list(module.parameters())
-        elif convs and isinstance(module, NORMS):
+        elif convs and isinstance(module, nn.BatchNorm2d):
             params += list(module.parameters())
     if not convs:
         raise UserError("--stem-fraction: the model has no convolution to freeze")

@@ -87,8 +87,8 @@ class EpochLoop:
     shard: tuple[int, int] = (0, 1)  # (rank, world size): this process trains on every world-th image of a batch
     aug_gen: torch.Generator | None = None  # the augmentation's random stream (None without --augment)
     seed: int = 0  # the run's --seed: the augmentation is reseeded from (seed, epoch) at every epoch's start
-    freeze_at: int | None = None  # --stem-fraction: the global step (0-based) from which ``stem`` is frozen
-    stem: tuple[nn.Parameter, ...] = ()  # the model's stem (models/stem.py), while it still trains
+    stem: tuple[nn.Parameter, ...] = ()  # --stem-fraction: the model's stem (models/stem.py), while it still trains
+    freeze_at: int = 0  # the global step (0-based) from which ``stem`` is frozen
 
     def run(self, epoch: int, perm: torch.Tensor, start: Progress | None = None) -> float:
         """Train on the batches of ``perm`` (N,) from ``start``; return the epoch's mean training loss.
@@ -126,8 +126,8 @@ class EpochLoop:
 
     def _freeze_stem(self, step_no: int) -> None:
         """Freeze the stem before the step ``freeze_at``, or before the first step of a resumed run past it."""
-        if self.stem and self.freeze_at is not None and step_no >= self.freeze_at:
-            self.step.freeze(list(self.stem))
+        if self.stem and step_no >= self.freeze_at:
+            self.step.freeze(self.stem)
             self.stem = ()
 
     def _seed_augmentation(self, epoch: int, start: Progress) -> None:

@@ -12,7 +12,7 @@ fp32 weights are what the optimizer steps and what is saved.
 from __future__ import annotations
 
 import copy
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +63,7 @@ class TrainStep:
         """The optimizer step, once the gradients are in."""
         self.optimizer.step()
 
-    def freeze(self, params: list[nn.Parameter]) -> None:
+    def freeze(self, params: Sequence[nn.Parameter]) -> None:
         """Stop training ``params`` (of the plain model) from the next step on: autograd computes no gradient for
         them, and their ``.grad`` stays None, which every torch optimizer skips (Adam's moments stop with them)."""
         for p in params:
@@ -115,7 +115,7 @@ class Bf16WeightsStep(TrainStep):
         for p in self.twin_weights:
             p.grad = None
 
-    def freeze(self, params: list[nn.Parameter]) -> None:
+    def freeze(self, params: Sequence[nn.Parameter]) -> None:
         """The twin's copies of ``params`` stop too, and both drop out of the per-step copies."""
         super().freeze(params)
         frozen = {id(p) for p in params}
@@ -163,7 +163,7 @@ class CudaGraphStep(TrainStep):
         for group in self.optimizer.param_groups:
             group["lr"].fill_(group_lr(lr, group))
 
-    def freeze(self, params: list[nn.Parameter]) -> None:
+    def freeze(self, params: Sequence[nn.Parameter]) -> None:
         """The graph captured the backward of ``params``: it is dropped and captured again, after the warm-up."""
         super().freeze(params)
         self.graph, self.captured_loss, self.eager_steps = None, None, 0
