@@ -129,7 +129,8 @@ def test_an_epoch_fraction_shortens_every_epoch_and_the_schedule_with_it(small_c
 def test_resume_is_exact_with_every_option_on(small_cfg, splits, tmp_path):
     cfg = dataclasses.replace(small_cfg, epochs=2, train_subset=800, val_size=500, schedule="onecycle", augment=True,
                               ema=0.99, model="bn-cnn", dropout=0.2, batch_size=100, whiten_init=True,
-                              epoch_fraction=0.8, stem_fraction=0.3)  # frozen in epoch 1: again on resume
+                              epoch_fraction=0.8, stem_fraction=0.3,  # frozen in epoch 1: again on resume
+                              adam_beta1=0.8, adam_beta2=0.99)
     a, b = tmp_path / "a", tmp_path / "b"
     fit(dataclasses.replace(cfg, out=str(a)), splits, CPU, a)
     from mnist_classifier.training import Reporter, load_resume
@@ -234,7 +235,8 @@ def test_compiled_training_saves_the_plain_module(small_cfg, splits):
 
 @pytest.mark.parametrize("flags", [["--schedule", "linear"], ["--ema", "1.5"], ["--val-size", "-1"],
                                     ["--label-smoothing", "1.2"], ["--aug-scale", "1"],
-                                    ["--epoch-fraction", "0"], ["--epoch-fraction", "1.5"]])
+                                    ["--epoch-fraction", "0"], ["--epoch-fraction", "1.5"],
+                                    ["--adam-beta1", "1"], ["--adam-beta2", "-0.1"], ["--adam-beta2", "nan"]])
 def test_bad_option_values(flags, tmp_path):
     proc = cli_in_process("train", *flags, "--out", str(tmp_path / "r"))  # a real process's refusal: test_cli.py
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and not (tmp_path / "r").exists(), proc.stderr

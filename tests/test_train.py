@@ -6,9 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from mnist_classifier.config import TrainConfig
 from mnist_classifier.evaluation import evaluate_checkpoints
 from mnist_classifier.models import checkpoint
 from mnist_classifier.training import fit, load_resume
+from mnist_classifier.training.optim import make_optimizer
 
 CPU = torch.device("cpu")
 
@@ -83,6 +85,36 @@ def test_resume_gives_bit_identical_weights(small_cfg, splits, tmp_path):
     rows_a = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((straight / "metrics.csv").open())]
     rows_b = [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader((resumed / "metrics.csv").open())]
     assert rows_a == rows_b
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_adam_betas_reach_the_optimizer_and_flags_given_with_resume_win(optimizer):
+    """--adam-beta1/2 set torch's betas, which change where two steps on the same gradients lead. A resumed
+    run's optimizer loads the saved betas; the flags given with --resume replace them, as --lr and --momentum."""
+    from mnist_classifier.training.session import restore
+
+    def two_steps(cfg: TrainConfig) -> tuple[torch.Tensor, torch.optim.Optimizer]:
+        w = torch.nn.Parameter(torch.zeros(3))
+        opt = make_optimizer(cfg, [{"params": [w], "lr_scale": 1.0}], CPU)
+        for g in (torch.tensor([1.0, -2.0, 4.0]), torch.tensor([-1.0, 1.0, 0.5])):
+            w.grad = g.clone()
+            opt.step()
+        return w.detach(), opt
+
+    default, _ = two_steps(TrainConfig(optimizer=optimizer, lr=0.1))
+    short, opt = two_steps(TrainConfig(optimizer=optimizer, lr=0.1, adam_beta1=0.5, adam_beta2=0.9))
+    assert opt.param_groups[0]["betas"] == (0.5, 0.9)
+    assert not torch.allclose(default, short)
+    assert TrainConfig().adam_beta1 == 0.9 and TrainConfig().adam_beta2 == 0.999  # torch's: the guide's Adam
+
+    model = torch.nn.Linear(2, 2)
+    saved = make_optimizer(TrainConfig(optimizer=optimizer, adam_beta1=0.5, adam_beta2=0.9), model.parameters(), CPU)
+    payload = {"state_dict": model.state_dict(), "optimizer": saved.state_dict(),
+               "rng": {"torch": torch.get_rng_state()}, "epoch": 1, "metrics": []}
+    resumed_cfg = TrainConfig(optimizer=optimizer, adam_beta1=0.8, adam_beta2=0.99)
+    fresh = make_optimizer(TrainConfig(optimizer=optimizer), model.parameters(), CPU)
+    restore(payload, resumed_cfg, model, fresh, None, CPU)
+    assert fresh.param_groups[0]["betas"] == (0.8, 0.99)
 
 
 @pytest.mark.accuracy

@@ -148,7 +148,14 @@ class TrainConfig:
     batch_size: int = _opt(64, "images per optimizer step", bounds=AT_LEAST_ONE, log=True)
     lr: float = _opt(0.001, "learning rate (step size per optimizer step)", bounds=POSITIVE, log=True)
     optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
-    momentum: float = _opt(0.9, "momentum for sgd and rmsprop (unused by adam)", bounds=NON_NEGATIVE)
+    momentum: float = _opt(0.9, "momentum for sgd and rmsprop (adam and adamw: --adam-beta1)", bounds=NON_NEGATIVE)
+    # torch's Adam(betas=(beta1, beta2)); the defaults are torch's, so the guide's Adam is unchanged. A running mean
+    # over ~1/(1 - beta) steps: 10 and 1,000 steps at the defaults, 5 and 100 at the fast recipe's, whose whole run
+    # is 177 steps (BENCHMARKS.md)
+    adam_beta1: float = _opt(0.9, "adam and adamw: decay of the running mean of the gradients, per step (torch's "
+                             "betas[0]; the fast recipe's 0.8 forgets faster, for a short run)", bounds=FRACTION)
+    adam_beta2: float = _opt(0.999, "adam and adamw: decay of the running mean of the squared gradients, per step "
+                             "(torch's betas[1]; the fast recipe's is 0.99)", bounds=FRACTION)
     weight_decay: float = _opt(0.0, "L2 penalty (decoupled for adamw), per optimizer step", bounds=NON_NEGATIVE)
     schedule: str = _opt("constant", "learning-rate schedule over all steps: constant (the guide's), onecycle "
                          "(warm up from lr/10, then linear to 0) or cosine (warm up from 0, then cosine to 0)", SCHEDULES)

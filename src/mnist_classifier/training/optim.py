@@ -18,19 +18,19 @@ def group_lr(lr: float, group: dict) -> float:
 
 
 def make_optimizer(cfg: TrainConfig, params, device: torch.device) -> torch.optim.Optimizer:
-    """The optimizer ``cfg.optimizer`` names, with its learning rate, momentum and weight decay. ``params`` may be
-    param groups with an ``lr_scale`` each (a fraction of ``cfg.lr``)."""
+    """The optimizer ``cfg.optimizer`` names, with its learning rate, momentum (Adam's: betas) and weight decay.
+    ``params`` may be param groups with an ``lr_scale`` each (a fraction of ``cfg.lr``)."""
     params = [{**g, "lr": group_lr(cfg.lr, g)} if isinstance(g, dict) else g for g in params]
     # The fused kernels update every parameter in one call instead of a dozen small ops per tensor;
     # same arithmetic as the default path (CPU and CUDA have them, MPS partly).
     fused = {"fused": True} if device.type in ("cpu", "cuda") else {}
     if cfg.cuda_graphs and device.type == "cuda":
         fused["capturable"] = True  # step counts on the device, so a captured step can advance them
-    wd = cfg.weight_decay
+    wd, betas = cfg.weight_decay, (cfg.adam_beta1, cfg.adam_beta2)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=wd, **fused)
+        return torch.optim.Adam(params, lr=cfg.lr, betas=betas, weight_decay=wd, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=wd, **fused)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=betas, weight_decay=wd, **fused)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.momentum > 0, **fused)
     # rmsprop: the one left; TrainConfig's declaration of --optimizer has already refused any other name

@@ -155,6 +155,8 @@ def restore(payload: dict[str, Any], cfg: TrainConfig, model: nn.Module, optimiz
         group["lr"], group["weight_decay"] = group_lr(cfg.lr, group), cfg.weight_decay
         if "momentum" in group:
             group["momentum"] = cfg.momentum
+        if "betas" in group:
+            group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
     return TrainState.from_payload(payload)
 
 

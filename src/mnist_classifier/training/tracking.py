@@ -16,8 +16,8 @@ from ..config import TrainConfig
 
 # Settings shown in the HPARAMS tab: the ones a comparison of runs is about.
 HPARAMS = ("model", "optimizer", "lr", "batch_size", "epochs", "epoch_fraction", "stem_fraction", "schedule", "dropout",
-           "weight_decay", "momentum", "label_smoothing", "ema", "augment", "seed", "precision", "val_size",
-           "train_subset", "dataset")
+           "weight_decay", "momentum", "adam_beta1", "adam_beta2", "label_smoothing", "ema", "augment", "seed",
+           "precision", "val_size", "train_subset", "dataset")
 CELL_PX = 24  # each confusion-matrix cell as a 24x24 pixel square
 
 
