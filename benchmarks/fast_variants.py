@@ -2,13 +2,14 @@
 
 The fast recipe's network (``fast-cnn-deep``) computes its first convolution and a 2 x 2 max-pool at 14 x 14,
 on maps 4x the size of its later ones. Each candidate below makes that layer cheaper. Every one trains with the fast
-recipe's settings as they are now (one epoch, batch 256, Adam 0.02 one-cycle, label smoothing 0.05 since the
-fourth session of 2026-12-05, the whitening start of the first layer since the fifth, the first 90 % of the
-epoch's batches since the sixth, the first layer frozen after half the steps since 2026-12-07's twenty-third,
-the precision `auto` picks; the figures measured before those ran without them: add `--set
-label_smoothing=0,whiten_init=false,epoch_fraction=1,stem_fraction=1`, `--set
-whiten_init=false,epoch_fraction=1,stem_fraction=1`, `--set epoch_fraction=1,stem_fraction=1` or `--set
-stem_fraction=1` to rerun them) on the first
+recipe's settings as they are now (one epoch, batch 256, Adam 0.02 one-cycle, label smoothing 0.05, the
+whitening start of the first layer, Adam's betas 0.8 and 0.99 and the first 70 % of the epoch's batches, the first
+layer frozen after half the steps, the precision `auto` picks). A figure measured before a setting joined the
+recipe reruns with its old value in --set: `adam_beta1=0.9,adam_beta2=0.999,epoch_fraction=0.9` before the
+twenty-fourth session of 2026-12-07, `stem_fraction=1` before the twenty-third, `epoch_fraction=1` before the
+sixth of 2026-12-05, `whiten_init=false` before the fifth, `label_smoothing=0` before the fourth; each earlier
+figure needs every later old value too, e.g. `--set
+label_smoothing=0,whiten_init=false,epoch_fraction=1,stem_fraction=1,adam_beta1=0.9,adam_beta2=0.999`) on the first
 60,000 - --val-size training images and is scored on the other --val-size, so the test set chooses nothing;
 its test accuracy is not printed. One JSON line per candidate: validation accuracy over the seeds (mean, min,
 max, standard deviation, and each seed's, in --seeds order, for paired comparisons) and the training loop's
@@ -36,11 +37,11 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
                     whitening start: no gradient for it, and none into it (the second layer's backward
                     skips its input's gradient)
   frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 177 steps that the recipe's
-                    epoch fraction leaves of a 50,000-image epoch (the recipe's `stem_fraction` 0.5 now freezes
+                    epoch fraction of 0.9 left of a 50,000-image epoch (138 at today's 0.7) (the recipe's `stem_fraction` 0.5 now freezes
                     every candidate's stem after 89 of them: run these with --set stem_fraction=1)
   frozen-second-after-106, -118, -133, -155  the recipe (its stem frozen after half the steps) with the second
                     block frozen too, after 106 (0.6), 118 (two thirds), 133 (three quarters) or 155 of the 177
-                    steps of a 50,000-image epoch
+                    steps of a 50,000-image epoch at --set epoch_fraction=0.9
   g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
   g2-last-64        the same at 64 channels (the grouped layer's FLOP those of a full [32] -> [32])
   sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
