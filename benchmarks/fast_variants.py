@@ -37,8 +37,9 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
                     whitening start: no gradient for it, and none into it (the second layer's backward
                     skips its input's gradient)
   frozen-stem-after-40, -106  the same, frozen after the first 40 or 106 of the 177 steps that the recipe's
-                    epoch fraction of 0.9 left of a 50,000-image epoch (138 at today's 0.7) (the recipe's `stem_fraction` 0.5 now freezes
-                    every candidate's stem after 89 of them: run these with --set stem_fraction=1)
+                    epoch fraction of 0.9 left of a 50,000-image epoch (138 at today's 0.7; the recipe's
+                    `stem_fraction` 0.5 now freezes every candidate's stem after 69 of them: run these with
+                    --set stem_fraction=1,epoch_fraction=0.9,adam_beta1=0.9,adam_beta2=0.999)
   frozen-second-after-106, -118, -133, -155  the recipe (its stem frozen after half the steps) with the second
                     block frozen too, after 106 (0.6), 118 (two thirds), 133 (three quarters) or 155 of the 177
                     steps of a 50,000-image epoch at --set epoch_fraction=0.9

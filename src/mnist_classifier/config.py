@@ -151,7 +151,7 @@ class TrainConfig:
     momentum: float = _opt(0.9, "momentum for sgd and rmsprop (adam and adamw: --adam-beta1)", bounds=NON_NEGATIVE)
     # torch's Adam(betas=(beta1, beta2)); the defaults are torch's, so the guide's Adam is unchanged. A running mean
     # over ~1/(1 - beta) steps: 10 and 1,000 steps at the defaults, 5 and 100 at the fast recipe's, whose whole run
-    # is 177 steps (BENCHMARKS.md)
+    # is 165 steps (BENCHMARKS.md)
     adam_beta1: float = _opt(0.9, "adam and adamw: decay of the running mean of the gradients, per step (torch's "
                              "betas[0]; the fast recipe's 0.8 forgets faster, for a short run)", bounds=FRACTION)
     adam_beta2: float = _opt(0.999, "adam and adamw: decay of the running mean of the squared gradients, per step "
