@@ -144,7 +144,7 @@ class TrainConfig:
     epochs: int = _opt(5, "full passes over the training set", bounds=AT_LEAST_ONE)
     epoch_fraction: float = _opt(1.0, "share of each epoch to train: its first ceil(F x batches) batches of that "
                                  "epoch's fresh shuffle, so each epoch sees a different subset (1 = a full pass, as "
-                                 "the guide; the fast recipe trains 0.9)", bounds=Bounds(0, 1, low_open=True))
+                                 "the guide; the fast recipe trains 0.7)", bounds=Bounds(0, 1, low_open=True))
     batch_size: int = _opt(64, "images per optimizer step", bounds=AT_LEAST_ONE, log=True)
     lr: float = _opt(0.001, "learning rate (step size per optimizer step)", bounds=POSITIVE, log=True)
     optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
