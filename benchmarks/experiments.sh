@@ -2,7 +2,8 @@
 # The guide's "Experiments to Try", each run as one `mnist sweep` of the guide's CNN (3 seeds, a 5,000-image
 # validation split held out of the training set, the test set only reported). EXPERIMENTS.md quotes the results
 # and `mnist compare` draws them. Run from the repository root; about an hour of CPU on 2 cores for the six,
-# and as much again for lrfind and pruning (not run by default).
+# and as much again for lrfind and pruning (not run by default). betas (not run by default either, under a minute)
+# sweeps Adam's betas for the fast recipe instead of the guide's CNN.
 #   benchmarks/experiments.sh            all of them
 #   benchmarks/experiments.sh batch lr   some of them
 set -euo pipefail
@@ -35,6 +36,7 @@ for exp in "${@:-batch depth lr optimizer dropout}"; do
                        --param batch_size=32,64,128)
                  run exp-prune-none "${grid[@]}" --pruner none
                  run exp-prune-median "${grid[@]}" --pruner median ;;
+      betas)     run exp-betas-fast --recipe fast --param adam_beta1=0.8,0.9 --param adam_beta2=0.99,0.999 ;;
       *) echo "unknown experiment $e" >&2; exit 2 ;;
     esac
   done
