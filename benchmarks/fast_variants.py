@@ -42,7 +42,8 @@ Candidates (the name's layers after the pixel-unshuffle to 14 x 14 with 4 channe
                     --set stem_fraction=1,epoch_fraction=0.9,adam_beta1=0.9,adam_beta2=0.999)
   frozen-second-after-106, -118, -133, -155  the recipe (its stem frozen after half the steps) with the second
                     block frozen too, after 106 (0.6), 118 (two thirds), 133 (three quarters) or 155 of the 177
-                    steps of a 50,000-image epoch at --set epoch_fraction=0.9
+                    steps of a 50,000-image epoch at 0.9 (the twenty-third session's figures: run these with
+                    --set epoch_fraction=0.9,adam_beta1=0.9,adam_beta2=0.999)
   g2-last           centre-narrow-16 with its last convolution in 2 groups: [16] pool, [32], [48 in 2 groups] + pool
   g2-last-64        the same at 64 channels (the grouped layer's FLOP those of a full [32] -> [32])
   sep-last          the last convolution depthwise-separable: 3x3 on each of 32 channels, then 1x1 to 48
