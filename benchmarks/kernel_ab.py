@@ -57,7 +57,7 @@ def layer_inputs(model: torch.nn.Module, images: torch.Tensor, labels: torch.Ten
         x = F.max_pool2d(F.relu(model.conv1(images)), 2).to(dtype).contiguous(memory_format=cl)
         weight = model.conv2.weight.detach().to(dtype).contiguous(memory_format=cl)
         z = F.conv2d(x, weight, model.conv2.bias.detach().to(dtype), padding=1)
-        _, which = pooling._pool_forward(z, relu=True)
+        _, which = pooling.pool_forward(z, relu=True)
     pooled = F.relu(F.max_pool2d(z.float(), 2)).requires_grad_()  # the rest of the network, from the pool on
     head = model.fc2(F.relu(model.fc1(torch.flatten(pooled, 1))))
     (grad,) = torch.autograd.grad(F.cross_entropy(head, labels), pooled)

@@ -137,7 +137,7 @@ def hook_free(*modules: nn.Module) -> bool:
                 or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
 
 
-def _pool_forward(x: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def pool_forward(x: torch.Tensor, relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The pool kernel on ``x`` (B, C, H, W), channels_last: the output (B, C, H/2, W/2), channels_last, and the
     winner of each window (B, H/2, W/2, C) as uint8, 4 where the ReLU zeroed it."""
     b, c, h, w = x.shape
@@ -160,10 +160,59 @@ def _to_winners(grad_y: torch.Tensor, which: torch.Tensor, shape: torch.Size) ->
     return F.pad(g, (0, w - 2 * wo, 0, h - 2 * ho)).contiguous(memory_format=torch.channels_last)
 
 
+def first_layer_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        relu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused first layer's kernel on ``x`` (B, C, H, W), NCHW (``fused_conv_applies``): the pooled output
+    (B, O, H/2, W/2), channels_last, and each window's winner (B, H/2, W/2, O) as uint8, 4 where the ReLU zeroed
+    it."""
+    b, c, h, w = x.shape
+    out = weight.shape[0]
+    taps = weight.detach().reshape(out, c * 9).contiguous()  # (O, C * 9) in (C, kh, kw) order
+    shift = torch.zeros(out, dtype=x.dtype) if bias is None else bias.detach().contiguous()  # (O,)
+    y = torch.empty((b, out, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
+    which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
+    kernel = _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype)
+    kernel(x.data_ptr(), taps.data_ptr(), shift.data_ptr(), y.data_ptr(), which.data_ptr(),
+           b, c, h, w, out, int(relu), torch.get_num_threads())
+    return y, which
+
+
+def first_layer_backward(x: torch.Tensor, which: torch.Tensor, grad_y: torch.Tensor,
+                         weight_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused first layer's weight gradient (``weight_shape``, NCHW) and bias gradient (O,), from its input
+    ``x``, its winners ``which`` and its output's gradient ``grad_y`` (B, O, H/2, W/2)."""
+    b, c, h, w = x.shape
+    out = weight_shape[0]
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_w = torch.empty((out, c * 9), dtype=grad_y.dtype)
+    grad_b = torch.empty(out, dtype=grad_y.dtype)  # the kernel always sums it; dropped for a bias-free conv
+    kernel = _kernel(CONV_SOURCE, "conv_pool_backward", grad_y.dtype)
+    kernel(x.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, c, h, w,
+           out, torch.get_num_threads())
+    return grad_w.view(weight_shape), grad_b
+
+
+def wide_layer_backward(x: torch.Tensor, weight: torch.Tensor, which: torch.Tensor,
+                        grad_y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A wider layer's backward from its pool's winners (``wide_conv_applies``): the gradients of its input
+    ``x`` (B, C, H, W) and of its weight, both channels_last, and of its bias (O,), from its output's gradient
+    ``grad_y`` (B, O, H/2, W/2)."""
+    b, c, h, w = x.shape
+    out = weight.shape[0]
+    grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
+    grad_w = torch.empty_like(weight, memory_format=torch.channels_last)  # (O, 3, 3, C) in memory
+    grad_b = torch.empty(out, dtype=x.dtype)  # the kernel always sums it; dropped for a bias-free conv
+    kernel = _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype)
+    kernel(x.data_ptr(), weight.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(),
+           grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, c, out, torch.get_num_threads())
+    return grad_x, grad_w, grad_b
+
+
 class _NativePool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, relu: bool) -> torch.Tensor:  # x: (B, C, H, W), channels_last
-        y, which = _pool_forward(x, relu)
+        y, which = pool_forward(x, relu)
         ctx.save_for_backward(which)
         ctx.input_shape = x.shape
         return y
@@ -186,15 +235,7 @@ class _NativePool(torch.autograd.Function):
 class _NativeConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
-        b, c, h, w = x.shape  # (B, C, H, W), NCHW
-        out = weight.shape[0]
-        taps = weight.detach().reshape(out, c * 9).contiguous()  # (O, C * 9) in (C, kh, kw) order
-        shift = torch.zeros(out, dtype=x.dtype) if bias is None else bias.detach().contiguous()  # (O,)
-        y = torch.empty((b, out, h // 2, w // 2), dtype=x.dtype, memory_format=torch.channels_last)
-        which = torch.empty((b, h // 2, w // 2, out), dtype=torch.uint8)
-        kernel = _kernel(CONV_SOURCE, "conv_pool_forward", x.dtype)
-        kernel(x.data_ptr(), taps.data_ptr(), shift.data_ptr(), y.data_ptr(), which.data_ptr(),
-               b, c, h, w, out, int(relu), torch.get_num_threads())
+        y, which = first_layer_forward(x, weight, bias, relu)
         ctx.save_for_backward(x, which)
         ctx.weight_shape = weight.shape
         ctx.has_bias = bias is not None
@@ -209,13 +250,8 @@ class _NativeConvPool(torch.autograd.Function):
             grad_z = _to_winners(grad_y, which, (b, out, h, w))  # (B, O, H, W)
             grad_w = torch.nn.grad.conv2d_weight(x, ctx.weight_shape, grad_z, padding=1)
             return None, grad_w, grad_z.sum((0, 2, 3)) if ctx.has_bias else None, None
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-        grad_w = torch.empty((out, c * 9), dtype=grad_y.dtype)
-        grad_b = torch.empty(out, dtype=grad_y.dtype)  # the kernel always sums it; dropped for a bias-free conv
-        kernel = _kernel(CONV_SOURCE, "conv_pool_backward", grad_y.dtype)
-        kernel(x.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_w.data_ptr(), grad_b.data_ptr(), b, c, h, w,
-               out, torch.get_num_threads())
-        return None, grad_w.view(ctx.weight_shape), grad_b if ctx.has_bias else None, None
+        grad_w, grad_b = first_layer_backward(x, which, grad_y, ctx.weight_shape)
+        return None, grad_w, grad_b if ctx.has_bias else None, None
 
 
 class _NativeWideConvPool(torch.autograd.Function):
@@ -224,7 +260,7 @@ class _NativeWideConvPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, relu: bool) -> torch.Tensor:
         z = F.conv2d(x, weight, bias, padding=1)  # (B, O, H, W) channels_last; autograd is off in here
-        y, which = _pool_forward(z, relu)
+        y, which = pool_forward(z, relu)
         ctx.save_for_backward(x, weight, which)
         ctx.has_bias = bias is not None
         return y
@@ -239,13 +275,7 @@ class _NativeWideConvPool(torch.autograd.Function):
             grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad_z, padding=1)
             grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_z, padding=1)
             return grad_x, grad_w, grad_z.sum((0, 2, 3)) if ctx.has_bias else None, None
-        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
-        grad_x = torch.empty_like(x, memory_format=torch.channels_last)  # written whole by the kernel
-        grad_w = torch.empty_like(weight, memory_format=torch.channels_last)  # (O, 3, 3, C) in memory
-        grad_b = torch.empty(out, dtype=x.dtype)  # the kernel always sums it; dropped for a bias-free conv
-        kernel = _kernel(CONV_SOURCE, "conv_pool_backward_wide", x.dtype)
-        kernel(x.data_ptr(), weight.data_ptr(), which.data_ptr(), grad_y.data_ptr(), grad_x.data_ptr(),
-               grad_w.data_ptr(), grad_b.data_ptr(), b, h, w, c, out, torch.get_num_threads())
+        grad_x, grad_w, grad_b = wide_layer_backward(x, weight, which, grad_y)
         return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 

@@ -1,7 +1,8 @@
 """One training step: ``step(idx, lr)`` trains on the images ``train_x[idx]`` and returns the batch's mean loss.
 
 ``TrainStep`` is the guide's step (forward, cross-entropy, backward, optimizer step), with the options the
-recipes add (autocast, label smoothing, batch augmentation). ``CudaGraphStep`` (``--cuda-graphs``) is the same
+recipes add (autocast, label smoothing, batch augmentation). For the guide CNN in fp32 on a CPU its forward,
+loss and backward are one pass without autograd (``guide_pass.py``), where that pass is the same function. ``CudaGraphStep`` (``--cuda-graphs``) is the same
 step on fixed buffers, captured once as a CUDA graph and replayed: a small model's step on a GPU is a hundred
 tiny kernels whose launch costs more than their work, and a graph launches them all with one call. Off CUDA
 (and for an epoch's last, smaller batch) it runs uncaptured, so that path is exercised on a CPU too.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .guide_pass import GuidePass
 from .optim import group_lr
 
 WARMUP_STEPS = 3  # eager steps on a side stream before capture (lazy initialisation, cuBLAS workspaces)
@@ -36,6 +38,7 @@ class TrainStep:
         self.model, self.optimizer = model, optimizer
         self.train_x, self.train_y = train_x, train_y  # (N, C, H, W) float normalised, (N,) int64, on the device
         self.amp_dtype, self.label_smoothing, self.augment = amp_dtype, label_smoothing, augment
+        self.guide_pass = GuidePass.for_step(model, amp_dtype, label_smoothing)  # None: autograd's path always
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -43,9 +46,12 @@ class TrainStep:
 
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
         """Forward and backward on one batch (the gradients land in ``.grad``); returns the detached loss."""
-        x, y = self.train_x[idx], self.train_y[idx]  # (B, C, H, W), (B,)
+        # index_select: the same rows as train_x[idx], in half the time for a batch of 64 on a CPU (25 against 53 us)
+        x, y = self.train_x.index_select(0, idx), self.train_y.index_select(0, idx)  # (B, C, H, W), (B,)
         if self.augment is not None:
             x = self.augment(x)
+        if self.guide_pass is not None and self.guide_pass.applies(x):
+            return self.guide_pass(x, y)
         loss = self.criterion(x, y)
         loss.backward()
         return loss.detach()
