@@ -2,7 +2,8 @@
 
 Every variant trains its own copy of the same network (same initial weights) on the real MNIST training
 images through the project's ``TrainStep``, with one setting changed from what `mnist train` does today
-("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32, the package's CPU kernels). The
+("kept": channels_last, fused Adam, flush-to-zero, oneDNN on, eager fp32, the package's CPU kernels, and for
+the guide CNN in fp32 its training pass without autograd, training/guide_pass.py). The
 variants run in alternating chunks of --chunk steps for --rounds rounds, so machine noise hits all of them;
 each variant's figure is the median over rounds of its ms per step, and its ratio is kept's median divided by
 its own (> 1: faster).
