@@ -124,6 +124,14 @@ def _freeze_first_layer(model):
         p.requires_grad_(False)
 
 
+def _replace_last_layer(model):
+    model.fc2 = torch.nn.Linear(128, 10)  # what the pass computes with and writes gradients to: the new one
+
+
+def _drop_first_bias(model):
+    model.conv1.bias = None
+
+
 @pytest.mark.parametrize("change, applies", [
     (lambda model: None, True),
     (lambda model: model.eval(), False),
@@ -133,17 +141,29 @@ def _freeze_first_layer(model):
     (_freeze_first_layer, False),
     (lambda model: setattr(model.pool, "native", False), False),
     (lambda model: model.to(memory_format=torch.contiguous_format), False),
-], ids=["as-built", "eval", "dropout", "forward-hook", "gradient-hook", "frozen-layer", "torchs-layers", "nchw"])
+    (_replace_last_layer, True),
+    (_drop_first_bias, False),
+], ids=["as-built", "eval", "dropout", "forward-hook", "gradient-hook", "frozen-layer", "torchs-layers", "nchw",
+        "replaced-layer", "no-first-bias"])
 def test_the_step_takes_the_pass_only_where_it_is_the_same_function(splits, change, applies):
     """Each of these can change between two steps, so the step asks every time; where the pass does not apply,
     autograd's path trains the model."""
     x, y = images(splits, 64)
     model = guide_model()
-    change(model)
     step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), x, y)
+    change(model)  # after the step was built, as between two steps
     assert step.guide_pass.applies(x) is applies
     loss = step(torch.arange(64))
     assert torch.isfinite(loss) and model.fc2.weight.grad is not None
+
+
+def test_an_empty_batch_takes_autograds_path(splits):
+    """No images: autograd's step gives a NaN loss, as torch's cross-entropy of nothing does; the pass steps aside."""
+    x, y = images(splits, 64)
+    model = guide_model()
+    step = TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-3), x, y)
+    assert step.guide_pass.applies(x[:0]) is False
+    assert torch.isnan(step(torch.arange(0)))
 
 
 @pytest.mark.parametrize("settings", [{"amp_dtype": torch.bfloat16}, {"label_smoothing": 0.1}, {"model": "fast-cnn"}],

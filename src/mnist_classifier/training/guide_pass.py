@@ -31,8 +31,11 @@ class GuidePass:
 
     def __init__(self, model: GuideCNN) -> None:
         self.model = model
-        self.params = list(model.parameters())  # conv1, conv2, fc1, fc2: weight and bias each
-        self.modules = list(model.modules())
+
+    def params(self) -> tuple[torch.nn.Parameter | None, ...]:
+        """The weight and bias of conv1, conv2, fc1 and fc2, read each time: a layer may have been replaced."""
+        m = self.model
+        return tuple(t for layer in (m.conv1, m.conv2, m.fc1, m.fc2) for t in (layer.weight, layer.bias))
 
     @staticmethod
     def for_step(model: torch.nn.Module, amp_dtype: torch.dtype | None, label_smoothing: float) -> GuidePass | None:
@@ -45,11 +48,12 @@ class GuidePass:
         """Whether this batch may take the pass; checked every step, since each of these can change between
         steps (the mode, a frozen layer, a hook, the model moved to another layout or device)."""
         m = self.model
+        # an empty batch is left to autograd, whose cross-entropy of nothing is NaN
         return (m.training and torch.is_grad_enabled() and m.dropout.p == 0 and m.pool.native
-                and x.dtype == torch.float32 and not x.requires_grad
-                and all(p.requires_grad and not p._backward_hooks and not p._post_accumulate_grad_hooks
-                        for p in self.params)
-                and pooling.hook_free(*self.modules) and pooling.fused_conv_applies(m.conv1, x)
+                and x.dtype == torch.float32 and not x.requires_grad and x.shape[0] > 0
+                and all(p is not None and p.requires_grad and not p._backward_hooks
+                        and not p._post_accumulate_grad_hooks for p in self.params())
+                and pooling.hook_free(*m.modules()) and pooling.fused_conv_applies(m.conv1, x)
                 and pooling.wide_conv_applies(m.conv2, self._first_output_like(x)))
 
     def _first_output_like(self, x: torch.Tensor) -> torch.Tensor:
@@ -75,8 +79,8 @@ class GuidePass:
         g_flat = (g_h @ m.fc1.weight).view(y2.shape[0], y2.shape[1], y2.shape[2], y2.shape[3])  # (B, 32, H/4, W/4)
         g_y1, g_w2, g_b2 = wide_layer_backward(y1, m.conv2.weight, which2, g_flat)
         g_w1, g_b1 = first_layer_backward(x, which1, g_y1, m.conv1.weight.shape)
-        grads = (g_w1, g_b1, g_w2, g_b2, g_h.t() @ flat, g_h.sum(0), g.t() @ h, g.sum(0))  # in parameters() order
-        for p, grad in zip(self.params, grads):
+        grads = (g_w1, g_b1, g_w2, g_b2, g_h.t() @ flat, g_h.sum(0), g.t() @ h, g.sum(0))  # in params() order
+        for p, grad in zip(self.params(), grads):
             _accumulate(p, grad)
         return loss
 

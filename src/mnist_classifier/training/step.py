@@ -2,9 +2,10 @@
 
 ``TrainStep`` is the guide's step (forward, cross-entropy, backward, optimizer step), with the options the
 recipes add (autocast, label smoothing, batch augmentation). For the guide CNN in fp32 on a CPU its forward,
-loss and backward are one pass without autograd (``guide_pass.py``), where that pass is the same function. ``CudaGraphStep`` (``--cuda-graphs``) is the same
-step on fixed buffers, captured once as a CUDA graph and replayed: a small model's step on a GPU is a hundred
-tiny kernels whose launch costs more than their work, and a graph launches them all with one call. Off CUDA
+loss and backward are one pass without autograd (``guide_pass.py``), where that pass is the same function.
+``CudaGraphStep`` (``--cuda-graphs``) is the same step on fixed buffers, captured once as a CUDA graph and
+replayed: a small model's step on a GPU is a hundred tiny kernels whose launch costs more than their work, and a
+graph launches them all with one call. Off CUDA
 (and for an epoch's last, smaller batch) it runs uncaptured, so that path is exercised on a CPU too.
 ``Bf16WeightsStep`` is bf16 training without autocast, for a CPU: a bf16 copy of the model computes, the
 fp32 weights are what the optimizer steps and what is saved.
