@@ -103,6 +103,7 @@ def test_the_step_trains_through_the_pass_as_through_autograd(splits):
         if not use_pass:
             step.guide_pass = None
         steps.append(step)
+    assert steps[0].guide_pass.applies(x[:64])  # else both would run through autograd
     for i in range(20):
         idx = torch.arange(64 * i, 64 * (i + 1))
         with_pass, without = (step(idx) for step in steps)
@@ -132,6 +133,10 @@ def _drop_first_bias(model):
     model.conv1.bias = None
 
 
+def _gelu_head(model):
+    model.relu = torch.nn.GELU()  # the forward's ReLU after fc1: the pass computes a ReLU by hand
+
+
 @pytest.mark.parametrize("change, applies", [
     (lambda model: None, True),
     (lambda model: model.eval(), False),
@@ -143,8 +148,9 @@ def _drop_first_bias(model):
     (lambda model: model.to(memory_format=torch.contiguous_format), False),
     (_replace_last_layer, True),
     (_drop_first_bias, False),
+    (_gelu_head, False),
 ], ids=["as-built", "eval", "dropout", "forward-hook", "gradient-hook", "frozen-layer", "torchs-layers", "nchw",
-        "replaced-layer", "no-first-bias"])
+        "replaced-layer", "no-first-bias", "gelu-head"])
 def test_the_step_takes_the_pass_only_where_it_is_the_same_function(splits, change, applies):
     """Each of these can change between two steps, so the step asks every time; where the pass does not apply,
     autograd's path trains the model."""

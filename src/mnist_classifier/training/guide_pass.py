@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..models import pooling  # its predicates by attribute: a benchmark or test that turns a kernel off turns this off
 from ..models.cnn import GuideCNN
@@ -46,15 +47,23 @@ class GuidePass:
 
     def applies(self, x: torch.Tensor) -> bool:
         """Whether this batch may take the pass; checked every step, since each of these can change between
-        steps (the mode, a frozen layer, a hook, the model moved to another layout or device)."""
+        steps (the mode, a frozen layer, a replaced layer, a hook, the model moved to another layout or device)."""
         m = self.model
         # an empty batch is left to autograd, whose cross-entropy of nothing is NaN
-        return (m.training and torch.is_grad_enabled() and m.dropout.p == 0 and m.pool.native
+        return (m.training and torch.is_grad_enabled() and self._layers_as_built()
+                and m.dropout.p == 0 and m.pool.native
                 and x.dtype == torch.float32 and not x.requires_grad and x.shape[0] > 0
                 and all(p is not None and p.requires_grad and not p._backward_hooks
                         and not p._post_accumulate_grad_hooks for p in self.params())
                 and pooling.hook_free(*m.modules()) and pooling.fused_conv_applies(m.conv1, x)
                 and pooling.wide_conv_applies(m.conv2, self._first_output_like(x)))
+
+    def _layers_as_built(self) -> bool:
+        """The layers this pass computes by hand are still the kinds GuideCNN builds (a user may replace one,
+        e.g. its ReLU by a GELU); the convolutions are ``fused_conv_applies``' and ``wide_conv_applies``' to check."""
+        m = self.model
+        return (type(m.relu) is nn.ReLU and type(m.dropout) is nn.Dropout and type(m.pool) is pooling.MaxPool2x2
+                and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear)
 
     def _first_output_like(self, x: torch.Tensor) -> torch.Tensor:
         """An empty tensor shaped as the first layer's output (0, 16, H/2, W/2): what the second layer sees."""
@@ -76,7 +85,7 @@ class GuidePass:
         # d loss / d logits = (softmax - one-hot) / B, rounded as log_softmax's backward rounds it
         g = log_p.exp_().mul_(1.0 / b).sub_(F.one_hot(y, logits.shape[1]), alpha=1.0 / b)  # (B, 10)
         g_h = torch.where(h > 0, g @ m.fc2.weight, 0.0)  # (B, 128): through the ReLU, 0 where it was off
-        g_flat = (g_h @ m.fc1.weight).view(y2.shape[0], y2.shape[1], y2.shape[2], y2.shape[3])  # (B, 32, H/4, W/4)
+        g_flat = (g_h @ m.fc1.weight).view(y2.shape)  # (B, 32, H/4, W/4), NCHW as flat's order
         g_y1, g_w2, g_b2 = wide_layer_backward(y1, m.conv2.weight, which2, g_flat)
         g_w1, g_b1 = first_layer_backward(x, which1, g_y1, m.conv1.weight.shape)
         grads = (g_w1, g_b1, g_w2, g_b2, g_h.t() @ flat, g_h.sum(0), g.t() @ h, g.sum(0))  # in params() order
