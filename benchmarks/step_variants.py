@@ -50,6 +50,8 @@ Variants:
                   (models/batchnorm.py runs them as one kernel on CPU tensors in fp32 and bf16)
   V+autograd      variant V through autograd where `mnist train` trains the guide CNN in fp32 through its pass
                   without autograd (training/guide_pass.py): kept+autograd
+  V+torch-step    variant V with Adam's update through ``Adam.step`` where `mnist train` calls torch's functional
+                  ``adam`` on the same tensors without the wrapper (training/adam_update.py): kept+torch-step
   V+before        variant V on another checkout's kernels (--before PATH: its models/*.cpp and headers, built
                   by native.py under their own names), so a kernel change is measured on the whole step in one
                   process: --variants kept kept+before --before /tmp/before (after `git worktree add`)
@@ -118,7 +120,7 @@ def keep_freed_memory() -> bool:
 
 THREADS = {"split-threads": "1 in each of 2 Python threads", "one-thread": 1}  # variants not at the default
 SUFFIXES = ("+no-native", "+wide-kernel", "+wide-onednn", "+no-wide", "+no-fused", "+plain-flatten",
-            "+torch-unshuffle", "+torch-bn", "+autograd")  # a change made to any variant
+            "+torch-unshuffle", "+torch-bn", "+autograd", "+torch-step")  # a change made to any variant
 
 
 def base_of(name: str) -> str:
@@ -205,6 +207,8 @@ def make_variant(full_name: str, args, images: torch.Tensor, labels: torch.Tenso
         train = TrainStep(net, optimizer, x, labels, amp_dtype=amp)
         if name.endswith("+autograd"):
             train.guide_pass = None
+    if name.endswith("+torch-step"):
+        train.adam_update = None
     sums = [torch.zeros(()), torch.zeros(())]
 
     def step(idx: torch.Tensor) -> None:
@@ -255,8 +259,8 @@ def main() -> None:
     parser.add_argument("--before", type=Path, default=None, help="another checkout, for the V+before variants")
     args = parser.parse_args()
     kept_memory = keep_freed_memory() if args.keep_freed_memory else False
-    names = args.variants or ["kept", "kept+autograd", "kept+no-native", "nchw", "adam-foreach", "adam-for-loop",
-                              "no-ftz", "no-onednn", "bare", "compile", "split-threads"]
+    names = args.variants or ["kept", "kept+autograd", "kept+torch-step", "kept+no-native", "nchw", "adam-foreach",
+                              "adam-for-loop", "no-ftz", "no-onednn", "bare", "compile", "split-threads"]
     if cpu_has_native_bf16() and not args.variants:
         names += ["onednn-bf16", "bf16-autocast", "bf16-weights", "bf16-weights+no-native",
                   "split-threads-bf16"]

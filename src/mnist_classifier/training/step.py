@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .adam_update import AdamUpdate
 from .guide_pass import GuidePass
 from .optim import group_lr
 
@@ -40,6 +41,7 @@ class TrainStep:
         self.train_x, self.train_y = train_x, train_y  # (N, C, H, W) float normalised, (N,) int64, on the device
         self.amp_dtype, self.label_smoothing, self.augment = amp_dtype, label_smoothing, augment
         self.guide_pass = GuidePass.for_step(model, amp_dtype, label_smoothing)  # None: autograd's path always
+        self.adam_update = AdamUpdate.for_optimizer(optimizer)  # None: optimizer.step() always
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -68,7 +70,14 @@ class TrainStep:
 
     def update(self) -> None:
         """The optimizer step, once the gradients are in."""
-        self.optimizer.step()
+        self.step_optimizer()
+
+    def step_optimizer(self) -> None:
+        """``optimizer.step()``; for torch's Adam on a CPU, the same update without its wrapper (adam_update.py)."""
+        if self.adam_update is not None:
+            self.adam_update()
+        else:
+            self.optimizer.step()
 
     def freeze(self, params: Sequence[nn.Parameter]) -> None:
         """Stop training ``params`` (of the plain model) from the next step on: autograd computes no gradient for
@@ -139,7 +148,7 @@ class Bf16WeightsStep(TrainStep):
             for p, g in zip(self.weights, self.grads):
                 p.grad = g  # attributes only, no op: fp32 buffers even if something set .grad to None
             torch._foreach_copy_(self.grads, [p.grad for p in self.twin_weights])  # bf16 -> fp32, exact
-            self.optimizer.step()
+            self.step_optimizer()
             torch._foreach_copy_(self.twin_weights, self.weights)  # fp32 -> bf16, round to nearest even
 
 
