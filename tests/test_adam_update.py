@@ -161,6 +161,15 @@ def test_a_torch_lr_scheduler_sees_every_step(splits, adam_steps):
     assert_same_state(ours, torchs)
 
 
+def test_under_torchs_profiler_every_step_is_adam_steps(splits, adam_steps):
+    """A profile names each optimizer step by ``Adam.step``'s scope; under the profiler the steps keep it."""
+    step = build(splits, {})
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        train(step, schedule=False)
+    assert adam_steps[0] == STEPS
+    assert sum(event.name == "Optimizer.step#Adam.step" for event in profile.events()) == STEPS
+
+
 def test_other_optimizers_get_no_update(splits):
     torch.manual_seed(0)
     model = build_model(ModelConfig(name="guide-cnn"))

@@ -8,11 +8,12 @@ tensors.
 
 It is the same update: that call with the arguments ``Adam.step`` passes, on torch's own state
 (``optimizer.state[p]``) and on each group's settings as they are at that step. The learning-rate schedule,
-checkpoints and resumes see torch's optimizer unchanged. It applies only where nothing else would notice: a
-plain ``torch.optim.Adam`` or ``AdamW``, fused, on CPU tensors, not amsgrad, capturable or differentiable, with
-no step hook of its own or registered for all optimizers, and a ``step`` nobody wrapped (a torch LR scheduler
-wraps it to count calls). And only once every parameter with a gradient has its state: the first step is
-``Adam.step``'s, which creates it. Anything else calls ``optimizer.step()``.
+checkpoints and resumes see torch's optimizer unchanged. It applies only where nothing else would notice: a plain
+``torch.optim.Adam`` or ``AdamW``, fused, on CPU tensors, not amsgrad, capturable or differentiable, with no step
+hook of its own or registered for all optimizers, a ``step`` nobody wrapped (a torch LR scheduler wraps it to count
+calls), and no torch profiler running (its trace names each step by ``Adam.step``'s scope). And only once every
+parameter with a gradient has its state: the first step is ``Adam.step``'s, which creates it. Anything else calls
+``optimizer.step()``.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class GroupTensors(NamedTuple):
 
 
 class AdamUpdate:
-    """``update()``: one step of ``optimizer``, as ``optimizer.step()`` takes it."""
+    """``update()`` takes one step of ``optimizer``, as ``optimizer.step()`` does."""
 
     def __init__(self, optimizer: torch.optim.Adam) -> None:
         self.optimizer = optimizer
@@ -64,12 +65,14 @@ class AdamUpdate:
         return None if any(tensors is None for tensors in groups) else groups  # type: ignore[return-value]
 
     def _unwatched(self) -> bool:
-        """No step hook and no wrapped ``step``. A torch without one of these hook tables gets ``Adam.step``."""
+        """No step hook, no wrapped ``step`` and no profiler. A torch without one of these hook tables (or without
+        the profiler's probe) gets ``Adam.step``."""
         opt = self.optimizer
         tables = (getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None),
                   getattr(torch_optimizer, "_global_optimizer_pre_hooks", None),
                   getattr(torch_optimizer, "_global_optimizer_post_hooks", None))
-        return "step" not in vars(opt) and all(table is not None and not table for table in tables)
+        profiling = getattr(torch.autograd, "_profiler_enabled", lambda: True)()
+        return not profiling and "step" not in vars(opt) and all(table is not None and not table for table in tables)
 
     def _tensors(self, group: dict) -> GroupTensors | None:
         """``group``'s tensors, or None where its settings or a parameter rule the functional call out."""

@@ -84,7 +84,8 @@ class GuidePass:
         loss = F.nll_loss(log_p, y)
         # d loss / d logits = (softmax - one-hot) / B, rounded as log_softmax's backward rounds it
         # (one scatter instead of one_hot's range check, fill and scatter: nll_loss has checked the labels)
-        g = log_p.exp_().mul_(1.0 / b).scatter_add_(1, y.unsqueeze(1), torch.full((b, 1), -1.0 / b))  # (B, 10)
+        one = torch.full((b, 1), -1.0 / b, dtype=log_p.dtype)  # each label's -1/B
+        g = log_p.exp_().mul_(1.0 / b).scatter_add_(1, y.unsqueeze(1), one)  # (B, 10)
         g_h = torch.ops.aten.threshold_backward(g @ m.fc2.weight, h, 0.0)  # (B, 128): ReLU's backward, as autograd's
         g_flat = (g_h @ m.fc1.weight).view(y2.shape)  # (B, 32, H/4, W/4), NCHW as flat's order
         g_y1, g_w2, g_b2 = wide_layer_backward(y1, m.conv2.weight, which2, g_flat)
