@@ -37,7 +37,7 @@ class GroupTensors(NamedTuple):
 
 
 class AdamUpdate:
-    """``update()`` takes one step of ``optimizer``, as ``optimizer.step()`` does."""
+    """Called, it takes one step of ``optimizer``, as ``optimizer.step()`` does."""
 
     def __init__(self, optimizer: torch.optim.Adam) -> None:
         self.optimizer = optimizer
