@@ -181,3 +181,5 @@ def test_mnist_train_steps_adam_through_the_update(splits, data_dir):
     cfg = TrainConfig(device="cpu", data_dir=str(data_dir), train_subset=256)
     step = build_session(cfg, splits, CPU, SINGLE).learner.loop.step
     assert step.adam_update is not None and step.adam_update.optimizer is step.optimizer
+    step(torch.arange(64))  # creates the state; the optimizer mnist train builds then takes the update
+    assert step.adam_update.ready() is not None

@@ -33,7 +33,6 @@ class GroupTensors(NamedTuple):
     exp_avgs: list[torch.Tensor]
     exp_avg_sqs: list[torch.Tensor]
     steps: list[torch.Tensor]
-    has_complex: bool
 
 
 class AdamUpdate:
@@ -78,7 +77,7 @@ class AdamUpdate:
         """``group``'s tensors, or None where its settings or a parameter rule the functional call out."""
         if not group["fused"] or group["amsgrad"] or group["capturable"] or group["differentiable"]:
             return None
-        out = GroupTensors([], [], [], [], [], False)
+        out = GroupTensors([], [], [], [], [])
         for p in group["params"]:
             if p.grad is None:
                 continue  # skipped, as Adam.step skips it
@@ -90,13 +89,13 @@ class AdamUpdate:
             out.exp_avgs.append(state["exp_avg"])
             out.exp_avg_sqs.append(state["exp_avg_sq"])
             out.steps.append(state["step"])
-        return out._replace(has_complex=any(torch.is_complex(p) for p in out.params))
+        return out
 
     def _update(self, group: dict, t: GroupTensors) -> None:
         opt = self.optimizer
         beta1, beta2 = group["betas"]
         adam(t.params, t.grads, t.exp_avgs, t.exp_avg_sqs, [], t.steps, foreach=group["foreach"], capturable=False,
              differentiable=False, fused=True, grad_scale=getattr(opt, "grad_scale", None),
-             found_inf=getattr(opt, "found_inf", None), has_complex=t.has_complex,
+             found_inf=getattr(opt, "found_inf", None), has_complex=any(map(torch.is_complex, t.params)),
              decoupled_weight_decay=group["decoupled_weight_decay"], amsgrad=False, beta1=beta1, beta2=beta2,
              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
