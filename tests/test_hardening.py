@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from server_under_attack import attack  # noqa: E402
 from mnist_classifier.data.decode import ImageTooLarge, NotAnImage, open_image, probe_image
 from mnist_classifier.data.mnist import MNIST_STEMS
+from mnist_classifier.runs import PICTURES, TRIAL_FILE
 
 
 def _png(img: Image.Image) -> bytes:
@@ -354,6 +355,28 @@ def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
     blown = run_cli("train", *common, "--overwrite", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1")
     assert blown.returncode == 2 and "no epoch had finished, so no checkpoint was written" in blown.stderr
     assert not (out / "model.pt").exists() and not (out / "last.pt").exists()
+
+
+@pytest.mark.slow
+def test_overwrite_leaves_nothing_of_the_old_run(data_dir, tmp_path):
+    """--overwrite removes the old run's pictures, trial record and TensorBoard events with its checkpoints:
+    TensorBoard reads every event file in a folder as one run, so the old run's curves were drawn into the new
+    run's, and the old pictures stayed beside a run that drew none. A file that is not the run's stays."""
+    out = tmp_path / "run"
+    common = ("--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "640", "--test-subset", "256",
+              "--epochs", "1", "--out", str(out))
+    first = run_cli("train", *common, "--plots")
+    assert first.returncode == 0, first.stderr
+    old_events = set(out.glob("events.out.tfevents.*"))
+    assert old_events and all((out / name).is_file() for name in PICTURES.values())
+    (out / TRIAL_FILE).write_text('{"study": "s", "trial": 0}')  # as a sweep's trial leaves one
+    (out / "notes.txt").write_text("mine")
+    again = run_cli("train", *common, "--overwrite", "--no-plots")
+    assert again.returncode == 0, again.stderr
+    events = set(out.glob("events.out.tfevents.*"))
+    assert events and not events & old_events
+    assert not any((out / name).exists() for name in (*PICTURES.values(), TRIAL_FILE))
+    assert (out / "notes.txt").read_text() == "mine" and (out / "model.pt").is_file()
 
 
 @pytest.fixture(scope="module")

@@ -206,7 +206,8 @@ class TrainConfig:
     data_dir: str = _opt("data", "folder holding the data sets in torchvision's layout, e.g. <data-dir>/MNIST/raw/ "
                          "(MNIST is fetched there when missing)", role="data")
     out: str = _opt("", "run folder to write (default: runs/<timestamp>)", role="run")
-    overwrite: bool = _opt(False, "replace the run already in --out (its checkpoints are deleted first)", role="run")
+    overwrite: bool = _opt(False, "replace the run already in --out (its checkpoints, metrics, pictures and "
+                           "TensorBoard events are deleted first)", role="run")
     train_subset: int = _opt(0, "train on only the first N training images (0 = all 60,000); for smoke runs",
                              bounds=NON_NEGATIVE, role="data")
     test_subset: int = _opt(0, "score only the first N test images (0 = all 10,000 of MNIST); for smoke runs of a "

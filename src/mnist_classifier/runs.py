@@ -20,6 +20,11 @@ RUNS_ROOT = Path("runs")
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt")  # what marks a folder as a run
+# the pictures --plots and `mnist plots` draw into a run folder (evaluation/plots.py), by what each shows
+PICTURES = {"samples": "samples.png", "predictions": "predictions.png", "curves": "curves.png",
+            "confusion": "confusion.png", "mistakes": "mistakes.png"}
+TRIAL_FILE = "trial.json"  # a sweep's record of the trial a run folder belongs to (experiments/trials.py)
+EVENTS = "events.out.tfevents.*"  # TensorBoard's event files (training/tracking.py): two per process that trains
 
 
 def run_dir_path(out: str = "") -> Path:
@@ -34,15 +39,23 @@ def run_dir_path(out: str = "") -> Path:
     return path
 
 
+def run_files(path: Path) -> list[Path]:
+    """The files of the run in ``path``: what marks it, its pictures, its trial record and its TensorBoard events.
+    Anything else in the folder is not the run's."""
+    named = [path / name for name in (*RUN_FILES, *PICTURES.values(), TRIAL_FILE)]
+    return [p for p in named if p.is_file()] + sorted(p for p in path.glob(EVENTS) if p.is_file())
+
+
 @contextlib.contextmanager
 def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) -> Iterator[Path]:
     """The run folder (``run_dir_path``), made if need be and held for this process alone while the block runs.
 
     A folder that already holds a run is refused, unless the run is being resumed, or ``overwrite`` asks for
-    its files to be removed first (so no old checkpoint is left beside the new run's config). The hold is an
-    flock on the folder itself: a second ``mnist train`` on it (the same --out, a --resume of a run still
-    training, an --overwrite of one) is refused, where before the two wrote their files into one folder
-    (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL.
+    its files (``run_files``) to be removed first: no old checkpoint is left beside the new run's config, no old
+    picture beside a run that draws none, and no old event file for TensorBoard to draw beside the new run's
+    curves as if they were one run's. The hold is an flock on the folder itself: a second ``mnist train`` on it
+    (the same --out, a --resume of a run still training, an --overwrite of one) is refused, where before the two
+    wrote their files into one folder (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL.
     A folder made here that the block leaves empty (a setting refused before anything was written) is removed."""
     path = run_dir_path(out)
     made = not path.exists()
@@ -56,8 +69,8 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
             if not overwrite:
                 raise UserError(f"{path} already holds a run ({existing[0]}); continue it with --resume {path}, "
                                 f"choose another --out, or pass --overwrite to replace it")
-            for name in existing:
-                (path / name).unlink()
+            for file in run_files(path):
+                file.unlink()
         try:
             yield path
         except BaseException:

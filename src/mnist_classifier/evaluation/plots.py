@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 
 from .. import fileio
 from ..errors import UserError
+from ..runs import PICTURES
 from .metrics import confusion_matrix, read_metrics
 from .scoring import predict_logits
 
@@ -171,7 +172,8 @@ def run_plots(
     gen = torch.Generator().manual_seed(seed)
     written = []
     pick = torch.randperm(len(splits.train_labels), generator=gen)[:n_show]
-    written.append(save_figure(plot_samples(splits.train_images[pick], splits.train_labels[pick], names), run_dir / "samples.png"))
+    written.append(save_figure(plot_samples(splits.train_images[pick], splits.train_labels[pick], names),
+                               run_dir / PICTURES["samples"]))
 
     logits = predict_logits(model, test_x, 1000, amp_dtype).cpu()
     labels = splits.test_labels
@@ -183,15 +185,15 @@ def run_plots(
     if len(wrong) and not (preds[shown] != labels[shown]).any():
         shown[-min(2, len(wrong)):] = wrong[torch.randperm(len(wrong), generator=gen)[:2]][: min(2, len(wrong))]
     written.append(save_figure(plot_predictions(splits.test_images[shown], labels[shown], preds[shown], names),
-                               run_dir / "predictions.png"))
+                               run_dir / PICTURES["predictions"]))
     if curves is not None:
-        written.append(save_figure(curves, run_dir / "curves.png"))
+        written.append(save_figure(curves, run_dir / PICTURES["curves"]))
     cm = confusion_matrix(preds, labels, len(names))
-    written.append(save_figure(plot_confusion(cm, names), run_dir / "confusion.png"))
+    written.append(save_figure(plot_confusion(cm, names), run_dir / PICTURES["confusion"]))
     losses = F.cross_entropy(logits, labels, reduction="none")
     worst = losses.topk(min(n_mistakes, len(losses))).indices
     written.append(save_figure(
         plot_mistakes(splits.test_images[worst], labels[worst], preds[worst], confidence[worst], names),
-        run_dir / "mistakes.png",
+        run_dir / PICTURES["mistakes"],
     ))
     return written

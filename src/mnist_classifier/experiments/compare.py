@@ -13,6 +13,7 @@ from .. import fileio
 from ..config import TrainConfig
 from ..evaluation.metrics import read_metrics
 from ..errors import UserError
+from ..runs import TRIAL_FILE
 from .report import mean_sd
 from .search import SweepSpec, load_spec
 
@@ -74,7 +75,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 def read_run(path: Path, sweep: str = "") -> Run:
     """A run folder's config, summary, trial state and metrics; a damaged file there is a one-line UserError."""
-    summary_path, trial_path = path / "summary.json", path / "trial.json"
+    summary_path, trial_path = path / "summary.json", path / TRIAL_FILE
     config = fileio.read_json(path / "config.json")
     summary = fileio.read_json(summary_path) if summary_path.is_file() else None
     trial = fileio.read_json(trial_path) if trial_path.is_file() else None

@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..data import Splits
 from ..device import follows_load
 from ..errors import DivergedError, Interrupted, UserError
+from ..runs import TRIAL_FILE
 from ..training import Reporter, fit
 from .space import Param
 
@@ -75,7 +76,7 @@ def trial_config(base: TrainConfig, values: dict[str, Any], seed_index: int, run
 def _write_trial(run_dir: Path, trial: optuna.Trial, study: str, state: str, values: dict[str, Any],
                  extra: dict[str, Any]) -> None:
     if run_dir.is_dir():
-        fileio.write_json(run_dir / "trial.json", {"study": study, "trial": trial.number, "state": state,
+        fileio.write_json(run_dir / TRIAL_FILE, {"study": study, "trial": trial.number, "state": state,
                                                   "params": values, **extra})
 
 
