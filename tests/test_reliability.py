@@ -151,6 +151,42 @@ def test_sigkill_at_random_moments_loses_nothing(data_dir, tmp_path):
     assert during_save >= 3  # most of the 6 save-time kills really landed inside a write
 
 
+def _loss_steps(run: Path) -> list[int]:
+    """The steps of the ``train/loss`` events TensorBoard's own reader shows for ``run``, in the order it reads them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not list(run.glob("events.out.tfevents.*")):
+        return []
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    events.Reload()
+    return [e.step for e in events.Scalars("train/loss")] if "train/loss" in events.Tags()["scalars"] else []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum, status", [(signal.SIGKILL, -signal.SIGKILL), (signal.SIGINT, 130)])
+def test_a_run_stopped_mid_epoch_and_resumed_draws_one_loss_curve(data_dir, tmp_path, signum, status):
+    """A run SIGKILLed inside epoch 2 had logged losses past its last checkpoint (epoch 1's), and the resumed run
+    logs those steps again: TensorBoard must show each step once, in order (before, the curve ran back over
+    itself: 1,897 points for 1,876 steps). A Ctrl-C saves the step it stopped at, and the resumed run's losses
+    must join the logged ones with none hidden."""
+    run = tmp_path / "run"
+    args = ["--epochs", "2", "--test-subset", "500", "--device", "cpu", "--data-dir", str(data_dir),
+            "--log-every", "1", "--out", str(run)]
+    per_epoch = 938  # batches of 64 in 60,000 images
+    proc = subprocess.Popen([sys.executable, "-m", "mnist_classifier", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=REPO)
+    deadline = time.monotonic() + 300
+    while max(_loss_steps(run), default=0) <= per_epoch + 20:  # epoch 2's losses are on disk
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    assert proc.wait(timeout=60) == status  # stopped inside epoch 2, not finished
+    assert torch.load(run / "last.pt", weights_only=True)["epoch"] == 1  # the resume starts in epoch 2
+    resumed = run_cli("train", "--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    assert _loss_steps(run) == list(range(1, 2 * per_epoch + 1))
+
+
 @pytest.mark.slow
 def test_four_epochs_equal_two_plus_two_with_resume(data_dir, tmp_path):
     common = ["--train-subset", "3000", "--device", "cpu", "--data-dir", str(data_dir), "--dropout", "0.2",

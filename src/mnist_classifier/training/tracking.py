@@ -34,10 +34,15 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
 class TensorBoardLog:
     """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
 
-    def __init__(self, run_dir: Path, n_batches: int) -> None:
+    def __init__(self, run_dir: Path, n_batches: int, resumed_at: int | None = None) -> None:
+        """``resumed_at``: a resumed run's first training step (1-based, ``train/loss``'s axis), or None."""
         from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
 
-        self.writer = SummaryWriter(log_dir=str(run_dir))  # a resumed run adds a second events file beside the first
+        # A resumed run adds an events file beside the first. A process killed mid-epoch had logged losses past
+        # its last checkpoint, which the resumed run logs again: purge_step tells TensorBoard to hide every older
+        # event from that step on, so the curve does not run back over itself. The epoch metrics sit on the epoch
+        # axis (1, 2, ...), below that step, and are logged only after their epoch's checkpoint, so none is stale.
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resumed_at)
         self.n_batches = n_batches
 
     def step(self, epoch: int, batch: int, loss: float | None) -> None:
