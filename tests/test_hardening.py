@@ -351,6 +351,8 @@ def test_a_run_folder_is_never_silently_replaced(data_dir, tmp_path):
         assert proc.returncode == 2 and f"{fragment} cannot change in a resumed run" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert (out / "model.pt").read_bytes() == first and len((out / "metrics.csv").read_text().splitlines()) == 2
+    finished = run_cli("train", "--resume", str(out))  # its own 1 epoch, all trained
+    assert finished.returncode == 2 and "already trained 1 epoch; pass --epochs N with N > 1" in finished.stderr
     # --overwrite replaces it; a run that diverges before its first epoch leaves no old checkpoint behind
     blown = run_cli("train", *common, "--overwrite", "--lr", "1e6", "--optimizer", "sgd", "--log-every", "1")
     assert blown.returncode == 2 and "no epoch had finished, so no checkpoint was written" in blown.stderr

@@ -160,7 +160,9 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     # A run killed after its last epoch but before summary.json is finished by resuming it with no epochs left.
     finished = (Path(args.resume) / "summary.json").exists()
     if cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished):
-        raise UserError(f"--resume {args.resume}: already trained {resume['epoch']} epochs; pass --epochs N with N > {resume['epoch']}")
+        done = resume["epoch"]
+        raise UserError(f"--resume {args.resume}: already trained {done} epoch{'s' * (done != 1)}; pass --epochs N with "
+                        f"N > {done}")
     return cfg, resume
 
 
