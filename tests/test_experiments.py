@@ -581,11 +581,15 @@ def test_compare_lists_exactly_the_flags_that_differ_with_mean_and_sd_over_seeds
     assert groups[0.001]["val_accuracy"] == pytest.approx(sum(vals) / 2, abs=1e-4)
     assert groups[0.001]["val_accuracy_sd"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5, abs=1e-4)
     assert groups[0.003]["test_accuracy"] == pytest.approx(runs[2]["test_accuracy"], abs=1e-4)
+    assert groups[0.003]["test_accuracy_sd"] is None  # one run measures no spread: not a 0
     for name in ("compare.csv", "compare.md", "curves.png", "params.png"):
         assert (out / name).stat().st_size > 0
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    header = (out / "compare.md").read_text().splitlines()[0]
+    header, _, *rows = (out / "compare.md").read_text().splitlines()
     assert header.startswith("| lr | runs | state | val_accuracy |")
+    cells = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in rows}
+    assert cells["0.001"][3] == f"{groups[0.001]['val_accuracy']:.2f} ± {groups[0.001]['val_accuracy_sd']:.2f}"
+    assert cells["0.003"][4] == f"{runs[2]['test_accuracy']:.2f}"  # the one run's accuracy, with no ± 0.00
 
 
 @pytest.mark.slow

@@ -29,6 +29,7 @@ from .errors import Interrupted, UserError
 from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
 from .experiments.lr_find import RULES
+from .experiments.report import plus_minus
 from .experiments.space import grid
 from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec
 from .inference import expand_paths, predict_files
@@ -379,8 +380,8 @@ def _print_sweep(result: SweepResult) -> None:
     names = sorted({k for t in result.trials for k in t.params})
     print(f"{'trial':>5}  {'state':<8}  {'val %':>13}  {'test %':>13}  {'epochs':>6}  " + "  ".join(f"{n:>12}" for n in names))
     for t in result.trials:
-        val = f"{t.value:.2f} ± {t.val_sd:.2f}" if t.value is not None else "-"
-        test = f"{t.test_accuracy:.2f} ± {t.test_sd:.2f}" if t.test_accuracy is not None else "-"
+        val = plus_minus(t.value, t.val_sd) if t.value is not None else "-"
+        test = plus_minus(t.test_accuracy, t.test_sd) if t.test_accuracy is not None else "-"
         cells = "  ".join(f"{_cell(t.params.get(n)):>12}" for n in names)
         print(f"{t.number:>5}  {t.state:<8}  {val:>13}  {test:>13}  {t.epochs_run:>6}  {cells}"
               + (f"  ({t.note})" if t.note and t.state != "complete" else ""))

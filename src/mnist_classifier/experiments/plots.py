@@ -15,6 +15,7 @@ from .. import fileio
 from ..evaluation.plots import save_figure
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
+from .report import plus_minus
 from .search import SweepSpec, load_study
 from .space import Param, is_log
 
@@ -158,8 +159,8 @@ def markdown_table(table: list[dict[str, Any]]) -> str:
     for row in table:
         cells = []
         for k in keys:
-            v, sd = row[k], row.get(f"{k}_sd")
-            digits = 4 if "loss" in k else 1 if "seconds" in k else 2
-            cells.append("-" if v is None else f"{v:.{digits}f} ± {sd:.{digits}f}" if sd is not None else _short(v))
+            v, digits = row[k], 4 if "loss" in k else 1 if "seconds" in k else 2
+            measured = f"{k}_sd" in row  # a mean over the group's runs, not a setting
+            cells.append("-" if v is None else plus_minus(v, row[f"{k}_sd"], digits) if measured else _short(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -20,10 +20,16 @@ NOT_FLAGS = ("out", "overwrite", "recipe", "log_every")  # where a run goes and 
 
 
 def mean_sd(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (None for no values; sd 0 for one)."""
+    """Mean and sample standard deviation: both None for no values, the sd None for one (a single run measures
+    no spread; printed as 0 it looked like a result that repeats exactly)."""
     if not values:
         return None, None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def plus_minus(mean: float, sd: float | None, digits: int = 2) -> str:
+    """``mean ± sd`` to ``digits`` decimal places; the mean alone where there is no sd (a single run)."""
+    return f"{mean:.{digits}f}" if sd is None else f"{mean:.{digits}f} ± {sd:.{digits}f}"
 
 
 @dataclass
