@@ -20,7 +20,7 @@ RUNS_ROOT = Path("runs")
 
 
 RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt")  # what marks a folder as a run
-# the pictures --plots and `mnist plots` draw into a run folder (evaluation/plots.py), by what each shows
+# the pictures --plots and `mnist plot` draw into a run folder (evaluation/plots.py), by what each shows
 PICTURES = {"samples": "samples.png", "predictions": "predictions.png", "curves": "curves.png",
             "confusion": "confusion.png", "mistakes": "mistakes.png"}
 TRIAL_FILE = "trial.json"  # a sweep's record of the trial a run folder belongs to (experiments/trials.py)

@@ -77,7 +77,7 @@ def _write_trial(run_dir: Path, trial: optuna.Trial, study: str, state: str, val
                  extra: dict[str, Any]) -> None:
     if run_dir.is_dir():
         fileio.write_json(run_dir / TRIAL_FILE, {"study": study, "trial": trial.number, "state": state,
-                                                  "params": values, **extra})
+                                                "params": values, **extra})
 
 
 def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig, seeds: int, splits: Splits,
