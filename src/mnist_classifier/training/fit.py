@@ -314,11 +314,6 @@ def resumed_progress(resume: dict[str, Any] | None, n_batches: int, world: int =
     return partial.share(world)
 
 
-def resumed_step(s: Session, partial: Progress | None) -> int:
-    """A resumed run's first training step, counted from 1 over the whole run (TensorBoard's loss axis)."""
-    return s.state.epoch * s.learner.loop.n_batches + (partial.batches_done if partial else 0) + 1
-
-
 def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, reporter: Reporter | None = None,
         resume: dict[str, Any] | None = None, ctx: DistContext = SINGLE, follow_load: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` on ``splits`` and write the run folder; return the summary dict.
@@ -339,8 +334,8 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     files = RunFiles(run_dir, cfg, s.spec.mcfg, s.spec.info, device)
     if ctx.is_main:
         write_config(s.spec, run_dir)
-    log = (TensorBoardLog(run_dir, s.learner.loop.n_batches, resumed_step(s, partial) if resume else None)
-           if cfg.tensorboard and ctx.is_main else None)
+    resumed_at = (s.state.epoch + 1, partial.batches_done if partial else 0) if resume else None
+    log = TensorBoardLog(run_dir, s.learner.loop.n_batches, resumed_at) if cfg.tensorboard and ctx.is_main else None
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))

@@ -34,20 +34,25 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
 class TensorBoardLog:
     """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
 
-    def __init__(self, run_dir: Path, n_batches: int, resumed_at: int | None = None) -> None:
-        """``resumed_at``: a resumed run's first training step (1-based, ``train/loss``'s axis), or None."""
+    def __init__(self, run_dir: Path, n_batches: int, resumed_at: tuple[int, int] | None = None) -> None:
+        """``resumed_at``: a resumed run's first (epoch, batch), as ``step`` receives them; None for a new run."""
         from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
 
+        self.n_batches = n_batches
         # A resumed run adds an events file beside the first. A process killed mid-epoch had logged losses past
         # its last checkpoint, which the resumed run logs again: purge_step tells TensorBoard to hide every older
         # event from that step on, so the curve does not run back over itself. The epoch metrics sit on the epoch
         # axis (1, 2, ...), below that step, and are logged only after their epoch's checkpoint, so none is stale.
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=resumed_at)
-        self.n_batches = n_batches
+        purge = self.global_step(*resumed_at) if resumed_at else None
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge)
+
+    def global_step(self, epoch: int, batch: int) -> int:
+        """``train/loss``'s axis: the run's batches counted from 1 (``epoch`` from 1, ``batch`` from 0)."""
+        return (epoch - 1) * self.n_batches + batch + 1
 
     def step(self, epoch: int, batch: int, loss: float | None) -> None:
         if loss is not None:
-            self.writer.add_scalar("train/loss", loss, (epoch - 1) * self.n_batches + batch + 1)
+            self.writer.add_scalar("train/loss", loss, self.global_step(epoch, batch))
 
     def epoch(self, row: dict[str, Any]) -> None:
         step = row["epoch"]
