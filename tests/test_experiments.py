@@ -21,7 +21,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import REPO, as_from_a_terminal, cores_to_spare, run_cli, spinning
+from conftest import REPO, as_from_a_terminal, cores_to_spare, free_port, run_cli, spinning
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted
@@ -655,6 +655,46 @@ def test_every_run_writes_tensorboard_events_that_tensorboard_reads(data_dir, sp
     assert "test/confusion_matrix" in tags["images"]
     image = events.Images("test/confusion_matrix")[0]
     assert (image.width, image.height) == (240, 240)  # 10 classes x 24 px
+
+
+def hparams_rows(logdir: Path) -> list[dict]:
+    """The HPARAMS tab's rows (session groups), as a real TensorBoard on loopback serves them to its page."""
+    import httpx
+
+    port = free_port()
+    board = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    query = {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE",
+                                                       "STATUS_RUNNING"], "colParams": [], "startIndex": 0, "sliceSize": 100}
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the board answers before it has read the folder: until a row shows
+            try:
+                rows = httpx.post(f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups", json=query,
+                                  timeout=5).json()["sessionGroups"]
+                if rows:
+                    return rows
+            except (httpx.HTTPError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise AssertionError("TensorBoard showed no HPARAMS row within 60 s")
+    finally:
+        board.terminate()
+        board.wait(timeout=30)
+
+
+def test_a_run_resumed_with_more_epochs_shows_one_hparams_row_with_its_new_settings_and_result(data_dir, splits,
+                                                                                               tmp_path):
+    run_dir = tmp_path / "run"
+    cfg = TrainConfig(train_subset=640, epochs=1, device="cpu", data_dir=str(data_dir), out=str(run_dir))
+    fit(cfg, splits, CPU, run_dir)
+    assert main(["train", "--resume", str(run_dir), "--epochs", "2", "--threads", "1"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert len(list(run_dir.glob("events.out.tfevents.*.hparams"))) == 1
+    [row] = hparams_rows(run_dir)
+    assert row["hparams"]["epochs"] == 2  # not the first run's 1 beside the resumed run's result
+    metrics = {m["name"]["tag"]: m["value"] for m in row["metricValues"]}
+    assert metrics["hparam/test_accuracy"] == pytest.approx(summary["test_accuracy"], abs=1e-3)
 
 
 def test_no_tensorboard_writes_no_events(data_dir, splits, tmp_path):

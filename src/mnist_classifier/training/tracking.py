@@ -13,12 +13,16 @@ from typing import Any
 import torch
 
 from ..config import TrainConfig
+from ..runs import EVENTS
 
 # Settings shown in the HPARAMS tab: the ones a comparison of runs is about.
 HPARAMS = ("model", "optimizer", "lr", "batch_size", "epochs", "epoch_fraction", "stem_fraction", "schedule", "dropout",
            "weight_decay", "momentum", "adam_beta1", "adam_beta2", "label_smoothing", "ema", "augment", "seed",
            "precision", "val_size", "train_subset", "dataset")
 CELL_PX = 24  # each confusion-matrix cell as a 24x24 pixel square
+# The HPARAMS tab's events file ends so, to be found and replaced: the tab shows the settings of the first session
+# it reads in a folder beside the metrics of the last, so a run resumed with more --epochs keeps one file, not two.
+HPARAMS_SUFFIX = ".hparams"
 
 
 def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
@@ -38,7 +42,7 @@ class TensorBoardLog:
         """``resumed_at``: a resumed run's first (epoch, batch), as ``step`` receives them; None for a new run."""
         from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
 
-        self.n_batches = n_batches
+        self.n_batches, self.run_dir = n_batches, run_dir
         # A resumed run adds an events file beside the first. A process killed mid-epoch had logged losses past
         # its last checkpoint, which the resumed run logs again: purge_step tells TensorBoard to hide every older
         # event from that step on, so the curve does not run back over itself. The epoch metrics sit on the epoch
@@ -69,9 +73,23 @@ class TensorBoardLog:
                    "hparam/train_seconds": summary["train_seconds"]}
         if "val_accuracy" in summary:
             metrics["hparam/val_accuracy"] = summary["val_accuracy"]
-        self.writer.add_hparams(hparams, metrics, run_name=".")  # "." : in this run's folder, not a sub-folder
+        self._replace_hparams(hparams, metrics)
         if confusion is not None:
             self.writer.add_image("test/confusion_matrix", confusion_image(confusion), cfg.epochs)
+
+    def _replace_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
+        """What ``SummaryWriter.add_hparams`` writes, into this run's folder, in a new file that then replaces any
+        earlier one (written first: a kill in between leaves the old file beside the new, never neither)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries, scalar
+        from torch.utils.tensorboard.writer import FileWriter
+
+        old = sorted(self.run_dir.glob(EVENTS + HPARAMS_SUFFIX))
+        writer = FileWriter(str(self.run_dir), filename_suffix=HPARAMS_SUFFIX)
+        for summary in (*hparams_summaries(hparams, metrics), *(scalar(k, v) for k, v in metrics.items())):
+            writer.add_summary(summary)
+        writer.close()
+        for path in old:
+            path.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.writer.close()
