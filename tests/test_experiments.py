@@ -3,6 +3,7 @@ TensorBoard files every run writes. Tiny trials (a few hundred images, 1-2 epoch
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -143,6 +144,14 @@ def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, caps
     assert [t.params["lr"] for t in study.trials] == [p["lr"] for p in grid(space, shuffle_seed=seed)]
     table = compare([out])
     assert {g.flags["lr"]: g.row()["state"] for g in table.groups} == {0.001: "complete", 0.002: "complete", 0.5: "pruned"}
+    # TensorBoard's HPARAMS tab shows the pruned point too, as a failure, beside its last validation accuracy
+    rows = {row["name"]: row for row in hparams_rows(out, count=3)}
+    assert {name: row["sessions"][0]["status"] for name, row in rows.items()} == {
+        "trial-0000-seed0": "STATUS_SUCCESS", "trial-0001-seed0": "STATUS_SUCCESS", "trial-0002-seed0": "STATUS_FAILURE"}
+    [epoch_1] = csv.DictReader((out / "trial-0002-seed0" / "metrics.csv").open())
+    [shown] = rows["trial-0002-seed0"]["metricValues"]
+    assert (shown["name"]["tag"], shown["value"]) == ("hparam/val_accuracy", pytest.approx(float(epoch_1["val_accuracy"])))
+    assert rows["trial-0002-seed0"]["hparams"]["lr"] == 0.5
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -657,8 +666,9 @@ def test_every_run_writes_tensorboard_events_that_tensorboard_reads(data_dir, sp
     assert (image.width, image.height) == (240, 240)  # 10 classes x 24 px
 
 
-def hparams_rows(logdir: Path) -> list[dict]:
-    """The HPARAMS tab's rows (session groups), as a real TensorBoard on loopback serves them to its page."""
+def hparams_rows(logdir: Path, count: int = 1) -> list[dict]:
+    """The HPARAMS tab's rows (session groups), as a real TensorBoard on loopback serves them to its page, once it
+    shows ``count`` of them."""
     import httpx
 
     port = free_port()
@@ -668,16 +678,16 @@ def hparams_rows(logdir: Path) -> list[dict]:
                                                        "STATUS_RUNNING"], "colParams": [], "startIndex": 0, "sliceSize": 100}
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # the board answers before it has read the folder: until a row shows
+        while time.monotonic() < deadline:  # the board answers before it has read every run: until all show
             try:
                 rows = httpx.post(f"http://127.0.0.1:{port}/data/plugin/hparams/session_groups", json=query,
                                   timeout=5).json()["sessionGroups"]
-                if rows:
+                if len(rows) >= count:
                     return rows
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
-        raise AssertionError("TensorBoard showed no HPARAMS row within 60 s")
+        raise AssertionError(f"TensorBoard showed fewer than {count} HPARAMS rows within 60 s")
     finally:
         board.terminate()
         board.wait(timeout=30)

@@ -344,6 +344,10 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
         summary = finish(s, best_state, run_dir, t_start, follower)
         if log:
             log.finish(cfg, summary, s.state.confusion)
+    except BaseException:
+        if log:
+            log.unfinished(cfg, s.state.rows[-1] if s.state.rows else None)
+        raise
     finally:
         if log:
             log.close()

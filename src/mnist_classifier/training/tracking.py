@@ -35,6 +35,22 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
     return 1.0 - cells.unsqueeze(0) * (1.0 - blue)
 
 
+def scored_split(row: dict[str, Any]) -> str:
+    """Which split an epoch row scored: "val" with --val-size, else "test" (the guide's behaviour)."""
+    return "val" if "val_accuracy" in row else "test"
+
+
+def session_end(status: int) -> Any:
+    """The HPARAMS tab's end-of-session summary with ``status`` (torch's ``hparams`` always writes success)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2
+
+    data = plugin_data_pb2.HParamsPluginData(session_end_info=plugin_data_pb2.SessionEndInfo(status=status),
+                                             version=metadata.PLUGIN_DATA_VERSION)
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                        metadata=metadata.create_summary_metadata(data))])
+
+
 class TensorBoardLog:
     """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
 
@@ -59,8 +75,7 @@ class TensorBoardLog:
             self.writer.add_scalar("train/loss", loss, self.global_step(epoch, batch))
 
     def epoch(self, row: dict[str, Any]) -> None:
-        step = row["epoch"]
-        split = "val" if "val_accuracy" in row else "test"
+        step, split = row["epoch"], scored_split(row)
         self.writer.add_scalar("train/epoch_loss", row["train_loss"], step)
         self.writer.add_scalar(f"{split}/accuracy", row[f"{split}_accuracy"], step)
         self.writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
@@ -68,24 +83,36 @@ class TensorBoardLog:
         self.writer.add_scalar("time/epoch_seconds", row["seconds"], step)
 
     def finish(self, cfg: TrainConfig, summary: dict[str, Any], confusion: torch.Tensor | None) -> None:
-        hparams = {k: getattr(cfg, k) for k in HPARAMS}
         metrics = {"hparam/test_accuracy": summary["test_accuracy"], "hparam/test_loss": summary["test_loss"],
                    "hparam/train_seconds": summary["train_seconds"]}
         if "val_accuracy" in summary:
             metrics["hparam/val_accuracy"] = summary["val_accuracy"]
-        self._replace_hparams(hparams, metrics)
+        self._replace_hparams(cfg, metrics, finished=True)
         if confusion is not None:
             self.writer.add_image("test/confusion_matrix", confusion_image(confusion), cfg.epochs)
 
-    def _replace_hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
-        """What ``SummaryWriter.add_hparams`` writes, into this run's folder, in a new file that then replaces any
-        earlier one (written first: a kill in between leaves the old file beside the new, never neither)."""
+    def unfinished(self, cfg: TrainConfig, row: dict[str, Any] | None) -> None:
+        """A run that stopped before its end (a sweep's pruned or diverged trial, Ctrl-C, an error): its HPARAMS
+        row says Failure beside its last epoch's accuracy (``row``; None before the first), so that a sweep's
+        pruned points show beside the rest, and a resumed run that finishes replaces it."""
+        split = scored_split(row) if row else ""
+        self._replace_hparams(cfg, {f"hparam/{split}_accuracy": row[f"{split}_accuracy"]} if row else {},
+                              finished=False)
+
+    def _replace_hparams(self, cfg: TrainConfig, metrics: dict[str, float], finished: bool) -> None:
+        """What ``SummaryWriter.add_hparams`` writes (with the session's end status), into this run's folder, in a
+        new file that then replaces any earlier one (written first: a kill in between leaves the old file beside
+        the new, never neither)."""
+        from tensorboard.plugins.hparams import api_pb2
         from torch.utils.tensorboard.summary import hparams as hparams_summaries, scalar
         from torch.utils.tensorboard.writer import FileWriter
 
+        experiment, start, end = hparams_summaries({k: getattr(cfg, k) for k in HPARAMS}, metrics)
+        if not finished:
+            end = session_end(api_pb2.STATUS_FAILURE)
         old = sorted(self.run_dir.glob(EVENTS + HPARAMS_SUFFIX))
         writer = FileWriter(str(self.run_dir), filename_suffix=HPARAMS_SUFFIX)
-        for summary in (*hparams_summaries(hparams, metrics), *(scalar(k, v) for k, v in metrics.items())):
+        for summary in (experiment, start, end, *(scalar(k, v) for k, v in metrics.items())):
             writer.add_summary(summary)
         writer.close()
         for path in old:
