@@ -24,6 +24,8 @@ from mnist_classifier.cli import entry, main
         (["--epochs", "two"], "invalid int value"),
         (["--resume", "/nonexistent/run"], "no such run folder"),
         (["--model", "efficientnet-lite0", "--pretrained", "--whiten-init"], "--whiten-init would overwrite"),
+        (["--seed", "99999999999999999999"], "--seed must be in [0, 4294967295], got 99999999999999999999"),
+        (["--dist-timeout", "1e308"], "--dist-timeout must be in (0, 604800], got 1e+308"),
     ],
 )
 def test_train_rejects_bad_values_with_one_line(flags, fragment, capsys, tmp_path):

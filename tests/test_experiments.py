@@ -70,6 +70,7 @@ def states(study: optuna.Study) -> dict[str, int]:
     (["--trials", "3"], "without --param a sweep has one point"),
     (["--param", "lr=0.001,0.01", "--val-size", "0"], "a sweep chooses on a validation split"),
     (["--param", "lr=0.001,0.01", "--jobs", "-1"], "--jobs must be 0 (one worker per free core) or more, got -1"),
+    (["--seed", "4294967295", "--seeds", "2"], "--seed 4294967295 with --seeds 2 would train seeds past the largest"),
 ])
 def test_sweep_refuses_bad_input_with_one_line_and_writes_nothing(extra, fragment, data_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
@@ -122,6 +123,24 @@ def test_the_objective_is_validation_accuracy_and_the_printed_command_reproduces
     again = json.loads((tmp_path / "again" / "summary.json").read_text())
     first = json.loads((out / best.user_attrs["run_dirs"][0] / "summary.json").read_text())
     assert (again["val_accuracy"], again["test_accuracy"]) == (first["val_accuracy"], first["test_accuracy"])
+
+
+@pytest.mark.parametrize("search", [["--sampler", "grid"], ["--trials", "3"]])
+def test_a_sweep_whose_every_trial_fails_stops_after_its_trials_and_exits_1(search, data_dir, tmp_path):
+    # Every point is refused when its run starts (--pretrained is for efficientnet-lite0 alone): the sweep ends
+    # after its trials, each failed with the reason, instead of asking Optuna for trial after trial
+    out = tmp_path / "sweep"
+    done = run_cli("sweep", "--out", str(out), *tiny(data_dir), "--model", "efficientnet-lite0", "--pretrained",
+                   "--param", "model=guide-cnn,bn-cnn", "--jobs", "2", *search, timeout=120)
+    trials = 2 if "grid" in search else 3
+    assert done.returncode == 1, done.stderr
+    assert f"Trials: {trials} failed." in done.stdout and "No trial completed" in done.stdout
+    assert done.stdout.count("are for efficientnet-lite0, not ") == trials
+    study = study_of(out)
+    assert [t.state.name for t in study.trials] == ["FAIL"] * trials
+    resumed = run_cli("sweep", "--out", str(out), "--resume", *tiny(data_dir), "--model", "efficientnet-lite0",
+                      "--pretrained", "--param", "model=guide-cnn,bn-cnn", "--jobs", "2", *search, timeout=120)
+    assert resumed.returncode == 1 and len(study_of(out).trials) == trials  # nothing left to run
 
 
 def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, capsys):

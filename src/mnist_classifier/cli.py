@@ -388,7 +388,7 @@ def _print_sweep(result: SweepResult) -> None:
     counts = ", ".join(f"{n} {k}" for k, n in result.counts().items() if n)
     print(f"Trials: {counts}. Storage: {result.storage}")
     if result.best is None:
-        print("No trial completed.")
+        print("No trial completed: each trial's reason is beside it above.")
         return
     best = result.best
     print(f"Best: trial {best.number}, validation accuracy {best.value:.2f}% (test {best.test_accuracy:.2f}%, "
@@ -410,7 +410,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_dict()))
     else:
         _print_sweep(result)
-    return 0
+    return 0 if result.best is not None else 1  # a sweep without a result failed, as a script should see
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

@@ -49,16 +49,27 @@ class Bounds:
         return self.high is None or (value < self.high if self.high_open else value <= self.high)
 
     def __str__(self) -> str:
-        """As an error message says it: "> 0", ">= 1" or "in [0, 1)"."""
+        """As an error message says it: "> 0", ">= 1", "in [0, 1)" or "in [0, 4294967295]"."""
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {_number(self.low)}"
+        return (f"in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+                f"{')' if self.high_open else ']'}")
+
+
+def _number(x: float) -> str:
+    """A bound as a user types it: whole numbers in full (4294967295, not 4.29497e+09), others as %g."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 POSITIVE = Bounds(0, None, low_open=True)
 NON_NEGATIVE = Bounds(0, None)
 AT_LEAST_ONE = Bounds(1, None)
 FRACTION = Bounds(0, 1, high_open=True)  # [0, 1): probabilities, decays, shares
+# Seeds as numpy takes them: an epoch's shuffle seeds torch's Generator with seed x 1,000,003 + epoch, which must
+# stay below 2**63 (training/epoch.py); a larger --seed was a traceback from torch.manual_seed.
+SEEDS = Bounds(0, 2**32 - 1)
+# A week: a wait no run needs, and far inside what timedelta and the process group accept (1e308 s overflowed).
+DIST_TIMEOUT = Bounds(0, 7 * 24 * 3600, low_open=True)
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, bounds: Bounds | None = None,
@@ -199,7 +210,7 @@ class TrainConfig:
                            "they are); 0 = off, keeping the running averages of training. Models without batch "
                            "norm skip it", bounds=NON_NEGATIVE)
     seed: int = _opt(0, "seed for weights, shuffling and dropout; the same seed on CPU gives the same run",
-                     bounds=NON_NEGATIVE)
+                     bounds=SEEDS)
     device: str = _opt("auto", "where to compute: auto picks cuda, then mps, then cpu", DEVICES, role="run")
     precision: str = _opt("auto", "autocast dtype: auto = bf16 where the hardware has native bf16 (AMX or AVX512-BF16 "
                           "CPUs, CUDA), else fp32", PRECISIONS)
@@ -224,7 +235,7 @@ class TrainConfig:
                         "read at start-up and every 0.5 s while training (OMP_NUM_THREADS, when set, decides instead)",
                         bounds=Bounds(0, 1024), role="run")
     dist_timeout: float = _opt(300.0, "under torchrun: seconds a process waits for the others before giving up",
-                               bounds=POSITIVE, role="run")
+                               bounds=DIST_TIMEOUT, role="run")
     compile: bool = _opt(False, "torch.compile the model for training (checkpoints keep the plain module's weights)")
     cuda_graphs: bool = _opt(False, "capture the training step once as a CUDA graph and replay it: one launch instead of "
                              "~100 per step for small models (CUDA; elsewhere the same fixed-buffer step runs uncaptured)")

@@ -27,7 +27,7 @@ import torch
 from optuna.trial import TrialState
 
 from .. import fileio
-from ..config import TrainConfig
+from ..config import SEEDS, TrainConfig
 from ..data import Splits, load_configured
 from ..device import free_cores, select_device, threads_per_job
 from ..errors import Interrupted, UserError
@@ -45,6 +45,11 @@ SPEC_FILE = "sweep.json"
 STORAGE_ATTEMPTS = 3
 STOP_WAIT_S = 30.0  # after Ctrl-C, how long a worker may take to finish its step and save before it is stopped
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
+# ... and so does a failed trial marked so: its training refused its point (a setting that does not fit the
+# others, as --param model=... beside --pretrained), which would fail again. Left uncounted, such a sweep asked
+# for trial after trial without end (5,344 in 30 s). A trial failed because its worker died or was stopped is
+# not marked: its point is queued again.
+FAILED_RUN = "failed_run"
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the CLI reports trials itself
 
@@ -71,6 +76,9 @@ class SweepSpec:
             raise UserError("a sweep chooses on a validation split: --val-size must be positive")
         if not self.params and self.trials != 1:
             raise UserError("without --param a sweep has one point: leave --trials out, and repeat it with --seeds K")
+        if self.base.seed + self.seeds - 1 not in SEEDS:
+            raise UserError(f"--seed {self.base.seed} with --seeds {self.seeds} would train seeds past the largest, "
+                            f"{SEEDS.high:.0f}")
         if self.sampler == "grid" and grid_size(self.params) > self.trials:
             raise UserError(f"the grid has {grid_size(self.params)} points, more than --trials {self.trials}; "
                             f"raise --trials or list fewer values")
@@ -216,16 +224,21 @@ def _take_trial(study: optuna.Study, spec: SweepSpec, sweep_dir: Path) -> optuna
     """The next trial, or None once ``spec.trials`` are complete, pruned or running. Exact across processes
     here (the lock); across machines a trial numbered past the count is dropped as surplus."""
     with _locked(sweep_dir):
-        if len(study.get_trials(deepcopy=False, states=COUNTED)) >= spec.trials:
+        if sum(map(_takes_one, study.get_trials(deepcopy=False))) >= spec.trials:
             return None
         trial = study.ask()
-        ahead = [t for t in study.get_trials(deepcopy=False, states=COUNTED + (TrialState.WAITING,))
-                 if t.number < trial.number]
+        ahead = [t for t in study.get_trials(deepcopy=False)
+                 if t.number < trial.number and (_takes_one(t) or t.state == TrialState.WAITING)]
         if len(ahead) >= spec.trials:
             trial.set_user_attr("surplus", True)
             study.tell(trial, state=TrialState.FAIL)
             return None
         return trial
+
+
+def _takes_one(t: optuna.trial.FrozenTrial) -> bool:
+    """Whether ``t`` took one of the --trials (``COUNTED``, ``FAILED_RUN``)."""
+    return t.state in COUNTED or (t.state == TrialState.FAIL and bool(t.user_attrs.get(FAILED_RUN)))
 
 
 TrialCallback = Callable[[dict[str, Any]], None]
@@ -280,6 +293,8 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, spl
     if state == "complete":
         study.tell(trial, value)
     else:
+        if state == "failed":
+            trial.set_user_attr(FAILED_RUN, True)
         study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
     if on_trial is not None:
         on_trial({"trial": trial.number, "state": state, "value": value, "params": trial.params,
