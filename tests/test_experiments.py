@@ -618,6 +618,10 @@ def test_compare_lists_exactly_the_flags_that_differ_with_mean_and_sd_over_seeds
     cells = {row.split(" | ")[0].lstrip("| "): row.split(" | ") for row in rows}
     assert cells["0.001"][3] == f"{groups[0.001]['val_accuracy']:.2f} ± {groups[0.001]['val_accuracy_sd']:.2f}"
     assert cells["0.003"][4] == f"{runs[2]['test_accuracy']:.2f}"  # the one run's accuracy, with no ± 0.00
+    # a run named again, under another spelling, counts once: not as a second seed with a spread of 0
+    again = compare([tmp_path / "a0", tmp_path / "b0", f"{tmp_path}/b0/", tmp_path / "cmp" / ".." / "b0"])
+    assert {g.flags["lr"]: len(g.runs) for g in again.groups} == {0.001: 1, 0.003: 1}
+    assert again.groups[0].row()["test_accuracy_sd"] is None
 
 
 @pytest.mark.slow

@@ -91,17 +91,23 @@ def read_run(path: Path, sweep: str = "") -> Run:
 
 def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
     """Every run named: a run folder, or a sweep folder (its trials' runs, and its spec). Every file is read
-    here, so a damaged one is refused before anything is written."""
-    runs, sweeps = [], {}
+    here, so a damaged one is refused before anything is written. A run named twice (``a a``, ``./a a/``, or a
+    sweep and one of its trials) counts once: two copies of one run would pass for two seeds, with a spread of 0."""
+    runs, sweeps, seen = [], {}, set()
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
-            sweeps[path] = load_spec(path)
-            runs += [read_run(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
+            if path.resolve() not in {known.resolve() for known in sweeps}:
+                sweeps[path] = load_spec(path)
+            named = [(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
         elif (path / "config.json").is_file():
-            runs.append(read_run(path))
+            named = [(path, "")]
         else:
             raise UserError(f"{path} is neither a run folder (config.json) nor a sweep folder (sweep.json)")
+        for run_dir, sweep in named:
+            if run_dir.resolve() not in seen:
+                seen.add(run_dir.resolve())
+                runs.append(read_run(run_dir, sweep))
     if not runs:
         raise UserError("nothing to compare: the folders hold no runs yet")
     return runs, sweeps
