@@ -28,7 +28,7 @@ from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted
 from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
 from mnist_classifier.experiments import search
-from mnist_classifier.experiments.search import load_study
+from mnist_classifier.experiments.search import load_spec, load_study
 from mnist_classifier.experiments.space import grid
 from mnist_classifier.experiments.trials import WORKER_ATTR
 from mnist_classifier.training import fit
@@ -635,6 +635,14 @@ def test_compare_of_a_sweep_draws_parameter_importance(data_dir, tmp_path, capsy
     assert set(result["importance"]) == {"lr", "batch_size"}  # two parameters: one alone explains all by definition
     assert sum(result["importance"].values()) == pytest.approx(1.0, abs=0.01)
     assert (tmp_path / "cmp" / "importance.png").stat().st_size > 0
+    # params.png: the listed batch sizes ticked exactly; the searched lr range on a log axis with decade ticks,
+    # not one label per trial (five values that may fall close together and overprint each other)
+    from mnist_classifier.experiments.plots import params_figure
+
+    axes = {ax.get_xlabel(): ax for ax in params_figure(compare([out]), load_spec(out).params).axes}
+    assert list(axes["batch_size"].get_xticks()) == [32, 64]
+    lr_ticks = [t for t in axes["lr"].get_xticks() if 1e-4 <= t <= 1e-2]
+    assert axes["lr"].get_xscale() == "log" and lr_ticks == pytest.approx([1e-4, 1e-3, 1e-2])
 
 
 def test_compare_refuses_a_folder_that_is_not_a_run(tmp_path, capsys):

@@ -92,7 +92,10 @@ def params_figure(comparison: Comparison, searched: tuple[Param, ...] = ()) -> F
             ax.set_xticks(range(len(values)), values)
         elif is_log(searched, name):
             ax.set_xscale("log")
-        if not isinstance(values[0], str) and len(values) <= 8:  # a grid: tick exactly its values
+        # listed values (a grid, or runs set by hand): tick exactly them; a searched range keeps matplotlib's
+        # ticks, since its few trials' values may fall close together and their labels overprint each other
+        ranged = any(p.name == name and p.is_range for p in searched)
+        if not isinstance(values[0], str) and not ranged and len(values) <= 8:
             ax.set_xticks(values, [_short(v) for v in values], rotation=45)
             ax.minorticks_off()
         ax.set(xlabel=name, ylabel="validation accuracy (%)")
