@@ -530,6 +530,12 @@ def test_a_sweep_without_params_repeats_one_config_over_seeds(data_dir, tmp_path
     result = json.loads(capsys.readouterr().out)
     assert result["trials"]["complete"] == 1 and result["best"]["params"] == {}
     assert sorted(p.name for p in (tmp_path / "s").glob("trial-*")) == ["trial-0000-seed0", "trial-0000-seed1"]
+    # compare's curves of these one-epoch runs tick the whole epoch 1 alone, not 0.96, 0.98, 1.00, ...
+    from mnist_classifier.experiments.plots import curves_figure
+
+    for ax in curves_figure(compare([tmp_path / "s"])).axes:
+        low, high = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if low <= t <= high] == [1]
 
 
 

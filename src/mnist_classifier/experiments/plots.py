@@ -60,7 +60,7 @@ def curves_figure(comparison: Comparison, max_groups: int = 12) -> Figure:
         acc_ax.set(xlabel="epoch", ylabel=f"{split} accuracy (%)", title=f"{split} accuracy per epoch")
         loss_ax.set(xlabel="epoch", ylabel=f"{split} loss", title=f"{split} loss per epoch")
     for ax in (acc_ax, loss_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # epochs are whole, even for one
     acc_ax.legend(fontsize=8)
     return fig
 
