@@ -13,6 +13,7 @@ It never prints: progress goes to a ``Reporter`` the caller supplies.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,8 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
             log.finish(cfg, summary, s.state.confusion)
     except BaseException:
         if log:
-            log.unfinished(cfg, s.state.rows[-1] if s.state.rows else None)
+            with contextlib.suppress(OSError):  # a full disk must not hide what ended the run (Ctrl-C, pruning)
+                log.unfinished(cfg, s.state.rows[-1] if s.state.rows else None)
         raise
     finally:
         if log:
