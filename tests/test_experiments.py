@@ -32,6 +32,7 @@ from mnist_classifier.experiments.search import load_spec, load_study
 from mnist_classifier.experiments.space import grid
 from mnist_classifier.experiments.trials import WORKER_ATTR
 from mnist_classifier.training import fit
+from mnist_classifier.training.optim import learning_rate
 
 CPU = torch.device("cpu")
 TINY = ["--train-subset", "400", "--val-size", "100", "--epochs", "1", "--device", "cpu", "--eval-batch-size", "2000"]
@@ -687,7 +688,8 @@ def test_every_run_writes_tensorboard_events_that_tensorboard_reads(data_dir, sp
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    cfg = TrainConfig(train_subset=1000, epochs=2, log_every=5, device="cpu", data_dir=str(data_dir), out=str(run_dir))
+    cfg = TrainConfig(train_subset=1000, epochs=2, log_every=5, schedule="onecycle", warmup=0.25, device="cpu",
+                      data_dir=str(data_dir), out=str(run_dir))
     summary = fit(cfg, splits, CPU, run_dir)
     events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
@@ -697,6 +699,11 @@ def test_every_run_writes_tensorboard_events_that_tensorboard_reads(data_dir, sp
     assert acc == [(r["epoch"], round(r["test_accuracy"], 2)) for r in rows]
     assert [e.step for e in events.Scalars("train/epoch_loss")] == [1, 2]
     assert len(events.Scalars("train/loss")) >= 2 * (16 // 5)  # 16 batches an epoch, one value every 5
+    # the schedule within the run, at the loss's steps: the rate each of those steps took (warm-up, then decay)
+    lrs = events.Scalars("train/lr")
+    assert [e.step for e in lrs] == [e.step for e in events.Scalars("train/loss")]
+    assert [e.value for e in lrs] == pytest.approx([learning_rate(e.step - 1, 32, 0.001, "onecycle", 0.25) for e in lrs])
+    assert max(e.value for e in lrs) > 2 * lrs[0].value and lrs[-1].value < max(e.value for e in lrs) / 2
     assert events.Scalars("hparam/test_accuracy")[0].value == pytest.approx(summary["test_accuracy"], abs=1e-3)
     assert "test/confusion_matrix" in tags["images"]
     image = events.Images("test/confusion_matrix")[0]

@@ -14,6 +14,7 @@ It never prints: progress goes to a ``Reporter`` the caller supplies.
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -146,7 +147,12 @@ def score_epoch(s: Session, epoch: int, train_loss: float, seconds: float) -> di
     s.state.confusion = result.get("confusion", s.state.confusion)
     return {"epoch": epoch, "train_loss": round(train_loss, 6), f"{split}_loss": round(result["loss"], 6),
             f"{split}_accuracy": round(result["accuracy"], 4),
-            "lr": lr_value(s.learner.optimizer.param_groups[0]["lr"]), "seconds": round(seconds, 3)}
+            "lr": current_lr(s), "seconds": round(seconds, 3)}
+
+
+def current_lr(s: Session) -> float:
+    """The learning rate of the step just taken (the first param group's: a backbone's is a fixed share of it)."""
+    return lr_value(s.learner.optimizer.param_groups[0]["lr"])
 
 
 class AgreedStop:
@@ -336,7 +342,8 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     if ctx.is_main:
         write_config(s.spec, run_dir)
     resumed_at = (s.state.epoch + 1, partial.batches_done if partial else 0) if resume else None
-    log = TensorBoardLog(run_dir, s.learner.loop.n_batches, resumed_at) if cfg.tensorboard and ctx.is_main else None
+    lr = functools.partial(current_lr, s)  # read at each logged step
+    log = TensorBoardLog(run_dir, s.learner.loop.n_batches, resumed_at, lr) if cfg.tensorboard and ctx.is_main else None
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))

@@ -8,7 +8,7 @@ Tags follow Lightning's and Keras's habit: ``train/loss``, ``val/accuracy`` or `
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -54,11 +54,14 @@ def session_end(status: int) -> Any:
 class TensorBoardLog:
     """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
 
-    def __init__(self, run_dir: Path, n_batches: int, resumed_at: tuple[int, int] | None = None) -> None:
-        """``resumed_at``: a resumed run's first (epoch, batch), as ``step`` receives them; None for a new run."""
+    def __init__(self, run_dir: Path, n_batches: int, resumed_at: tuple[int, int] | None = None,
+                 lr: Callable[[], float] | None = None) -> None:
+        """``resumed_at``: a resumed run's first (epoch, batch), as ``step`` receives them; None for a new run.
+        ``lr``: the learning rate of the step just taken, logged with its loss as ``train/lr``, so that a
+        schedule's warm-up and decay show within an epoch (a one-epoch one-cycle run has one epoch row)."""
         from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
 
-        self.n_batches, self.run_dir = n_batches, run_dir
+        self.n_batches, self.run_dir, self.lr = n_batches, run_dir, lr
         # A resumed run adds an events file beside the first. A process killed mid-epoch had logged losses past
         # its last checkpoint, which the resumed run logs again: purge_step tells TensorBoard to hide every older
         # event from that step on, so the curve does not run back over itself. The epoch metrics sit on the epoch
@@ -73,6 +76,8 @@ class TensorBoardLog:
     def step(self, epoch: int, batch: int, loss: float | None) -> None:
         if loss is not None:
             self.writer.add_scalar("train/loss", loss, self.global_step(epoch, batch))
+            if self.lr is not None:
+                self.writer.add_scalar("train/lr", self.lr(), self.global_step(epoch, batch))
 
     def epoch(self, row: dict[str, Any]) -> None:
         step, split = row["epoch"], scored_split(row)
