@@ -25,7 +25,7 @@ import torch
 from conftest import REPO, as_from_a_terminal, cores_to_spare, free_port, run_cli, spinning
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
-from mnist_classifier.errors import Interrupted
+from mnist_classifier.errors import Interrupted, UserError
 from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
 from mnist_classifier.experiments import search
 from mnist_classifier.experiments.search import load_spec, load_study
@@ -142,6 +142,8 @@ def test_a_sweep_whose_every_trial_fails_stops_after_its_trials_and_exits_1(sear
     resumed = run_cli("sweep", "--out", str(out), "--resume", *tiny(data_dir), "--model", "efficientnet-lite0",
                       "--pretrained", "--param", "model=guide-cnn,bn-cnn", "--jobs", "2", *search, timeout=120)
     assert resumed.returncode == 1 and len(study_of(out).trials) == trials  # nothing left to run
+    with pytest.raises(UserError, match=f"no runs; {trials} trial folders hold only the record"):
+        compare([out])
 
 
 def test_a_trial_with_an_absurd_learning_rate_is_pruned(data_dir, tmp_path, capsys):

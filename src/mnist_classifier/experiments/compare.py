@@ -93,13 +93,15 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
     """Every run named: a run folder, or a sweep folder (its trials' runs, and its spec). Every file is read
     here, so a damaged one is refused before anything is written. A run named twice (``a a``, ``./a a/``, or a
     sweep and one of its trials) counts once: two copies of one run would pass for two seeds, with a spread of 0."""
-    runs, sweeps, seen = [], {}, set()
+    runs, sweeps, seen, unstarted = [], {}, set(), 0
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
             if path.resolve() not in {known.resolve() for known in sweeps}:
                 sweeps[path] = load_spec(path)
             named = [(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
+            unstarted += sum(1 for p in path.glob("trial-*")  # a trial's record without a run: it never trained
+                             if (p / TRIAL_FILE).is_file() and not (p / "config.json").is_file())
         elif (path / "config.json").is_file():
             named = [(path, "")]
         else:
@@ -109,7 +111,9 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
                 seen.add(run_dir.resolve())
                 runs.append(read_run(run_dir, sweep))
     if not runs:
-        raise UserError("nothing to compare: the folders hold no runs yet")
+        why = (f"; {unstarted} trial folder{'s' * (unstarted != 1)} hold{'s' * (unstarted == 1)} only the record "
+               f"(trial.json) of a trial that failed before it trained" if unstarted else " yet")
+        raise UserError(f"nothing to compare: the folders hold no runs{why}")
     return runs, sweeps
 
 
