@@ -77,6 +77,18 @@ def test_evaluate_json_in_a_real_process(data_dir, trained_checkpoint):
     assert result["n"] == 10000 and len(result["per_class_accuracy"]) == 10
     assert result["accuracy"] == summary["test_accuracy"]
     assert {"loss", "accuracy"} <= set(result)
+    low, high = result["accuracy_ci95"]  # what the 10,000 test images alone allow: about +-0.2 points near 99 %
+    assert low < result["accuracy"] < high and 0.2 < high - low < 0.6
+
+
+def test_the_accuracy_interval_is_wilsons_and_stays_inside_0_to_100():
+    from mnist_classifier.evaluation.metrics import wilson_interval
+
+    # worked by hand from Wilson's formula, z = 1.96
+    assert wilson_interval(7900, 10000) == pytest.approx((78.1906, 79.7871), abs=1e-3)
+    assert wilson_interval(10000, 10000) == pytest.approx((99.9616, 100.0), abs=1e-3)  # p +- z se: a width of 0
+    assert wilson_interval(0, 24) == pytest.approx((0.0, 13.8), abs=0.05)
+    assert wilson_interval(0, 0) == (0.0, 100.0)  # no images: nothing is known
 
 
 def test_bad_value_in_a_real_process_has_no_traceback(tmp_path):

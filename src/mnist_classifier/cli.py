@@ -295,7 +295,9 @@ def _print_evaluation(result: EvalResult, tta_shift: int) -> None:
         print(f"Ensemble of {len(result.members)} (mean probabilities):")
     if tta_shift:
         print(f"Test-time augmentation: each prediction averages {result.tta_views} views shifted by up to {tta_shift} px")
-    print(f"Test loss: {result.loss:.4f}  Accuracy: {result.accuracy:.2f}% ({result.correct}/{result.n})")
+    low, high = result.interval()
+    print(f"Test loss: {result.loss:.4f}  Accuracy: {result.accuracy:.2f}% ({result.correct}/{result.n}; 95 % interval "
+          f"{low:.2f}-{high:.2f}%, from the test set's size alone)")
     for name, acc in zip(result.class_names, result.per_class_accuracy):
         print(f"  {name:>12}: {acc:6.2f}%")
 

@@ -19,7 +19,7 @@ from ..config import EVAL_BATCH_SIZE
 from ..data import DatasetInfo, Splits, load_for, model_input
 from ..errors import UserError
 from ..models import load_model
-from .metrics import metrics_from_logits
+from .metrics import metrics_from_logits, wilson_interval
 from .scoring import ensemble_log_probs, predict_log_probs, predict_logits
 
 MAX_TTA_SHIFT = 3  # pixels; (2*3+1)^2 = 49 views is already 49 forward passes per image
@@ -34,6 +34,10 @@ class Metrics:
     correct: int
     n: int
     per_class_accuracy: list[float]  # percent, in class order (NaN for a class without test images)
+
+    def interval(self) -> tuple[float, float]:
+        """The accuracy's 95 % Wilson interval (percent): how far the test set's size alone could move it."""
+        return wilson_interval(self.correct, self.n)
 
 
 @dataclass
@@ -58,6 +62,7 @@ class EvalResult(Metrics):
     def to_dict(self) -> dict[str, Any]:
         """The JSON that ``mnist evaluate --json`` prints (members only for an ensemble)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("members", "predictions")}
+        out["accuracy_ci95"] = [round(bound, 4) for bound in self.interval()]
         if len(self.members) > 1:
             out["ensemble_of"] = len(self.members)
             out["members"] = [asdict(m) for m in self.members]

@@ -63,6 +63,18 @@ def confusion_matrix(pred: torch.Tensor, labels: torch.Tensor, num_classes: int)
     return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % (``z`` = 1.96) Wilson score interval of an accuracy of ``correct`` of ``n``, in percent: how far
+    the test set's sampling alone could move it. Wilson's, not p +- z se, which collapses to a width of 0 at 100 %
+    and leaves [0, 100] near its ends."""
+    if n <= 0:
+        return 0.0, 100.0
+    p, shrink = correct / n, 1.0 + z * z / n
+    centre = (p + z * z / (2 * n)) / shrink
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / shrink
+    return 100.0 * max(0.0, centre - half), 100.0 * min(1.0, centre + half)
+
+
 def clearly_below(best: float, final: float, n: int) -> bool:
     """Whether accuracy ``final`` (%) is clearly below ``best`` (%), both measured on the same ``n`` images:
     lower by more than half a point and by more than two standard errors of a difference of two
