@@ -70,6 +70,10 @@ def test_notebook_runs_end_to_end(data_dir, tmp_path):
     assert "reloaded accuracy" in printed and "With dropout 0.25: Accuracy:" in printed
     assert "Your digit: 7 (" in printed
     assert (tmp_path / "out" / "dropout" / "model.pt").is_file()
+    # each accuracy with what the 10,000 test images alone allow (about +-0.2-0.3 points here)
+    intervals = re.findall(r"^(?:dropout 0.25|no dropout): ([\d.]+)%, 95 % interval ([\d.]+)-([\d.]+)% from the "
+                           r"10,000 test images alone", printed, re.M)
+    assert len(intervals) == 2 and all(float(lo) < float(acc) < float(hi) < float(lo) + 1 for acc, lo, hi in intervals)
     # the Experiments section: lr-find's suggestion, a two-trial sweep, and its curves (one more picture)
     suggested = float(re.search(r"^Suggested learning rate: ([\d.e-]+) \(rule: steepest\)", printed, re.M).group(1))
     assert 1e-4 <= suggested <= 1e-1
