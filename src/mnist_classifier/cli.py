@@ -162,8 +162,8 @@ def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any]
     finished = (Path(args.resume) / "summary.json").exists()
     if cfg.epochs < resume["epoch"] or (cfg.epochs == resume["epoch"] and finished):
         done = resume["epoch"]
-        raise UserError(f"--resume {args.resume}: already trained {done} epoch{'s' * (done != 1)}; pass --epochs N with "
-                        f"N > {done}")
+        raise UserError(f"--resume {args.resume}: already trained {done} epoch{'s' * (done != 1)}; pass "
+                        f"--epochs N with N > {done}")
     return cfg, resume
 
 

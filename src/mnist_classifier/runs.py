@@ -24,7 +24,7 @@ RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt"
 PICTURES = {"samples": "samples.png", "predictions": "predictions.png", "curves": "curves.png",
             "confusion": "confusion.png", "mistakes": "mistakes.png"}
 TRIAL_FILE = "trial.json"  # a sweep's record of the trial a run folder belongs to (experiments/trials.py)
-EVENTS = "events.out.tfevents.*"  # TensorBoard's event files (training/tracking.py): two per process that trains
+EVENTS = "events.out.tfevents.*"  # TensorBoard's (training/tracking.py): one per process that trains, one HPARAMS
 
 
 def run_dir_path(out: str = "") -> Path:
@@ -55,8 +55,9 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
     picture beside a run that draws none, and no old event file for TensorBoard to draw beside the new run's
     curves as if they were one run's. The hold is an flock on the folder itself: a second ``mnist train`` on it
     (the same --out, a --resume of a run still training, an --overwrite of one) is refused, where before the two
-    wrote their files into one folder (checked before any file is removed). The kernel releases it when the process ends, even by SIGKILL.
-    A folder made here that the block leaves empty (a setting refused before anything was written) is removed."""
+    wrote their files into one folder (checked before any file is removed). The kernel releases it when the
+    process ends, even by SIGKILL. A folder made here that the block leaves empty (a setting refused before
+    anything was written) is removed."""
     path = run_dir_path(out)
     made = not path.exists()
     fileio.make_dir(path, "run folder")

@@ -97,7 +97,8 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
     for raw in paths:
         path = Path(raw)
         if (path / "sweep.json").is_file():
-            if path.resolve() not in {known.resolve() for known in sweeps}:
+            if path.resolve() not in seen:  # a sweep named twice: one spec (its runs are told apart below)
+                seen.add(path.resolve())
                 sweeps[path] = load_spec(path)
             named = [(p, str(path)) for p in sorted(path.glob("trial-*")) if (p / "config.json").is_file()]
             unstarted += sum(1 for p in path.glob("trial-*")  # a trial's record without a run: it never trained

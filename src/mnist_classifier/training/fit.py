@@ -342,8 +342,8 @@ def fit(cfg: TrainConfig, splits: Splits, device: torch.device, run_dir: Path, r
     if ctx.is_main:
         write_config(s.spec, run_dir)
     resumed_at = (s.state.epoch + 1, partial.batches_done if partial else 0) if resume else None
-    lr = functools.partial(current_lr, s)  # read at each logged step
-    log = TensorBoardLog(run_dir, s.learner.loop.n_batches, resumed_at, lr) if cfg.tensorboard and ctx.is_main else None
+    log = (TensorBoardLog(run_dir, s.learner.loop.n_batches, s.spec.split, resumed_at, functools.partial(current_lr, s))
+           if cfg.tensorboard and ctx.is_main else None)
     try:
         reporter = WithLog(reporter, log) if log else reporter
         reporter.start(start_info(s, run_dir))

@@ -35,11 +35,6 @@ def confusion_image(matrix: torch.Tensor) -> torch.Tensor:
     return 1.0 - cells.unsqueeze(0) * (1.0 - blue)
 
 
-def scored_split(row: dict[str, Any]) -> str:
-    """Which split an epoch row scored: "val" with --val-size, else "test" (the guide's behaviour)."""
-    return "val" if "val_accuracy" in row else "test"
-
-
 def session_end(status: int) -> Any:
     """The HPARAMS tab's end-of-session summary with ``status`` (torch's ``hparams`` always writes success)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -54,14 +49,15 @@ def session_end(status: int) -> Any:
 class TensorBoardLog:
     """Writes one run's events; ``fit`` feeds it beside the caller's Reporter. Opened lazily, closed by ``close``."""
 
-    def __init__(self, run_dir: Path, n_batches: int, resumed_at: tuple[int, int] | None = None,
+    def __init__(self, run_dir: Path, n_batches: int, split: str, resumed_at: tuple[int, int] | None = None,
                  lr: Callable[[], float] | None = None) -> None:
-        """``resumed_at``: a resumed run's first (epoch, batch), as ``step`` receives them; None for a new run.
-        ``lr``: the learning rate of the step just taken, logged with its loss as ``train/lr``, so that a
-        schedule's warm-up and decay show within an epoch (a one-epoch one-cycle run has one epoch row)."""
+        """``split``: the one each epoch scores ("val" or "test", the run spec's). ``resumed_at``: a resumed run's
+        first (epoch, batch), as ``step`` receives them; None for a new run. ``lr``: the learning rate of the step
+        just taken, logged with its loss as ``train/lr``, so that a schedule's warm-up and decay show within an
+        epoch (a one-epoch one-cycle run has one epoch row)."""
         from torch.utils.tensorboard import SummaryWriter  # tensorboard costs ~0.3 s to import; only runs that log
 
-        self.n_batches, self.run_dir, self.lr = n_batches, run_dir, lr
+        self.n_batches, self.split, self.run_dir, self.lr = n_batches, split, run_dir, lr
         # A resumed run adds an events file beside the first. A process killed mid-epoch had logged losses past
         # its last checkpoint, which the resumed run logs again: purge_step tells TensorBoard to hide every older
         # event from that step on, so the curve does not run back over itself. The epoch metrics sit on the epoch
@@ -75,12 +71,13 @@ class TensorBoardLog:
 
     def step(self, epoch: int, batch: int, loss: float | None) -> None:
         if loss is not None:
-            self.writer.add_scalar("train/loss", loss, self.global_step(epoch, batch))
+            step = self.global_step(epoch, batch)
+            self.writer.add_scalar("train/loss", loss, step)
             if self.lr is not None:
-                self.writer.add_scalar("train/lr", self.lr(), self.global_step(epoch, batch))
+                self.writer.add_scalar("train/lr", self.lr(), step)
 
     def epoch(self, row: dict[str, Any]) -> None:
-        step, split = row["epoch"], scored_split(row)
+        step, split = row["epoch"], self.split
         self.writer.add_scalar("train/epoch_loss", row["train_loss"], step)
         self.writer.add_scalar(f"{split}/accuracy", row[f"{split}_accuracy"], step)
         self.writer.add_scalar(f"{split}/loss", row[f"{split}_loss"], step)
@@ -100,9 +97,8 @@ class TensorBoardLog:
         """A run that stopped before its end (a sweep's pruned or diverged trial, Ctrl-C, an error): its HPARAMS
         row says Failure beside its last epoch's accuracy (``row``; None before the first), so that a sweep's
         pruned points show beside the rest, and a resumed run that finishes replaces it."""
-        split = scored_split(row) if row else ""
-        self._replace_hparams(cfg, {f"hparam/{split}_accuracy": row[f"{split}_accuracy"]} if row else {},
-                              finished=False)
+        accuracy = f"{self.split}_accuracy"
+        self._replace_hparams(cfg, {f"hparam/{accuracy}": row[accuracy]} if row else {}, finished=False)
 
     def _replace_hparams(self, cfg: TrainConfig, metrics: dict[str, float], finished: bool) -> None:
         """What ``SummaryWriter.add_hparams`` writes (with the session's end status), into this run's folder, in a
