@@ -521,6 +521,28 @@ def test_an_output_that_cannot_be_written_is_a_one_line_error(trained_checkpoint
     assert not (tmp_path / "new").exists()
 
 
+def test_an_output_named_as_a_fifo_or_a_link_to_one_is_refused_and_stays_what_it_was(trained_checkpoint, tmp_path):
+    """The write renames a temporary file over its target, so ``mnist export --out /dev/null`` run as root put a
+    regular file where the system's /dev/null had been. A FIFO stands in for a device here: the same refusal, and a
+    failing run of this test cannot break the machine."""
+    from mnist_classifier import fileio
+    from mnist_classifier.errors import CannotWrite
+
+    fifo, link = tmp_path / "fifo", tmp_path / "link"
+    os.mkfifo(fifo)
+    link.symlink_to(fifo)
+    ckpt = str(trained_checkpoint)
+    for target in (fifo, link):
+        for args in (("export", "--checkpoint", ckpt, "--format", "safetensors", "--out", str(target)),
+                     ("lr-find", "--plot", str(target), "--data-dir", str(tmp_path / "no-data"))):
+            proc = run_cli(*args)
+            message = f"mnist {args[0]}: error: cannot write {target}: not a regular file (a device, FIFO or socket)"
+            assert proc.returncode == 2 and proc.stderr.strip() == message, (args, proc.stderr)
+        with pytest.raises(CannotWrite, match="not a regular file"):  # the rename itself, for every other output
+            fileio.write_bytes(target, b"weights")
+    assert fifo.is_fifo() and link.is_symlink() and sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link"]
+
+
 @pytest.fixture
 def full_disk(tmp_path):
     """A real 64 KiB tmpfs (mounting needs root, as the CI machine and this VM run): writes past it get ENOSPC."""

@@ -13,6 +13,7 @@ import errno
 import io
 import json
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -43,6 +44,7 @@ _FILE_MODE = _file_mode()
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is renamed over ``path``, on failure removed."""
     path = Path(path)
+    _refuse_special(path)
     tmp_path = _temporary_beside(path)
     try:
         os.chmod(tmp_path, _FILE_MODE)
@@ -101,6 +103,7 @@ def check_writable(path: str | os.PathLike) -> Path:
     path = Path(path)
     if path.is_dir():
         raise CannotWrite(f"cannot write {path}: Is a directory")
+    _refuse_special(path)
     parent = path.absolute().parent
     nearest = next(p for p in (parent, *parent.parents) if p.exists())  # "/" at worst
     if nearest != parent:  # folders to make later: the nearest existing one must be a folder we may write in
@@ -112,6 +115,18 @@ def check_writable(path: str | os.PathLike) -> Path:
     else:
         _temporary_beside(path).unlink()  # the real test: permissions, a read-only file system, no inodes left
     return path
+
+
+def _refuse_special(path: Path) -> None:
+    """Refuse a ``path`` that is (or links to) a device, FIFO or socket: the rename would put a regular file in its
+    place, and as root ``--out /dev/null`` replaced the system's /dev/null. A folder is left to the rename, whose
+    "Is a directory" says it; a missing path or an unreadable folder above it is left to the write."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise CannotWrite(f"cannot write {path}: not a regular file (a device, FIFO or socket)")
 
 
 def _temporary_beside(path: Path) -> Path:
