@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import torch
@@ -685,6 +686,26 @@ def test_lr_find_stops_once_the_loss_diverges(data_dir, splits):
     result = lr_find(cfg, splits, CPU, start=1e-4, end=1e4, steps=200)
     assert result.stopped_at is not None and len(result.lrs) < 200
     assert result.suggestion < result.stopped_at
+
+
+def test_lr_find_says_when_its_range_misses_the_descent_and_names_the_rule_it_fell_back_on(data_dir, splits,
+                                                                                            tmp_path):
+    """A range that starts above the useful rates diverged at once, and the loss's minimum at the first rate gave
+    "suggested 1.0 (rule: steepest)", below the range and from a rule that had not been applied, without a word."""
+    cfg = TrainConfig(train_subset=2000, device="cpu", data_dir=str(data_dir))
+    too_high = lr_find(cfg, splits, CPU, start=10.0, end=1000.0, steps=20)
+    assert too_high.stopped_at is not None and too_high.rule == "minimum/10"
+    assert too_high.suggestion == pytest.approx(too_high.lrs[0] / 10) and "start lower (--start)" in too_high.warning
+    too_low = lr_find(cfg, splits, CPU, start=1e-5, end=1e-3, steps=40)
+    assert too_low.stopped_at is None and too_low.rule == "steepest" and int(np.argmin(too_low.smoothed)) == 39
+    assert "end higher (--end)" in too_low.warning
+    assert lr_find(cfg, splits, CPU, start=1e-5, end=1.0, steps=100).warning is None  # brackets the descent
+
+    proc = run_cli("lr-find", "--data-dir", str(data_dir), "--device", "cpu", "--train-subset", "2000", "--start",
+                   "10", "--end", "1000", "--steps", "20", "--plot", str(tmp_path / "lr.png"), "--json")
+    assert proc.returncode == 0 and proc.stderr.startswith("mnist lr-find: warning: the smoothed loss was lowest at")
+    result = json.loads(proc.stdout)
+    assert result["rule"] == "minimum/10" and result["warning"] in proc.stderr and (tmp_path / "lr.png").is_file()
 
 
 # ---------------------------------------------------------------------------------------------------------------

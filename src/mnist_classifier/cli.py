@@ -442,6 +442,8 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     splits = load_configured(cfg)
     result = lr_find(cfg, splits, device, args.start, args.end, args.steps, args.rule)
     plot = save_figure(lr_find_figure(result), args.plot)
+    if result.warning:
+        print(f"mnist lr-find: warning: {result.warning}", file=sys.stderr)
     if args.json:
         print(json.dumps({**result.to_dict(), "plot": str(plot)}))
         return 0

@@ -34,12 +34,14 @@ class LRFindResult:
     losses: list[float]  # raw batch losses
     smoothed: list[float]  # debiased exponential average of ``losses``
     suggestion: float
-    rule: str
+    rule: str  # the rule that gave ``suggestion``: minimum/10 where the descent was too short for a slope
     stopped_at: float | None  # the learning rate at which the loss diverged (None: it never did)
+    warning: str | None = None  # the range missed the descent, so the suggestion is a guess; what to change
 
     def to_dict(self) -> dict[str, Any]:
         return {"suggested_lr": self.suggestion, "rule": self.rule, "steps": len(self.lrs),
-                "stopped_at_lr": self.stopped_at, "min_loss_lr": self.lrs[int(np.argmin(self.smoothed))]}
+                "stopped_at_lr": self.stopped_at, "min_loss_lr": self.lrs[int(np.argmin(self.smoothed))],
+                "warning": self.warning}
 
 
 def ramp(start: float, end: float, steps: int) -> np.ndarray:
@@ -47,16 +49,31 @@ def ramp(start: float, end: float, steps: int) -> np.ndarray:
     return start * (end / start) ** (np.arange(steps) / max(1, steps - 1))
 
 
-def suggest(lrs: list[float], smoothed: list[float], rule: str) -> float:
-    """The suggested rate under ``rule``, from the part of the curve before its minimum."""
-    low = int(np.argmin(smoothed))
-    if rule == "minimum/10":
-        return lrs[low] / 10
-    skip = max(1, len(lrs) // 10)  # the first steps' average is mostly its starting value
-    if low - skip < 2:
-        return lrs[low] / 10  # too short a descent to measure a slope
+def _skip(steps: int) -> int:
+    return max(1, steps // 10)  # the first steps' average is mostly its starting value
+
+
+def suggest(lrs: list[float], smoothed: list[float], rule: str) -> tuple[float, str]:
+    """The suggested rate and the rule that gave it, from the part of the curve before its minimum."""
+    low, skip = int(np.argmin(smoothed)), _skip(len(lrs))
+    if rule == "minimum/10" or low - skip < 2:  # minimum/10 also where the descent is too short for a slope
+        return lrs[low] / 10, "minimum/10"
     slope = np.gradient(np.asarray(smoothed[skip:low + 1]), np.log10(np.asarray(lrs[skip:low + 1])))
-    return lrs[skip + int(np.argmin(slope))]
+    return lrs[skip + int(np.argmin(slope))], rule
+
+
+def range_warning(lrs: list[float], smoothed: list[float], stopped: float | None, steps: int) -> str | None:
+    """What to change when the range missed the loss's descent: a minimum among the first steps (the rates were
+    already too high, or too low to move the loss, which then wanders), or a loss still falling at the end."""
+    low = int(np.argmin(smoothed))
+    if low - _skip(len(lrs)) < 2:
+        return (f"the smoothed loss was lowest at step {low + 1} of {len(lrs)} (lr {lrs[low]:.2g}): the range missed "
+                f"the descent, so the suggestion is a guess; start lower (--start) or, if the loss stayed flat, end "
+                f"higher (--end)")
+    if stopped is None and low == steps - 1:
+        return (f"the loss was still falling at the last rate (lr {lrs[low]:.2g}); end higher (--end) to see where "
+                f"it turns")
+    return None
 
 
 def lr_find(cfg: TrainConfig, splits: Splits, device: torch.device, start: float = 1e-7, end: float = 10.0,
@@ -82,4 +99,5 @@ def lr_find(cfg: TrainConfig, splits: Splits, device: torch.device, start: float
             stopped = float(lr)
             break
     good = [v if math.isfinite(v) else math.inf for v in smoothed]
-    return LRFindResult(lrs, losses, smoothed, suggest(lrs, good, rule), rule, stopped)
+    return LRFindResult(lrs, losses, smoothed, *suggest(lrs, good, rule), stopped,
+                        range_warning(lrs, good, stopped, steps))
