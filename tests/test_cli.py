@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, cli_in_process, run_cli
 from mnist_classifier.cli import entry, main
 
 
@@ -79,6 +79,32 @@ def test_evaluate_json_in_a_real_process(data_dir, trained_checkpoint):
     assert {"loss", "accuracy"} <= set(result)
     low, high = result["accuracy_ci95"]  # what the 10,000 test images alone allow: about +-0.2 points near 99 %
     assert low < result["accuracy"] < high and 0.2 < high - low < 0.6
+
+
+def test_a_class_without_test_images_is_null_in_the_json_and_said_in_the_table(data_dir, trained_checkpoint):
+    """Scoring a test subset without some class printed "nan%" and wrote NaN into --json, which is not JSON."""
+    args = ("evaluate", "--checkpoint", str(trained_checkpoint), "--data-dir", str(data_dir), "--device", "cpu",
+            "--test-subset", "1")  # the first test image is a 7
+    proc = cli_in_process(*args, "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout, parse_constant=lambda name: pytest.fail(f"{name} in the JSON"))
+    assert result["per_class_accuracy"][7] in (0.0, 100.0) and result["per_class_accuracy"].count(None) == 9
+    table = cli_in_process(*args).stdout
+    assert table.count("no test images") == 9 and "nan" not in table.lower()
+
+
+def test_an_ensemble_refuses_a_member_with_the_same_weights_as_another(data_dir, trained_checkpoint, tmp_path):
+    """``a/model.pt ./a/model.pt`` (or a run's model.pt beside its last.pt) averaged copies of one model and
+    reported them as an ensemble of two."""
+    run = trained_checkpoint.parent
+    copy = tmp_path / "copy.pt"
+    copy.write_bytes(trained_checkpoint.read_bytes())
+    for other in (f"{run}/./model.pt", run / "last.pt", copy):
+        proc = cli_in_process("evaluate", "--checkpoint", str(trained_checkpoint), str(other), "--data-dir",
+                              str(data_dir), "--device", "cpu")
+        assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+        assert proc.stderr.strip() == (f"mnist evaluate: error: {other} holds the same weights as {trained_checkpoint}; "
+                                       f"an ensemble averages different models")
 
 
 def test_the_accuracy_interval_is_wilsons_and_stays_inside_0_to_100():

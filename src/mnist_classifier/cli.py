@@ -299,7 +299,7 @@ def _print_evaluation(result: EvalResult, tta_shift: int) -> None:
     print(f"Test loss: {result.loss:.4f}  Accuracy: {result.accuracy:.2f}% ({result.correct}/{result.n}; 95 % interval "
           f"{low:.2f}-{high:.2f}%, from the test set's size alone)")
     for name, acc in zip(result.class_names, result.per_class_accuracy):
-        print(f"  {name:>12}: {acc:6.2f}%")
+        print(f"  {name:>12}: " + ("no test images" if acc is None else f"{acc:6.2f}%"))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ ONNX export give for the same model and images.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -33,7 +34,7 @@ class Metrics:
     loss: float  # mean cross-entropy (of the log of mean probabilities, for an ensemble or TTA)
     correct: int
     n: int
-    per_class_accuracy: list[float]  # percent, in class order (NaN for a class without test images)
+    per_class_accuracy: list[float | None]  # percent, in class order (None for a class without test images)
 
     def interval(self) -> tuple[float, float]:
         """The accuracy's 95 % Wilson interval (percent): how far the test set's size alone could move it."""
@@ -98,6 +99,21 @@ def check_tta_shift(shift: int) -> None:
         raise UserError(f"--tta-shift must be 0 (off) to {MAX_TTA_SHIFT} pixels, got {shift}")
 
 
+def check_distinct(paths: Sequence[str | os.PathLike], models: Sequence[torch.nn.Module]) -> None:
+    """Refuse two checkpoints with the same weights (one file named twice, or a run's model.pt beside its last.pt
+    after its last epoch): their copies would be averaged and reported as an ensemble of two models."""
+    seen: dict[str, int] = {}
+    for i, model in enumerate(models):
+        digest = hashlib.sha256()
+        for name, tensor in model.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        first = seen.setdefault(digest.hexdigest(), i)
+        if first != i:
+            raise UserError(f"{paths[i]} holds the same weights as {paths[first]}; an ensemble averages different "
+                            f"models")
+
+
 def evaluate_checkpoints(
     paths: Sequence[str | os.PathLike], data_dir: str | os.PathLike = "data", device: torch.device | str = "cpu",
     tta_shift: int = 0, batch_size: int = EVAL_BATCH_SIZE, amp_dtype: torch.dtype | None = None, splits: Splits | None = None,
@@ -113,6 +129,7 @@ def evaluate_checkpoints(
     check_tta_shift(tta_shift)
     device = torch.device(device)
     loaded = [load_model(p, device) for p in paths]
+    check_distinct(paths, [model for model, _, _ in loaded])
     info = loaded[0][1]
     for path, (_, other, _) in zip(paths, loaded):
         if (other.name, other.class_names) != (info.name, info.class_names):

@@ -37,7 +37,8 @@ def metric_sums(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | N
 
 
 def metrics_from_sums(sums: torch.Tensor) -> dict[str, Any]:
-    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; NaN for an absent class)."""
+    """Mean cross-entropy, accuracy in percent, and accuracy per class (percent; None for a class without images,
+    which JSON writes as null: NaN is not JSON, and a strict reader such as jq refuses it)."""
     sums = sums.cpu()
     c = (len(sums) - 1) // 2
     hits, totals = sums[1 : 1 + c], sums[1 + c :]
@@ -47,7 +48,7 @@ def metrics_from_sums(sums: torch.Tensor) -> dict[str, Any]:
         "loss": float(sums[0]) / n if n else float("nan"),
         "correct": correct,
         "n": n,
-        "per_class_accuracy": (hits * 100.0 / totals).tolist(),
+        "per_class_accuracy": [100.0 * h / t if t else None for h, t in zip(hits.tolist(), totals.tolist())],
     }
 
 
