@@ -3,6 +3,7 @@
 import csv
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -180,9 +181,16 @@ def test_a_recipe_file_that_is_not_a_short_object_of_settings_is_one_line(tmp_pa
     assert not (tmp_path / "run").exists()
 
 
-def test_an_endless_recipe_is_refused_after_its_first_64_kib():
-    with pytest.raises(UserError, match="larger than 65,536 bytes"):
-        TrainConfig.from_recipe("/dev/zero")  # read whole, it filled 9 GB before a MemoryError
+def test_a_recipe_that_is_a_device_or_a_fifo_is_refused_at_once(tmp_path):
+    """/dev/zero, read whole, filled 9 GB before a MemoryError; a FIFO's open waited for a writer for ever."""
+    with pytest.raises(UserError, match="^/dev/zero is not a regular file"):
+        TrainConfig.from_recipe("/dev/zero")
+    fifo = tmp_path / "recipe.json"
+    os.mkfifo(fifo)
+    proc = run_cli("train", "--recipe", str(fifo), "--out", str(tmp_path / "run"), timeout=60)  # a real process
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"mnist train: error: {fifo} is not a regular file (a device, FIFO or socket)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.json"]
 
 
 def test_recipe_flag_with_overrides(data_dir, tmp_path):

@@ -152,8 +152,11 @@ def read_json(path: str | os.PathLike, limit: int = MAX_JSON_BYTES) -> Any:
     """The JSON value in ``path``, read up to ``limit`` bytes: a file that cannot be read, is larger, or is not
     JSON is a one-line UserError naming it (a damaged or foreign file, never a traceback or a memory blow-up)."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
+    try:  # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer, for ever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with open(fd, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UserError(f"{path} is not a regular file (a device, FIFO or socket)")
             data = fh.read(limit + 1)
     except OSError as exc:
         raise _cannot("read", path, exc) from None
