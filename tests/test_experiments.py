@@ -3,6 +3,7 @@ TensorBoard files every run writes. Tiny trials (a few hundred images, 1-2 epoch
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -385,9 +386,10 @@ class Postgres:
         subprocess.run([*self.pg_ctl, "-w", "start"], check=True, capture_output=True)
 
 
-@pytest.fixture
-def postgres_server():
-    """A real PostgreSQL server from Debian's package, on a free port, in a throw-away cluster."""
+@contextlib.contextmanager
+def _postgres_cluster(password: str = ""):
+    """A real PostgreSQL server from Debian's package, on a free port, in a throw-away cluster; with
+    ``password``, its postgres user must give it (scram-sha-256), else any local connection is trusted."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     if not bins:
         pytest.skip("needs Debian's postgresql package (`make system-deps` installs it)")
@@ -395,24 +397,36 @@ def postgres_server():
     # not under pytest's tmp_path: the postgres user must be able to enter the folder
     root = Path(tempfile.mkdtemp(prefix="pg-", dir="/tmp"))
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    auth = ["-A", "trust"]
+    if password:
+        (root / "pw").write_text(password + "\n")
+        auth = ["-A", "scram-sha-256", f"--pwfile={root / 'pw'}"]
     if as_user:
-        shutil.chown(root, "postgres", "postgres")
+        for path in (root, *root.iterdir()):
+            shutil.chown(path, "postgres", "postgres")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(root / "data"), "-A", "trust", "-U", "postgres"],
+    subprocess.run([*as_user, str(bindir / "initdb"), "-D", str(root / "data"), *auth, "-U", "postgres"],
                    check=True, capture_output=True)
-    server = Postgres(f"postgresql://postgres@127.0.0.1:{port}/sweeps",
+    creds = f"postgres:{password}" if password else "postgres"
+    server = Postgres(f"postgresql://{creds}@127.0.0.1:{port}/sweeps",
                       [*as_user, str(bindir / "pg_ctl"), "-D", str(root / "data"), "-l", str(root / "log"),
                        "-o", f"-p {port} -k {root} -c listen_addresses=127.0.0.1"])
     server.start()
     try:
         subprocess.run([*as_user, str(bindir / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "postgres",
-                        "sweeps"], check=True, capture_output=True)
+                        "sweeps"], check=True, capture_output=True, env={**os.environ, "PGPASSWORD": password})
         yield server
     finally:
         subprocess.run([*server.pg_ctl, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_server():
+    with _postgres_cluster() as server:
+        yield server
 
 
 @pytest.fixture
@@ -476,6 +490,41 @@ def test_two_workers_share_one_postgresql_storage_and_reach_exactly_n_trials(pos
     assert ran["machine-a"] and ran["machine-b"], ran  # both worked
     assert ran["machine-a"].isdisjoint(ran["machine-b"])
     assert ran["machine-a"] | ran["machine-b"] == set(range(6))
+
+
+def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data_dir, tmp_path):
+    """sweep.json (mode 644, in a folder often copied) and the study kept the --storage URL whole, password and
+    all. Now both keep it as postgresql://postgres:***@...; the workers get the whole URL through spawn's pipe,
+    and the server asks for the password (scram-sha-256), so a worker given the written URL could not connect."""
+    secret = "s3cret-Pw"
+    with _postgres_cluster(password=secret) as server:
+        out = tmp_path / "sweep"
+        base = ["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler", "grid",
+                "--pruner", "none"]
+        proc = run_cli(*base, "--jobs", "2", "--storage", server.url, "--json", env={"OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["trials"]["complete"] == 2
+        written = [f for f in out.rglob("*") if f.is_file()]
+        assert out / "sweep.json" in written and not [f for f in written if secret.encode() in f.read_bytes()]
+        assert secret not in proc.stdout + proc.stderr
+        study = optuna.load_study(study_name="sweep", storage=server.url)
+        assert secret not in json.dumps(study.user_attrs) and ":***@127.0.0.1" in json.dumps(study.user_attrs)
+
+        resumed = run_cli("sweep", "--out", str(out), "--resume")
+        assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1
+        assert "was saved without its password; continue with --storage" in resumed.stderr
+        other = server.url.replace("/sweeps", "/others")
+        refused = run_cli("sweep", "--out", str(out), "--resume", "--storage", other)
+        assert refused.returncode == 2 and "is not this sweep's storage" in refused.stderr and secret not in refused.stderr
+        resumed = run_cli("sweep", "--out", str(out), "--resume", "--storage", server.url, "--json")
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 2, resumed.stderr
+
+        # a sweep.json written before kept the whole URL: it resumes as it did, and is written without it
+        spec = json.loads((out / "sweep.json").read_text())
+        (out / "sweep.json").write_text(json.dumps({**spec, "storage": server.url}))
+        resumed = run_cli("sweep", "--out", str(out), "--resume", "--json")
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 2, resumed.stderr
+        assert secret not in (out / "sweep.json").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------

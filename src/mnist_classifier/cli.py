@@ -31,7 +31,7 @@ from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_f
 from .experiments.lr_find import RULES
 from .experiments.report import plus_minus
 from .experiments.space import grid
-from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec
+from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec, with_storage
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
 from .models.registry import CENTRED_ONLY, check_model
@@ -367,7 +367,7 @@ def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
     """The sweep the flags describe; with --resume and no --param, the one saved in the sweep folder."""
     saved = Path(args.out or "") / "sweep.json"
     if args.resume and not args.param and saved.is_file():
-        spec = load_spec(saved.parent)
+        spec = with_storage(load_spec(saved.parent), args.storage)
         return dataclasses.replace(spec, trials=args.trials or spec.trials)
     cfg = dataclasses.replace(_flags_config(args), out="")  # --out names the sweep folder; each trial has its own
     if not cfg.val_size and "val_size" not in vars(args):  # unset (not an explicit 0): the default split

@@ -103,13 +103,21 @@ class SweepResult:
                     "test_accuracy": best.test_accuracy, "test_sd": best.test_sd, "command": self.command}}
 
 
+HIDDEN = "***"  # what stands for a storage URL's password wherever the URL is printed or written
+
+
 def redact(url: str) -> str:
-    """A storage URL fit to print: its password replaced by ***."""
+    """A storage URL fit to print or write down: its password replaced by ***."""
     scheme, sep, rest = url.partition("://")
     creds, at, host = rest.rpartition("@")
     if at and ":" in creds:
-        return f"{scheme}{sep}{creds.split(':')[0]}:***@{host}"
+        return f"{scheme}{sep}{creds.split(':')[0]}:{HIDDEN}@{host}"
     return url
+
+
+def lacks_password(url: str) -> bool:
+    """Whether ``url`` is a redacted one, its password left out (sweep.json keeps the URL so)."""
+    return f":{HIDDEN}@" in url
 
 
 def summarize(study: optuna.Study, spec: Any, sweep_dir: Path) -> SweepResult:

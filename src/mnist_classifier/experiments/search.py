@@ -34,7 +34,7 @@ from ..errors import Interrupted, UserError
 from ..supervision import follow_parent
 from ..terminal import heeded_hangup, leave_hung_up_terminal
 from ..training import stop_requests
-from .report import SweepResult, redact, summarize
+from .report import SweepResult, lacks_password, redact, summarize
 from .space import Param, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
 
@@ -65,7 +65,7 @@ class SweepSpec:
     pruner: str = "median"
     seeds: int = 1
     study: str = ""
-    storage: str = ""  # an RDB URL, or "" for the journal file in the sweep folder
+    storage: str = ""  # an RDB URL, or "" for the journal file in the sweep folder; written without its password
 
     def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS or self.pruner not in PRUNERS:
@@ -87,7 +87,7 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return {"params": [p.spec() for p in self.params], "trials": self.trials, "sampler": self.sampler,
-                "pruner": self.pruner, "seeds": self.seeds, "study": self.study, "storage": self.storage,
+                "pruner": self.pruner, "seeds": self.seeds, "study": self.study, "storage": redact(self.storage),
                 "objective": "mean validation accuracy (%) of the kept models", "base": self.base.to_dict()}
 
     @classmethod
@@ -99,6 +99,20 @@ class SweepSpec:
     def same_search(self, other: "SweepSpec") -> bool:
         """Whether ``other`` searches the same thing (the trial count may grow on --resume)."""
         return dataclasses.replace(other, trials=self.trials).to_dict() == self.to_dict()
+
+
+def with_storage(spec: SweepSpec, url: str) -> SweepSpec:
+    """A saved ``spec`` made usable again: sweep.json and the study keep the storage URL without its password
+    (the folder is readable by others and often copied), so ``--storage`` gives the whole URL once more."""
+    if url:
+        if redact(url) != redact(spec.storage):  # a sweep.json from before kept the whole URL
+            saved = redact(spec.storage) or "its journal"
+            raise UserError(f"--storage {redact(url)} is not this sweep's storage, {saved}")
+        return dataclasses.replace(spec, storage=url)
+    if lacks_password(spec.storage):
+        raise UserError(f"this sweep's storage, {spec.storage}, was saved without its password; continue with "
+                        f"--storage and the whole URL (or keep the password in PGPASSWORD or ~/.pgpass)")
+    return spec
 
 
 def load_spec(sweep_dir: str | Path) -> SweepSpec:
@@ -260,9 +274,11 @@ def storage_answers(sweep_dir: Path) -> Iterator[None]:
                         f"again; {_resume_hint(sweep_dir)} once it answers") from None
 
 
-def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None) -> int:
-    """One worker: load the data once, then take and run trials until there are none left; returns how many."""
-    spec = load_spec(sweep_dir)
+def work(sweep_dir: Path, worker: int = 0, threads: int = 0, on_trial: TrialCallback | None = None,
+         storage: str = "") -> int:
+    """One worker: load the data once, then take and run trials until there are none left; returns how many.
+    ``storage``: the whole URL, which sweep.json keeps without its password."""
+    spec = with_storage(load_spec(sweep_dir), storage)
     if threads:
         torch.set_num_threads(threads)
     study = load_study(spec, sweep_dir)
@@ -305,11 +321,12 @@ def _resume_hint(sweep_dir: Path) -> str:
     return f"continue with: mnist sweep --resume --out {sweep_dir}"
 
 
-def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None, parent: int) -> None:
+def _spawned(sweep_dir: str, worker: int, threads: int, on_trial: TrialCallback | None, parent: int,
+             storage: str) -> None:
     follow_parent(parent)  # a sweep killed outright: its workers stop as on SIGTERM, not train on unwatched
     try:
         with storage_answers(Path(sweep_dir)):
-            work(Path(sweep_dir), worker, threads, on_trial)
+            work(Path(sweep_dir), worker, threads, on_trial, storage)
     except KeyboardInterrupt:  # the parent says how to continue
         sys.exit(128 + signal.SIGINT)
     except Interrupted as stopped:  # the status tells the parent, should it be this worker alone, a point is left
@@ -357,15 +374,16 @@ def _wait_for(procs: list, sweep_dir: Path) -> None:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallback | None) -> None:
+def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallback | None, storage: str = "") -> None:
     """``jobs`` worker processes (or this process for one), each with ``threads`` torch threads (0: its share
-    of the cores that other work leaves free, measured once before they start)."""
+    of the cores that other work leaves free, measured once before they start). ``storage`` reaches them
+    through spawn's pipe, not their command line, where ``ps`` would show its password."""
     threads = threads or threads_per_job(jobs)
     if jobs == 1:
-        work(sweep_dir, 0, threads, on_trial)
+        work(sweep_dir, 0, threads, on_trial, storage)
         return
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter each: no forked torch thread pools
-    procs = [ctx.Process(target=_spawned, args=(str(sweep_dir), i, threads, on_trial, os.getpid()))
+    procs = [ctx.Process(target=_spawned, args=(str(sweep_dir), i, threads, on_trial, os.getpid(), storage))
              for i in range(jobs)]
     for p in procs:
         p.start()
@@ -393,7 +411,7 @@ def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = F
     with storage_answers(sweep_dir):  # here; a spawned worker has its own (_spawned)
         spec = prepare(spec, sweep_dir, resume)
         try:
-            run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial)
+            run_workers(sweep_dir, max(1, min(jobs, spec.trials)), spec.base.threads, on_trial, spec.storage)
         except KeyboardInterrupt:  # outside a trial's epochs (loading the data, between trials): nothing to save
             raise Interrupted(f"interrupted; {_resume_hint(sweep_dir)}") from None
         return summarize(load_study(spec, sweep_dir), spec, sweep_dir)
