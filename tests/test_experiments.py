@@ -499,11 +499,11 @@ def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data
     secret = "s3cret-Pw"
     with _postgres_cluster(password=secret) as server:
         out = tmp_path / "sweep"
-        base = ["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler", "grid",
-                "--pruner", "none"]
+        base = ["sweep", "--out", str(out), *tiny(data_dir), "--param", "lr=0.001,0.002", "--param",
+                "batch_size=32,64", "--sampler", "grid", "--pruner", "none"]
         proc = run_cli(*base, "--jobs", "2", "--storage", server.url, "--json", env={"OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout)["trials"]["complete"] == 2
+        assert json.loads(proc.stdout)["trials"]["complete"] == 4
         written = [f for f in out.rglob("*") if f.is_file()]
         assert out / "sweep.json" in written and not [f for f in written if secret.encode() in f.read_bytes()]
         assert secret not in proc.stdout + proc.stderr
@@ -517,13 +517,24 @@ def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data
         refused = run_cli("sweep", "--out", str(out), "--resume", "--storage", other)
         assert refused.returncode == 2 and "is not this sweep's storage" in refused.stderr and secret not in refused.stderr
         resumed = run_cli("sweep", "--out", str(out), "--resume", "--storage", server.url, "--json")
-        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 2, resumed.stderr
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 4, resumed.stderr
+
+        # compare draws the importance from the study, which the password in PGPASSWORD reaches; without it, the
+        # table and curves are still written and one line says what was left out
+        compared = run_cli("compare", str(out), "--out", str(tmp_path / "cmp"), "--json", env={"PGPASSWORD": secret})
+        assert compared.returncode == 0 and compared.stderr == "", compared.stderr
+        assert set(json.loads(compared.stdout)["importance"]) == {"lr", "batch_size"}
+        compared = run_cli("compare", str(out), "--out", str(tmp_path / "cmp"), "--json")
+        assert compared.returncode == 0 and json.loads(compared.stdout)["importance"] == {}
+        assert compared.stderr.startswith("mnist compare: warning: importance.png left out: --storage: cannot open "
+                                          "postgresql://postgres@127.0.0.1") and secret not in compared.stderr
+        assert (tmp_path / "cmp" / "compare.md").is_file()
 
         # a sweep.json written before kept the whole URL: it resumes as it did, and is written without it
         spec = json.loads((out / "sweep.json").read_text())
         (out / "sweep.json").write_text(json.dumps({**spec, "storage": server.url}))
         resumed = run_cli("sweep", "--out", str(out), "--resume", "--json")
-        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 2, resumed.stderr
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 4, resumed.stderr
         assert secret not in (out / "sweep.json").read_text()
 
 

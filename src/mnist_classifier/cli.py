@@ -420,6 +420,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     out = Path(args.out or runs.RUNS_ROOT / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
     result = write_comparison(compare(args.paths), out)
+    for note in result.notes:
+        print(f"mnist compare: warning: {note}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0

@@ -60,13 +60,14 @@ class Comparison:
     sweeps: dict[Path, SweepSpec]  # each sweep folder named, with its sweep.json
     pictures: list[Path] = field(default_factory=list)
     importance: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was left out, and why (one line each)
 
     def table(self) -> list[dict[str, Any]]:
         return [g.row() for g in self.groups]
 
     def to_dict(self) -> dict[str, Any]:
         return {"flags": self.flags, "groups": self.table(), "pictures": [str(p) for p in self.pictures],
-                "importance": self.importance}
+                "importance": self.importance, "notes": self.notes}
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -4,6 +4,7 @@ parameters' importance."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -12,10 +13,11 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .. import fileio
+from ..errors import UserError
 from ..evaluation.plots import save_figure
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
-from .report import plus_minus
+from .report import lacks_password, plus_minus, without_password
 from .search import SweepSpec, load_study
 from .space import Param, is_log
 
@@ -123,9 +125,13 @@ def importance_figure(importance: dict[str, float]) -> Figure:
 def sweep_importance(spec: SweepSpec, sweep_dir: Path) -> dict[str, float]:
     """fANOVA importance of each searched parameter for the validation accuracy of the sweep's complete
     trials (Optuna's FanovaImportanceEvaluator); empty when too few trials completed to tell."""
+    if len(spec.params) < 2:  # one parameter explains everything by definition
+        return {}
+    if lacks_password(spec.storage):  # sweep.json keeps none: PGPASSWORD or ~/.pgpass may hold it
+        spec = dataclasses.replace(spec, storage=without_password(spec.storage))
     study = load_study(spec, sweep_dir)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
-    if len(complete) < 3 or len(spec.params) < 2:  # one parameter explains everything by definition
+    if len(complete) < 3:
         return {}
     evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
     try:
@@ -146,7 +152,10 @@ def write_comparison(comparison: Comparison, out: Path) -> Comparison:
         searched = tuple(p for spec in specs for p in spec.params)
         pictures.append(save_figure(params_figure(comparison, searched), out / "params.png"))
     if len(specs) == 1:
-        comparison.importance = sweep_importance(specs[0], next(iter(comparison.sweeps)))
+        try:  # the table and curves come from the sweep folder; only the importance needs its storage
+            comparison.importance = sweep_importance(specs[0], next(iter(comparison.sweeps)))
+        except UserError as exc:
+            comparison.notes.append(f"importance.png left out: {exc}")
         if comparison.importance:
             pictures.append(save_figure(importance_figure(comparison.importance), out / "importance.png"))
     comparison.pictures = pictures

@@ -120,6 +120,12 @@ def lacks_password(url: str) -> bool:
     return f":{HIDDEN}@" in url
 
 
+def without_password(url: str) -> str:
+    """A redacted ``url`` with no password at all, for the driver to find one where libpq looks (PGPASSWORD,
+    ~/.pgpass) instead of trying *** itself."""
+    return url.replace(f":{HIDDEN}@", "@", 1)
+
+
 def summarize(study: optuna.Study, spec: Any, sweep_dir: Path) -> SweepResult:
     """The trials that ran (not surplus, not queued), sorted: complete by objective, then pruned, then failed."""
     ran = [t for t in study.get_trials(deepcopy=False)
