@@ -25,7 +25,7 @@ import optuna
 import pytest
 import torch
 
-from conftest import REPO, as_from_a_terminal, cores_to_spare, free_port, run_cli, spinning
+from conftest import REPO, as_from_a_terminal, cli_in_process, cores_to_spare, free_port, run_cli, spinning
 from mnist_classifier.cli import main
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted, UserError
@@ -695,6 +695,33 @@ def test_compare_lists_exactly_the_flags_that_differ_with_mean_and_sd_over_seeds
     again = compare([tmp_path / "a0", tmp_path / "b0", f"{tmp_path}/b0/", tmp_path / "cmp" / ".." / "b0"])
     assert {g.flags["lr"]: len(g.runs) for g in again.groups} == {0.001: 1, 0.003: 1}
     assert again.groups[0].row()["test_accuracy_sd"] is None
+
+
+def test_an_out_folder_holding_another_commands_work_is_refused_and_left_as_it_was(data_dir, trained_checkpoint,
+                                                                                    tmp_path):
+    """`mnist compare RUN --out RUN` replaced the run's own curves.png with the comparison's; `sweep --out RUN`
+    and `train --out SWEEP` mixed one folder's files with the other's."""
+    run, sweep_dir = tmp_path / "run", tmp_path / "sweep"
+    shutil.copytree(trained_checkpoint.parent, run)
+    (run / "curves.png").write_bytes(b"the run's own curves")
+    made = run_cli("sweep", "--out", str(sweep_dir), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler", "grid")
+    assert made.returncode == 0, made.stderr
+    before = {p: p.read_bytes() for folder in (run, sweep_dir) for p in folder.rglob("*") if p.is_file()}
+    cases = [
+        (("compare", str(run), "--out", str(run)), f"{run} holds a run (config.json); a comparison goes into a folder of "
+                                                   f"its own: choose another --out"),
+        (("compare", str(sweep_dir), "--out", str(sweep_dir)), f"{sweep_dir} holds a sweep (sweep.json); a comparison "
+                                                               f"goes into a folder of its own: choose another --out"),
+        (("sweep", "--out", str(run), *tiny(data_dir), "--param", "lr=0.001,0.002"),
+         f"{run} holds a run (config.json); choose another --out for the sweep"),
+        (("train", "--out", str(sweep_dir), *TINY, "--data-dir", str(data_dir)),
+         f"{sweep_dir} holds a sweep (sweep.json); choose another --out"),
+    ]
+    for args, message in cases:
+        proc = cli_in_process(*args)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"mnist {args[0]}: error: {message}", proc.stderr
+    after = {p: p.read_bytes() for folder in (run, sweep_dir) for p in folder.rglob("*") if p.is_file()}
+    assert after == before
 
 
 @pytest.mark.slow

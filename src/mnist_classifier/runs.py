@@ -24,6 +24,7 @@ RUN_FILES = ("config.json", "metrics.csv", "summary.json", "model.pt", "last.pt"
 PICTURES = {"samples": "samples.png", "predictions": "predictions.png", "curves": "curves.png",
             "confusion": "confusion.png", "mistakes": "mistakes.png"}
 TRIAL_FILE = "trial.json"  # a sweep's record of the trial a run folder belongs to (experiments/trials.py)
+SWEEP_FILE = "sweep.json"  # what marks a sweep folder: what it searches (experiments/search.py)
 EVENTS = "events.out.tfevents.*"  # TensorBoard's (training/tracking.py): one per process that trains, one HPARAMS
 
 
@@ -46,6 +47,15 @@ def run_files(path: Path) -> list[Path]:
     return [p for p in named if p.is_file()] + sorted(p for p in path.glob(EVENTS) if p.is_file())
 
 
+def held_work(path: Path) -> str:
+    """What ``path`` holds that another command's output must not mix with: "a run (model.pt)", "a sweep
+    (sweep.json)", or "" for a folder that holds neither (or no folder)."""
+    run = next((name for name in RUN_FILES if (path / name).exists()), "")
+    if run:
+        return f"a run ({run})"
+    return f"a sweep ({SWEEP_FILE})" if (path / SWEEP_FILE).exists() else ""
+
+
 @contextlib.contextmanager
 def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = False) -> Iterator[Path]:
     """The run folder (``run_dir_path``), made if need be and held for this process alone while the block runs.
@@ -65,6 +75,8 @@ def claimed_run_dir(out: str = "", overwrite: bool = False, resuming: bool = Fal
         if not held:
             raise UserError(f"{path} is being written by another mnist train; wait for it to finish, or choose "
                             "another --out")
+        if (path / SWEEP_FILE).exists():  # its trials are its sub-folders; a run of its own would mix with them
+            raise UserError(f"{path} holds a sweep ({SWEEP_FILE}); choose another --out")
         existing = [name for name in RUN_FILES if (path / name).exists()]
         if existing and not resuming:
             if not overwrite:

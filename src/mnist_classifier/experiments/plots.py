@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import fileio
 from ..errors import UserError
+from ..runs import held_work
 from ..evaluation.plots import save_figure
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
@@ -142,6 +143,8 @@ def sweep_importance(spec: SweepSpec, sweep_dir: Path) -> dict[str, float]:
 
 def write_comparison(comparison: Comparison, out: Path) -> Comparison:
     """compare.csv and compare.md (the table), curves.png, params.png and, for a sweep, importance.png."""
+    if held := held_work(out):  # a run's own curves.png would be replaced by the comparison's
+        raise UserError(f"{out} holds {held}; a comparison goes into a folder of its own: choose another --out")
     fileio.make_dir(out, "comparison folder")
     table = comparison.table()
     fileio.write_csv(out / "compare.csv", table)

@@ -31,6 +31,7 @@ from ..config import SEEDS, TrainConfig
 from ..data import Splits, load_configured
 from ..device import free_cores, select_device, threads_per_job
 from ..errors import Interrupted, UserError
+from ..runs import SWEEP_FILE, held_work
 from ..supervision import follow_parent
 from ..terminal import heeded_hangup, leave_hung_up_terminal
 from ..training import stop_requests
@@ -41,7 +42,7 @@ from .trials import WORKER_ATTR, dead_here, run_trial
 SAMPLERS = ("tpe", "random", "grid")
 PRUNERS = ("median", "hyperband", "none")
 DEFAULT_VAL_SIZE = 5000  # 1/12 of MNIST's training set: a validation accuracy with a standard error near 0.14 pt
-SPEC_FILE = "sweep.json"
+SPEC_FILE = SWEEP_FILE
 STORAGE_ATTEMPTS = 3
 STOP_WAIT_S = 30.0  # after Ctrl-C, how long a worker may take to finish its step and save before it is stopped
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
@@ -222,6 +223,8 @@ def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
             raise UserError(f"{sweep_dir} already holds this sweep; continue it with --resume, or choose another --out")
     elif resume:
         raise UserError(f"--resume {sweep_dir}: no sweep there ({SPEC_FILE} is missing)")
+    elif held := held_work(sweep_dir):  # a run folder: its files and the sweep's would pass for one another's
+        raise UserError(f"{sweep_dir} holds {held}; choose another --out for the sweep")
     study = load_study(spec, sweep_dir)  # an RDB --storage is reached before anything is written
     fileio.make_dir(sweep_dir, "sweep folder")
     with _locked(sweep_dir):
