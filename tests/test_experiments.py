@@ -56,6 +56,15 @@ def states(study: optuna.Study) -> dict[str, int]:
     return out
 
 
+def test_a_sweep_over_listed_values_runs_no_more_trials_than_their_points_by_default(data_dir, tmp_path):
+    """`--param lr=0.001,0.01` with tpe took 20 trials by default: 18 repeated a point with the same seeds."""
+    proc = run_cli("sweep", "--out", str(tmp_path / "s"), *tiny(data_dir), "--param", "lr=0.001,0.002", "--sampler",
+                   "random", "--pruner", "none", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["trials"] == {"complete": 2, "pruned": 0, "failed": 0, "running": 0}
+    assert len(study_of(tmp_path / "s").trials) == 2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing written
 
@@ -69,6 +78,9 @@ def states(study: optuna.Study) -> dict[str, int]:
     (["--param", "lr=0.001,0.01", "--param", "batch_size=32,64", "--sampler", "grid", "--trials", "3"],
      "the grid has 4 points, more than --trials 3"),
     (["--param", "lr=log:1e-4..1e-1", "--sampler", "grid"], "--sampler grid needs lists of values"),
+    (["--param", "lr=0.001,0.01", "--trials", "3"], "--trials 3 is more than the 2 point(s) the listed values allow"),
+    (["--param", "lr=0.001,0.01", "--param", "batch_size=32,64", "--sampler", "random", "--trials", "5"],
+     "--trials 5 is more than the 4 point(s) the listed values allow; a trial past them repeats a point"),
     (["--param", "lr=0.001", "--trials", "2"], "one value is not a search"),
     (["--param", "lr=0.001,0.01", "--storage", "postgresql://u:secret@127.0.0.1:9/none"], "--storage: cannot open postgresql://u:***@"),
     (["--trials", "3"], "without --param a sweep has one point"),
@@ -129,7 +141,7 @@ def test_the_objective_is_validation_accuracy_and_the_printed_command_reproduces
     assert (again["val_accuracy"], again["test_accuracy"]) == (first["val_accuracy"], first["test_accuracy"])
 
 
-@pytest.mark.parametrize("search", [["--sampler", "grid"], ["--trials", "3"]])
+@pytest.mark.parametrize("search", [["--sampler", "grid"], ["--trials", "3", "--param", "lr=log:1e-4..1e-2"]])
 def test_a_sweep_whose_every_trial_fails_stops_after_its_trials_and_exits_1(search, data_dir, tmp_path):
     # Every point is refused when its run starts (--pretrained is for efficientnet-lite0 alone): the sweep ends
     # after its trials, each failed with the reason, instead of asking Optuna for trial after trial

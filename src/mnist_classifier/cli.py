@@ -30,7 +30,7 @@ from .evaluation import EvalResult, evaluate_checkpoints
 from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_find, parse_space, sweep
 from .experiments.lr_find import RULES
 from .experiments.report import plus_minus
-from .experiments.space import grid
+from .experiments.space import default_trials
 from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec, with_storage
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
@@ -373,7 +373,7 @@ def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
     if not cfg.val_size and "val_size" not in vars(args):  # unset (not an explicit 0): the default split
         cfg = dataclasses.replace(cfg, val_size=default_val_size(cfg.train_subset))
     params = parse_space(args.param)
-    trials = args.trials or (len(grid(params)) if args.sampler == "grid" or not params else 20)
+    trials = args.trials or default_trials(params, args.sampler)
     return SweepSpec(params=params, base=cfg, trials=trials, sampler=args.sampler, pruner=args.pruner,
                      seeds=args.seeds, study=args.study, storage=args.storage)
 
@@ -544,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a setting to search: lr=log:1e-4..1e-1 (log range), dropout=0..0.5 (range), "
                         "batch_size=32,64,128 or optimizer=adam,sgd (values)")
     p.add_argument("--trials", type=int, default=0, help="trials to run in all (default: the grid's size for "
-                   "--sampler grid, else 20); on --resume, may be raised")
+                   "--sampler grid, else 20, or fewer where listed values allow fewer points); on --resume, may be "
+                   "raised")
     p.add_argument("--sampler", default="tpe", choices=SAMPLERS, help="tpe (Bayesian), random, or grid (every "
                    "combination of listed values, in an order shuffled by --seed) (default: tpe)")
     p.add_argument("--pruner", default="median", choices=PRUNERS, help="stop trials early on epoch-level "

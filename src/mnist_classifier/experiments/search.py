@@ -36,7 +36,7 @@ from ..supervision import follow_parent
 from ..terminal import heeded_hangup, leave_hung_up_terminal
 from ..training import stop_requests
 from .report import SweepResult, lacks_password, redact, summarize
-from .space import Param, grid, grid_size, parse_param
+from .space import Param, finite_size, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
 
 SAMPLERS = ("tpe", "random", "grid")
@@ -225,6 +225,11 @@ def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
         raise UserError(f"--resume {sweep_dir}: no sweep there ({SPEC_FILE} is missing)")
     elif held := held_work(sweep_dir):  # a run folder: its files and the sweep's would pass for one another's
         raise UserError(f"{sweep_dir} holds {held}; choose another --out for the sweep")
+    elif spec.sampler != "grid" and (size := finite_size(spec.params)) is not None and spec.trials > size:
+        # checked for a new sweep only: one saved before, with repeats, still resumes and compares
+        raise UserError(f"--trials {spec.trials} is more than the {size} point(s) the listed values allow; a trial "
+                        f"past them repeats a point with the same seeds: --sampler grid runs each point once, and "
+                        f"--seeds K trains each on K seeds")
     study = load_study(spec, sweep_dir)  # an RDB --storage is reached before anything is written
     fileio.make_dir(sweep_dir, "sweep folder")
     with _locked(sweep_dir):

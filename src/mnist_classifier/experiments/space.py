@@ -126,6 +126,21 @@ def grid_size(params: tuple[Param, ...]) -> int:
     return math.prod(len(p.values) for p in params)
 
 
+def finite_size(params: tuple[Param, ...]) -> int | None:
+    """How many points the space has when every parameter lists its values; None when one is a range."""
+    return None if any(p.is_range for p in params) else grid_size(params)
+
+
+def default_trials(params: tuple[Param, ...], sampler: str) -> int:
+    """--trials left out: every point of a grid; otherwise 20, or every point of a smaller listed space, since
+    a trial past them repeats a point, and its runs, with the same seeds."""
+    if not params:
+        return 1
+    if sampler == "grid":
+        return len(grid(params))  # which refuses a range in one line
+    return min(20, finite_size(params) or 20)
+
+
 def is_log(params: tuple[Param, ...], name: str) -> bool:
     """Whether ``name`` is best plotted on a log axis: searched on a log range in ``params``, or declared
     log-scaled (lr, batch size)."""
