@@ -103,8 +103,8 @@ def test_an_ensemble_refuses_a_member_with_the_same_weights_as_another(data_dir,
         proc = cli_in_process("evaluate", "--checkpoint", str(trained_checkpoint), str(other), "--data-dir",
                               str(data_dir), "--device", "cpu")
         assert proc.returncode == 2 and proc.stdout == "", proc.stdout
-        assert proc.stderr.strip() == (f"mnist evaluate: error: {other} holds the same weights as {trained_checkpoint}; "
-                                       f"an ensemble averages different models")
+        assert proc.stderr.strip() == (f"mnist evaluate: error: {other} holds the same weights as "
+                                       f"{trained_checkpoint}; an ensemble averages different models")
 
 
 def test_the_accuracy_interval_is_wilsons_and_stays_inside_0_to_100():

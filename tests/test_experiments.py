@@ -527,7 +527,8 @@ def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data
         assert "was saved without its password; continue with --storage" in resumed.stderr
         other = server.url.replace("/sweeps", "/others")
         refused = run_cli("sweep", "--out", str(out), "--resume", "--storage", other)
-        assert refused.returncode == 2 and "is not this sweep's storage" in refused.stderr and secret not in refused.stderr
+        assert refused.returncode == 2 and "is not this sweep's storage" in refused.stderr
+        assert secret not in refused.stderr
         resumed = run_cli("sweep", "--out", str(out), "--resume", "--storage", server.url, "--json")
         assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 4, resumed.stderr
 
@@ -720,10 +721,10 @@ def test_an_out_folder_holding_another_commands_work_is_refused_and_left_as_it_w
     assert made.returncode == 0, made.stderr
     before = {p: p.read_bytes() for folder in (run, sweep_dir) for p in folder.rglob("*") if p.is_file()}
     cases = [
-        (("compare", str(run), "--out", str(run)), f"{run} holds a run (config.json); a comparison goes into a folder of "
-                                                   f"its own: choose another --out"),
-        (("compare", str(sweep_dir), "--out", str(sweep_dir)), f"{sweep_dir} holds a sweep (sweep.json); a comparison "
-                                                               f"goes into a folder of its own: choose another --out"),
+        (("compare", str(run), "--out", str(run)),
+         f"{run} holds a run (config.json); a comparison goes into a folder of its own: choose another --out"),
+        (("compare", str(sweep_dir), "--out", str(sweep_dir)),
+         f"{sweep_dir} holds a sweep (sweep.json); a comparison goes into a folder of its own: choose another --out"),
         (("sweep", "--out", str(run), *tiny(data_dir), "--param", "lr=0.001,0.002"),
          f"{run} holds a run (config.json); choose another --out for the sweep"),
         (("train", "--out", str(sweep_dir), *TINY, "--data-dir", str(data_dir)),

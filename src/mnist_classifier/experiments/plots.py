@@ -14,8 +14,8 @@ from matplotlib.ticker import MaxNLocator
 
 from .. import fileio
 from ..errors import UserError
-from ..runs import held_work
 from ..evaluation.plots import save_figure
+from ..runs import held_work
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
 from .report import lacks_password, plus_minus, without_password
