@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from conftest import REPO, as_from_a_terminal, cli_in_process, cores_to_spare, free_port, run_cli, spinning
-from mnist_classifier.cli import main
+from mnist_classifier.cli import main, print_trial
 from mnist_classifier.config import TrainConfig
 from mnist_classifier.errors import Interrupted, UserError
 from mnist_classifier.experiments import SweepSpec, compare, lr_find, parse_space, sweep
@@ -65,6 +65,26 @@ def test_a_sweep_over_listed_values_runs_no_more_trials_than_their_points_by_def
     assert len(study_of(tmp_path / "s").trials) == 2
 
 
+def test_a_point_drawn_again_is_not_trained_again_and_the_report_says_which_trial_it_repeats(data_dir, tmp_path,
+                                                                                              capsys):
+    """tpe and random may draw a listed point twice; its runs, on the same seeds, would repeat the first ones. The
+    second draw is queued here (Optuna's enqueue_trial) so that the test does not hang on the sampler's luck."""
+    out = tmp_path / "s"
+    base = TrainConfig(train_subset=400, val_size=100, epochs=1, device="cpu", data_dir=str(data_dir))
+    spec = SweepSpec(params=parse_space(["lr=0.001,0.002"]), base=base, trials=2, sampler="random", pruner="none",
+                     study="s")
+    study = load_study(spec, out)
+    for _ in range(2):
+        study.enqueue_trial({"lr": 0.001})
+    result = sweep(spec, out, on_trial=print_trial)
+    first, second = sorted(study_of(out).trials, key=lambda t: t.number)
+    assert second.state.name == "COMPLETE" and second.params == first.params and second.value == first.value
+    assert second.user_attrs["repeat_of"] == 0 and "run_dirs" not in second.user_attrs
+    assert sorted(p.name for p in out.glob("trial-*")) == ["trial-0000-seed0"]  # trained once
+    assert [t.note for t in result.trials if t.number == 1] == ["repeats trial 0, not trained again"]
+    assert "(repeats trial 0, not trained again)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing written
 
@@ -79,6 +99,7 @@ def test_a_sweep_over_listed_values_runs_no_more_trials_than_their_points_by_def
      "the grid has 4 points, more than --trials 3"),
     (["--param", "lr=log:1e-4..1e-1", "--sampler", "grid"], "--sampler grid needs lists of values"),
     (["--param", "lr=0.001,0.01", "--trials", "3"], "--trials 3 is more than the 2 point(s) the listed values allow"),
+    (["--param", "lr=0.001,0.01", "--sampler", "grid", "--trials", "3"], "--trials 3 is more than the 2 point(s)"),
     (["--param", "lr=0.001,0.01", "--param", "batch_size=32,64", "--sampler", "random", "--trials", "5"],
      "--trials 5 is more than the 4 point(s) the listed values allow; a trial past them repeats a point"),
     (["--param", "lr=0.001", "--trials", "2"], "one value is not a search"),

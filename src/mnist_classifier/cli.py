@@ -359,8 +359,9 @@ def print_trial(event: dict[str, Any]) -> None:
     """One line per finished trial, on stderr (stdout is kept for the report or --json); runs in sweep workers."""
     params = "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in event["params"].items())
     value = f" val {event['value']:.2f}%" if event["value"] is not None else ""
-    print(f"trial {event['trial']} {event['state']}{value}  {params}  ({event['seconds']:.1f} s)", file=sys.stderr,
-          flush=True)
+    said = (f"repeats trial {event['repeat_of']}, not trained again" if "repeat_of" in event
+            else f"{event['seconds']:.1f} s")
+    print(f"trial {event['trial']} {event['state']}{value}  {params}  ({said})", file=sys.stderr, flush=True)
 
 
 def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
@@ -386,7 +387,7 @@ def _print_sweep(result: SweepResult) -> None:
         test = plus_minus(t.test_accuracy, t.test_sd) if t.test_accuracy is not None else "-"
         cells = "  ".join(f"{_cell(t.params.get(n)):>12}" for n in names)
         print(f"{t.number:>5}  {t.state:<8}  {val:>13}  {test:>13}  {t.epochs_run:>6}  {cells}"
-              + (f"  ({t.note})" if t.note and t.state != "complete" else ""))
+              + (f"  ({t.note})" if t.note else ""))
     counts = ", ".join(f"{n} {k}" for k, n in result.counts().items() if n)
     print(f"Trials: {counts}. Storage: {result.storage}")
     if result.best is None:

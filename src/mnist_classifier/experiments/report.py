@@ -56,7 +56,8 @@ def _record(t: optuna.trial.FrozenTrial) -> TrialRecord:
     _, val_sd = mean_sd(a.get("val_accuracies", []))
     test, test_sd = mean_sd(a.get("test_accuracies", []))
     secs = a.get("train_seconds")
-    note = a.get("pruned_at") or a.get("error") or ("retry of trial %d" % a["retry_of"] if "retry_of" in a else "")
+    note = (a.get("pruned_at") or a.get("error") or ("retry of trial %d" % a["retry_of"] if "retry_of" in a else "")
+            or ("repeats trial %d, not trained again" % a["repeat_of"] if "repeat_of" in a else ""))
     if t.state == TrialState.FAIL and not note:
         note = "its process died; the point was queued again"
     value = t.value if t.state == TrialState.COMPLETE else None  # Optuna gives a pruned trial its last report

@@ -214,6 +214,7 @@ def recover_dead(study: optuna.Study) -> list[int]:
 def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
     """Check the folder against ``spec``, write sweep.json, create (or reopen) the study, queue the grid."""
     spec_path = sweep_dir / SPEC_FILE
+    saved = None
     if spec_path.exists():
         saved = load_spec(sweep_dir)
         if not saved.same_search(spec):
@@ -225,11 +226,11 @@ def prepare(spec: SweepSpec, sweep_dir: Path, resume: bool) -> SweepSpec:
         raise UserError(f"--resume {sweep_dir}: no sweep there ({SPEC_FILE} is missing)")
     elif held := held_work(sweep_dir):  # a run folder: its files and the sweep's would pass for one another's
         raise UserError(f"{sweep_dir} holds {held}; choose another --out for the sweep")
-    elif spec.sampler != "grid" and (size := finite_size(spec.params)) is not None and spec.trials > size:
-        # checked for a new sweep only: one saved before, with repeats, still resumes and compares
+    size = finite_size(spec.params)
+    # for a new sweep, or --trials raised on --resume: one saved before with repeats still resumes and compares
+    if size is not None and spec.trials > size and (saved is None or spec.trials > saved.trials):
         raise UserError(f"--trials {spec.trials} is more than the {size} point(s) the listed values allow; a trial "
-                        f"past them repeats a point with the same seeds: --sampler grid runs each point once, and "
-                        f"--seeds K trains each on K seeds")
+                        f"past them repeats a point with the same seeds (--seeds K trains each point on K seeds)")
     study = load_study(spec, sweep_dir)  # an RDB --storage is reached before anything is written
     fileio.make_dir(sweep_dir, "sweep folder")
     with _locked(sweep_dir):
@@ -321,8 +322,9 @@ def _run_and_tell(study: optuna.Study, trial: optuna.Trial, spec: SweepSpec, spl
             trial.set_user_attr(FAILED_RUN, True)
         study.tell(trial, state=TrialState.PRUNED if state == "pruned" else TrialState.FAIL)
     if on_trial is not None:
+        repeat_of = {"repeat_of": n} if (n := trial.user_attrs.get("repeat_of")) is not None else {}
         on_trial({"trial": trial.number, "state": state, "value": value, "params": trial.params,
-                  "seconds": round(time.perf_counter() - t0, 1), "worker": worker})
+                  "seconds": round(time.perf_counter() - t0, 1), "worker": worker, **repeat_of})
 
 
 def _resume_hint(sweep_dir: Path) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from .. import fileio
 from ..config import TrainConfig
@@ -73,6 +74,22 @@ def trial_config(base: TrainConfig, values: dict[str, Any], seed_index: int, run
                                log_every=10**9)
 
 
+def same_point(trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+    """An earlier complete trial at this trial's point: its runs, on the same seeds, are the ones this trial
+    would train (a point another worker is training at this moment is trained twice)."""
+    return next((t for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.params == trial.params), None)
+
+
+def repeat(trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> tuple[str, float | None]:
+    """Complete ``trial`` with ``earlier``'s result, training nothing: the sampler learns the point's value again,
+    and the report says which trial it repeats."""
+    trial.set_user_attr("repeat_of", earlier.number)
+    for key in ("val_accuracies", "test_accuracies"):
+        trial.set_user_attr(key, earlier.user_attrs.get(key, []))
+    return "complete", earlier.value
+
+
 def _write_trial(run_dir: Path, trial: optuna.Trial, study: str, state: str, values: dict[str, Any],
                  extra: dict[str, Any]) -> None:
     if run_dir.is_dir():
@@ -86,6 +103,8 @@ def run_trial(trial: optuna.Trial, params: tuple[Param, ...], base: TrainConfig,
     or ("failed", None). Only the first seed reports to the pruner: a point is judged before it is repeated."""
     trial.set_user_attr(WORKER_ATTR, worker_id())
     values = {p.name: p.suggest(trial) for p in params}
+    if (earlier := same_point(trial)) is not None:  # tpe and random may draw a listed point again
+        return repeat(trial, earlier)
     vals, tests, secs, dirs = [], [], [], []
     for k in range(seeds):
         run_dir = sweep_dir / run_name(trial.number, k)
