@@ -734,7 +734,8 @@ def test_compare_lists_exactly_the_flags_that_differ_with_mean_and_sd_over_seeds
 def test_an_out_folder_holding_another_commands_work_is_refused_and_left_as_it_was(data_dir, trained_checkpoint,
                                                                                     tmp_path):
     """`mnist compare RUN --out RUN` replaced the run's own curves.png with the comparison's; `sweep --out RUN`
-    and `train --out SWEEP` mixed one folder's files with the other's."""
+    and `train --out SWEEP` mixed one folder's files with the other's; `train --resume TRIAL --epochs 2` trained
+    a sweep's trial on, while the sweep kept reporting its one-epoch result."""
     run, sweep_dir = tmp_path / "run", tmp_path / "sweep"
     shutil.copytree(trained_checkpoint.parent, run)
     (run / "curves.png").write_bytes(b"the run's own curves")
@@ -750,6 +751,10 @@ def test_an_out_folder_holding_another_commands_work_is_refused_and_left_as_it_w
          f"{run} holds a run (config.json); choose another --out for the sweep"),
         (("train", "--out", str(sweep_dir), *TINY, "--data-dir", str(data_dir)),
          f"{sweep_dir} holds a sweep (sweep.json); choose another --out"),
+        (("train", "--resume", str(sweep_dir / "trial-0000-seed0"), "--epochs", "2", "--data-dir", str(data_dir)),
+         f"--resume {sweep_dir / 'trial-0000-seed0'}: the folder is a trial of the sweep in {sweep_dir}, whose record "
+         f"of it would no longer match; continue the sweep with `mnist sweep --resume --out {sweep_dir}`, or train "
+         f"these settings into a new --out"),
     ]
     for args, message in cases:
         proc = cli_in_process(*args)

@@ -144,6 +144,11 @@ RESUME_FIXED = ("dataset", "model", "preprocess", "image_size", "test_fraction",
 def _train_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The config to train with (recipe or resumed run, with the typed flags laid over it) and the resume payload."""
     base, resume = None, None
+    if args.resume and (Path(args.resume) / runs.TRIAL_FILE).is_file():  # the sweep's study keeps its result
+        sweep_dir = Path(args.resume).parent
+        raise UserError(f"--resume {args.resume}: the folder is a trial of the sweep in {sweep_dir}, whose record of "
+                        f"it would no longer match; continue the sweep with `mnist sweep --resume --out {sweep_dir}`, "
+                        f"or train these settings into a new --out")
     if args.resume:
         base, resume = load_resume(args.resume)
         base = dataclasses.replace(base, out=str(args.resume))
