@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
+from mnist_classifier.errors import UserError
 from mnist_classifier.serving import resources
 from mnist_classifier.serving.batching import Batcher, Overloaded
 from mnist_classifier.serving.multipart import uploaded_files
@@ -603,6 +605,25 @@ def test_a_second_server_on_the_same_port_is_refused_not_given_a_share_of_it(tra
         assert {httpx.get(f"{base}/health").json()["worker_pid"] for _ in range(20)} <= set(pids)
 
 
+def test_more_workers_than_the_memory_holds_are_refused_before_any_starts(trained_checkpoint):
+    """`--workers 1000` on a 24 GiB machine started spawning workers of 321 MB each (their private pages), far past
+    its memory, and the server did not stop on SIGTERM within 15 s."""
+    available = resources.available_memory()
+    if available is None or available >= 1024 * resources.WORKER_MEMORY:
+        pytest.skip("needs /proc/meminfo and less than 400 GiB of memory available")
+    start = time.monotonic()
+    proc = run_cli("serve", "--checkpoint", str(trained_checkpoint), "--port", str(free_port()), "--device", "cpu",
+                   "--workers", "1024", timeout=60)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and time.monotonic() - start < 30
+    assert re.fullmatch(r"mnist serve: error: --workers 1024 needs about 400\.0 GiB \(400 MiB each\), and [\d.]+ GiB "
+                        r"of memory is available; choose at most \d+ workers", proc.stderr.strip()), proc.stderr
+    per = resources.WORKER_MEMORY
+    resources.check_memory(3, available=3 * per)  # fits exactly
+    resources.check_memory(1, available=0)  # one worker is the server's own process, already running
+    with pytest.raises(UserError, match="choose at most 2 workers$"):
+        resources.check_memory(3, available=3 * per - 1)
+
+
 def _running(pid: int) -> bool:
     """``pid`` exists and is not a zombie (an orphan's exit is reaped by whatever runs as pid 1)."""
     try:
@@ -789,7 +810,6 @@ def test_a_worker_that_cannot_start_backs_off_while_the_others_serve_and_only_no
 
 def test_an_automatic_onnxruntime_choice_falls_back_to_torch_when_the_model_does_not_export(tmp_path, capsys):
     from mnist_classifier.config import ServeConfig
-    from mnist_classifier.errors import UserError
     from mnist_classifier.serving.workers import _onnx_export
 
     cfg = ServeConfig(backend="onnxruntime")

@@ -51,7 +51,7 @@ from .backends import cached_export, export_cache_dir, export_for_serving, resol
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
-from .resources import (can_reuse_port, hold, metrics_folder, port_claim, scratch_folder,
+from .resources import (can_reuse_port, check_memory, hold, metrics_folder, port_claim, scratch_folder,
                         start_resource_tracker)
 
 log = logging.getLogger("mnist.serve")
@@ -214,6 +214,7 @@ def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
     requested = cfg.backend
     cfg = plan(cfg)
+    check_memory(cfg.workers)
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
