@@ -107,6 +107,8 @@ def test_a_point_drawn_again_is_not_trained_again_and_the_report_says_which_tria
     (["--trials", "3"], "without --param a sweep has one point"),
     (["--param", "lr=0.001,0.01", "--val-size", "0"], "a sweep chooses on a validation split"),
     (["--param", "lr=0.001,0.01", "--jobs", "-1"], "--jobs must be 0 (one worker per free core) or more, got -1"),
+    (["--param", "lr=log:1e-4..1e-2", "--trials", "1000", "--jobs", "1000"],  # 700 MB each, measured
+     "--jobs 1000 needs about 781.2 GiB (800 MiB each), and "),
     (["--seed", "4294967295", "--seeds", "2"], "--seed 4294967295 with --seeds 2 would train seeds past the largest"),
 ])
 def test_sweep_refuses_bad_input_with_one_line_and_writes_nothing(extra, fragment, data_dir, tmp_path, capsys):

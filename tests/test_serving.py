@@ -26,6 +26,7 @@ from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
+from mnist_classifier.device import available_memory
 from mnist_classifier.errors import UserError
 from mnist_classifier.serving import resources
 from mnist_classifier.serving.batching import Batcher, Overloaded
@@ -608,7 +609,7 @@ def test_a_second_server_on_the_same_port_is_refused_not_given_a_share_of_it(tra
 def test_more_workers_than_the_memory_holds_are_refused_before_any_starts(trained_checkpoint):
     """`--workers 1000` on a 24 GiB machine started spawning workers of 321 MB each (their private pages), far past
     its memory, and the server did not stop on SIGTERM within 15 s."""
-    available = resources.available_memory()
+    available = available_memory()
     if available is None or available >= 1024 * resources.WORKER_MEMORY:
         pytest.skip("needs /proc/meminfo and less than 400 GiB of memory available")
     start = time.monotonic()

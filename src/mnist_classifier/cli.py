@@ -31,7 +31,7 @@ from .experiments import SweepResult, SweepSpec, compare, default_val_size, lr_f
 from .experiments.lr_find import RULES
 from .experiments.report import plus_minus
 from .experiments.space import default_trials
-from .experiments.search import PRUNERS, SAMPLERS, default_jobs, load_spec, with_storage
+from .experiments.search import PRUNERS, SAMPLERS, check_jobs, default_jobs, load_spec, with_storage
 from .inference import expand_paths, predict_files
 from .models import MODELS, ModelConfig, build_model, count_parameters, load_model
 from .models.registry import CENTRED_ONLY, check_model
@@ -411,6 +411,7 @@ def _cell(value: Any) -> str:
 def cmd_sweep(args: argparse.Namespace) -> int:
     spec = _sweep_spec(args)
     jobs = args.jobs or default_jobs()
+    check_jobs(jobs, spec)  # before the warning below: a refusal is one line
     if note := oversubscribed(min(jobs, spec.trials), f"--jobs {jobs}"):  # each a process with its torch and data
         print(f"mnist sweep: warning: {note}", file=sys.stderr)
     result = sweep(spec, args.out, jobs=jobs, resume=args.resume, on_trial=print_trial)

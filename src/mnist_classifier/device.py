@@ -198,3 +198,33 @@ def oversubscribed(count: int, what: str) -> str | None:
     if count <= cores:
         return None
     return f"{what} is more than the {cores} core{'s' * (cores > 1)} this process may use; they only take turns on them"
+
+
+def available_memory() -> int | None:
+    """Bytes this process could still take: MemAvailable, or less where its cgroup (a container) sets a limit;
+    None where neither can be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):  # cgroup v1, or no cgroup file system: MemAvailable alone
+        pass
+    return free
+
+
+def check_processes_fit(count: int, each: int, flag: str, noun: str, available: int | None = None) -> None:
+    """Refuse ``count`` processes (``flag``, e.g. --workers) of ``each`` bytes of their own, more than one, when
+    the memory available (``available_memory``, unless given) cannot hold them: one line with the most that fit."""
+    available = available_memory() if available is None else available
+    if available is not None and count > 1 and count * each > available:
+        raise UserError(f"{flag} {count} needs about {count * each / 2**30:.1f} GiB ({each // 2**20} MiB each), and "
+                        f"{available / 2**30:.1f} GiB of memory is available; choose at most "
+                        f"{max(1, available // each)} {noun}")

@@ -29,7 +29,7 @@ from optuna.trial import TrialState
 from .. import fileio
 from ..config import SEEDS, TrainConfig
 from ..data import Splits, load_configured
-from ..device import free_cores, select_device, threads_per_job
+from ..device import check_processes_fit, free_cores, select_device, threads_per_job
 from ..errors import Interrupted, UserError
 from ..runs import SWEEP_FILE, held_work
 from ..supervision import follow_parent
@@ -44,6 +44,9 @@ PRUNERS = ("median", "hyperband", "none")
 DEFAULT_VAL_SIZE = 5000  # 1/12 of MNIST's training set: a validation accuracy with a standard error near 0.14 pt
 SPEC_FILE = SWEEP_FILE
 STORAGE_ATTEMPTS = 3
+# bytes of memory a sweep worker keeps to itself: 698-702 MB of private pages (smaps_rollup's Private_Dirty) in
+# each worker of a --jobs 2 sweep of the guide CNN on MNIST (CPU-7, 2026-12-07); more for larger data or models
+JOB_MEMORY = 800 * 2**20
 STOP_WAIT_S = 30.0  # after Ctrl-C, how long a worker may take to finish its step and save before it is stopped
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING)  # trials that take one of the --trials
 # ... and so does a failed trial marked so: its training refused its point (a setting that does not fit the
@@ -409,12 +412,18 @@ def run_workers(sweep_dir: Path, jobs: int, threads: int, on_trial: TrialCallbac
         raise UserError(f"{len(failed)} of {jobs} sweep workers failed (exit {failed[0]}); continue with --resume")
 
 
+def check_jobs(jobs: int, spec: SweepSpec) -> None:
+    """Refuse a --jobs below 1, or more worker processes than the memory holds (each loads torch and the data)."""
+    if jobs < 1:
+        raise UserError(f"--jobs must be 0 (one worker per free core) or more, got {jobs}")
+    check_processes_fit(min(jobs, spec.trials), JOB_MEMORY, "--jobs", "jobs")
+
+
 def sweep(spec: SweepSpec, out: str | Path = "", jobs: int = 1, resume: bool = False,
           on_trial: TrialCallback | None = None) -> SweepResult:
     """Run (or continue, or join) the sweep ``spec`` in the folder ``out`` with ``jobs`` worker processes here
     (no more than its trials); return its result."""
-    if jobs < 1:
-        raise UserError(f"--jobs must be 0 (one worker per free core) or more, got {jobs}")
+    check_jobs(jobs, spec)
     sweep_dir = Path(out) if out else Path("sweeps") / time.strftime("%Y%m%d-%H%M%S")
     if not spec.study:
         spec = dataclasses.replace(spec, study=sweep_dir.resolve().name)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import fileio
+from ..device import check_processes_fit
 from ..errors import UserError
 
 METRICS_ROOM = 2**20  # bytes of free space per worker for its metric files: 4 x 64 KiB, and its restarts'
@@ -149,32 +150,10 @@ def start_resource_tracker() -> None:
         signal.signal(signal.SIGHUP, previous)
 
 
-def available_memory() -> int | None:
-    """Bytes this process could still take: MemAvailable, or less where its cgroup (a container) sets a limit;
-    None where neither can be read (not Linux)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            free = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration, ValueError):
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-        if limit != "max":
-            free = min(free, int(limit) - used)
-    except (OSError, ValueError):  # cgroup v1, or no cgroup file system: MemAvailable alone
-        pass
-    return free
-
-
 def check_memory(workers: int, available: int | None = None) -> None:
     """Refuse, before any starts, more workers than the memory holds: ``--workers 1000`` on a 24 GiB machine
     started spawning processes of 321 MB each, and did not stop on SIGTERM within 15 s."""
-    available = available_memory() if available is None else available
-    if available is not None and workers > 1 and workers * WORKER_MEMORY > available:
-        raise UserError(f"--workers {workers} needs about {workers * WORKER_MEMORY / 2**30:.1f} GiB ("
-                        f"{WORKER_MEMORY // 2**20} MiB each), and {available / 2**30:.1f} GiB of memory is available; "
-                        f"choose at most {max(1, available // WORKER_MEMORY)} workers")
+    check_processes_fit(workers, WORKER_MEMORY, "--workers", "workers", available)
 
 
 def metrics_folder(tmp: Path, workers: int) -> Path:
