@@ -129,11 +129,11 @@ def evaluate_checkpoints(
     check_tta_shift(tta_shift)
     device = torch.device(device)
     loaded = [load_model(p, device) for p in paths]
-    check_distinct(paths, [model for model, _, _ in loaded])
     info = loaded[0][1]
     for path, (_, other, _) in zip(paths, loaded):
         if (other.name, other.class_names) != (info.name, info.class_names):
             raise UserError(f"{path} was trained on {other.name}, but {paths[0]} on {info.name}; an ensemble needs one data set")
+    check_distinct(paths, [model for model, _, _ in loaded])  # after: a member of another data set says so first
     splits = splits or load_for(info, data_dir)
     n = test_subset or len(splits.test_labels)
     scores = [checkpoint_scores(model, minfo, splits.test_images[:n], device, tta_shift, batch_size, amp_dtype)

@@ -152,7 +152,7 @@ def start_resource_tracker() -> None:
 
 def check_memory(workers: int, available: int | None = None) -> None:
     """Refuse, before any starts, more workers than the memory holds: ``--workers 1000`` on a 24 GiB machine
-    started spawning processes of 321 MB each, and did not stop on SIGTERM within 15 s."""
+    started spawning processes of 321 MB each, and was still running 5 s after a SIGTERM."""
     check_processes_fit(workers, WORKER_MEMORY, "--workers", "workers", available)
 
 
