@@ -6,6 +6,7 @@ regression to seconds or gigabytes, not a slow machine.
 
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -642,6 +643,21 @@ def test_saved_preprocessed_images_never_overwrite_each_other(trained_checkpoint
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in out.iterdir()) == ["7-2.png", "7.png"]
     assert (out / "7.png").read_bytes() != (out / "7-2.png").read_bytes()
+    # a file already in the folder stays: saved into the input folder itself, the user's own 7.png was replaced
+    # by the 28x28 picture the model saw, and into a run folder, an image named curves.png replaced the run's
+    original = (tmp_path / "x" / "7.png").read_bytes()
+    proc = run_cli("predict", str(tmp_path / "x"), "--checkpoint", str(trained_checkpoint), "--save-preprocessed",
+                   str(tmp_path / "x"), "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["7-2.png", "7.png"]
+    assert (tmp_path / "x" / "7.png").read_bytes() == original
+    run = tmp_path / "run"  # a copy: the shared run folder is only read
+    shutil.copytree(trained_checkpoint.parent, run)
+    proc = cli_in_process("predict", str(tmp_path / "x" / "7.png"), "--checkpoint", str(trained_checkpoint),
+                          "--save-preprocessed", str(run), "--device", "cpu")
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"mnist predict: error: --save-preprocessed {run} holds a run (config.json); choose a folder of its own")
+    assert not (run / "7.png").exists()
 
 
 def test_a_cifar_batch_of_shared_lists_is_refused_before_it_expands(tmp_path):

@@ -15,6 +15,9 @@ from torch import nn
 from .. import fileio
 from ..config import EVAL_BATCH_SIZE
 from ..data import IMAGE_SUFFIXES, DatasetInfo, ImageError, normalize, open_image, prepare_image
+from ..errors import UserError
+from ..runs import held_work
+
 LOW_CONFIDENCE = 0.5  # below this the top class is more likely wrong than right; say so
 
 
@@ -91,12 +94,13 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def _unique_names(out_dir: Path, paths: Sequence[Path]) -> list[Path]:
-    """``DIR/<stem>.png`` per input, numbered ``<stem>-2.png``, ... when two inputs share a stem (x/7.png, y/7.jpg)."""
+    """``DIR/<stem>.png`` per input, numbered ``<stem>-2.png``, ... when two inputs share a stem (x/7.png, y/7.jpg)
+    or the name is taken in DIR: a file already there (the user's own 7.png, when DIR is the input folder) stays."""
     used: set[str] = set()
     names = []
     for path in paths:
         name, n = f"{path.stem}.png", 1
-        while name in used:
+        while name in used or (out_dir / name).exists():
             n += 1
             name = f"{path.stem}-{n}.png"
         used.add(name)
@@ -109,6 +113,8 @@ def predict_files(
     save_preprocessed: str | os.PathLike | None = None,
 ) -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Predict every file; return (predictions, errors as (path, message)), both in input order."""
+    if save_preprocessed and (held := held_work(Path(save_preprocessed))):
+        raise UserError(f"--save-preprocessed {save_preprocessed} holds {held}; choose a folder of its own")
     digits, kept, errors = [], [], []
     for path in paths:
         try:
