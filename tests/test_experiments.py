@@ -545,9 +545,13 @@ def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data
         study = optuna.load_study(study_name="sweep", storage=server.url)
         assert secret not in json.dumps(study.user_attrs) and ":***@127.0.0.1" in json.dumps(study.user_attrs)
 
+        # resumed from sweep.json alone, the password comes from where libpq looks, or the one line says so
         resumed = run_cli("sweep", "--out", str(out), "--resume")
         assert resumed.returncode == 2 and len(resumed.stderr.strip().splitlines()) == 1
-        assert "was saved without its password; continue with --storage" in resumed.stderr
+        assert resumed.stderr.strip().endswith("; sweep.json keeps no password: pass --storage with the whole URL, "
+                                               "or keep the password in PGPASSWORD or ~/.pgpass"), resumed.stderr
+        resumed = run_cli("sweep", "--out", str(out), "--resume", "--json", env={"PGPASSWORD": secret})
+        assert resumed.returncode == 0 and json.loads(resumed.stdout)["trials"]["complete"] == 4, resumed.stderr
         other = server.url.replace("/sweeps", "/others")
         refused = run_cli("sweep", "--out", str(out), "--resume", "--storage", other)
         assert refused.returncode == 2 and "is not this sweep's storage" in refused.stderr
@@ -563,7 +567,7 @@ def test_a_storage_password_is_written_nowhere_and_resume_asks_for_it_again(data
         compared = run_cli("compare", str(out), "--out", str(tmp_path / "cmp"), "--json")
         assert compared.returncode == 0 and json.loads(compared.stdout)["importance"] == {}
         assert compared.stderr.startswith("mnist compare: warning: importance.png left out: --storage: cannot open "
-                                          "postgresql://postgres@127.0.0.1") and secret not in compared.stderr
+                                          "postgresql://postgres:***@127.0.0.1") and secret not in compared.stderr
         assert (tmp_path / "cmp" / "compare.md").is_file()
 
         # a sweep.json written before kept the whole URL: it resumes as it did, and is written without it

@@ -26,7 +26,7 @@ from mnist_classifier.data.decode import open_image
 from mnist_classifier.data.images import prepare_digit
 from mnist_classifier.models import load_model
 from mnist_classifier.serving.backends import onnx_runner, torch_runner
-from mnist_classifier.device import available_memory
+from mnist_classifier.device import available_memory, check_processes_fit
 from mnist_classifier.errors import UserError
 from mnist_classifier.serving import resources
 from mnist_classifier.serving.batching import Batcher, Overloaded
@@ -619,10 +619,10 @@ def test_more_workers_than_the_memory_holds_are_refused_before_any_starts(traine
     assert re.fullmatch(r"mnist serve: error: --workers 1024 needs about 400\.0 GiB \(400 MiB each\), and [\d.]+ GiB "
                         r"of memory is available; choose at most \d+ workers", proc.stderr.strip()), proc.stderr
     per = resources.WORKER_MEMORY
-    resources.check_memory(3, available=3 * per)  # fits exactly
-    resources.check_memory(1, available=0)  # one worker is the server's own process, already running
+    check_processes_fit(3, per, "--workers", "workers", available=3 * per)  # fits exactly
+    check_processes_fit(1, per, "--workers", "workers", available=0)  # one worker: the server process itself
     with pytest.raises(UserError, match="choose at most 2 workers$"):
-        resources.check_memory(3, available=3 * per - 1)
+        check_processes_fit(3, per, "--workers", "workers", available=3 * per - 1)
 
 
 def _running(pid: int) -> bool:

@@ -371,7 +371,7 @@ def print_trial(event: dict[str, Any]) -> None:
 
 def _sweep_spec(args: argparse.Namespace) -> SweepSpec:
     """The sweep the flags describe; with --resume and no --param, the one saved in the sweep folder."""
-    saved = Path(args.out or "") / "sweep.json"
+    saved = Path(args.out or "") / runs.SWEEP_FILE
     if args.resume and not args.param and saved.is_file():
         spec = with_storage(load_spec(saved.parent), args.storage)
         return dataclasses.replace(spec, trials=args.trials or spec.trials)

@@ -13,7 +13,7 @@ from .. import fileio
 from ..config import TrainConfig
 from ..evaluation.metrics import read_metrics
 from ..errors import UserError
-from ..runs import TRIAL_FILE
+from ..runs import SWEEP_FILE, TRIAL_FILE
 from .report import mean_sd
 from .search import SweepSpec, load_spec
 
@@ -97,7 +97,7 @@ def collect(paths: list[str | Path]) -> tuple[list[Run], dict[Path, SweepSpec]]:
     runs, sweeps, seen, unstarted = [], {}, set(), 0
     for raw in paths:
         path = Path(raw)
-        if (path / "sweep.json").is_file():
+        if (path / SWEEP_FILE).is_file():
             if path.resolve() not in seen:  # a sweep named twice: one spec (its runs are told apart below)
                 seen.add(path.resolve())
                 sweeps[path] = load_spec(path)

@@ -4,7 +4,6 @@ parameters' importance."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ from ..evaluation.plots import save_figure
 from ..runs import held_work
 from .compare import Comparison, Group
 from .lr_find import LRFindResult
-from .report import lacks_password, plus_minus, without_password
+from .report import plus_minus
 from .search import SweepSpec, load_study
 from .space import Param, is_log
 
@@ -128,8 +127,6 @@ def sweep_importance(spec: SweepSpec, sweep_dir: Path) -> dict[str, float]:
     trials (Optuna's FanovaImportanceEvaluator); empty when too few trials completed to tell."""
     if len(spec.params) < 2:  # one parameter explains everything by definition
         return {}
-    if lacks_password(spec.storage):  # sweep.json keeps none: PGPASSWORD or ~/.pgpass may hold it
-        spec = dataclasses.replace(spec, storage=without_password(spec.storage))
     study = load_study(spec, sweep_dir)
     complete = [t for t in study.get_trials(deepcopy=False) if t.state.name == "COMPLETE"]
     if len(complete) < 3:

@@ -35,7 +35,7 @@ from ..runs import SWEEP_FILE, held_work
 from ..supervision import follow_parent
 from ..terminal import heeded_hangup, leave_hung_up_terminal
 from ..training import stop_requests
-from .report import SweepResult, lacks_password, redact, summarize
+from .report import SweepResult, lacks_password, redact, summarize, without_password
 from .space import Param, finite_size, grid, grid_size, parse_param
 from .trials import WORKER_ATTR, dead_here, run_trial
 
@@ -106,17 +106,15 @@ class SweepSpec:
 
 
 def with_storage(spec: SweepSpec, url: str) -> SweepSpec:
-    """A saved ``spec`` made usable again: sweep.json and the study keep the storage URL without its password
-    (the folder is readable by others and often copied), so ``--storage`` gives the whole URL once more."""
-    if url:
-        if redact(url) != redact(spec.storage):  # a sweep.json from before kept the whole URL
-            saved = redact(spec.storage) or "its journal"
-            raise UserError(f"--storage {redact(url)} is not this sweep's storage, {saved}")
-        return dataclasses.replace(spec, storage=url)
-    if lacks_password(spec.storage):
-        raise UserError(f"this sweep's storage, {spec.storage}, was saved without its password; continue with "
-                        f"--storage and the whole URL (or keep the password in PGPASSWORD or ~/.pgpass)")
-    return spec
+    """A saved ``spec`` with the whole storage URL given again by ``--storage`` (sweep.json and the study keep it
+    without its password: the folder is readable by others and often copied); without one, the saved URL, whose
+    password ``open_storage`` leaves to PGPASSWORD or ~/.pgpass."""
+    if not url:
+        return spec
+    if redact(url) != redact(spec.storage):  # a sweep.json from before kept the whole URL
+        saved = redact(spec.storage) or "its journal"
+        raise UserError(f"--storage {redact(url)} is not this sweep's storage, {saved}")
+    return dataclasses.replace(spec, storage=url)
 
 
 def load_spec(sweep_dir: str | Path) -> SweepSpec:
@@ -134,21 +132,25 @@ def default_val_size(train_subset: int) -> int:
 
 
 def open_storage(url: str, sweep_dir: Path) -> optuna.storages.BaseStorage:
-    """The journal file in the sweep folder by default; an RDB URL (sqlite:///, postgresql://) when given."""
+    """The journal file in the sweep folder by default; an RDB URL (sqlite:///, postgresql://) when given. A URL
+    as sweep.json keeps it (user:***@) is opened with no password, which libpq then takes from PGPASSWORD or
+    ~/.pgpass (a resumed sweep, compare's importance)."""
     if not url:
         fileio.make_dir(sweep_dir, "sweep folder")
         backend = optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna.journal"))
         return optuna.storages.JournalStorage(backend)
+    hint = ("; sweep.json keeps no password: pass --storage with the whole URL, or keep the password in PGPASSWORD "
+            "or ~/.pgpass" if lacks_password(url) else "")
     for attempt in range(STORAGE_ATTEMPTS):
         try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+            return optuna.storages.RDBStorage(without_password(url), engine_kwargs={"pool_pre_ping": True})
         except Exception as exc:  # sqlalchemy's errors: a bad URL, a missing driver, a server that does not answer
             # Workers started at once on an empty database race to create Optuna's tables, and PostgreSQL
             # refuses all but one (a unique violation in pg_type); the others find the tables on a retry.
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             if attempt + 1 < STORAGE_ATTEMPTS:
                 time.sleep(0.5 * (attempt + 1) + random.random() * 0.5)
-    raise UserError(f"--storage: cannot open {redact(url)}: {reason}")
+    raise UserError(f"--storage: cannot open {redact(url)}: {reason}{hint}")
 
 
 def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:

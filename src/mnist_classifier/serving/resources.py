@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterator
 
 from .. import fileio
-from ..device import check_processes_fit
 from ..errors import UserError
 
 METRICS_ROOM = 2**20  # bytes of free space per worker for its metric files: 4 x 64 KiB, and its restarts'
@@ -148,12 +147,6 @@ def start_resource_tracker() -> None:
         resource_tracker.ensure_running()
     finally:
         signal.signal(signal.SIGHUP, previous)
-
-
-def check_memory(workers: int, available: int | None = None) -> None:
-    """Refuse, before any starts, more workers than the memory holds: ``--workers 1000`` on a 24 GiB machine
-    started spawning processes of 321 MB each, and was still running 5 s after a SIGTERM."""
-    check_processes_fit(workers, WORKER_MEMORY, "--workers", "workers", available)
 
 
 def metrics_folder(tmp: Path, workers: int) -> Path:

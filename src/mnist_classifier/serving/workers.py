@@ -41,7 +41,7 @@ import torch
 import uvicorn
 
 from ..config import ServeConfig
-from ..device import oversubscribed, select_device, usable_cores
+from ..device import check_processes_fit, oversubscribed, select_device, usable_cores
 from ..errors import CannotWrite, UserError
 from ..models import checkpoint
 from ..runs import latest_checkpoint
@@ -51,7 +51,7 @@ from .backends import cached_export, export_cache_dir, export_for_serving, resol
 from .fleet import Fleet
 from .metrics import MULTIPROC_ENV
 from .protocol import EdgeLimits, edge_protocol
-from .resources import (can_reuse_port, check_memory, hold, metrics_folder, port_claim, scratch_folder,
+from .resources import (WORKER_MEMORY, can_reuse_port, hold, metrics_folder, port_claim, scratch_folder,
                         start_resource_tracker)
 
 log = logging.getLogger("mnist.serve")
@@ -214,7 +214,9 @@ def serve(cfg: ServeConfig) -> None:
     """Run ``mnist serve`` until SIGTERM or Ctrl-C."""
     requested = cfg.backend
     cfg = plan(cfg)
-    check_memory(cfg.workers)
+    # before any worker starts: --workers 1000 on a 24 GiB machine began spawning them, and was still running
+    # 5 s after a SIGTERM
+    check_processes_fit(cfg.workers, WORKER_MEMORY, "--workers", "workers")
     payload = checkpoint.load(cfg.checkpoint)
     checkpoint.model_from_payload(payload, cfg.checkpoint)  # a bad checkpoint: one line now, not N tracebacks
     keeper, listen = listeners(cfg.host, cfg.port, cfg.workers)
